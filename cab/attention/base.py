@@ -1,0 +1,106 @@
+"""The attention contract: `cab.Attention`, the base class every built-in and plugin attention extends."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from cab.patterns import Pattern, attention_mask
+
+
+class UnsupportedPattern(ValueError):
+    """Raised when an attention is built for a pattern it does not declare."""
+
+    def __init__(self, attention: str, pattern: Pattern, supported: "tuple[Pattern, ...]", reason: str = ""):
+        self.attention, self.pattern, self.supported = attention, pattern, tuple(supported)
+        names = ", ".join(p.value for p in supported) or "none"
+        why = f": {reason}" if reason else ""
+        super().__init__(
+            f"attention {attention!r} does not support pattern {pattern.value} ({pattern.long_name}){why}; "
+            f"it supports: {names}"
+        )
+
+
+class Attention(nn.Module):
+    """Base class of every attention.
+
+    Inputs follow `scaled_dot_product_attention`: q (B, Hq, Lq, Dk), k (B, Hkv, Lk, Dk),
+    v (B, Hkv, Lk, Dv) with Hq a multiple of Hkv; key_padding_mask (B, Lk) bool, True = padding.
+    Output (B, Hq, Lq, Dv). The pattern is fixed at construction. Class-level metadata (name, family,
+    patterns, exact, citation, ...) is set by `cab.register_attention`.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    patterns: ClassVar[tuple[Pattern, ...]] = ()
+    exact: ClassVar[bool] = False
+    citation: ClassVar[str] = ""
+    supports_gqa: ClassVar[bool] = True
+    mechanism: ClassVar[str] = ""
+    # why each undeclared pattern is unsupported, shown in errors and the support matrix
+    unsupported_reasons: ClassVar[dict[Pattern, str]] = {}
+
+    def __init__(self, pattern: "Pattern | str", num_heads: int, head_dim: int):
+        super().__init__()
+        pattern = Pattern.parse(pattern)
+        declared = type(self).patterns
+        if pattern not in declared:
+            reason = type(self).unsupported_reasons.get(pattern, "")
+            raise UnsupportedPattern(type(self).name or type(self).__name__, pattern, declared, reason)
+        if num_heads < 1 or head_dim < 1:
+            raise ValueError(f"num_heads and head_dim must be positive, got {num_heads} and {head_dim}")
+        self.pattern: Pattern = pattern
+        self.causal: bool = pattern.causal
+        self.cross: bool = pattern.cross
+        self.num_heads: int = num_heads
+        self.head_dim: int = head_dim
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None" = None
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(q, k, v, key_padding_mask=None)")
+
+    def reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None" = None
+    ) -> torch.Tensor:
+        """The naive formulation of the same math (per-row loop or O(L^2) form), sharing this module's
+        parameters; conformance compares `forward` against it, outputs and gradients."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_reference(cls) -> bool:
+        return cls.reference is not Attention.reference
+
+    @classmethod
+    def unavailable_reason(cls, device: "torch.device | str") -> "str | None":
+        """Why this attention cannot run on `device` (a missing package or device), or None when it can."""
+        return None
+
+    # helpers shared by implementations -------------------------------------------------------------
+
+    def visible(
+        self, lq: int, lk: int, key_padding_mask: "torch.Tensor | None", device: "torch.device"
+    ) -> "tuple[torch.Tensor, torch.Tensor | None]":
+        """(mask, empty_rows): the bool visibility mask broadcastable to (B, H, Lq, Lk), True = visible,
+        with rows that see no key opened up (so softmax stays finite), and the bool (B, 1, Lq, 1) marker of
+        those rows, whose output the caller must zero (None when there are none)."""
+        mask = attention_mask(self.pattern, lq, lk, key_padding_mask, device=device)
+        empty = ~mask.any(dim=-1, keepdim=True)
+        if not bool(empty.any()):
+            return mask, None
+        return mask | empty, empty
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern.value}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Expand (B, Hkv, L, D) keys or values to (B, num_heads, L, D) for grouped-query attention."""
+    hkv = x.shape[1]
+    if hkv == num_heads:
+        return x
+    if num_heads % hkv:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({hkv})")
+    return x.repeat_interleave(num_heads // hkv, dim=1)

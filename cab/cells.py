@@ -1,0 +1,128 @@
+"""Cells (one unit of work, with a stable key) and their results and outcomes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from cab.status import Status
+
+CELL_KINDS = ("check", "bench")
+BENCH_MODES = ("fwd", "fwd_infer", "bwd", "fwdbwd")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+# fields that identify a measurement; `options` (time budgets, memory pass on/off, label) do not
+_IDENTITY = (
+    "kind", "attention", "hparams", "pattern", "batch", "heads", "kv_heads", "lq", "lk", "head_dim",
+    "dtype", "device", "mode", "seed",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a conformance check or a benchmark of one attention in one configuration."""
+
+    kind: str
+    attention: str
+    pattern: str
+    hparams: dict = field(default_factory=dict)
+    batch: int = 1
+    heads: int = 4
+    kv_heads: int = 4
+    lq: int = 64
+    lk: int = 64
+    head_dim: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    mode: str = ""
+    seed: int = 0
+    label: str = ""
+    options: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """The canonical fields that define the cell (its key is their hash)."""
+        return {name: getattr(self, name) for name in _IDENTITY}
+
+    @property
+    def key(self) -> str:
+        """Stable key: the same cell gives the same key on every machine and run."""
+        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.attention
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Cell":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+@dataclass
+class Outcome:
+    """What a cell runner returns: a status, metrics and a message (the failing check, the error)."""
+
+    status: Status
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass
+class Result:
+    """One row of the results store: the cell, its outcome, provenance and timing of the run itself."""
+
+    cell: Cell
+    status: Status
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+    provenance: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    started_at: str = ""
+    finished_at: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.cell.key
+
+    def to_dict(self) -> dict:
+        return {
+            "cell": self.cell.to_dict(), "status": self.status.value, "metrics": self.metrics,
+            "message": self.message, "provenance": self.provenance, "wall_s": self.wall_s,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Result":
+        return cls(
+            cell=Cell.from_dict(data["cell"]), status=Status(data["status"]), metrics=data.get("metrics") or {},
+            message=data.get("message", ""), provenance=data.get("provenance") or {},
+            wall_s=float(data.get("wall_s", 0.0)), started_at=data.get("started_at", ""),
+            finished_at=data.get("finished_at", ""),
+        )
+
+
+def jsonable(value: Any) -> Any:
+    """Convert metrics to plain JSON types (floats for tensors and numpy scalars, NaN kept as None)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Status):
+        return value.value
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return None if number != number else number

@@ -1,0 +1,319 @@
+"""The attention registry: `register_attention`, lookup with near-match suggestions, and plugin discovery.
+
+Plugins are found only where the user put them: the entry-point group `cab.attentions` (packages the
+user installed) and `--plugin FILE_OR_MODULE`. A plugin that fails to import becomes a `PluginError`
+(with its traceback) and does not stop the other attentions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import difflib
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from cab.attention.base import Attention, UnsupportedPattern
+from cab.patterns import Pattern
+
+ENTRY_POINT_GROUP = "cab.attentions"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class UnknownAttention(LookupError):
+    """An attention name that is not registered; the message suggests near matches."""
+
+    def __init__(self, name: str, known: "list[str]"):
+        self.name = name
+        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+        super().__init__(f"unknown attention {name!r}{hint} (`cab list` shows the {len(known)} registered)")
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return self.args[0]
+
+
+class DuplicateAttention(ValueError):
+    """Two sources registered the same attention name."""
+
+
+class UnknownHyperparameter(ValueError):
+    """A hyper-parameter the attention's constructor does not take."""
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Metadata of one registered attention, kept beside its class."""
+
+    name: str
+    cls: type
+    patterns: tuple[Pattern, ...]
+    family: str
+    exact: bool
+    citation: str
+    source: str
+    supports_gqa: bool = True
+    mechanism: str = ""
+    hparams: dict = field(default_factory=dict)  # constructor keyword -> default
+    accepts_any_hparam: bool = False
+    description: str = ""
+    unsupported_reasons: dict = field(default_factory=dict)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.cls.has_reference()
+
+    def unavailable_reason(self, device: str) -> "str | None":
+        return self.cls.unavailable_reason(device)
+
+    def to_dict(self) -> dict:
+        """JSON-ready metadata (what `cab list --json` prints)."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "exact": self.exact,
+            "patterns": [p.value for p in self.patterns],
+            "unsupported": {p.value: r for p, r in self.unsupported_reasons.items()},
+            "citation": self.citation,
+            "mechanism": self.mechanism,
+            "gqa": self.supports_gqa,
+            "has_reference": self.has_reference,
+            "hparams": {k: _jsonable(v) for k, v in self.hparams.items()},
+            "description": self.description,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class PluginError:
+    """A plugin that could not be loaded: where it came from, the error and the traceback."""
+
+    source: str
+    message: str
+    traceback: str
+
+
+_REGISTRY: dict[str, AttentionSpec] = {}
+_current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("cab_plugin_source", default=None)
+_builtins_loaded = False
+_entry_points_loaded = False
+_loaded_plugins: dict[str, "list[PluginError]"] = {}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def _constructor_hparams(cls: type) -> "tuple[dict, bool]":
+    """Hyper-parameters (keyword -> default) of cls.__init__ after (pattern, num_heads, head_dim)."""
+    sig = inspect.signature(cls.__init__)
+    params = list(sig.parameters.values())[1:]  # drop self
+    fixed = {"pattern", "num_heads", "head_dim"}
+    hparams, any_kw = {}, False
+    for p in params:
+        if p.name in fixed:
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            any_kw = True
+        elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
+            hparams[p.name] = None if p.default is inspect.Parameter.empty else p.default
+    return hparams, any_kw
+
+
+def register_attention(
+    name: str,
+    *,
+    patterns: "tuple | list | str" = ("NS", "CS", "NC", "CC"),
+    family: str,
+    exact: bool,
+    citation: str = "",
+    gqa: bool = True,
+    mechanism: str = "",
+    unsupported: "dict | None" = None,
+    description: str = "",
+) -> Callable[[type], type]:
+    """Class decorator registering a `cab.Attention` subclass under `name` with its metadata.
+
+    `unsupported` maps undeclared patterns to the reason they are not supported (shown to users).
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"attention name {name!r} must start with a letter or digit and use [A-Za-z0-9_.-]")
+    declared = Pattern.parse_many(patterns)
+    reasons = {Pattern.parse(p): str(r) for p, r in (unsupported or {}).items()}
+
+    def decorate(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Attention)):
+            raise TypeError(f"@register_attention({name!r}) must decorate a subclass of cab.Attention, got {cls!r}")
+        source = _current_source.get() or f"module {cls.__module__}"
+        if name in _REGISTRY:
+            prior = _REGISTRY[name]
+            raise DuplicateAttention(
+                f"attention {name!r} is registered twice: by {prior.source} "
+                f"(class {prior.cls.__module__}.{prior.cls.__qualname__}) and by {source} "
+                f"(class {cls.__module__}.{cls.__qualname__}); rename one of them"
+            )
+        hparams, any_kw = _constructor_hparams(cls)
+        doc = inspect.getdoc(cls) or ""
+        cls.name, cls.family, cls.patterns, cls.exact = name, family, declared, bool(exact)
+        cls.citation, cls.supports_gqa, cls.mechanism = citation, bool(gqa), mechanism
+        cls.unsupported_reasons = reasons
+        _REGISTRY[name] = AttentionSpec(
+            name=name, cls=cls, patterns=declared, family=family, exact=bool(exact), citation=citation,
+            source=source, supports_gqa=bool(gqa), mechanism=mechanism, hparams=hparams,
+            accepts_any_hparam=any_kw, description=description or doc.split("\n\n")[0].replace("\n", " "),
+            unsupported_reasons=reasons,
+        )
+        return cls
+
+    return decorate
+
+
+def unregister_attention(name: str) -> None:
+    """Remove an attention (tests and interactive sessions)."""
+    _REGISTRY.pop(name, None)
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        from cab.attention import load_builtin_attentions
+
+        load_builtin_attentions()
+
+
+@contextlib.contextmanager
+def _source(label: str) -> Iterator[None]:
+    token = _current_source.set(label)
+    try:
+        yield
+    finally:
+        _current_source.reset(token)
+
+
+def load_entry_points() -> "list[PluginError]":
+    """Import every installed plugin of the `cab.attentions` entry-point group (once per process)."""
+    global _entry_points_loaded
+    _load_builtins()
+    if _entry_points_loaded:
+        return []
+    _entry_points_loaded = True
+    errors = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        label = f"entry point {ep.name!r} = {ep.value}" + (f" (package {dist.name} {dist.version})" if dist else "")
+        with _source(label):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken plugin must not stop the others
+                errors.append(PluginError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    return errors
+
+
+def load_plugin(spec: str) -> "list[PluginError]":
+    """Import a plugin named on the command line: a .py file path or an importable module name."""
+    _load_builtins()
+    if spec in _loaded_plugins:
+        return _loaded_plugins[spec]
+    path = Path(spec)
+    is_file = spec.endswith(".py") or path.exists()
+    label = f"plugin file {path.resolve()}" if is_file else f"plugin module {spec}"
+    errors: list[PluginError] = []
+    with _source(label):
+        try:
+            if is_file:
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such plugin file: {spec}")
+                digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+                stem = re.sub(r"\W", "_", path.stem)
+                mod_name = f"cab_plugin_{stem}_{digest}"
+                module_spec = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[mod_name] = module
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(mod_name, None)
+                    raise
+            else:
+                importlib.import_module(spec)
+        except Exception as exc:
+            errors.append(PluginError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+    _loaded_plugins[spec] = errors
+    return errors
+
+
+def discover(plugins: "list[str] | tuple[str, ...]" = ()) -> "list[PluginError]":
+    """Load built-ins, installed entry points and the named plugins; return what failed to load."""
+    errors = load_entry_points()
+    for spec in plugins:
+        errors += load_plugin(spec)
+    return errors
+
+
+def loaded_plugin_specs() -> "list[str]":
+    """The --plugin specs loaded in this process (passed on to isolated worker processes)."""
+    return list(_loaded_plugins)
+
+
+def names() -> "list[str]":
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def all_specs() -> "list[AttentionSpec]":
+    _load_builtins()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def get_spec(name: str) -> AttentionSpec:
+    """The spec registered under `name`; raises UnknownAttention with near-match suggestions."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownAttention(name, sorted(_REGISTRY)) from None
+
+
+def check_hparams(spec: AttentionSpec, hparams: dict) -> None:
+    """Raise UnknownHyperparameter for keywords the attention's constructor does not take."""
+    if spec.accepts_any_hparam:
+        return
+    for key in hparams:
+        if key not in spec.hparams:
+            near = difflib.get_close_matches(key, list(spec.hparams), n=2, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            known = ", ".join(spec.hparams) or "none"
+            raise UnknownHyperparameter(
+                f"attention {spec.name!r} has no hyper-parameter {key!r}{hint} (it takes: {known})"
+            )
+
+
+def create_attention(
+    name: str, pattern: "Pattern | str", num_heads: int, head_dim: int, **hparams: Any
+) -> Attention:
+    """Build a registered attention for a pattern; raises UnsupportedPattern if it is not declared."""
+    spec = get_spec(name)
+    check_hparams(spec, hparams)
+    return spec.cls(Pattern.parse(pattern), num_heads, head_dim, **hparams)
+
+
+__all__ = [
+    "AttentionSpec", "DuplicateAttention", "PluginError", "UnknownAttention", "UnknownHyperparameter",
+    "UnsupportedPattern", "all_specs", "check_hparams", "create_attention", "discover", "get_spec",
+    "load_entry_points", "load_plugin", "loaded_plugin_specs", "names", "register_attention",
+    "unregister_attention",
+]
