@@ -1,0 +1,24 @@
+# `make run`: set up and run the default grid (CPU, SQLite results, HTML leaderboard).
+# `make test`: set up and run the test suite (what CI runs).
+VENV ?= .venv
+STAMP := $(VENV)/.cab-setup
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml scripts/setup.sh requirements/reference-impls.txt
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/cab run configs/quick.yaml
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+bench: setup
+	$(VENV)/bin/python -m pytest benchmarks --benchmark-only --benchmark-enable
+
+clean:
+	rm -rf $(VENV) results/cab.sqlite* results/leaderboard

@@ -1,0 +1,310 @@
+"""`cab` command line: list, check, bench, run, report, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from cab import registry
+from cab.patterns import Pattern
+from cab.registry import PluginError, UnknownAttention, UnknownHyperparameter
+
+DEFAULT_DB = "results/cab.sqlite"
+DEFAULT_REPORT = "results/leaderboard"
+
+
+class UsageError(Exception):
+    """A user error with a message to print (exit status 2)."""
+
+
+def _csv_ints(text: str) -> "list[int]":
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _csv(text: str) -> "list[str]":
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _hparam(text: str) -> "tuple[str, object]":
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"hyper-parameters are KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _report_plugin_errors(errors: "list[PluginError]") -> None:
+    for err in errors:
+        print(f"cab: plugin failed to load: {err.source}\n{err.traceback.rstrip()}\n", file=sys.stderr)
+
+
+def _load(plugins: "list[str]") -> "list[PluginError]":
+    """Load built-ins, installed entry points and --plugin specs; print every failure, return those of the
+    plugins the user named (an installed entry point that fails is reported but does not fail the command)."""
+    errors = registry.discover(plugins)
+    _report_plugin_errors(errors)
+    return [e for e in errors if not e.source.startswith("entry point")]
+
+
+def _resolve_names(names: "list[str]", plugins: "list[str]", use_all: bool) -> "list[str]":
+    """Attention names to act on; a positional that is a .py file is loaded as a plugin and stands for the
+    attentions it registers."""
+    before = set(registry.names())
+    resolved: list[str] = []
+    for name in names:
+        if name.endswith(".py") or Path(name).is_file():
+            errors = registry.load_plugin(name)
+            _report_plugin_errors(errors)
+            if errors:
+                raise UsageError(f"could not load plugin file {name}")
+            added = sorted(set(registry.names()) - before - set(resolved))
+            if not added:
+                raise UsageError(f"plugin file {name} registered no attention")
+            resolved += added
+        else:
+            registry.get_spec(name)  # UnknownAttention with suggestions
+            resolved.append(name)
+    if use_all:
+        resolved = registry.names()
+    if not resolved:
+        raise UsageError("name at least one attention (or --all); `cab list` shows them")
+    return list(dict.fromkeys(resolved))
+
+
+# commands ---------------------------------------------------------------------------------------------
+
+def cmd_list(args: argparse.Namespace) -> int:
+    failed = _load(args.plugin)
+    specs = registry.all_specs()
+    if args.json:
+        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        return 0
+    rows = [("name", "family", "exact", "patterns", "citation")]
+    for s in specs:
+        pats = " ".join(p.value if p in s.patterns else "--" for p in Pattern)
+        rows.append((s.name, s.family, "exact" if s.exact else "approx", pats, s.citation))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 1 if failed else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cab.check import run_conformance, verdict_table
+    from cab.runner import CellTimeout, time_limit
+    from cab.status import Status
+
+    plugin_errors = _load(args.plugin)
+    names = _resolve_names(args.names, args.plugin, args.all)
+    patterns = Pattern.parse_many(args.pattern)
+    hparams = dict(args.hparam or [])
+    reports, failed = [], False
+    for name in names:
+        spec = registry.get_spec(name)
+        if hparams:
+            registry.check_hparams(spec, hparams)
+        for pattern in patterns:
+            try:
+                with time_limit(args.timeout):
+                    report = run_conformance(name, pattern, hparams=hparams, device=args.device, dtype=args.dtype,
+                                             seed=args.seed)
+            except CellTimeout as exc:
+                print(f"cab: {name} {pattern.value}: {exc}", file=sys.stderr)
+                failed = True
+                continue
+            reports.append(report)
+            if pattern in spec.patterns and report.status is not Status.OK:
+                failed = True
+    if args.json:
+        print(json.dumps([{"attention": r.attention, "pattern": r.pattern.value, "status": r.status.value,
+                           "message": r.message, **r.to_metrics()} for r in reports], indent=2))
+    else:
+        print(verdict_table(reports))
+    return 1 if failed or plugin_errors else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cab.bench import bench_table
+    from cab.cells import BENCH_MODES, Cell
+    from cab.runner import run_cell
+
+    _load(args.plugin)
+    names = _resolve_names(args.names, args.plugin, args.all)
+    patterns = Pattern.parse_many(args.pattern)
+    modes = args.mode or ["fwd"]
+    for mode in modes:
+        if mode not in BENCH_MODES:
+            raise UsageError(f"unknown mode {mode!r}; modes are {', '.join(BENCH_MODES)}")
+    hparams = dict(args.hparam or [])
+    cells = []
+    for name in names:
+        if hparams:
+            registry.check_hparams(registry.get_spec(name), hparams)
+        for pattern in patterns:
+            for length in args.lengths:
+                for mode in modes:
+                    lk = round(length * args.kv_ratio) if pattern.cross else length
+                    cells.append(Cell(
+                        kind="bench", attention=name, pattern=pattern.value, hparams=hparams, batch=args.batch,
+                        heads=args.heads, kv_heads=args.kv_heads or args.heads, lq=length, lk=lk,
+                        head_dim=args.head_dim, dtype=args.dtype, device=args.device, mode=mode, seed=args.seed,
+                        options={"threads": args.threads, "min_run_time_s": args.min_run_time,
+                                 "memory": not args.no_memory},
+                    ))
+    results = []
+    store = None
+    if args.db:
+        from cab.store import ResultStore
+
+        store = ResultStore(args.db)
+    try:
+        for cell in cells:
+            result = run_cell(cell, timeout_s=args.timeout)
+            results.append(result)
+            if store is not None:
+                store.put(result)
+            if not args.json:
+                print(f"  {cell.attention:>18} {cell.pattern} L={cell.lq:<6} {cell.mode:<9} -> {result.status.value}",
+                      file=sys.stderr)
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(bench_table(results))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cab.run import run_grid
+
+    try:
+        summary = run_grid(args.config, force=args.force, retry_failed=args.retry_failed, executor=args.executor,
+                           db=args.db, report_dir=args.out, render=not args.no_report, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    print(summary)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cab.report import render_report
+
+    index = render_report(args.db, args.out)
+    print(f"leaderboard written to {index}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cab.export import export_results
+
+    path = export_results(args.db, args.format, args.out)
+    print(f"results exported to {path}")
+    return 0
+
+
+# parser -------------------------------------------------------------------------------------------------
+
+def _add_plugin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="load attentions from a .py file or an importable module (repeatable); plugins are code "
+                        "and run with your rights")
+
+
+def _add_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hparam", action="append", type=_hparam, metavar="KEY=VALUE",
+                   help="hyper-parameter passed to every named attention (repeatable; values parsed as JSON)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per attention and pattern (default 600)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cab", description="Benchmark efficient attention across the four "
+                                     "attention patterns (NS, CS, NC, CC).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list the registered attentions")
+    p.add_argument("--json", action="store_true")
+    _add_plugin(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("check", help="run the conformance suite and print a verdict table")
+    p.add_argument("names", nargs="*", metavar="NAME", help="attention names, or a plugin .py file")
+    p.add_argument("--all", action="store_true", help="check every registered attention")
+    p.add_argument("--pattern", default=None, help="comma-separated patterns (default NS,CS,NC,CC)")
+    p.add_argument("--json", action="store_true")
+    _add_plugin(p)
+    _add_shape(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("bench", help="time attentions and measure their memory")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--lengths", type=_csv_ints, default=[512, 1024, 2048])
+    p.add_argument("--pattern", default="NS")
+    p.add_argument("--mode", type=_csv, default=None, help="comma-separated: fwd, fwd_infer, bwd, fwdbwd")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--kv-ratio", type=float, default=1.0, help="cross patterns: key length = length * ratio")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed samples per cell")
+    p.add_argument("--no-memory", action="store_true", help="skip the separate memory pass")
+    p.add_argument("--db", default=None, help="also write the results into this store")
+    p.add_argument("--json", action="store_true")
+    _add_plugin(p)
+    _add_shape(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("run", help="run a YAML grid into the results store and render the leaderboard")
+    p.add_argument("config")
+    p.add_argument("--force", action="store_true", help="rerun cells that already have a result")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells that ended in error, timeout or oom")
+    p.add_argument("--executor", choices=["local", "subprocess"], default=None)
+    p.add_argument("--db", default=None, help=f"results store (default: the config's, else {DEFAULT_DB})")
+    p.add_argument("--out", default=None, help=f"leaderboard directory (default: the config's, else {DEFAULT_REPORT})")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="render the HTML leaderboard from the results store")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--out", default=DEFAULT_REPORT)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write the results table as CSV, JSON or Parquet")
+    p.add_argument("--format", required=True, choices=["csv", "json", "parquet"])
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--out", default=None, help="output file (default: next to the store)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: "Sequence[str] | None" = None) -> int:
+    """Entry point of the `cab` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, UnknownAttention, UnknownHyperparameter, ValueError, FileNotFoundError) as exc:
+        print(f"cab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
