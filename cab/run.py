@@ -1,0 +1,181 @@
+"""The `cab run` driver: config -> cells -> executor -> results store -> leaderboard.
+
+Cells already in the store are skipped (resume is free: rerun the same command), each Result is stored
+the moment it arrives, and an interrupted run is recorded as such with the command that resumes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cab import provenance
+from cab.cells import Cell
+from cab.config import Config, load_config
+from cab.executors import get_executor
+from cab.grid import expand
+from cab.registry import PluginError
+from cab.status import Status
+from cab.store import ResultStore
+
+RETRYABLE = (Status.ERROR, Status.TIMEOUT, Status.OOM)
+
+
+@dataclass
+class RunSummary:
+    """What a grid run did: cells planned (the whole grid), skipped (already stored), run now, their
+    statuses, the wall time, where the results and the leaderboard are."""
+
+    config: str
+    planned: int
+    skipped: int
+    run: int
+    counts: "dict[str, int]" = field(default_factory=dict)
+    wall_s: float = 0.0
+    db: "Path | None" = None
+    report: "Path | None" = None
+    run_id: str = ""
+    note: str = ""  # why no leaderboard was rendered, when none was
+
+    def __str__(self) -> str:
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items(), key=lambda kv: -kv[1])) or "none"
+        lines = [
+            f"{self.config}: {self.planned} cells planned, {self.skipped} already done, {self.run} run "
+            f"in {self.wall_s:.1f} s ({statuses})",
+            f"results: {self.db}",
+        ]
+        if self.report is not None:
+            lines.append(f"leaderboard: {self.report}")
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+
+def select_cells(cells: "list[Cell]", store: ResultStore, *, force: bool = False,
+                 retry_failed: bool = False) -> "list[Cell]":
+    """The cells to run: all with `force`; otherwise those without a result, plus with `retry_failed`
+    those whose result is an error, timeout or oom."""
+    if force:
+        return list(cells)
+    done = store.finished_keys(c.key for c in cells)
+    if retry_failed:
+        done -= store.keys_with_status(RETRYABLE)
+    return [c for c in cells if c.key not in done]
+
+
+def _command(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
+             executor: "str | None" = None, db: "str | Path | None" = None,
+             report_dir: "str | Path | None" = None) -> str:
+    """The `cab run` command line equivalent to a run_grid call."""
+    args = ["cab", "run", str(config_path)]
+    args += ["--force"] if force else []
+    args += ["--retry-failed"] if retry_failed else []
+    args += ["--executor", executor] if executor else []
+    args += ["--db", str(db)] if db else []
+    args += ["--out", str(report_dir)] if report_dir else []
+    return shlex.join(args)
+
+
+def _print_plugin_errors(errors: "list[PluginError]") -> None:
+    for err in errors:
+        print(f"cab: plugin failed to load: {err.source}\n{err.traceback.rstrip()}\n", file=sys.stderr)
+
+
+def _describe(cell: Cell) -> str:
+    """Short name of a cell for the progress bar."""
+    if cell.kind != "bench":
+        return f"{cell.display_name} {cell.pattern} {cell.kind}"
+    lengths = f"L={cell.lq}" if cell.lq == cell.lk else f"L={cell.lq}/{cell.lk}"
+    return f"{cell.display_name} {cell.pattern} {lengths} {cell.mode}"
+
+
+def render_leaderboard(db_path: Path, out_dir: Path) -> "tuple[Path | None, str]":
+    """Render the report if cab.report is installed; (index path, "") or (None, why not)."""
+    try:
+        report = importlib.import_module("cab.report")
+    except ModuleNotFoundError as exc:
+        if exc.name != "cab.report":
+            raise
+        report = None
+    render = getattr(report, "render_report", None)
+    if render is None:
+        return None, "leaderboard not rendered: cab.report is not available in this checkout"
+    report_error = getattr(report, "ReportError", None)
+    try:
+        return Path(render(db_path, out_dir)), ""
+    except Exception as exc:
+        if report_error is None or not isinstance(exc, report_error):
+            raise
+        return None, f"leaderboard not rendered: {exc}"
+
+
+def _run_config(config: Config) -> dict:
+    """Provenance of the run itself: the machine plus the resolved config."""
+    return {**provenance.collect(config.device), "config_name": config.name,
+            "config": config.model_dump(mode="json")}
+
+
+def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
+             executor: "str | None" = None, db: "str | Path | None" = None,
+             report_dir: "str | Path | None" = None, render: bool = True, progress: bool = True) -> RunSummary:
+    """Run every cell of a grid file that the store does not hold yet, storing each result as it arrives.
+
+    On KeyboardInterrupt the run is recorded as 'interrupted', what is done and left and the command
+    that resumes are printed to stderr, and the interrupt is re-raised (the CLI exits 130)."""
+    t0 = time.perf_counter()
+    config = load_config(config_path)
+    _print_plugin_errors(config.plugin_errors)
+    cells = expand(config)
+    db_path = Path(db or config.output.store)
+    command = _command(config_path, force=force, retry_failed=retry_failed, executor=executor, db=db,
+                       report_dir=report_dir)
+    counts: Counter = Counter()
+    with ResultStore(db_path) as store:
+        todo = select_cells(cells, store, force=force, retry_failed=retry_failed)
+        run_id = store.start_run(str(config_path), command, len(todo), _run_config(config))
+        runner = get_executor(executor or config.executor.kind, timeout_s=config.executor.timeout_s,
+                              plugins=config.plugins)
+        bar = tqdm(total=len(todo), disable=not progress, unit="cell", desc=config.name, file=sys.stderr,
+                   dynamic_ncols=True)
+
+        def show(cell: Cell) -> None:
+            tally = " ".join(f"{s}={n}" for s, n in sorted(counts.items()))
+            bar.set_postfix_str(f"{_describe(cell)} | {tally}" if tally else _describe(cell))
+
+        state = "failed"
+        try:
+            for result in runner.run(todo, on_start=show):
+                store.put(result, run_id)
+                counts[result.status.value] += 1
+                bar.update(1)
+            state = "finished"
+        except KeyboardInterrupt:
+            state = "interrupted"
+            done = sum(counts.values())
+            bar.close()
+            resume = _command(config_path, retry_failed=retry_failed, executor=executor, db=db, report_dir=report_dir)
+            print(f"\ncab: interrupted after {done} of {len(todo)} cells ({len(todo) - done} left); "
+                  f"every finished cell is stored in {db_path}.\ncab: resume with: {resume}", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            runner.close()
+            store.finish_run(run_id, sum(counts.values()), state)
+    report, note = (None, "")
+    if render:
+        report, note = render_leaderboard(db_path, Path(report_dir or config.output.report))
+        if note:
+            print(f"cab: {note}", file=sys.stderr)
+    return RunSummary(config=str(config_path), planned=len(cells), skipped=len(cells) - len(todo),
+                      run=sum(counts.values()), counts=dict(counts), wall_s=round(time.perf_counter() - t0, 2),
+                      db=db_path, report=report, run_id=run_id, note=note)
+
+
+__all__ = ["RETRYABLE", "RunSummary", "render_leaderboard", "run_grid", "select_cells"]
