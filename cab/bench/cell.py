@@ -1,0 +1,93 @@
+"""`bench_cell`: the runner of a "bench" cell — correctness gate, timing of one mode, memory pass, FLOPs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cab.attention.base import UnsupportedPattern
+from cab.bench.flops import dense_flops
+from cab.bench.inputs import make_inputs
+from cab.bench.memory import measure_memory
+from cab.bench.timer import TimingStats, time_callable
+from cab.bench.workload import build_attention, needs_grad, prepare_mode
+from cab.cells import BENCH_MODES, Cell, Outcome
+from cab.patterns import visible_pairs
+from cab.registry import get_spec
+from cab.runner import is_oom
+from cab.status import Status
+
+
+def device_unavailable_reason(device: str) -> "str | None":
+    """Why cab cannot run on `device` here ("CUDA not available"), or None."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        return "CUDA not available"
+    if kind not in ("cpu", "cuda"):
+        return f"device {device!r} is not supported (cab benchmarks on cpu and cuda)"
+    return None
+
+
+def _time_mode(attn: torch.nn.Module, cell: Cell) -> TimingStats:
+    """Build the inputs (outside the timed region) and time the cell's mode with its options."""
+    options = cell.options
+    fn, before_sample = prepare_mode(attn, make_inputs(cell, needs_grad(cell.mode)), cell.mode)
+    return time_callable(
+        fn, device=cell.device, before_sample=before_sample,
+        min_run_time_s=float(options.get("min_run_time_s", 0.5)), warmup_s=float(options.get("warmup_s", 0.1)),
+        min_samples=int(options.get("min_samples", 10)), max_samples=int(options.get("max_samples", 1000)),
+    )
+
+
+def bench_cell(cell: Cell) -> Outcome:
+    """Gate, then time and measure one attention in one mode; an unsupported configuration, a failed gate
+    or an OOM while timing is an Outcome without timings. Other exceptions propagate (the runner records
+    them as errors), so partial timings are never reported as ok."""
+    if cell.kind != "bench":
+        raise ValueError(f"bench_cell runs cells of kind 'bench', got {cell.kind!r}")
+    if cell.mode not in BENCH_MODES:
+        raise ValueError(f"bench mode must be one of {', '.join(BENCH_MODES)}, got {cell.mode!r}")
+    reason = device_unavailable_reason(cell.device) or get_spec(cell.attention).unavailable_reason(cell.device)
+    if reason:
+        return Outcome(Status.UNSUPPORTED, message=reason)
+    try:
+        start = time.perf_counter()
+        attn = build_attention(cell)
+        setup_ms = (time.perf_counter() - start) * 1e3
+    except UnsupportedPattern as exc:
+        return Outcome(Status.UNSUPPORTED, message=str(exc))
+
+    gated = cell.options.get("gate", True) is not False
+    if gated:
+        from cab.check import gate
+
+        report = gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype)
+        if report.status is not Status.OK:
+            return Outcome(report.status, metrics={"gate": report.status.value},
+                           message=f"correctness gate failed: {report.message}")
+
+    try:
+        stats = _time_mode(attn, cell)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        return Outcome(Status.OOM, metrics={"oom_phase": "timing"},
+                       message=f"out of memory while timing: {type(exc).__name__}: {str(exc)[:500]}")
+    del attn
+
+    convention = cell.options.get("flops_convention", "exact")
+    flops = dense_flops(cell.pattern, cell.batch, cell.heads, cell.lq, cell.lk, cell.head_dim, cell.head_dim,
+                        cell.mode, convention=convention)
+    metrics = {
+        **stats.to_metrics(),
+        "gate": "ok" if gated else "off",
+        "setup_ms": setup_ms,
+        "flops": flops,
+        "flops_convention": convention,
+        "tflops": flops / (stats.median_ms * 1e-3) / 1e12 if stats.median_ms > 0 else None,
+        "visible_pairs": visible_pairs(cell.pattern, cell.lq, cell.lk, convention=convention),  # per (B, H)
+    }
+    if cell.options.get("memory", True):
+        metrics.update(measure_memory(cell))
+    return Outcome(Status.OK, metrics=metrics)
