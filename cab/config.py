@@ -251,12 +251,13 @@ class Config(_Schema):
         return {name: section for name in SECTION_ORDER if (section := getattr(self, name)) is not None}
 
     def attention_entries(self, section: Section) -> "list[AttentionEntry]":
-        """The attentions a section runs: its own selection or the top level's, minus the excluded names."""
+        """The attentions a section runs: its own list or the top level's, or every registered attention
+        minus the excluded names when the selection is `all`."""
         selection = self.attentions if section.attentions is None else section.attentions
+        if selection != "all":
+            return list(selection)
         exclude = set(self.exclude if section.exclude is None else section.exclude)
-        if selection == "all":
-            return [AttentionEntry(name=n) for n in registry.names() if n not in exclude]
-        return [entry for entry in selection if entry.name not in exclude]
+        return [AttentionEntry(name=n) for n in registry.names() if n not in exclude]
 
     def patterns_of(self, section: Section) -> "list[Pattern]":
         return list(dict.fromkeys(self.patterns if section.patterns is None else section.patterns))
@@ -433,36 +434,52 @@ def _resolve_plugins(config: Config, base: Path) -> None:
     config.plugins = resolved
 
 
-def _check_names(config: Config) -> None:
-    """Every named attention and excluded name is registered, hyper-parameters exist, labels are unique."""
+def _unknown(config: Config, exc: Exception, where: KeyPath) -> ConfigError:
+    """An unknown-attention error, naming the plugins that failed to load (the name may have been theirs)."""
     failures = "".join(f" (plugin {e.source} failed to load: {e.message})" for e in config.plugin_errors)
+    return config.error(f"{exc}{failures}", where)
+
+
+def _check_exclude(config: Config, prefix: KeyPath, scope: "Config | Section") -> None:
+    selection = config.attentions if scope.attentions is None else scope.attentions
+    if scope.exclude and selection != "all":
+        raise config.error("`exclude` applies only to `attentions: all`; remove the names from the list instead",
+                           prefix + ("exclude",))
+    for i, excluded in enumerate(scope.exclude or []):
+        try:
+            registry.get_spec(excluded)
+        except registry.UnknownAttention as exc:
+            raise _unknown(config, exc, prefix + ("exclude", i)) from None
+
+
+def _check_entries(config: Config, prefix: KeyPath, entries: "list[AttentionEntry]") -> None:
+    seen: dict = {}
+    for i, entry in enumerate(entries):
+        where = prefix + ("attentions", i)
+        try:
+            spec = registry.get_spec(entry.name)
+        except registry.UnknownAttention as exc:
+            raise _unknown(config, exc, where) from None
+        for key, value in entry.hparams.items():
+            try:
+                registry.check_hparams(spec, {key: value})
+            except registry.UnknownHyperparameter as exc:
+                raise config.error(str(exc), where + ("hparams", key)) from None
+        identity = entry.display_label or entry.name
+        if identity in seen:
+            first = format_key(prefix + ("attentions", seen[identity]))
+            raise config.error(f"attention {identity!r} is listed twice (also at {first}); give the entries "
+                               "different hparams or labels", where)
+        seen[identity] = i
+
+
+def _check_names(config: Config) -> None:
+    """Every named and excluded attention is registered, its hyper-parameters exist, labels are unique."""
     scopes: list = [((), config)] + [((name,), section) for name, section in config.sections().items()]
     for prefix, scope in scopes:
-        for i, excluded in enumerate(scope.exclude or []):
-            try:
-                registry.get_spec(excluded)
-            except registry.UnknownAttention as exc:
-                raise config.error(f"{exc}{failures}", prefix + ("exclude", i)) from None
-        if scope.attentions in (None, "all"):
-            continue
-        seen: dict = {}
-        for i, entry in enumerate(scope.attentions):
-            where = prefix + ("attentions", i)
-            try:
-                spec = registry.get_spec(entry.name)
-            except registry.UnknownAttention as exc:
-                raise config.error(f"{exc}{failures}", where) from None
-            for key, value in entry.hparams.items():
-                try:
-                    registry.check_hparams(spec, {key: value})
-                except registry.UnknownHyperparameter as exc:
-                    raise config.error(str(exc), where + ("hparams", key)) from None
-            identity = (entry.display_label or entry.name)
-            if identity in seen:
-                raise config.error(
-                    f"attention {identity!r} is listed twice (also at {format_key(prefix + ('attentions', seen[identity]))}); "
-                    "give the entries different hparams or labels", where)
-            seen[identity] = i
+        _check_exclude(config, prefix, scope)
+        if scope.attentions not in (None, "all"):
+            _check_entries(config, prefix, scope.attentions)
 
 
 def parse_config(data: Any, *, source: str = "<config>", lines: "dict | None" = None) -> Config:
