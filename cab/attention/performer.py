@@ -1,0 +1,189 @@
+"""Performer (FAVOR+): softmax attention estimated with positive orthogonal random features, plus the
+feature-map linear-attention kernels (noncausal and chunked causal) that cosFormer reuses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cab.attention.base import Attention, repeat_kv
+from cab.patterns import Pattern, attention_mask
+from cab.registry import register_attention
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in at least float32 (half-precision inputs are upcast)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def align_bottom_right(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None"
+) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]":
+    """Make Lq == Lk for bottom-right aligned causal self attention (query i sits at key position
+    i + Lk - Lq): shorter queries get leading zero rows, shorter keys get leading padded keys.
+
+    Returns (q, k, v, key_padding_mask, drop): drop the first `drop` output rows afterwards.
+    """
+    lq, lk = q.shape[-2], k.shape[-2]
+    if lq < lk:
+        return F.pad(q, (0, 0, lk - lq, 0)), k, v, key_padding_mask, lk - lq
+    if lq > lk:
+        extra = lq - lk
+        if key_padding_mask is None:
+            key_padding_mask = torch.zeros(k.shape[0], lk, dtype=torch.bool, device=k.device)
+        key_padding_mask = F.pad(key_padding_mask.bool(), (extra, 0), value=True)
+        k, v = F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0))
+    return q, k, v, key_padding_mask, 0
+
+
+def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den for non-negative normalisers; a row whose normaliser is 0 has a zero numerator
+    (all its weights are 0) and gets output 0, with finite gradients."""
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Noncausal feature-map attention phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1), in O(L m d).
+
+    phi_q (B, H, Lq, m), phi_k (B, H, Lk, m) non-negative (padded keys already zero), v (B, H, Lk, Dv).
+    """
+    kv = phi_k.transpose(-1, -2) @ v
+    den = phi_q @ phi_k.sum(dim=-2).unsqueeze(-1)
+    return _divide(phi_q @ kv, den)
+
+
+def causal_linear_attention(
+    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64
+) -> torch.Tensor:
+    """Causal feature-map attention: row t uses keys 0..t (Lq == Lk), computed in chunks.
+
+    Within a chunk the (C x C) lower-triangular weight block is explicit; across chunks the prefix sums
+    of phi(k) v^T and phi(k) come from an exclusive cumulative sum over per-chunk states, so time is
+    O(L (C + m) d) and memory O(L m d / C), with no L x L tensor.
+    """
+    b, h, length, m = phi_q.shape
+    dv = v.shape[-1]
+    pad = (-length) % chunk_size
+    if pad:
+        phi_q, phi_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
+    n = (length + pad) // chunk_size
+    qc = phi_q.reshape(b, h, n, chunk_size, m)
+    kc = phi_k.reshape(b, h, n, chunk_size, m)
+    vc = v.reshape(b, h, n, chunk_size, dv)
+    # per-chunk states and their exclusive prefix sums (the state entering each chunk)
+    kv_state = kc.transpose(-1, -2) @ vc  # (B, H, N, m, Dv)
+    k_state = kc.sum(dim=-2)  # (B, H, N, m)
+    kv_prev = F.pad(kv_state.cumsum(dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
+    k_prev = F.pad(k_state.cumsum(dim=2)[:, :, :-1], (0, 0, 1, 0))
+    tril = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=phi_q.device).tril()
+    weights = (qc @ kc.transpose(-1, -2)).masked_fill(~tril, 0.0)  # (B, H, N, C, C)
+    num = qc @ kv_prev + weights @ vc
+    den = (qc @ k_prev.unsqueeze(-1)) + weights.sum(dim=-1, keepdim=True)
+    out = _divide(num, den).reshape(b, h, n * chunk_size, dv)
+    return out[:, :, :length]
+
+
+def orthogonal_gaussian_features(num_features: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """(num_features, dim) block-orthogonal Gaussian directions with chi-distributed row norms (FAVOR+,
+    Choromanski et al. 2021 Sec. 2.4): each block of `dim` rows is the Q factor of a Gaussian matrix,
+    each row rescaled by the norm of an independent Gaussian vector so its marginal stays N(0, I)."""
+    blocks = []
+    for start in range(0, num_features, dim):
+        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        ortho, _ = torch.linalg.qr(gaussian)
+        blocks.append(ortho.T[: min(dim, num_features - start)])
+    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
+    return norms.unsqueeze(1) * torch.cat(blocks)
+
+
+def _log_positive_features(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """log of the FAVOR+ positive feature map before the 1/sqrt(m) factor: w_f^T x' - |x'|^2 / 2,
+    with x' = x / d^(1/4) so that E[phi(q) phi(k)] = exp(q k / sqrt(d)). x (B, H, L, d), omega (H, m, d)."""
+    x = x * x.shape[-1] ** -0.25
+    return torch.einsum("bhld,hmd->bhlm", x, omega) - 0.5 * (x * x).sum(dim=-1, keepdim=True)
+
+
+@register_attention(
+    "performer", patterns=("NS", "CS", "NC", "CC"), family="linear", exact=False, mechanism="M7",
+    citation="Choromanski et al., Rethinking Attention with Performers, ICLR 2021",
+)
+class PerformerAttention(Attention):
+    """FAVOR+: softmax attention estimated as D^-1 phi(Q) (phi(K)^T V) with positive orthogonal random
+    features phi(x) = exp(w^T x' - |x'|^2/2) / sqrt(m), x' = x / d^(1/4) (paper Sec. 2.3-2.4, Lemma 1).
+
+    Features: `num_features` (m, CAB's default 16) block-orthogonal Gaussian directions per head, drawn
+    once at construction from a torch.Generator seeded with `seed` and kept fixed (a buffer); they are
+    never redrawn (CAB redrew non-orthogonal features at every training-mode call) — build with another
+    seed to redraw. Same seed, same output.
+
+    Stabilisation: each query row's log-features are shifted by their maximum and all keys' by one
+    constant per (batch, head), the maximum over the real keys; both shifts cancel exactly between
+    numerator and normaliser because, unlike CAB and performer-pytorch, no epsilon is added to the
+    features. Padded keys get zero features, so they enter neither sums nor the shift. Noncausal
+    patterns (NS, NC) and causal cross (CC: every row uses the whole key summary and nothing from other
+    queries) use the global key summary; causal self (CS) uses chunked prefix sums (bottom-right aligned
+    when Lq != Lk), where CAB silently ran noncausal. Causality is exact in gradients; in values the key
+    shift (a maximum over every key) could only show through floating-point underflow of early keys.
+    """
+
+    def __init__(self, pattern, num_heads, head_dim, num_features: int = 16, seed: int = 0):
+        super().__init__(pattern, num_heads, head_dim)
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        self.num_features = num_features
+        self.seed = seed
+        generator = torch.Generator().manual_seed(seed)
+        omega = torch.stack([orthogonal_gaussian_features(num_features, head_dim, generator) for _ in range(num_heads)])
+        self.register_buffer("omega", omega.to(torch.get_default_dtype()))
+
+    def _omega(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.omega.to(dtype)
+
+    def feature_maps(
+        self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: "torch.Tensor | None"
+    ) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Stabilised (phi(q), phi(k)) of shape (B, H, L, m); padded keys are zero."""
+        omega = self._omega(q.dtype)
+        log_q = _log_positive_features(q, omega)
+        phi_q = torch.exp(log_q - log_q.amax(dim=-1, keepdim=True).detach())
+        log_k = _log_positive_features(k, omega)
+        if key_padding_mask is not None:
+            log_k = log_k.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
+        shift = log_k.detach().amax(dim=(-2, -1), keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        return phi_q, torch.exp(log_k - shift)
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        out_dtype = q.dtype
+        dtype = compute_dtype(q.dtype)
+        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        drop = 0
+        if self.pattern is Pattern.CS:
+            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)
+        if self.pattern is Pattern.CS:
+            out = causal_linear_attention(phi_q, phi_k, v)
+        else:
+            out = linear_attention(phi_q, phi_k, v)
+        return out[:, :, drop:].to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """The explicit Lq x Lk random-feature kernel matrix phi(Q) phi(K)^T (unstabilised, with its
+        1/sqrt(m)), masked by the pattern and padding, row-normalised, times V."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        omega = self._omega(q.dtype)
+        ratio = 1.0 / math.sqrt(self.num_features)
+        scale = q.shape[-1] ** -0.25
+        outputs = []
+        for h in range(q.shape[1]):
+            qh, kh = q[:, h] * scale, k[:, h] * scale
+            phi_q = ratio * torch.exp(qh @ omega[h].T - 0.5 * (qh**2).sum(-1, keepdim=True))
+            phi_k = ratio * torch.exp(kh @ omega[h].T - 0.5 * (kh**2).sum(-1, keepdim=True))
+            kernel = phi_q @ phi_k.transpose(-1, -2)  # (B, Lq, Lk)
+            visible = attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)[:, 0]
+            kernel = kernel * visible
+            den = kernel.sum(dim=-1, keepdim=True)
+            outputs.append((kernel @ v[:, h]) / torch.where(den > 0, den, torch.ones_like(den)))
+        return torch.stack(outputs, dim=1)
