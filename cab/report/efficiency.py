@@ -1,0 +1,183 @@
+"""Efficiency tables: one per pattern, mode, dtype, device and shape; rows are attentions, columns lengths.
+
+A cell shows the median time with its p20-p80 spread, peak memory and effective TFLOP/s. A cell with no
+result is missing (never 0), a failed one shows its status, and an attention whose conformance checks
+fail for the pattern has its speed withheld ("correctness before speed").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import pandas as pd
+
+from cab.cells import BENCH_MODES
+from cab.report.fields import anchor, compact_json, integer, label, mapping, number, shape, slug, status, text
+from cab.report.support import PATTERNS
+from cab.status import Status
+
+GROUP_FIELDS = ("pattern", "mode", "dtype", "device", "batch", "heads", "kv_heads", "head_dim")
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class EfficiencyCell:
+    """state: ok (numbers), missing (no result), status (a non-ok result), gated (speed withheld)."""
+
+    state: str
+    status: str = ""
+    median_ms: "float | None" = None
+    p20_ms: "float | None" = None
+    p80_ms: "float | None" = None
+    mem_mib: "float | None" = None
+    mem_status: str = ""  # why there is no memory figure (the memory pass's oom, timeout or error)
+    tflops: "float | None" = None
+    cv: "float | None" = None
+    high_cv: bool = False
+    note: str = ""
+    link: str = ""
+
+    @property
+    def sort_value(self) -> "float | None":
+        return self.median_ms if self.state == "ok" else None
+
+
+@dataclass(frozen=True)
+class EfficiencyRow:
+    name: str
+    cells: tuple
+
+
+@dataclass(frozen=True)
+class EfficiencyTable:
+    id: str
+    pattern: str
+    mode: str
+    dtype: str
+    device: str
+    shape: str  # batch, heads and head dim, e.g. "B=1 H=8 (KV 2) D=64"
+    columns: tuple
+    rows: tuple
+
+    @property
+    def title(self) -> str:
+        return " · ".join(part for part in (self.pattern, self.mode, self.dtype, self.device) if part)
+
+
+def _order(value: str, known: "tuple[str, ...]") -> int:
+    return known.index(value) if value in known else len(known)
+
+
+def _group_sort_key(key: dict) -> tuple:
+    return (
+        _order(key["pattern"], PATTERNS), _order(key["mode"], BENCH_MODES), key["dtype"], key["device"],
+        *(integer(key[f]) or 0 for f in ("batch", "heads", "kv_heads", "head_dim")),
+    )
+
+
+def _shape_text(key: dict) -> str:
+    """'B=1 H=8 (KV 2) D=64', '?' for a size the store does not have."""
+    batch, heads, kv, dim = ("?" if v is None else v for v in
+                             (integer(key[f]) for f in ("batch", "heads", "kv_heads", "head_dim")))
+    kv_text = f" (KV {kv})" if kv != heads else ""
+    return f"B={batch} H={heads}{kv_text} D={dim}"
+
+
+def _table_id(key: dict, taken: "set[str]") -> str:
+    """A stable, unique id such as eff-NS-fwd-float32-cpu-b1-h4-kv4-d64 (missing fields left out)."""
+    sizes = [f"{prefix}{integer(key[f])}" for prefix, f in
+             (("b", "batch"), ("h", "heads"), ("kv", "kv_heads"), ("d", "head_dim")) if integer(key[f]) is not None]
+    parts = [key["pattern"], key["mode"], key["dtype"], key["device"], *sizes]
+    base = "eff-" + slug("-".join(p for p in parts if p))
+    table_id, n = base, 1
+    while table_id in taken:
+        n += 1
+        table_id = f"{base}-{n}"
+    taken.add(table_id)
+    return table_id
+
+
+def _tflops(metrics: Mapping, median_ms: "float | None") -> "float | None":
+    tflops = number(metrics.get("tflops"))
+    flops = number(metrics.get("flops"))
+    if tflops is None and flops is not None and median_ms:
+        tflops = flops / (median_ms * 1e-3) / 1e12
+    return tflops
+
+
+def efficiency_cell(row: Mapping, gated: bool) -> EfficiencyCell:
+    """What one bench result shows in its table cell."""
+    value = status(row.get("status"))
+    message = (text(row.get("message")).strip().splitlines() or [""])[0]
+    if value != Status.OK.value:
+        link = "" if value == Status.UNSUPPORTED.value else anchor(row.get("key"))
+        return EfficiencyCell(state="status", status=value or "unknown", note=message, link=link)
+    if gated:
+        return EfficiencyCell(state="gated", status=value,
+                              note="speed withheld: this attention fails its conformance checks for this pattern")
+    metrics = mapping(row.get("metrics"))
+    median = number(metrics.get("median_ms"))
+    peak = number(metrics.get("peak_mem_bytes"))
+    cv = number(metrics.get("cv"))
+    return EfficiencyCell(
+        state="ok", status=value, median_ms=median, p20_ms=number(metrics.get("p20_ms")),
+        p80_ms=number(metrics.get("p80_ms")), mem_mib=None if peak is None else peak / MIB,
+        mem_status="" if peak is not None else text(metrics.get("mem_status")),
+        note=text(metrics.get("mem_message")) if peak is None else "",
+        tflops=_tflops(metrics, median), cv=cv, high_cv=metrics.get("high_cv") is True,
+    )
+
+
+def _row_names(identities: "list[tuple]") -> "dict[tuple, str]":
+    """Display names: the label, plus whatever tells apart rows sharing it (attention, hparams, seed)."""
+    by_label: dict[str, list[tuple]] = {}
+    for identity in identities:
+        by_label.setdefault(identity[0], []).append(identity)
+    names = {}
+    for name, group in by_label.items():
+        for identity in group:
+            extra = [
+                part for position, part in ((1, identity[1]), (2, identity[2]), (3, f"seed={identity[3]}"))
+                if len({g[position] for g in group}) > 1 and part
+            ]
+            names[identity] = " ".join([name, *extra])
+    return names
+
+
+def _column(row: Mapping) -> tuple:
+    lq, lk = integer(row.get("lq")), integer(row.get("lk"))
+    return (-1 if lq is None else lq, -1 if lk is None else lk)
+
+
+def efficiency_tables(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> "list[EfficiencyTable]":
+    """Tables of the bench results; `gated` holds the (attention, pattern) pairs whose checks fail."""
+    bench = results[results["kind"] == "bench"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in bench.to_dict("records"):
+        key = tuple(text(row.get(f)) if f in ("pattern", "mode", "dtype", "device") else integer(row.get(f))
+                    for f in GROUP_FIELDS)
+        groups.setdefault(key, []).append(row)
+    tables, taken = [], set()
+    for key in sorted(groups, key=lambda k: _group_sort_key(dict(zip(GROUP_FIELDS, k)))):
+        fields = dict(zip(GROUP_FIELDS, key))
+        rows = groups[key]
+        columns = sorted({_column(r) for r in rows})
+        headers = tuple(shape(r) for r in sorted({_column(r): r for r in rows}.values(), key=_column))
+        grid: dict[tuple, dict[tuple, EfficiencyCell]] = {}
+        for r in rows:
+            identity = (label(r), text(r.get("attention")), compact_json(mapping(r.get("hparams"))),
+                        integer(r.get("seed")))
+            grid.setdefault(identity, {})[_column(r)] = efficiency_cell(
+                r, (text(r.get("attention")), fields["pattern"]) in gated)
+        names = _row_names(list(grid))
+        table_rows = tuple(sorted(
+            (EfficiencyRow(names[i], tuple(cells.get(c, EfficiencyCell(state="missing")) for c in columns))
+             for i, cells in grid.items()),
+            key=lambda r: r.name.casefold(),
+        ))
+        tables.append(EfficiencyTable(
+            id=_table_id(fields, taken), pattern=fields["pattern"], mode=fields["mode"], dtype=fields["dtype"],
+            device=fields["device"], shape=_shape_text(fields), columns=headers, rows=table_rows,
+        ))
+    return tables

@@ -1,0 +1,76 @@
+"""Defensive readers of result-row fields: a partial or older store may hold NULLs, NaNs or odd types."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Mapping
+
+from cab.status import Status
+
+STATUS_ORDER = tuple(s.value for s in Status)
+
+
+def text(value: Any) -> str:
+    """A field as display text: '' for NULL/NaN, the string otherwise."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def number(value: Any) -> "float | None":
+    """A finite float, or None for anything missing, non-numeric, boolean or non-finite."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def integer(value: Any) -> "int | None":
+    """An integral field (pandas turns INTEGER columns with NULLs into floats)."""
+    result = number(value)
+    return None if result is None or result != int(result) else int(result)
+
+
+def mapping(value: Any) -> dict:
+    """A dict field (metrics, hparams, provenance), {} when missing or not a dict."""
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def status(value: Any) -> str:
+    """The status text of a row, lower-cased; '' when missing."""
+    return text(value).strip().lower()
+
+
+def label(row: Mapping) -> str:
+    """How a row's attention is displayed: its label, else its attention name."""
+    return text(row.get("label")) or text(row.get("attention")) or "(unnamed)"
+
+
+def compact_json(value: Any) -> str:
+    """Short, stable JSON for hyper-parameters and options ('' for an empty dict)."""
+    if not value:
+        return ""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def shape(row: Mapping) -> str:
+    """'Lq' when the lengths agree, 'Lq×Lk' otherwise ('?' for a missing length)."""
+    lq, lk = integer(row.get("lq")), integer(row.get("lk"))
+    if lq is not None and lq == lk:
+        return str(lq)
+    return f"{'?' if lq is None else lq}×{'?' if lk is None else lk}"
+
+
+def slug(value: Any) -> str:
+    """`value` reduced to characters safe in an element id and a URL fragment."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text(value)).strip("-") or "x"
+
+
+def anchor(key: Any) -> str:
+    """Element id of a result in the failures list (keys are hex, but a foreign store may differ)."""
+    return "fail-" + slug(key)
