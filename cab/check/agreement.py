@@ -1,0 +1,87 @@
+"""Agreement checks, outputs and every gradient: `reference` (forward vs the attention's own naive
+`reference()`, in the structural dtype, relative tolerance) and `exact_oracle` (an exact attention vs the
+independent float64 oracle, in the requested dtype, allowed 2x the error of plain eager attention there)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from cab.check.compare import abs_error, max_abs, oracle_allowance, relative_error, structural_tolerance
+from cab.check.gradients import trainable_parameters, vjp
+from cab.check.oracle import eager_attention, oracle_attention
+from cab.check.outcomes import CheckOutcome, Finding, judged, measured
+from cab.check.subject import Shape, Subject, dtype_name
+from cab.status import Status
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _output_and_grads(attend: Attend, q, k, v, cotangent: torch.Tensor, dtype: torch.dtype,
+                      params: "dict[str, torch.Tensor] | None" = None) -> "dict[str, torch.Tensor | None]":
+    """{"output", "dq", "dk", "dv", "d<param>"...} of `attend` on fresh leaf copies of q, k, v in `dtype`."""
+    leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in zip("qkv", (q, k, v))}
+    out = attend(leaves["q"], leaves["k"], leaves["v"])
+    grads = vjp(out, {**leaves, **(params or {})}, cotangent.to(dtype))
+    return {"output": out, **{f"d{name}": g for name, g in grads.items()}}
+
+
+def reference_agreement(subject: Subject, shape: Shape, salt: str) -> CheckOutcome:
+    """forward vs reference() on the same module and inputs: outputs and gradients of q, k, v, parameters."""
+    dtype, note = subject.structural()
+    module = subject.module(shape.head_dim, dtype)
+    q, k, v = subject.inputs(shape, dtype, salt)
+    cotangent = subject.randn((shape.batch, shape.heads, shape.lq, shape.head_dim), dtype, f"{salt}:dout")
+    params = trainable_parameters(module)
+    forward = _output_and_grads(lambda *a: subject.run(module, *a), q, k, v, cotangent, dtype, params)
+    reference = _output_and_grads(lambda *a: subject.run_reference(module, *a), q, k, v, cotangent, dtype, params)
+    found: list[Finding] = []
+    for name, expected in reference.items():
+        actual = forward[name]
+        if actual is None and expected is None:
+            continue
+        if actual is None or expected is None:
+            found.append((math.inf, f"{name} exists only in {'reference()' if actual is None else 'forward'}"))
+        else:
+            found.append((relative_error(actual, expected), f"{name} of forward vs reference()"))
+    return judged("reference", found, structural_tolerance(dtype), dtype_name(dtype), note)
+
+
+def oracle_agreement(subject: Subject, shape: Shape, salt: str) -> CheckOutcome:
+    """An exact attention in the requested dtype vs the float64 oracle: the max-abs error of the output and
+    of dq, dk, dv may be at most 2x plain eager attention's error in that dtype plus a few ulps (the
+    exact_oracle outcome reports the tensor closest to, or furthest over, its allowance)."""
+    dtype = subject.dtype
+    module = subject.module(shape.head_dim, dtype)
+    q, k, v = subject.inputs(shape, dtype, salt)
+    cotangent = subject.randn((shape.batch, shape.heads, shape.lq, shape.head_dim), dtype, f"{salt}:dout")
+    pattern = subject.pattern
+    got = _output_and_grads(lambda *a: subject.run(module, *a), q, k, v, cotangent, dtype)
+    oracle = _output_and_grads(lambda *a: oracle_attention(*a, pattern), q, k, v, cotangent, torch.float64)
+    eager = _output_and_grads(lambda *a: eager_attention(*a, pattern), q, k, v, cotangent, dtype)
+    worst: "tuple[float, float, float, str] | None" = None  # (error / allowed, error, allowed, detail)
+    for name, expected in oracle.items():
+        if got[name] is None:
+            return CheckOutcome("exact_oracle", Status.INCORRECT, message=f"no gradient reaches {name[1:]}")
+        error = abs_error(got[name], expected)
+        baseline = abs_error(eager[name], expected)
+        allowed = oracle_allowance(baseline, max_abs(expected), dtype)
+        ratio = error / allowed if allowed > 0 else math.inf
+        detail = (f"{name}: max abs error vs the float64 oracle in {dtype_name(dtype)} "
+                  f"(plain eager attention: {baseline:.2e})")
+        if worst is None or not ratio <= worst[0]:
+            worst = (ratio, error, allowed, detail)
+    _, error, allowed, detail = worst
+    return measured("exact_oracle", error, allowed, detail)
+
+
+def check_reference(subject: Subject) -> CheckOutcome:
+    """forward agrees with the attention's own reference() on the main shape."""
+    return reference_agreement(subject, subject.main, "reference")
+
+
+def check_exact_oracle(subject: Subject) -> CheckOutcome:
+    """An exact attention agrees with the float64 oracle on the main shape."""
+    return oracle_agreement(subject, subject.main, "exact_oracle")

@@ -1,0 +1,15 @@
+"""`check_cell`: the runner's entry point for cells of kind "check"."""
+
+from __future__ import annotations
+
+from cab.cells import Cell, Outcome
+from cab.check.conformance import run_conformance
+
+
+def check_cell(cell: Cell) -> Outcome:
+    """Run the conformance suite on the cell's attention, pattern, hparams, device, dtype and seed.
+
+    The suite uses its own small and odd shapes; the cell's shape fields do not enter."""
+    report = run_conformance(cell.attention, cell.pattern, hparams=cell.hparams, device=cell.device,
+                             dtype=cell.dtype, seed=cell.seed)
+    return Outcome(report.status, metrics=report.to_metrics(), message=report.message)
