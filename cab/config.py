@@ -200,6 +200,8 @@ class ExecutorSection(_Schema):
 
 
 class OutputSection(_Schema):
+    """Where results go: the SQLite store and the leaderboard folder (relative to the working directory)."""
+
     store: Name = "results/cab.sqlite"
     report: Name = "results/leaderboard"
 
@@ -228,7 +230,7 @@ class Config(_Schema):
 
     @model_validator(mode="after")
     def _has_work(self) -> "Config":
-        if self.check is None and self.bench is None:
+        if not self.sections():
             raise ValueError("the config has no work: add a `check` and/or a `bench` section")
         return self
 
