@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import cab.report
 from cab import registry
 from cab.attention.base import Attention
 from cab.cells import Cell, Result
@@ -190,6 +191,8 @@ def squash(node: Node) -> str:
 def page(tmp_path_factory, evil_attn) -> "tuple[str, Node, dict]":
     root = tmp_path_factory.mktemp("report")
     db = write_store(root / "cab.sqlite", RESULTS)
+    with ResultStore(db) as store:  # a second run whose config and command are hostile text
+        store.start_run(f"configs/{HOSTILE}.yaml", f'cab run "><img src=x onerror=alert(4)>', 0, {})
     index = render_report(db, root / "site")
     assert index == root / "site" / "index.html"
     html = index.read_text(encoding="utf-8")
@@ -257,7 +260,7 @@ def test_cross_lengths_are_labelled_with_both_lengths(page):
 def test_support_matrix_flags_declared_but_failing(page):
     _, tree, _ = page
     matrix = table_cells(tree.by_id("support-matrix"))
-    assert "pass" in matrix["vanilla"]["NS"].classes()
+    assert "pass" in matrix["vanilla"]["NS"].classes() and squash(matrix["vanilla"]["NS"]) == "✓ pass 1 check"
     assert "unchecked" in matrix["vanilla"]["CC"].classes()  # registered for CC, never checked
     # leaky is not registered: declarations are read from its check cells
     leaky = matrix["leaky"]
@@ -283,6 +286,7 @@ def test_hostile_strings_render_as_text(page):
     assert html.count("<script") == 1, "only cab's own script element may exist"
     assert "<img" not in html and "<b>bold" not in html and "<i>no cross" not in html
     assert HOSTILE in squash(tree.by_id("support-matrix"))
+    assert f"configs/{HOSTILE}.yaml" in squash(tree.by_id("runs")) and "onerror=alert(4)" in squash(tree.by_id("runs"))
     assert f"</pre>{HOSTILE}" in squash(tree.by_id("failures"))
     assert '{"w":"<b>bold</b>"}' in squash(tree.by_id("failures"))
 
@@ -379,13 +383,15 @@ def frame(results: "list[Result]", tmp_path: Path):
 
 
 def test_declared_support_from_declarations_beats_check_cells(tmp_path):
-    results, _ = frame([check("x", "NS", Status.OK), check("x", "CS", Status.INCORRECT),
-                        check("x", "NC", Status.OK)], tmp_path)
+    two_checks = [{"name": "forward", "status": "ok"}, {"name": "finite", "status": "ok"}]
+    results, _ = frame([check("x", "NS", Status.OK, two_checks), check("x", "NS", Status.OK, two_checks, seed=1),
+                        check("x", "CS", Status.INCORRECT), check("x", "NC", Status.OK)], tmp_path)
     declared = {"x": Declaration(patterns=frozenset({"NS", "CS"}), reasons={"NC": "no cross"})}
     (row,) = support_matrix(results, declared)
     states = {c.pattern: c.state for c in row.cells}
     assert states == {"NS": "pass", "CS": "failing", "NC": "unsupported", "CC": "unsupported"}
     assert row.cells[2].detail == "no cross" and row.n_declared_failing == 1
+    assert (row.cells[0].n_cells, row.cells[0].n_checks) == (2, 4)
     (undeclared,) = support_matrix(results, {})
     assert [c.state for c in undeclared.cells] == ["pass", "failing", "pass", "unknown"]
 
@@ -480,7 +486,7 @@ SORT_HARNESS = textwrap.dedent("""
 def test_sorting_is_numeric_and_keeps_empty_cells_last(tmp_path):
     harness = tmp_path / "harness.js"
     harness.write_text(SORT_HARNESS)
-    script = Path(__import__("cab.report", fromlist=["x"]).__file__).parent / "templates" / "sortable.js"
+    script = Path(cab.report.__file__).parent / "templates" / "sortable.js"
     rows = [{"text": "10 ms", "sort": "10"}, {"text": "—", "sort": ""}, {"text": "9 ms", "sort": "9"},
             {"text": "oom", "sort": ""}, {"text": "100 ms", "sort": "1e2"}]
     out = subprocess.run(["node", str(harness), json.dumps(rows), str(script)], capture_output=True, text=True,

@@ -11,7 +11,9 @@ from typing import Mapping
 import pandas as pd
 
 from cab.report.efficiency import EfficiencyTable, efficiency_tables
-from cab.report.fields import STATUS_ORDER, anchor, compact_json, integer, label, mapping, shape, slug, status, text
+from cab.report.fields import (
+    STATUS_ORDER, anchor, compact_json, integer, label, mapping, shape, slug, status, text,
+)
 from cab.report.support import Declaration, SupportRow, failing_checks, support_matrix
 from cab.status import Status
 
@@ -117,9 +119,13 @@ def status_counts(results: pd.DataFrame) -> "tuple[StatusCount, ...]":
 
 
 def _runs(runs: pd.DataFrame) -> "tuple[Run, ...]":
-    fields = ("run_id", "config", "command", "started_at", "finished_at", "cells_planned", "cells_run", "state")
-    return tuple(Run(**{f: text(r.get(f)) if f not in ("cells_planned", "cells_run") else
-                        text(integer(r.get(f))) for f in fields}) for r in runs.to_dict("records"))
+    return tuple(
+        Run(run_id=text(r.get("run_id")), config=text(r.get("config")), command=text(r.get("command")),
+            started_at=text(r.get("started_at")), finished_at=text(r.get("finished_at")),
+            cells_planned=text(integer(r.get("cells_planned"))), cells_run=text(integer(r.get("cells_run"))),
+            state=text(r.get("state")))
+        for r in runs.to_dict("records")
+    )
 
 
 def overview(results: pd.DataFrame, runs: pd.DataFrame, support: "list[SupportRow]") -> Overview:
@@ -145,7 +151,7 @@ def overview(results: pd.DataFrame, runs: pd.DataFrame, support: "list[SupportRo
 
 def _failure(row: Mapping) -> Failure:
     return Failure(
-        id=anchor(row.get("key")), status=status(row.get("status")) or "unknown", name=label(row),
+        id=anchor(row.get("key")), status=status(row.get("status")), name=label(row),
         kind=text(row.get("kind")), pattern=text(row.get("pattern")), mode=text(row.get("mode")), shape=shape(row),
         dtype=text(row.get("dtype")), device=text(row.get("device")),
         hparams=compact_json(mapping(row.get("hparams"))), message=text(row.get("message")),
@@ -154,7 +160,7 @@ def _failure(row: Mapping) -> Failure:
 
 
 def failures(results: pd.DataFrame) -> "list[FailureGroup]":
-    """Every result that is neither ok nor unsupported, grouped by status (worst-known order)."""
+    """Every result that is neither ok nor unsupported, grouped by status (in the Status enum's order)."""
     failed = [r for r in results.to_dict("records") if status(r.get("status")) not in NOT_FAILURES]
     items = sorted(map(_failure, failed), key=lambda f: (f.name.casefold(), f.pattern, f.kind, f.mode, f.shape))
     order = list(STATUS_ORDER) + sorted({f.status for f in items} - set(STATUS_ORDER))

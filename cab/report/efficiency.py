@@ -112,20 +112,20 @@ def efficiency_cell(row: Mapping, gated: bool) -> EfficiencyCell:
     message = (text(row.get("message")).strip().splitlines() or [""])[0]
     if value != Status.OK.value:
         link = "" if value == Status.UNSUPPORTED.value else anchor(row.get("key"))
-        return EfficiencyCell(state="status", status=value or "unknown", note=message, link=link)
+        return EfficiencyCell(state="status", status=value, note=message, link=link)
     if gated:
         return EfficiencyCell(state="gated", status=value,
                               note="speed withheld: this attention fails its conformance checks for this pattern")
     metrics = mapping(row.get("metrics"))
     median = number(metrics.get("median_ms"))
     peak = number(metrics.get("peak_mem_bytes"))
-    cv = number(metrics.get("cv"))
+    mem_failed = peak is None and text(metrics.get("mem_status")) not in ("", Status.OK.value)
     return EfficiencyCell(
         state="ok", status=value, median_ms=median, p20_ms=number(metrics.get("p20_ms")),
         p80_ms=number(metrics.get("p80_ms")), mem_mib=None if peak is None else peak / MIB,
-        mem_status="" if peak is not None else text(metrics.get("mem_status")),
-        note=text(metrics.get("mem_message")) if peak is None else "",
-        tflops=_tflops(metrics, median), cv=cv, high_cv=metrics.get("high_cv") is True,
+        mem_status=text(metrics.get("mem_status")) if mem_failed else "",
+        note=text(metrics.get("mem_message")) if mem_failed else "",
+        tflops=_tflops(metrics, median), cv=number(metrics.get("cv")), high_cv=metrics.get("high_cv") is True,
     )
 
 
@@ -146,38 +146,43 @@ def _row_names(identities: "list[tuple]") -> "dict[tuple, str]":
 
 
 def _column(row: Mapping) -> tuple:
-    lq, lk = integer(row.get("lq")), integer(row.get("lk"))
-    return (-1 if lq is None else lq, -1 if lk is None else lk)
+    return (integer(row.get("lq")), integer(row.get("lk")))
+
+
+def _column_order(column: tuple) -> tuple:
+    return tuple(-1 if length is None else length for length in column)
+
+
+def _table(fields: dict, rows: "list[dict]", gated: "set[tuple[str, str]]", table_id: str) -> EfficiencyTable:
+    """One table: a row per (label, attention, hparams, seed), a column per (Lq, Lk)."""
+    columns = sorted({_column(r) for r in rows}, key=_column_order)
+    grid: dict[tuple, dict[tuple, EfficiencyCell]] = {}
+    for r in rows:
+        attention = text(r.get("attention"))
+        identity = (label(r), attention, compact_json(mapping(r.get("hparams"))), integer(r.get("seed")))
+        grid.setdefault(identity, {})[_column(r)] = efficiency_cell(r, (attention, fields["pattern"]) in gated)
+    names = _row_names(list(grid))
+    table_rows = sorted(
+        (EfficiencyRow(names[i], tuple(cells.get(c, EfficiencyCell(state="missing")) for c in columns))
+         for i, cells in grid.items()),
+        key=lambda row: row.name.casefold(),
+    )
+    return EfficiencyTable(
+        id=table_id, pattern=fields["pattern"], mode=fields["mode"], dtype=fields["dtype"], device=fields["device"],
+        shape=_shape_text(fields), columns=tuple(shape({"lq": lq, "lk": lk}) for lq, lk in columns),
+        rows=tuple(table_rows),
+    )
 
 
 def efficiency_tables(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> "list[EfficiencyTable]":
     """Tables of the bench results; `gated` holds the (attention, pattern) pairs whose checks fail."""
-    bench = results[results["kind"] == "bench"]
     groups: dict[tuple, list[dict]] = {}
-    for row in bench.to_dict("records"):
+    for row in results[results["kind"] == "bench"].to_dict("records"):
         key = tuple(text(row.get(f)) if f in ("pattern", "mode", "dtype", "device") else integer(row.get(f))
                     for f in GROUP_FIELDS)
         groups.setdefault(key, []).append(row)
     tables, taken = [], set()
     for key in sorted(groups, key=lambda k: _group_sort_key(dict(zip(GROUP_FIELDS, k)))):
         fields = dict(zip(GROUP_FIELDS, key))
-        rows = groups[key]
-        columns = sorted({_column(r) for r in rows})
-        headers = tuple(shape(r) for r in sorted({_column(r): r for r in rows}.values(), key=_column))
-        grid: dict[tuple, dict[tuple, EfficiencyCell]] = {}
-        for r in rows:
-            identity = (label(r), text(r.get("attention")), compact_json(mapping(r.get("hparams"))),
-                        integer(r.get("seed")))
-            grid.setdefault(identity, {})[_column(r)] = efficiency_cell(
-                r, (text(r.get("attention")), fields["pattern"]) in gated)
-        names = _row_names(list(grid))
-        table_rows = tuple(sorted(
-            (EfficiencyRow(names[i], tuple(cells.get(c, EfficiencyCell(state="missing")) for c in columns))
-             for i, cells in grid.items()),
-            key=lambda r: r.name.casefold(),
-        ))
-        tables.append(EfficiencyTable(
-            id=_table_id(fields, taken), pattern=fields["pattern"], mode=fields["mode"], dtype=fields["dtype"],
-            device=fields["device"], shape=_shape_text(fields), columns=headers, rows=table_rows,
-        ))
+        tables.append(_table(fields, groups[key], gated, _table_id(fields, taken)))
     return tables

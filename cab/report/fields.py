@@ -42,8 +42,8 @@ def mapping(value: Any) -> dict:
 
 
 def status(value: Any) -> str:
-    """The status text of a row, lower-cased; '' when missing."""
-    return text(value).strip().lower()
+    """The status text of a row or check, lower-cased; 'unknown' when missing."""
+    return text(value).strip().lower() or "unknown"
 
 
 def label(row: Mapping) -> str:

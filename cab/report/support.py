@@ -14,7 +14,7 @@ import pandas as pd
 
 from cab import registry
 from cab.patterns import Pattern
-from cab.report.fields import anchor, mapping, number, status, text
+from cab.report.fields import STATUS_ORDER, anchor, mapping, number, status, text
 from cab.status import Status
 
 PATTERNS = tuple(p.value for p in Pattern)
@@ -46,7 +46,8 @@ class SupportCell:
     declared: "bool | None"
     verdict: str = ""
     detail: str = ""
-    n_checks: int = 0
+    n_cells: int = 0  # check cells (configurations) run for this attention and pattern
+    n_checks: int = 0  # individual checks listed by those cells (a cell listing none counts as one)
     n_failing: int = 0
     links: tuple = ()
 
@@ -88,7 +89,7 @@ def failing_checks(metrics: Mapping) -> "list[str]":
     for check in checks:
         if not isinstance(check, Mapping) or status(check.get("status")) in NEUTRAL:
             continue
-        line = f"{text(check.get('name')) or '(unnamed check)'}: {status(check.get('status')) or 'failed'}"
+        line = f"{text(check.get('name')) or '(unnamed check)'}: {status(check.get('status'))}"
         error, tolerance = number(check.get("error")), number(check.get("tolerance"))
         if error is not None:
             line += f" (error {error:.3g}" + (f" > tolerance {tolerance:.3g})" if tolerance is not None else ")")
@@ -111,9 +112,9 @@ def _status_line(value: object, message: object) -> str:
 
 
 def _worst(values: "list[str]") -> str:
-    known = [Status(v) for v in values if v in Status._value2member_map_]
-    unknown = [v for v in values if v not in Status._value2member_map_]
-    return unknown[0] if unknown else Status.worst(known).value
+    """The most severe status (a status this cab does not know counts as the worst)."""
+    unknown = [v for v in values if v not in STATUS_ORDER]
+    return unknown[0] if unknown else Status.worst([Status(v) for v in values]).value
 
 
 def _check_names(metrics: object) -> "set[str]":
@@ -156,7 +157,8 @@ def _cell(pattern: str, declared: "bool | None", reason: str, cells: pd.DataFram
         problems += failing_checks(mapping(row["metrics"])) or [_status_line(row["status"], row["message"])]
     detail = "; ".join(dict.fromkeys(problems))
     common = dict(
-        pattern=pattern, declared=declared, verdict=_worst(statuses) if statuses else "", n_checks=len(statuses),
+        pattern=pattern, declared=declared, verdict=_worst(statuses) if statuses else "", n_cells=len(statuses),
+        n_checks=sum(max(len(_check_names(m)), 1) for m in cells["metrics"]),
         n_failing=len(failing), links=tuple(anchor(k) for k in failing["key"]),
     )
     if declared is False:
