@@ -203,6 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from cab.report import render_report
 
+    _load(args.plugin)  # so plugin attentions show their declarations and citations
     index = render_report(args.db, args.out)
     print(f"leaderboard written to {index}")
     return 0
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render the HTML leaderboard from the results store")
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--out", default=DEFAULT_REPORT)
+    _add_plugin(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write the results table as CSV, JSON or Parquet")

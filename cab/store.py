@@ -163,10 +163,10 @@ class ResultStore:
         if df.empty:
             return df
         for column in ("hparams", "options", "metrics", "provenance"):
-            df[column] = df[column].map(lambda s: json.loads(s) if s else {})
+            df[column] = df[column].map(lambda s: json.loads(s) if isinstance(s, str) and s else {})
         scalars = pd.DataFrame(
             [{f"m_{k}": v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
-             for m in df["metrics"]],
+             if isinstance(m, dict) else {} for m in df["metrics"]],
             index=df.index,
         )
         return pd.concat([df, scalars], axis=1)
