@@ -1,0 +1,136 @@
+"""ABC: attention with bounded-memory control — keys and values are written into r memory slots by
+softmax-normalised control weights, and each query attends over the slots; causal via cumulative forms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.functional import softmax_scale
+from cab.attention.performer import align_bottom_right, compute_dtype
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+CHUNK = 64  # rows per chunk of the causal path
+
+
+def _shifted_exp(logits: torch.Tensor, key_padding_mask: "torch.Tensor | None") -> torch.Tensor:
+    """exp(logits - c) with c the per-(batch, head, slot) maximum over the real positions (detached; it
+    cancels in every normalised quantity); padded positions get 0. logits (B, H, L, r)."""
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
+    shift = logits.detach().amax(dim=-2, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return torch.exp(logits - shift)
+
+
+def _nonzero(x: torch.Tensor) -> torch.Tensor:
+    """x with zeros replaced by 1 (normalisers of rows that see no key; their numerators are 0 too)."""
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+@register_attention(
+    "abc", patterns=("NS", "CS", "NC", "CC"), family="lowrank", exact=False,
+    citation="Peng et al., ABC: Attention with Bounded-memory Control, ACL 2022",
+)
+class ABCAttention(Attention):
+    """ABC (paper Sec. 2-3): memory K~ = phi_K^T K, V~ = phi_V^T V with r = `num_slots` slots (CAB's default
+    16), the control weights softmax-normalised over positions, phi_K[:, s] = softmax_j(k_j^T W_K[:, s]),
+    phi_V[:, s] = softmax_j(v_j^T W_V[:, s]); output softmax(q K~^T / sqrt(d)) V~. As in CAB's ABC the
+    controls are learned (d, r) projections of the keys and of the values (shared by all heads, Xavier-
+    uniform with gain 2^-1/2, so deterministic under torch.manual_seed), not of the layer input.
+
+    Causal self (CS): row t uses the memory of the prefix, K~_t = sum_{j<=t} softmax_{j<=t}(alpha_j) k_j
+    (the cumulative form; CAB's causal code used only the current token's term instead of the prefix sum).
+    Computed in chunks without materialising the (L, r, d) memories: within a chunk the (C x C) causal
+    block of q k^T is explicit, across chunks the r x d slot sums are exclusive cumulative sums, and the
+    normalisers are cumulative sums of the control weights. The weights are exp-shifted by one detached
+    constant per slot (the maximum over real positions), which cancels exactly. CS is bottom-right
+    aligned when Lq != Lk. NS/NC/CC compress all keys once; CC is query-causal as every row is computed
+    from the key memory alone. Padded keys get zero control weight (they enter no slot and no
+    normaliser); a row with no visible key outputs 0.
+    """
+
+    def __init__(self, pattern, num_heads, head_dim, num_slots: int = 16):
+        super().__init__(pattern, num_heads, head_dim)
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        self.num_slots = num_slots
+        self.control_k = nn.Parameter(torch.empty(head_dim, num_slots))
+        self.control_v = nn.Parameter(torch.empty(head_dim, num_slots))
+        nn.init.xavier_uniform_(self.control_k, gain=2**-0.5)
+        nn.init.xavier_uniform_(self.control_v, gain=2**-0.5)
+
+    def _memory(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Noncausal (K~, V~), each (B, H, r, D), from all real keys."""
+        ek = _shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)
+        ev = _shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
+        keys = ek.transpose(-1, -2) @ k / _nonzero(ek.sum(dim=-2)).unsqueeze(-1)
+        values = ev.transpose(-1, -2) @ v / _nonzero(ev.sum(dim=-2)).unsqueeze(-1)
+        return keys, values
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> torch.Tensor:
+        """Chunked causal ABC for Lq == Lk (see the class docstring)."""
+        batch, heads, length, dim = q.shape
+        c = CHUNK
+        ek = _shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)  # (B, H, L, r)
+        ev = _shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
+        zk, zv = _nonzero(ek.cumsum(dim=-2)), _nonzero(ev.cumsum(dim=-2))  # normalisers of the prefix
+        pad = (-length) % c
+        n = (length + pad) // c
+
+        def chunks(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            return F.pad(x, (0, 0, 0, pad), value=fill).reshape(batch, heads, n, c, x.shape[-1])
+
+        qc, kc, vc, ekc, evc = map(chunks, (q, k, v, ek, ev))
+        zkc, zvc = chunks(zk, 1.0), chunks(zv, 1.0)  # rows past the end: any non-zero normaliser
+
+        def exclusive_prefix(states: torch.Tensor) -> torch.Tensor:  # (B, H, N, r, D) summed over earlier chunks
+            return F.pad(states.cumsum(dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
+
+        k_prev = exclusive_prefix(ekc.transpose(-1, -2) @ kc)  # sum of e_k k over earlier chunks: (B, H, N, r, D)
+        v_prev = exclusive_prefix(evc.transpose(-1, -2) @ vc)
+        tril = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        qk = (qc @ kc.transpose(-1, -2)).masked_fill(~tril, 0.0)  # (B, H, N, C, C)
+        scores = (qc @ k_prev.transpose(-1, -2) + qk @ ekc) / zkc * softmax_scale(dim)  # q_t . K~_t
+        probs = torch.softmax(scores, dim=-1) / zvc  # (B, H, N, C, r), divided by V~'s normaliser
+        mix = (probs @ evc.transpose(-1, -2)).masked_fill(~tril, 0.0)  # (B, H, N, C, C)
+        out = probs @ v_prev + mix @ vc
+        return out.reshape(batch, heads, n * c, -1)[:, :, :length]
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        out_dtype = q.dtype
+        dtype = compute_dtype(q.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.pattern is Pattern.CS:
+            k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+            return self._causal(q, k, v, key_padding_mask)[:, :, drop:].to(out_dtype)
+        keys, values = self._memory(k, v, key_padding_mask)
+        keys, values = repeat_kv(keys, q.shape[1]), repeat_kv(values, q.shape[1])
+        probs = torch.softmax(q @ keys.transpose(-1, -2) * softmax_scale(q.shape[-1]), dim=-1)
+        return (probs @ values).to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Row by row: the memory of the keys row t may see (all, or the prefix in CS) written with explicit
+        softmaxes over those positions, then softmax attention of q_t over the r slots."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        lq, lk = q.shape[-2], k.shape[-2]
+        out = q.new_zeros(q.shape[0], q.shape[1], lq, v.shape[-1])
+        for b in range(q.shape[0]):
+            real = torch.ones(lk, dtype=torch.bool, device=q.device)
+            if key_padding_mask is not None:
+                real = ~key_padding_mask[b].bool()
+            for t in range(lq):
+                last = t + lk - lq if self.pattern is Pattern.CS else lk - 1
+                seen = real & (torch.arange(lk, device=q.device) <= last)
+                if not bool(seen.any()):
+                    continue
+                kb, vb = k[b][:, seen], v[b][:, seen]  # (H, M, D)
+                keys = torch.softmax(kb @ self.control_k.to(kb.dtype), dim=-2).transpose(-1, -2) @ kb  # (H, r, D)
+                values = torch.softmax(vb @ self.control_v.to(vb.dtype), dim=-2).transpose(-1, -2) @ vb
+                weights = torch.softmax(q[b, :, t : t + 1] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+                out[b, :, t] = (weights @ values).squeeze(-2)
+        return out

@@ -1,0 +1,157 @@
+"""LARA: linear randomized attention — self-normalised multiple importance sampling of softmax attention
+with one Gaussian proposal per segment-mean landmark, O(L C d)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.performer import compute_dtype
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+_CAUSAL = ("the segment-mean proposals pool over the whole sequence, future tokens included; a causal LARA "
+           "needs per-prefix proposals, which the paper does not define (its successor EVA does)")
+
+
+def segment_ids(real: torch.Tensor, segments: int) -> torch.Tensor:
+    """Segment index (0..segments-1) of every real position, counting real positions only, so that
+    padding anywhere does not move a boundary; -1 at padded positions. real (B, L) bool.
+
+    The r-th of n real positions goes to segment floor(r * segments / n): `segments` contiguous runs
+    whose sizes differ by at most one (some are empty when n < segments)."""
+    rank = real.long().cumsum(dim=-1) - 1
+    count = real.long().sum(dim=-1, keepdim=True).clamp_min(1)
+    return torch.where(real, torch.div(rank * segments, count, rounding_mode="floor"), -1)
+
+
+def segment_means(x: torch.Tensor, real: torch.Tensor, segments: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(means (B, H, segments, D), counts (B, segments)) of x (B, H, L, D) over the segments of its real
+    positions; an empty segment has mean 0 and count 0."""
+    ids = segment_ids(real, segments)
+    onehot = (ids.unsqueeze(-1) == torch.arange(segments, device=x.device)).to(x.dtype)  # (B, L, C)
+    counts = onehot.sum(dim=1)
+    sums = onehot.transpose(-1, -2).unsqueeze(1) @ x  # (B, H, C, D)
+    return sums / counts.clamp_min(1)[:, None, :, None], counts
+
+
+@register_attention(
+    "lara", patterns=("NS", "NC", "CC"), family="linear", exact=False,
+    citation="Zheng, Wang & Kong, Linear Complexity Randomized Self-attention Mechanism, ICML 2022",
+    unsupported={"CS": _CAUSAL},
+)
+class LaraAttention(Attention):
+    """LARA (paper Sec. 4): softmax attention SA(q_n) = E_{p_n(w)}[f(w)] with p_n(w) = sum_m pi_nm
+    N(w; q_n + k_m, I) and f(w) = sum_m xi(k_m, w) v_m / sum_m xi(k_m, w), xi(x, w) = exp(w^T x - |x|^2/2)
+    (q, k scaled by d^-1/4), is estimated by self-normalised multiple importance sampling with C proposals
+    N(mu_c, I), one sample w_c each:
+
+        LARA(q_n) = sum_c r_nc f(w_c) / sum_c r_nc,
+        r_nc = alpha_nc p_n(w_c) / N(w_c; mu_c, I)
+             ~ exp(q_n^T mu_c) xi(q_n, w_c) sum_m xi(k_m, w_c) / xi(mu_c, w_c),
+
+    with query-specific weights alpha_nc = softmax_c(q_n^T mu_c) (CAB's choice) and per-query constants
+    cancelled. Proposal means mu_c = qbar_c + kbar_c, the means of C contiguous segments
+    (`num_landmarks`, CAB's default 16) of the queries and of the keys; a segment that is empty (fewer
+    real positions than C) is dropped from the mixture.
+
+    Samples: with `seed=None` (default) w_c = mu_c, the deterministic estimator CAB evaluated; with an
+    integer seed w_c = mu_c + eps_c, eps ~ N(0, I) per head, drawn once at construction from a generator
+    seeded by it and fixed (never redrawn; CAB redrew in training mode).
+
+    Padding: segment means, proposal sums and f(w) run over real keys only and segment boundaries count
+    real positions only (CAB's LARA pooled padded positions into its landmarks and normalisers); in NS
+    with Lq == Lk the key padding mask marks the padded queries as well. CC keeps the keys' proposal
+    part only (mu_c = kbar_c), since query means pool later queries; CS is unsupported (see the reason).
+    The 1/sqrt(d) scaling of CAB's code on both projections (which departs from the softmax kernel) is
+    not reproduced: xi uses d^-1/4-scaled q and k so that E[xi(q, w) xi(k, w)] = exp(q^T k / sqrt(d)).
+    """
+
+    def __init__(self, pattern, num_heads, head_dim, num_landmarks: int = 16, seed: "int | None" = None):
+        super().__init__(pattern, num_heads, head_dim)
+        if num_landmarks < 1:
+            raise ValueError(f"num_landmarks must be positive, got {num_landmarks}")
+        self.num_landmarks = num_landmarks
+        self.seed = seed
+        noise = torch.zeros(num_heads, num_landmarks, head_dim, dtype=torch.float64)
+        if seed is not None:
+            noise = torch.randn(num_heads, num_landmarks, head_dim, dtype=torch.float64,
+                                generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("noise", noise.to(torch.get_default_dtype()))
+
+    def proposals(
+        self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: "torch.Tensor | None"
+    ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+        """(mu (B, H, C, D), samples w (B, H, C, D), valid (B, 1, 1, C)) from scaled q and k."""
+        real_k = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
+        if key_padding_mask is not None:
+            real_k = ~key_padding_mask.bool()
+        mu, valid = segment_means(k, real_k, self.num_landmarks)
+        valid = valid > 0
+        if self.pattern is not Pattern.CC:
+            self_padded = self.pattern is Pattern.NS and q.shape[-2] == k.shape[-2]
+            real_q = real_k if self_padded else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
+            q_mean, q_count = segment_means(q, real_q, self.num_landmarks)
+            mu = mu + q_mean
+            valid = valid & (q_count > 0)
+        samples = mu + self.noise.to(mu.dtype)
+        return mu, samples, valid[:, None, None, :]
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        out_dtype = q.dtype
+        dtype = compute_dtype(q.dtype)
+        scale = q.shape[-1] ** -0.25
+        q = q.to(dtype) * scale
+        k, v = repeat_kv(k, q.shape[1]).to(dtype) * scale, repeat_kv(v, q.shape[1]).to(dtype)
+        mu, w, valid = self.proposals(q, k, key_padding_mask)
+        lowest = torch.finfo(dtype).min
+        log_xi_k = k @ w.transpose(-1, -2) - 0.5 * (k * k).sum(-1, keepdim=True)  # (B, H, Lk, C)
+        if key_padding_mask is not None:
+            log_xi_k = log_xi_k.masked_fill(key_padding_mask.bool()[:, None, :, None], lowest)
+        f_w = torch.softmax(log_xi_k, dim=-2).transpose(-1, -2) @ v  # (B, H, C, Dv): f(w_c)
+        log_sum_xi_k = torch.logsumexp(log_xi_k, dim=-2).unsqueeze(-2)  # (B, H, 1, C)
+        log_xi_q = q @ w.transpose(-1, -2) - 0.5 * (q * q).sum(-1, keepdim=True)  # (B, H, Lq, C)
+        log_xi_mu = ((w * mu).sum(-1) - 0.5 * (mu * mu).sum(-1)).unsqueeze(-2)  # (B, H, 1, C)
+        log_ratio = q @ mu.transpose(-1, -2) + log_xi_q + log_sum_xi_k - log_xi_mu
+        weights = torch.softmax(log_ratio.masked_fill(~valid, lowest), dim=-1) * valid
+        return (weights @ f_w).to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Query by query, the importance weights from the explicit densities: the mixture
+        p_n(w_c) = sum_m pi_nm N(w_c; q_n + k_m, I) over real keys (O(Lk) per sample) and the proposal
+        N(w_c; mu_c, I), with f_n(w_c) = sum_m xi(q_n, w_c) xi(k_m, w_c) v_m / sum_m xi(q_n, w_c) xi(k_m, w_c)."""
+        scale = q.shape[-1] ** -0.25
+        q = q * scale
+        k, v = repeat_kv(k, q.shape[1]) * scale, repeat_kv(v, q.shape[1])
+        mu, w, valid = self.proposals(q, k, key_padding_mask)
+        dim = q.shape[-1]
+
+        def log_normal(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+            return -0.5 * ((x - mean) ** 2).sum(-1) - 0.5 * dim * math.log(2 * math.pi)
+
+        out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+        for b in range(q.shape[0]):
+            real = torch.ones(k.shape[-2], dtype=torch.bool, device=q.device)
+            if key_padding_mask is not None:
+                real = ~key_padding_mask[b].bool()
+            keep = valid[b, 0, 0]
+            if not bool(real.any()) or not bool(keep.any()):
+                continue
+            kb, vb = k[b][:, real], v[b][:, real]  # (H, M, D)
+            wb, mub = w[b][:, keep], mu[b][:, keep]  # (H, C', D)
+            for n in range(q.shape[2]):
+                qn = q[b, :, n]  # (H, D)
+                log_pi = torch.log_softmax((kb @ qn.unsqueeze(-1)).squeeze(-1), dim=-1)  # (H, M)
+                centres = qn[:, None, :] + kb  # (H, M, D): the mixture components' means
+                log_p = torch.logsumexp(log_pi[:, None, :] + log_normal(wb[:, :, None, :], centres[:, None]), -1)
+                log_proposal = log_normal(wb, mub)  # (H, C')
+                log_alpha = torch.log_softmax((mub @ qn.unsqueeze(-1)).squeeze(-1), dim=-1)
+                ratio = torch.softmax(log_alpha + log_p - log_proposal, dim=-1)  # (H, C')
+                xi_q = torch.exp((wb @ qn.unsqueeze(-1)).squeeze(-1) - 0.5 * (qn * qn).sum(-1, keepdim=True))
+                xi_k = torch.exp(wb @ kb.transpose(-1, -2) - 0.5 * (kb * kb).sum(-1).unsqueeze(-2))  # (H, C', M)
+                joint = xi_q.unsqueeze(-1) * xi_k
+                f_n = (joint @ vb) / joint.sum(-1, keepdim=True)  # (H, C', Dv)
+                out[b, :, n] = (ratio.unsqueeze(-2) @ f_n).squeeze(-2)
+        return out
