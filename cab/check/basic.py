@@ -1,5 +1,5 @@
 """The checks every declared pattern faces first: `forward` runs, `shape_dtype`, `finite` (with torch.empty*
-poisoned by NaN) and `backward` (gradients of q, k, v and parameters exist and are finite)."""
+poisoned by NaN) and `backward` (gradients exist, at least for v, and are all finite)."""
 
 from __future__ import annotations
 
@@ -84,11 +84,11 @@ def poisoned_gradients(subject: Subject, shape: Shape, dtype: torch.dtype, salt:
 
 
 def gradient_problem(grads: "dict[str, torch.Tensor | None]") -> "tuple[float | None, str] | None":
-    """(fraction of non-finite values or None, message) when a gradient of q, k or v is missing or any
-    gradient is non-finite; None when the gradients are fine."""
-    missing = [n for n in ("q", "k", "v") if grads[n] is None]
-    if missing:
-        return None, f"no gradient reaches {', '.join(missing)}"
+    """(fraction of non-finite values or None, message) when no gradient reaches v (every attention mixes
+    values, so its absence means a detached or non-differentiable output) or any gradient is non-finite;
+    None when the gradients are fine. q and k may lack one: some mechanisms (state space layers) ignore them."""
+    if grads["v"] is None:
+        return None, "no gradient reaches v (the output is detached or not differentiable)"
     fraction, where = nonfinite_summary({n: g for n, g in grads.items() if g is not None})
     if fraction:
         return fraction, f"non-finite gradients with torch.empty* poisoned by NaN ({where})"
@@ -96,15 +96,19 @@ def gradient_problem(grads: "dict[str, torch.Tensor | None]") -> "tuple[float | 
 
 
 def check_backward(subject: Subject) -> CheckOutcome:
-    """Backward runs; gradients of q, k, v exist and every gradient is finite (torch.empty* poisoned)."""
+    """Backward runs; a gradient reaches v (and q, k unless the mechanism ignores them) and every gradient
+    is finite (torch.empty* poisoned)."""
     _, grads = poisoned_gradients(subject, subject.main, subject.dtype, "main")
     problem = gradient_problem(grads)
     if problem:
         error, message = problem
         return CheckOutcome("backward", Status.INCORRECT, error, None if error is None else 0.0, message)
+    reached = [n for n in ("q", "k", "v") if grads[n] is not None]
     params = [n for n in grads if n not in ("q", "k", "v")]
     unused = [n for n in params if grads[n] is None]
-    message = f"finite gradients for q, k, v and {len(params) - len(unused)} parameter tensor(s)"
+    message = f"finite gradients for {', '.join(reached)} and {len(params) - len(unused)} parameter tensor(s)"
+    if len(reached) < 3:
+        message += f"; the output does not depend on {', '.join(n for n in 'qkv' if n not in reached)}"
     if unused:
         message += f"; parameters without a gradient in this pattern: {', '.join(unused)}"
     return CheckOutcome("backward", Status.OK, 0.0, 0.0, message)

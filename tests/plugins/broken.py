@@ -111,6 +111,17 @@ class WrongShape(cab.Attention):
         return _softmax(self, q, k, v, key_padding_mask)[..., :-1]
 
 
+@cab.register_attention("broken_detached", patterns=ALL, family="broken", exact=False)
+class Detached(cab.Attention):
+    """Returns a detached output (a kernel with no autograd support): no gradient reaches anything."""
+
+    def __init__(self, pattern, num_heads, head_dim):
+        super().__init__(pattern, num_heads, head_dim)
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        return _softmax(self, q, k, v, key_padding_mask).detach()
+
+
 @cab.register_attention("broken_noncausal", patterns=("CS",), family="broken", exact=False)
 class NonCausal(cab.Attention):
     """Declares causal self but attends to every key."""
