@@ -119,9 +119,10 @@ class LaraAttention(Attention):
         return (weights @ f_w).to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
-        """Query by query, the importance weights from the explicit densities: the mixture
-        p_n(w_c) = sum_m pi_nm N(w_c; q_n + k_m, I) over real keys (O(Lk) per sample) and the proposal
-        N(w_c; mu_c, I), with f_n(w_c) = sum_m xi(q_n, w_c) xi(k_m, w_c) v_m / sum_m xi(q_n, w_c) xi(k_m, w_c)."""
+        """The importance weights from the explicit densities, sample by sample: the mixture
+        p_n(w_c) = sum_m pi_nm N(w_c; q_n + k_m, I) over the real keys (an Lq x Lk x D tensor per sample)
+        and the proposal N(w_c; mu_c, I), with f_n(w_c) = sum_m xi(q_n, w_c) xi(k_m, w_c) v_m /
+        sum_m xi(q_n, w_c) xi(k_m, w_c)."""
         scale = q.shape[-1] ** -0.25
         q = q * scale
         k, v = repeat_kv(k, q.shape[1]) * scale, repeat_kv(v, q.shape[1])
@@ -136,22 +137,21 @@ class LaraAttention(Attention):
             real = torch.ones(k.shape[-2], dtype=torch.bool, device=q.device)
             if key_padding_mask is not None:
                 real = ~key_padding_mask[b].bool()
-            keep = valid[b, 0, 0]
-            if not bool(real.any()) or not bool(keep.any()):
-                continue
-            kb, vb = k[b][:, real], v[b][:, real]  # (H, M, D)
-            wb, mub = w[b][:, keep], mu[b][:, keep]  # (H, C', D)
-            for n in range(q.shape[2]):
-                qn = q[b, :, n]  # (H, D)
-                log_pi = torch.log_softmax((kb @ qn.unsqueeze(-1)).squeeze(-1), dim=-1)  # (H, M)
-                centres = qn[:, None, :] + kb  # (H, M, D): the mixture components' means
-                log_p = torch.logsumexp(log_pi[:, None, :] + log_normal(wb[:, :, None, :], centres[:, None]), -1)
-                log_proposal = log_normal(wb, mub)  # (H, C')
-                log_alpha = torch.log_softmax((mub @ qn.unsqueeze(-1)).squeeze(-1), dim=-1)
-                ratio = torch.softmax(log_alpha + log_p - log_proposal, dim=-1)  # (H, C')
-                xi_q = torch.exp((wb @ qn.unsqueeze(-1)).squeeze(-1) - 0.5 * (qn * qn).sum(-1, keepdim=True))
-                xi_k = torch.exp(wb @ kb.transpose(-1, -2) - 0.5 * (kb * kb).sum(-1).unsqueeze(-2))  # (H, C', M)
-                joint = xi_q.unsqueeze(-1) * xi_k
-                f_n = (joint @ vb) / joint.sum(-1, keepdim=True)  # (H, C', Dv)
-                out[b, :, n] = (ratio.unsqueeze(-2) @ f_n).squeeze(-2)
+            kb, vb, qb = k[b][:, real], v[b][:, real], q[b]  # (H, M, D), (H, M, Dv), (H, Lq, D)
+            log_pi = torch.log_softmax(qb @ kb.transpose(-1, -2), dim=-1)  # (H, Lq, M)
+            centres = qb.unsqueeze(-2) + kb.unsqueeze(-3)  # (H, Lq, M, D): the mixture components' means
+            log_ratios, estimates = [], []
+            for c in torch.nonzero(valid[b, 0, 0]).flatten().tolist():
+                wc, muc = w[b, :, c], mu[b, :, c]  # (H, D)
+                log_p = torch.logsumexp(log_pi + log_normal(wc[:, None, None, :], centres), dim=-1)  # (H, Lq)
+                log_proposal = log_normal(wc, muc).unsqueeze(-1)  # (H, 1)
+                log_alpha = qb @ muc.unsqueeze(-1)  # (H, Lq, 1): alpha_nc up to a per-query constant
+                log_ratios.append(log_alpha.squeeze(-1) + log_p - log_proposal)
+                xi_q = torch.exp(qb @ wc.unsqueeze(-1) - 0.5 * (qb * qb).sum(-1, keepdim=True))  # (H, Lq, 1)
+                xi_k = torch.exp(kb @ wc.unsqueeze(-1) - 0.5 * (kb * kb).sum(-1, keepdim=True))  # (H, M, 1)
+                joint = xi_q @ xi_k.transpose(-1, -2)  # (H, Lq, M)
+                estimates.append((joint @ vb) / joint.sum(-1, keepdim=True))
+            if log_ratios:
+                ratio = torch.softmax(torch.stack(log_ratios, dim=-1), dim=-1)  # (H, Lq, C')
+                out[b] = (ratio.unsqueeze(-2) @ torch.stack(estimates, dim=-2)).squeeze(-2)
         return out
