@@ -18,7 +18,7 @@ test: setup
 	$(VENV)/bin/python -m pytest
 
 bench: setup
-	$(VENV)/bin/python -m pytest benchmarks --benchmark-only --benchmark-enable
+	$(VENV)/bin/python -m pytest benchmarks --benchmark-only
 
 clean:
 	rm -rf $(VENV) results/cab.sqlite* results/leaderboard

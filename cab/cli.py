@@ -161,6 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         heads=args.heads, kv_heads=args.kv_heads or args.heads, lq=length, lk=lk,
                         head_dim=args.head_dim, dtype=args.dtype, device=args.device, mode=mode, seed=args.seed,
                         options={"threads": args.threads, "min_run_time_s": args.min_run_time,
+                                 "warmup_s": args.warmup, "flops_convention": args.flops_convention,
                                  "memory": not args.no_memory},
                     ))
     results = []
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ratio", type=float, default=1.0, help="cross patterns: key length = length * ratio")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed samples per cell")
+    p.add_argument("--warmup", type=float, default=0.1, help="seconds of warm-up calls before the samples")
+    p.add_argument("--flops-convention", choices=["exact", "flash"], default="exact",
+                   help="causal pair count: exact L(L+1)/2 or FlashAttention's L^2/2")
     p.add_argument("--no-memory", action="store_true", help="skip the separate memory pass")
     p.add_argument("--db", default=None, help="also write the results into this store")
     p.add_argument("--json", action="store_true")
