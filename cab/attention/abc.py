@@ -114,23 +114,27 @@ class ABCAttention(Attention):
         return (probs @ values).to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
-        """Row by row: the memory of the keys row t may see (all, or the prefix in CS) written with explicit
-        softmaxes over those positions, then softmax attention of q_t over the r slots."""
+        """Per batch element and per prefix: the memory of the keys a row may see (all of them, or in CS
+        the row's prefix) written with explicit softmaxes over those positions, then softmax attention of
+        the rows over the r slots."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         lq, lk = q.shape[-2], k.shape[-2]
+        if self.pattern is Pattern.CS:
+            groups = [(t + lk - lq, [t]) for t in range(lq)]  # (last visible key, rows)
+        else:
+            groups = [(lk - 1, list(range(lq)))]
         out = q.new_zeros(q.shape[0], q.shape[1], lq, v.shape[-1])
         for b in range(q.shape[0]):
             real = torch.ones(lk, dtype=torch.bool, device=q.device)
             if key_padding_mask is not None:
                 real = ~key_padding_mask[b].bool()
-            for t in range(lq):
-                last = t + lk - lq if self.pattern is Pattern.CS else lk - 1
+            for last, rows in groups:
                 seen = real & (torch.arange(lk, device=q.device) <= last)
                 if not bool(seen.any()):
                     continue
                 kb, vb = k[b][:, seen], v[b][:, seen]  # (H, M, D)
                 keys = torch.softmax(kb @ self.control_k.to(kb.dtype), dim=-2).transpose(-1, -2) @ kb  # (H, r, D)
                 values = torch.softmax(vb @ self.control_v.to(vb.dtype), dim=-2).transpose(-1, -2) @ vb
-                weights = torch.softmax(q[b, :, t : t + 1] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-                out[b, :, t] = (weights @ values).squeeze(-2)
+                weights = torch.softmax(q[b][:, rows] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+                out[b][:, rows] = weights @ values
         return out
