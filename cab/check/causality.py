@@ -18,6 +18,7 @@ from cab.check.subject import Shape, Subject, dtype_name
 from cab.patterns import Pattern
 from cab.status import Status
 
+
 def _rows(x: torch.Tensor, stop: int) -> torch.Tensor:
     """The first `stop` rows (sequence dim -2) as a contiguous tensor."""
     return x[..., :stop, :].contiguous()

@@ -23,11 +23,13 @@ STRUCTURAL_TOLERANCE = {
 }
 
 # exact_oracle: an exact kernel's max-abs error against the float64 oracle may be at most
-# 2 x (plain eager attention's error in the same dtype) + ORACLE_ULPS x eps(dtype) x max|oracle|.
-# The additive term covers ties in the 2x rule at round-off level (PyTorch's fused kernel reaches 2.9x
-# eager on dq in float32 while its error is 1.5e-6 on outputs of scale 2.3).
+# ORACLE_FACTOR x (plain eager attention's error in the same dtype) + ORACLE_ULPS[dtype] x eps x max|oracle|.
+# The additive term is in ulps of the tensor's scale: in float32/float64 eager's own error is below one ulp,
+# so twice it is smaller than the reordering noise of a fused or chunked kernel (measured on PyTorch's SDPA
+# and the chunked built-in over 6 seeds and the check shapes: up to ~5 ulps beyond 2x eager); in half
+# precision eager's error already spans several ulps and the measured excess stays near 1 ulp.
 ORACLE_FACTOR = 2.0
-ORACLE_ULPS = 8.0
+ORACLE_ULPS = {torch.float64: 16.0, torch.float32: 16.0, torch.float16: 4.0, torch.bfloat16: 4.0}
 
 
 def structural_tolerance(dtype: torch.dtype) -> float:
@@ -63,4 +65,4 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, scale: "float |
 
 def oracle_allowance(eager_error: float, oracle_scale: float, dtype: torch.dtype) -> float:
     """How far an exact kernel in `dtype` may be from the float64 oracle (see ORACLE_FACTOR/ORACLE_ULPS)."""
-    return ORACLE_FACTOR * eager_error + ORACLE_ULPS * torch.finfo(dtype).eps * oracle_scale
+    return ORACLE_FACTOR * eager_error + ORACLE_ULPS[dtype] * torch.finfo(dtype).eps * oracle_scale

@@ -11,7 +11,11 @@ from cab.status import Status
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """One named check: its status, the error it measured and the tolerance that error was held to."""
+    """One named check: its status, the error it measured and the tolerance that error was held to.
+
+    `error` is what the check measured: a relative deviation for the structural and reference comparisons,
+    a max-abs error for exact_oracle, the fraction of non-finite values for finite and backward; None for
+    checks that measure nothing (forward, shape_dtype, undeclared_pattern) or that raised."""
 
     name: str
     status: Status
