@@ -4,7 +4,8 @@ structural checks run in.
 A module is built once per head dimension, right after seeding the device's generator with `seed`, and
 every forward call is preceded by the same reseed, so random-feature or sampling attentions see the same
 randomness in every call of a check (randomness must therefore not depend on the batch size or length of
-a call: the padding check compares batches of 2 with single elements, the causal checks prefixes). Copies in other dtypes are deep copies of that one module (same parameters and buffers).
+a call: the padding check compares batches of 2 with single elements, the causal checks prefixes).
+Copies in other dtypes are deep copies of that one module (same parameters and buffers).
 """
 
 from __future__ import annotations
