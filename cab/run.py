@@ -122,6 +122,30 @@ def _run_config(config: Config) -> dict:
             "config": config.model_dump(mode="json")}
 
 
+class _Progress:
+    """tqdm bar whose postfix names the running cell and the counts of statuses so far."""
+
+    def __init__(self, total: int, name: str, enabled: bool):
+        self.counts: Counter = Counter()
+        self._bar = tqdm(total=total, disable=not enabled, unit="cell", desc=name, file=sys.stderr,
+                         dynamic_ncols=True)
+
+    def started(self, cell: Cell) -> None:
+        tally = " ".join(f"{s}={n}" for s, n in sorted(self.counts.items()))
+        self._bar.set_postfix_str(f"{_describe(cell)} | {tally}" if tally else _describe(cell))
+
+    def finished(self, status: Status) -> None:
+        self.counts[status.value] += 1
+        self._bar.update(1)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
              executor: "str | None" = None, db: "str | Path | None" = None,
              report_dir: "str | Path | None" = None, render: bool = True, progress: bool = True) -> RunSummary:
@@ -136,46 +160,36 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
     db_path = Path(db or config.output.store)
     command = _command(config_path, force=force, retry_failed=retry_failed, executor=executor, db=db,
                        report_dir=report_dir)
-    counts: Counter = Counter()
     with ResultStore(db_path) as store:
         todo = select_cells(cells, store, force=force, retry_failed=retry_failed)
         run_id = store.start_run(str(config_path), command, len(todo), _run_config(config))
         runner = get_executor(executor or config.executor.kind, timeout_s=config.executor.timeout_s,
                               plugins=config.plugins)
-        bar = tqdm(total=len(todo), disable=not progress, unit="cell", desc=config.name, file=sys.stderr,
-                   dynamic_ncols=True)
-
-        def show(cell: Cell) -> None:
-            tally = " ".join(f"{s}={n}" for s, n in sorted(counts.items()))
-            bar.set_postfix_str(f"{_describe(cell)} | {tally}" if tally else _describe(cell))
-
-        state = "failed"
+        bar, state = _Progress(len(todo), config.name, progress), "failed"
         try:
-            for result in runner.run(todo, on_start=show):
+            for result in runner.run(todo, on_start=bar.started):
                 store.put(result, run_id)
-                counts[result.status.value] += 1
-                bar.update(1)
+                bar.finished(result.status)
             state = "finished"
         except KeyboardInterrupt:
             state = "interrupted"
-            done = sum(counts.values())
             bar.close()
             resume = _command(config_path, retry_failed=retry_failed, executor=executor, db=db, report_dir=report_dir)
-            print(f"\ncab: interrupted after {done} of {len(todo)} cells ({len(todo) - done} left); "
+            print(f"\ncab: interrupted after {bar.done} of {len(todo)} cells ({len(todo) - bar.done} left); "
                   f"every finished cell is stored in {db_path}.\ncab: resume with: {resume}", file=sys.stderr)
             raise
         finally:
             bar.close()
             runner.close()
-            store.finish_run(run_id, sum(counts.values()), state)
-    report, note = (None, "")
+            store.finish_run(run_id, bar.done, state)
+    report, note = None, ""
     if render:
         report, note = render_leaderboard(db_path, Path(report_dir or config.output.report))
         if note:
             print(f"cab: {note}", file=sys.stderr)
-    return RunSummary(config=str(config_path), planned=len(cells), skipped=len(cells) - len(todo),
-                      run=sum(counts.values()), counts=dict(counts), wall_s=round(time.perf_counter() - t0, 2),
-                      db=db_path, report=report, run_id=run_id, note=note)
+    return RunSummary(config=str(config_path), planned=len(cells), skipped=len(cells) - len(todo), run=bar.done,
+                      counts=dict(bar.counts), wall_s=round(time.perf_counter() - t0, 2), db=db_path, report=report,
+                      run_id=run_id, note=note)
 
 
 __all__ = ["RETRYABLE", "RunSummary", "render_leaderboard", "run_grid", "select_cells"]
