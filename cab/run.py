@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cab import provenance
-from cab.cells import Cell
+from cab.cells import Cell, Result
 from cab.config import Config, load_config
 from cab.executors import get_executor
 from cab.grid import expand
@@ -130,12 +130,17 @@ class _Progress:
         self._bar = tqdm(total=total, disable=not enabled, unit="cell", desc=name, file=sys.stderr,
                          dynamic_ncols=True)
 
-    def started(self, cell: Cell) -> None:
+    def _show(self, cell: Cell) -> None:
         tally = " ".join(f"{s}={n}" for s, n in sorted(self.counts.items()))
-        self._bar.set_postfix_str(f"{_describe(cell)} | {tally}" if tally else _describe(cell))
+        self._bar.set_postfix_str(f"{_describe(cell)} | {tally}" if tally else _describe(cell), refresh=False)
 
-    def finished(self, status: Status) -> None:
-        self.counts[status.value] += 1
+    def started(self, cell: Cell) -> None:
+        self._show(cell)
+        self._bar.refresh()
+
+    def finished(self, result: Result) -> None:
+        self.counts[result.status.value] += 1
+        self._show(result.cell)
         self._bar.update(1)
 
     @property
@@ -169,7 +174,7 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
         try:
             for result in runner.run(todo, on_start=bar.started):
                 store.put(result, run_id)
-                bar.finished(result.status)
+                bar.finished(result)
             state = "finished"
         except KeyboardInterrupt:
             state = "interrupted"
