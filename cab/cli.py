@@ -102,7 +102,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cab.check import run_conformance, verdict_table
+    from cab.check import CheckOutcome, ConformanceReport, run_conformance, verdict_table
     from cab.runner import CellTimeout, time_limit
     from cab.status import Status
 
@@ -121,9 +121,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                     report = run_conformance(name, pattern, hparams=hparams, device=args.device, dtype=args.dtype,
                                              seed=args.seed)
             except CellTimeout as exc:
-                print(f"cab: {name} {pattern.value}: {exc}", file=sys.stderr)
-                failed = True
-                continue
+                report = ConformanceReport(name, pattern, [CheckOutcome("timeout", Status.TIMEOUT, message=str(exc))],
+                                           hparams, args.device, args.dtype)
             reports.append(report)
             if pattern in spec.patterns and report.status is not Status.OK:
                 failed = True

@@ -278,7 +278,7 @@ def test_unavailable_attention_is_unsupported(test_attentions):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
 def test_cuda_cell_without_cuda_is_unsupported():
     outcome = bench_cell(tiny_cell(device="cuda"))
-    assert outcome.status is Status.UNSUPPORTED and outcome.message == "CUDA not available"
+    assert outcome.status is Status.UNSUPPORTED and outcome.message == "CUDA is not available on this machine"
 
 
 def test_oom_while_timing_is_an_oom_outcome_without_timings(test_attentions):

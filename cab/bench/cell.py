@@ -17,16 +17,8 @@ from cab.patterns import visible_pairs
 from cab.registry import get_spec
 from cab.runner import is_oom
 from cab.status import Status
+from cab.devices import device_unavailable
 
-
-def device_unavailable_reason(device: str) -> "str | None":
-    """Why cab cannot run on `device` here ("CUDA not available"), or None."""
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        return "CUDA not available"
-    if kind not in ("cpu", "cuda"):
-        return f"device {device!r} is not supported (cab benchmarks on cpu and cuda)"
-    return None
 
 
 def _time_mode(attn: torch.nn.Module, cell: Cell) -> TimingStats:
@@ -48,7 +40,7 @@ def bench_cell(cell: Cell) -> Outcome:
         raise ValueError(f"bench_cell runs cells of kind 'bench', got {cell.kind!r}")
     if cell.mode not in BENCH_MODES:
         raise ValueError(f"bench mode must be one of {', '.join(BENCH_MODES)}, got {cell.mode!r}")
-    reason = device_unavailable_reason(cell.device) or get_spec(cell.attention).unavailable_reason(cell.device)
+    reason = device_unavailable(cell.device) or get_spec(cell.attention).unavailable_reason(cell.device)
     if reason:
         return Outcome(Status.UNSUPPORTED, message=reason)
     try:

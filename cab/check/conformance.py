@@ -25,6 +25,7 @@ from cab.check.subject import Subject, main_shape, parse_dtype
 from cab.patterns import Pattern
 from cab.registry import AttentionSpec, check_hparams, create_attention, get_spec
 from cab.status import Status
+from cab.devices import device_unavailable
 
 Check = Callable[[Subject], CheckOutcome]
 GATES = ("forward", "shape_dtype")  # the checks every other one depends on
@@ -48,15 +49,6 @@ def declared_checks(spec: AttentionSpec, pattern: Pattern) -> "list[tuple[str, C
     checks.append(("odd_shapes", check_odd_shapes))
     return checks
 
-
-def device_unavailable(device: str) -> "str | None":
-    """Why `device` cannot be used in this process (None when it can)."""
-    kind = torch.device(device).type
-    if kind == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available on this machine"
-    if kind not in ("cpu", "cuda"):
-        return f"device {device!r} is not supported by the conformance suite (cpu and cuda are)"
-    return None
 
 
 def check_undeclared(spec: AttentionSpec, pattern: Pattern, hparams: dict, seed: int) -> CheckOutcome:
