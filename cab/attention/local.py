@@ -40,7 +40,9 @@ class LocalAttention(Attention):
     as cab's causal mask). NC/CC are unsupported (see the reasons). Scores are scaled by 1/sqrt(d).
 
     Efficient path: queries in blocks of b rows; each block scores the b + 2w (CS: b + w) keys around it
-    (an unfolded view of the keys) plus the s sinks, masked to the exact window, in one softmax.
+    plus the s sinks, masked to the exact window, in one softmax. The key windows of all blocks are one
+    overlapping strided view of a padded copy of the keys, so two batched matmuls do the work without a
+    copy per window.
     """
 
     def __init__(self, pattern, num_heads, head_dim, window: int = 15, sinks: int = 0):
@@ -59,47 +61,57 @@ class LocalAttention(Attention):
         lk = k.shape[-2]
         causal = self.pattern is Pattern.CS
         w, block = self.window, _block_size(self.window)
-        span = block + (w if causal else 2 * w)
+        ahead = 0 if causal else w
+        span = block + w + ahead  # keys scored by one query block
         offset = lk - lq if causal else 0  # query i sits at key position i + offset
-        n_blocks = -(-lq // block)
-        # keys of block n sit at positions start + n * block + u, u < span, start = offset - w
+        blocks = -(-lq // block) + -(-(w + ahead) // block)  # per head, enough to hold every window
+        slab = blocks * block  # rows per head; row r holds the key at position offset - w + r
         start = offset - w
-        lead = max(0, -start)
-        needed = (n_blocks - 1) * block + span
-        first = start + lead
-        tail = max(0, first + needed - (lk + lead))
+        lo, hi = max(0, -start), max(0, min(slab, lk - start))  # slab rows that hold real positions
+
+        # Every head's slab laid end to end (plus `span` spare rows), so that the key windows of all
+        # blocks of all heads are one strided view with a single batch stride: no copy per window. The
+        # last windows of a head run into the next head's slab; they belong to query rows past the end
+        # and are discarded.
+        n = batch * heads * blocks
+        windows = []
+        for x in (k, v):
+            flat = x.new_zeros(batch * heads * slab + span, x.shape[-1])
+            flat[: batch * heads * slab].view(batch, heads, slab, -1)[:, :, lo:hi] = x[:, :, start + lo:start + hi]
+            windows.append(flat.as_strided((n, span, x.shape[-1]), (block * x.shape[-1], x.shape[-1], 1)))
+        k_win, v_win = windows
         key_ok = torch.ones(1, lk, dtype=torch.bool, device=q.device)
         if key_padding_mask is not None:
             key_ok = ~key_padding_mask.bool()
-
-        def windows(x: torch.Tensor, fill) -> torch.Tensor:  # (..., L, D) -> (..., n_blocks, D, span)
-            x = F.pad(x, (0, 0, lead, tail), value=fill)[..., first:first + needed, :]
-            return x.unfold(-2, span, block)
-
-        k_win, v_win = windows(k, 0.0), windows(v, 0.0)
-        ok_win = windows(key_ok.unsqueeze(-1), False).squeeze(-2)  # (B', n_blocks, span)
+        ok = torch.zeros(key_ok.shape[0], slab + span, dtype=torch.bool, device=q.device)
+        ok[:, lo:hi] = key_ok[:, start + lo:start + hi]
+        ok_win = ok.unfold(-1, span, block)[:, :blocks]  # (B', blocks, span)
         rows = torch.arange(block, device=q.device).unsqueeze(1)
         cols = torch.arange(span, device=q.device).unsqueeze(0)
-        in_window = (cols >= rows) & (cols <= rows + (w if causal else 2 * w))  # (block, span)
-        visible = in_window & ok_win[:, None, :, None, :]  # (B', 1, n_blocks, block, span)
+        in_window = (cols >= rows) & (cols <= rows + w + ahead)  # (block, span)
+        visible = in_window & ok_win[:, None, :, None, :]  # (B', 1, blocks, block, span)
 
-        pad_rows = n_blocks * block - lq
-        q_blocks = F.pad(q, (0, 0, 0, pad_rows)).reshape(batch, heads, n_blocks, block, dim) * softmax_scale(dim)
-        scores = q_blocks @ k_win  # (B, H, n_blocks, block, span)
+        q_rows = q.new_zeros(batch, heads, slab, dim)
+        q_rows[:, :, :lq] = q * softmax_scale(dim)
+        scores = torch.bmm(q_rows.reshape(n, block, dim), k_win.transpose(-1, -2))
+        scores = scores.view(batch, heads, blocks, block, span)
         s = min(self.sinks, lk)
         if s:
-            position = (torch.arange(n_blocks * block, device=q.device) + offset).reshape(n_blocks, block, 1)
+            position = (torch.arange(slab, device=q.device) + offset).reshape(blocks, block, 1)
             gap = position - torch.arange(s, device=q.device)  # query position minus sink position
             outside = (gap > w) if causal else (gap.abs() > w)  # not already in the window (CS: and past)
-            sink_visible = outside & key_ok[:, None, None, :s]  # (B', n_blocks, block, s)
-            scores = torch.cat([q_blocks @ k[..., :s, :].transpose(-1, -2).unsqueeze(2), scores], dim=-1)
+            sink_visible = outside & key_ok[:, None, None, :s]  # (B', blocks, block, s)
+            sink_scores = (q_rows @ k[..., :s, :].transpose(-1, -2)).view(batch, heads, blocks, block, s)
+            scores = torch.cat([sink_scores, scores], dim=-1)
             visible = torch.cat([sink_visible.unsqueeze(1), visible], dim=-1)
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1) * visible.any(dim=-1, keepdim=True)
-        out = probs[..., s:] @ v_win.transpose(-1, -2)
+        probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), dim=-1)
+        seen = visible.any(dim=-1, keepdim=True)
+        if not bool(seen.all()):
+            probs = probs * seen  # rows with no visible key output 0
+        out = torch.bmm(probs[..., s:].reshape(n, block, span), v_win).view(batch, heads, slab, -1)
         if s:
-            out = out + probs[..., :s] @ v[..., :s, :].unsqueeze(2)
-        return out.reshape(batch, heads, n_blocks * block, -1)[:, :, :lq]
+            out = out + probs[..., :s].reshape(batch, heads, slab, s) @ v[..., :s, :]
+        return out[:, :, :lq]
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Row by row: gather the visible key indices (window, sinks, minus padding), softmax over them."""
