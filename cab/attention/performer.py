@@ -38,20 +38,23 @@ def align_bottom_right(
     return q, k, v, key_padding_mask, 0
 
 
-def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den for non-negative normalisers; a row whose normaliser is 0 has a zero numerator
-    (all its weights are 0) and gets output 0, with finite gradients."""
-    return num / torch.where(den > 0, den, torch.ones_like(den))
+def _nonzero(den: torch.Tensor) -> torch.Tensor:
+    """A normaliser with zeros replaced by 1: a row whose non-negative weights sum to 0 has a zero
+    numerator too, so it outputs 0 (with finite gradients)."""
+    return torch.where(den > 0, den, torch.ones_like(den))
 
 
 def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Noncausal feature-map attention phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1), in O(L m d).
 
     phi_q (B, H, Lq, m), phi_k (B, H, Lk, m) non-negative (padded keys already zero), v (B, H, Lk, Dv).
+    The normaliser divides whichever is narrower, the features or the output.
     """
     kv = phi_k.transpose(-1, -2) @ v
-    den = phi_q @ phi_k.sum(dim=-2).unsqueeze(-1)
-    return _divide(phi_q @ kv, den)
+    inverse = 1.0 / _nonzero(phi_q @ phi_k.sum(dim=-2).unsqueeze(-1))
+    if phi_q.shape[-1] <= v.shape[-1]:
+        return (phi_q * inverse) @ kv
+    return (phi_q @ kv) * inverse
 
 
 def causal_linear_attention(
@@ -81,7 +84,7 @@ def causal_linear_attention(
     weights = (qc @ kc.transpose(-1, -2)).masked_fill(~tril, 0.0)  # (B, H, N, C, C)
     num = qc @ kv_prev + weights @ vc
     den = (qc @ k_prev.unsqueeze(-1)) + weights.sum(dim=-1, keepdim=True)
-    out = _divide(num, den).reshape(b, h, n * chunk_size, dv)
+    out = (num / _nonzero(den)).reshape(b, h, n * chunk_size, dv)
     return out[:, :, :length]
 
 
@@ -98,11 +101,9 @@ def orthogonal_gaussian_features(num_features: int, dim: int, generator: torch.G
     return norms.unsqueeze(1) * torch.cat(blocks)
 
 
-def _log_positive_features(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """log of the FAVOR+ positive feature map before the 1/sqrt(m) factor: w_f^T x' - |x'|^2 / 2,
-    with x' = x / d^(1/4) so that E[phi(q) phi(k)] = exp(q k / sqrt(d)). x (B, H, L, d), omega (H, m, d)."""
-    x = x * x.shape[-1] ** -0.25
-    return torch.einsum("bhld,hmd->bhlm", x, omega) - 0.5 * (x * x).sum(dim=-1, keepdim=True)
+def _projections(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """w_f^T x' for x' = x / d^(1/4) (the scaling folded into the (H, m, d) directions): (B, H, L, m)."""
+    return x @ (omega * x.shape[-1] ** -0.25).transpose(-1, -2)
 
 
 @register_attention(
@@ -144,11 +145,12 @@ class PerformerAttention(Attention):
     def feature_maps(
         self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: "torch.Tensor | None"
     ) -> "tuple[torch.Tensor, torch.Tensor]":
-        """Stabilised (phi(q), phi(k)) of shape (B, H, L, m); padded keys are zero."""
+        """Stabilised (phi(q), phi(k)) of shape (B, H, L, m), up to factors that cancel: a query's
+        exp(-|q'|^2/2) and its row shift, the keys' common shift, 1/sqrt(m). Padded keys are zero."""
         omega = self._omega(q.dtype)
-        log_q = _log_positive_features(q, omega)
+        log_q = _projections(q, omega)
         phi_q = torch.exp(log_q - log_q.amax(dim=-1, keepdim=True).detach())
-        log_k = _log_positive_features(k, omega)
+        log_k = _projections(k, omega) - (0.5 / k.shape[-1] ** 0.5) * torch.linalg.vector_norm(k, dim=-1, keepdim=True) ** 2
         if key_padding_mask is not None:
             log_k = log_k.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
         shift = log_k.detach().amax(dim=(-2, -1), keepdim=True)
