@@ -4,7 +4,6 @@ blocks against their key neighbourhood: O(L (w + s)) time and memory, no L x L t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
