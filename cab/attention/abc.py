@@ -47,7 +47,9 @@ class ABCAttention(Attention):
     Computed in chunks without materialising the (L, r, d) memories: within a chunk the (C x C) causal
     block of q k^T is explicit, across chunks the r x d slot sums are exclusive cumulative sums, and the
     normalisers are cumulative sums of the control weights. The weights are exp-shifted by one detached
-    constant per slot (the maximum over real positions), which cancels exactly. CS is bottom-right
+    constant per slot (the maximum over real positions), which cancels exactly; as it spans later
+    positions too, it could reach a row's value only through floating-point underflow of earlier
+    weights (its gradient is zero). CS is bottom-right
     aligned when Lq != Lk. NS/NC/CC compress all keys once; CC is query-causal as every row is computed
     from the key memory alone. Padded keys get zero control weight (they enter no slot and no
     normaliser); a row with no visible key outputs 0.
@@ -62,6 +64,9 @@ class ABCAttention(Attention):
         self.control_v = nn.Parameter(torch.empty(head_dim, num_slots))
         nn.init.xavier_uniform_(self.control_k, gain=2**-0.5)
         nn.init.xavier_uniform_(self.control_v, gain=2**-0.5)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_slots={self.num_slots}"
 
     def _memory(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> "tuple[torch.Tensor, torch.Tensor]":
         """Noncausal (K~, V~), each (B, H, r, D), from all real keys."""

@@ -45,6 +45,9 @@ class CosformerAttention(Attention):
             raise ValueError(f"max_len must be positive, got {max_len}")
         self.max_len = max_len
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, max_len={self.max_len}"
+
     def horizon(self, lq: int, lk: int, key_padding_mask: "torch.Tensor | None", device) -> torch.Tensor:
         """M per batch element, shape (B or 1, 1, 1, 1); raises when a position would reach M."""
         if self.causal:

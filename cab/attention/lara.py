@@ -81,6 +81,9 @@ class LaraAttention(Attention):
                                 generator=torch.Generator().manual_seed(seed))
         self.register_buffer("noise", noise.to(torch.get_default_dtype()))
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, seed={self.seed}"
+
     def proposals(
         self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: "torch.Tensor | None"
     ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":

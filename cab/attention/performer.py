@@ -142,6 +142,9 @@ class PerformerAttention(Attention):
     def _omega(self, dtype: torch.dtype) -> torch.Tensor:
         return self.omega.to(dtype)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_features={self.num_features}, seed={self.seed}"
+
     def feature_maps(
         self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: "torch.Tensor | None"
     ) -> "tuple[torch.Tensor, torch.Tensor]":
@@ -150,7 +153,8 @@ class PerformerAttention(Attention):
         omega = self._omega(q.dtype)
         log_q = _projections(q, omega)
         phi_q = torch.exp(log_q - log_q.amax(dim=-1, keepdim=True).detach())
-        log_k = _projections(k, omega) - (0.5 / k.shape[-1] ** 0.5) * torch.linalg.vector_norm(k, dim=-1, keepdim=True) ** 2
+        half_norm = (0.5 / k.shape[-1] ** 0.5) * torch.linalg.vector_norm(k, dim=-1, keepdim=True) ** 2
+        log_k = _projections(k, omega) - half_norm
         if key_padding_mask is not None:
             log_k = log_k.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
         shift = log_k.detach().amax(dim=(-2, -1), keepdim=True)
