@@ -32,7 +32,7 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_attention(
-    "abc", patterns=("NS", "CS", "NC", "CC"), family="lowrank", exact=False,
+    "abc", patterns=("NS", "CS", "NC", "CC"), family="low-rank", exact=False,
     citation="Peng et al., ABC: Attention with Bounded-memory Control, ACL 2022",
 )
 class ABCAttention(Attention):
