@@ -226,10 +226,12 @@ def load_entry_points() -> "list[PluginError]":
 def load_plugin(spec: str) -> "list[PluginError]":
     """Import a plugin named on the command line: a .py file path or an importable module name."""
     _load_builtins()
-    if spec in _loaded_plugins:
-        return _loaded_plugins[spec]
     path = Path(spec)
     is_file = spec.endswith(".py") or path.exists()
+    if is_file:
+        spec = str(path.resolve())  # one module per file, however the path is spelled
+    if spec in _loaded_plugins:
+        return _loaded_plugins[spec]
     label = f"plugin file {path.resolve()}" if is_file else f"plugin module {spec}"
     errors: list[PluginError] = []
     with _source(label):
