@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +42,9 @@ class Attention(nn.Module):
     mechanism: ClassVar[str] = ""
     # why each undeclared pattern is unsupported, shown in errors and the support matrix
     unsupported_reasons: ClassVar[dict[Pattern, str]] = {}
+    # theoretical cost exponents in the sequence length, e.g. {"time": 2, "memory": 1}; optional, shown by
+    # cab.analysis beside the fitted exponents (a family default is used where an attention declares none)
+    complexity: ClassVar[dict[str, float]] = {}
 
     def __init__(self, pattern: "Pattern | str", num_heads: int, head_dim: int):
         super().__init__()
@@ -77,6 +81,71 @@ class Attention(nn.Module):
     def unavailable_reason(cls, device: "torch.device | str") -> "str | None":
         """Why this attention cannot run on `device` (a missing package or device), or None when it can."""
         return None
+
+    # optional cost declarations: FLOPs and peak memory of one forward call ---------------------------
+
+    def algorithmic_flops(self, batch: int, lq: int, lk: int, kv_heads: int) -> "int | None":
+        """Matmul FLOPs of one forward call of *this* algorithm on q (batch, num_heads, lq, head_dim) and
+        k, v (batch, kv_heads, lk, head_dim), as torch.utils.flop_counter.FlopCounterMode counts them on
+        forward() (a test holds every declaration to that); None when undeclared."""
+        return None
+
+    def peak_memory_estimate(self, batch: int, lq: int, lk: int, kv_heads: int, mode: str,
+                             dtype: torch.dtype) -> "int | None":
+        """An upper estimate of the bytes one call of bench mode `mode` allocates beyond its inputs (what
+        cab's memory pass measures), so a sweep can skip a cell that cannot fit; None when undeclared."""
+        return None
+
+    # optional: incremental decoding (causal patterns) ------------------------------------------------
+    # A decoder calls decode_init once, then decode_step once per query token. CS: each step brings the
+    # new token's query, key and value, and the query sees every key so far (its own included). CC: the
+    # keys and values are a fixed memory given to decode_init; each step brings one query. Decoding token
+    # by token must reproduce forward() row by row (the conformance check `decode` holds it to that).
+
+    def decode_init(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None" = None,
+                    capacity: "int | None" = None) -> Any:
+        """The decoding state after keys and values k, v (B, Hkv, L0, D), key_padding_mask (B, L0).
+
+        CS: the L0 tokens already decoded (L0 may be 0); `capacity` is the total number of tokens the
+        caller means to hold, so a cache can be allocated once. CC: the memory every query attends."""
+        raise NotImplementedError(f"{type(self).__name__} provides no incremental decoding")
+
+    def decode_step(self, state: Any, q: torch.Tensor, k: "torch.Tensor | None" = None,
+                    v: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, Any]":
+        """(output (B, Hq, 1, Dv) of the query q (B, Hq, 1, Dk), the state after it). CS: k and v
+        (B, Hkv, 1, D) are the new token's; CC: they are None.
+
+        `state` stays valid: stepping again from it gives the same result (an implementation may write
+        into preallocated storage past the state's length, so only the latest state derived from a given
+        state is guaranteed)."""
+        raise NotImplementedError(f"{type(self).__name__} provides no incremental decoding")
+
+    @classmethod
+    def has_decode(cls) -> bool:
+        return cls.decode_step is not Attention.decode_step
+
+    @staticmethod
+    def decode_state_bytes(state: Any) -> int:
+        """Bytes held by a decoding state: every distinct tensor storage reachable through tuples, lists,
+        dicts and dataclasses (a KV cache counts its whole allocated buffer)."""
+        seen: dict[int, int] = {}
+
+        def visit(value: Any) -> None:
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            elif isinstance(value, (tuple, list)):
+                for item in value:
+                    visit(item)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    visit(item)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                for f in dataclasses.fields(value):
+                    visit(getattr(value, f.name))
+
+        visit(state)
+        return sum(seen.values())
 
     # helpers shared by implementations -------------------------------------------------------------
 

@@ -1,7 +1,12 @@
 """Exact softmax attention: the eager oracle (`vanilla`), PyTorch's fused kernel (`sdpa`) and the
-chunked O(L)-memory algorithm of "Self-attention Does Not Need O(n^2) Memory" (`memory_efficient`)."""
+chunked O(L)-memory algorithm of "Self-attention Does Not Need O(n^2) Memory" (`memory_efficient`).
+
+All three decode incrementally from a KV cache (`KVCache`): causal self appends each new token's key and
+value to a buffer allocated once; causal cross keeps the memory as it is."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +18,107 @@ from cab.patterns import Pattern, visibility_mask
 from cab.registry import register_attention
 
 ALL_PATTERNS = ("NS", "CS", "NC", "CC")
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """The decoding state of an exact attention: keys and values (B, Hkv, capacity, D) of which the first
+    `length` are in use, and `real` (B, capacity) bool marking real keys (None when none is padding)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+    real: "torch.Tensor | None" = None
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2]
+
+    def in_use(self) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]":
+        """(keys, values, real) of the `length` tokens in use."""
+        n = self.length
+        real = None if self.real is None else self.real[:, :n]
+        return self.keys[:, :, :n], self.values[:, :, :n], real
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """The cache with one more (real) token, k and v (B, Hkv, 1, D); writes in place past `length`,
+        doubling the buffers when they are full, so this cache keeps describing its own tokens."""
+        n, cache = self.length, self
+        if n == self.capacity:
+            cache = self._grown(max(16, 2 * n))
+        cache.keys[:, :, n] = k[:, :, 0]
+        cache.values[:, :, n] = v[:, :, 0]
+        if cache.real is not None:
+            cache.real[:, n] = True
+        return KVCache(cache.keys, cache.values, n + 1, cache.real)
+
+    def _grown(self, capacity: int) -> "KVCache":
+        keys, values = (x.new_empty(*x.shape[:2], capacity, x.shape[-1]) for x in (self.keys, self.values))
+        keys[:, :, : self.length] = self.keys[:, :, : self.length]
+        values[:, :, : self.length] = self.values[:, :, : self.length]
+        real = None
+        if self.real is not None:
+            real = self.real.new_zeros(self.real.shape[0], capacity)
+            real[:, : self.length] = self.real[:, : self.length]
+        return KVCache(keys, values, self.length, real)
+
+
+class KVCacheAttention(Attention):
+    """Incremental decoding for exact attentions over a KV cache; subclasses attend one query step."""
+
+    def decode_init(self, k, v, key_padding_mask=None, capacity=None):
+        if not self.causal:
+            raise ValueError(f"incremental decoding applies to the causal patterns CS and CC, not {self.pattern.value}")
+        real = None if key_padding_mask is None else ~key_padding_mask.to(device=k.device, dtype=torch.bool)
+        if self.cross:
+            return KVCache(k, v, k.shape[-2], real)
+        context = k.shape[-2]
+        size = max(capacity or 0, context)
+        keys, values = (x.new_empty(*x.shape[:2], size, x.shape[-1]) for x in (k, v))
+        keys[:, :, :context], values[:, :, :context] = k, v
+        cache_real = None
+        if real is not None:
+            cache_real = real.new_zeros(real.shape[0], size)
+            cache_real[:, :context] = real
+        return KVCache(keys, values, context, cache_real)
+
+    def decode_step(self, state, q, k=None, v=None):
+        if self.cross:
+            if k is not None or v is not None:
+                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
+            cache = state
+        else:
+            if k is None or v is None:
+                raise ValueError("causal self decoding needs the new token's key and value")
+            cache = state.append(k, v)
+        keys, values, real = cache.in_use()
+        return self.attend_cached(q, keys, values, real), cache
+
+    def attend_cached(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      real: "torch.Tensor | None") -> torch.Tensor:
+        """Output (B, Hq, 1, Dv) of one query step q (B, Hq, 1, Dk) over every cached key."""
+        raise NotImplementedError
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, Hq, L, D) -> (B, Hkv, G, L, D): the query heads sharing one key/value head (no copy)."""
+    b, hq, lq, d = q.shape
+    if hq % kv_heads:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({kv_heads})")
+    return q.reshape(b, kv_heads, hq // kv_heads, lq, d)
+
+
+def _no_real_key(real: "torch.Tensor | None") -> "torch.Tensor | None":
+    """(B,) bool: batch rows whose cache holds no real key (their output is zero), or None."""
+    if real is None:
+        return None
+    empty = ~real.any(dim=-1)
+    return empty if bool(empty.any()) else None
+
+
+def dense_matmul_flops(batch: int, heads: int, lq: int, lk: int, dk: int, dv: int) -> int:
+    """FLOPs of QK^T and PV over the full Lq x Lk score matrix."""
+    return 2 * batch * heads * lq * lk * (dk + dv)
 
 
 def eager_attention(
@@ -30,8 +136,13 @@ def eager_attention(
     "vanilla", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M1",
     citation="Vaswani et al., Attention Is All You Need, NeurIPS 2017",
 )
-class VanillaAttention(Attention):
+class VanillaAttention(KVCacheAttention):
     """Eager softmax attention materialising the L x L score matrix; in float64 it is cab's oracle."""
+
+    complexity = {"time": 2, "memory": 2}
+    # score-sized (B, Hq, Lq, Lk) tensors alive at the peak of one call, measured with cab's memory probe
+    # (2.1 in fwd and fwd_infer, 3.1 when the backward runs), rounded up
+    SCORE_MATRICES = {"fwd": 2.25, "fwd_infer": 2.25, "bwd": 3.25, "fwdbwd": 3.25}
 
     def __init__(self, pattern, num_heads, head_dim):
         super().__init__(pattern, num_heads, head_dim)
@@ -39,21 +150,51 @@ class VanillaAttention(Attention):
     def forward(self, q, k, v, key_padding_mask=None):
         return eager_attention(self, q, k, v, key_padding_mask)
 
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        return dense_matmul_flops(batch, self.num_heads, lq, lk, self.head_dim, self.head_dim)
+
+    def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        scores = batch * self.num_heads * lq * lk * itemsize
+        rows = 4 * batch * self.num_heads * max(lq, lk) * self.head_dim * itemsize  # repeated k, v; output
+        return int(self.SCORE_MATRICES[mode] * scores + lq * lk + rows)  # + the bool visibility mask
+
+    def attend_cached(self, q, keys, values, real):
+        b, hq, _, d = q.shape
+        scores = (_grouped(q, keys.shape[1]) @ keys.unsqueeze(2).transpose(-1, -2)) * softmax_scale(d)
+        empty = _no_real_key(real)
+        if real is not None:
+            visible = real if empty is None else real | empty[:, None]
+            scores = scores.masked_fill(~visible[:, None, None, None, :], float("-inf"))
+        out = (torch.softmax(scores, dim=-1) @ values.unsqueeze(2)).reshape(b, hq, 1, values.shape[-1])
+        return out if empty is None else out.masked_fill(empty[:, None, None, None], 0.0)
+
 
 @register_attention(
     "sdpa", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M2",
     citation="PyTorch scaled_dot_product_attention (fused FlashAttention-style kernels); "
     "Dao et al., FlashAttention-2, ICLR 2024",
 )
-class SDPAttention(Attention):
+class SDPAttention(KVCacheAttention):
     """`torch.nn.functional.scaled_dot_product_attention`: the fused exact kernel on CPU and GPU.
 
     `is_causal` is top-left aligned when Lq != Lk, so it is used only for square causal self attention;
     other causal shapes and key padding pass an explicit boolean mask. CC needs no mask (each query row
     is computed independently of the others)."""
 
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim):
         super().__init__(pattern, num_heads, head_dim)
+
+    def attend_cached(self, q, keys, values, real):
+        gqa = keys.shape[1] != q.shape[1]
+        empty = _no_real_key(real)
+        if real is None:
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        visible = real if empty is None else real | empty[:, None]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], enable_gqa=gqa)
+        return out if empty is None else out.masked_fill(empty[:, None, None, None], 0.0)
 
     def forward(self, q, k, v, key_padding_mask=None):
         lq, lk = q.shape[-2], k.shape[-2]
@@ -76,16 +217,27 @@ def _chunk_summary(q, k, v, mask, scale):
     return weights @ v, weights.sum(dim=-1, keepdim=True), row_max
 
 
+def _merge_chunk(acc, total, run_max, out_c, sum_c, max_c):
+    """Fold one key chunk's (output, sum, max) into the running (acc, total, max) of the online softmax."""
+    new_max = torch.maximum(run_max, max_c)
+    safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+    old_w, new_w = torch.exp(run_max - safe), torch.exp(max_c - safe)
+    return acc * old_w + out_c.to(acc.dtype) * new_w, total * old_w + sum_c.to(total.dtype) * new_w, new_max
+
+
 @register_attention(
     "memory_efficient", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M3",
     citation="Rabe & Staats, Self-attention Does Not Need O(n^2) Memory, arXiv 2112.05682 (2021)",
 )
-class MemoryEfficientAttention(Attention):
+class MemoryEfficientAttention(KVCacheAttention):
     """Exact attention in query and key chunks with a running max and sum (O(L) memory).
 
     Each (query chunk, key chunk) summary is checkpointed, so the backward pass recomputes the chunk's
     scores instead of storing them, as in the paper. Key chunks entirely above the causal diagonal are
-    skipped. Defaults follow the paper: query chunks of 1024, key chunks of 4096."""
+    skipped. Defaults follow the paper: query chunks of 1024, key chunks of 4096. A decoding step streams
+    its one query over the cached keys in key chunks (the paper's single-query algorithm)."""
+
+    complexity = {"time": 2, "memory": 1}
 
     def __init__(self, pattern, num_heads, head_dim, query_chunk_size: int = 1024, key_chunk_size: int = 4096):
         super().__init__(pattern, num_heads, head_dim)
@@ -130,15 +282,37 @@ class MemoryEfficientAttention(Attention):
                     out_c, sum_c, max_c = checkpoint(_chunk_summary, *args, use_reentrant=False)
                 else:
                     out_c, sum_c, max_c = _chunk_summary(*args)
-                new_max = torch.maximum(run_max, max_c)
-                safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-                old_w, new_w = torch.exp(run_max - safe), torch.exp(max_c - safe)
-                acc = acc * old_w + out_c.to(acc_dtype) * new_w
-                total = total * old_w + sum_c.to(acc_dtype) * new_w
-                run_max = new_max
+                acc, total, run_max = _merge_chunk(acc, total, run_max, out_c, sum_c, max_c)
             outputs.append(torch.where(total > 0, acc / total.clamp_min(torch.finfo(acc_dtype).tiny), 0.0))
         out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
         return out.reshape(b, hq, lq, v.shape[-1]).to(q.dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
         return eager_attention(self, q, k, v, key_padding_mask)
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        """QK^T and PV of every (query chunk, key chunk) pair the forward visits."""
+        total = 0
+        for qs in range(0, lq, self.query_chunk_size):
+            qe = min(lq, qs + self.query_chunk_size)
+            for ks in range(0, lk, self.key_chunk_size):
+                if self.pattern is Pattern.CS and ks > qe - 1 + (lk - lq):
+                    break
+                ke = min(lk, ks + self.key_chunk_size)
+                total += dense_matmul_flops(batch, self.num_heads, qe - qs, ke - ks, self.head_dim, self.head_dim)
+        return total
+
+    def attend_cached(self, q, keys, values, real):
+        b, hq, _, d = q.shape
+        qg, acc_dtype = _grouped(q, keys.shape[1]), torch.promote_types(q.dtype, torch.float32)
+        acc = torch.zeros(*qg.shape[:-1], values.shape[-1], dtype=acc_dtype, device=q.device)
+        total = torch.zeros(*qg.shape[:-1], 1, dtype=acc_dtype, device=q.device)
+        run_max = torch.full_like(total, float("-inf"))
+        for ks in range(0, keys.shape[-2], self.key_chunk_size):
+            ke = min(keys.shape[-2], ks + self.key_chunk_size)
+            mask = None if real is None else real[:, None, None, None, ks:ke]
+            out_c, sum_c, max_c = _chunk_summary(qg, keys[:, :, None, ks:ke], values[:, :, None, ks:ke], mask,
+                                                 softmax_scale(d))
+            acc, total, run_max = _merge_chunk(acc, total, run_max, out_c, sum_c, max_c)
+        out = torch.where(total > 0, acc / total.clamp_min(torch.finfo(acc_dtype).tiny), 0.0)
+        return out.reshape(b, hq, 1, values.shape[-1]).to(q.dtype)

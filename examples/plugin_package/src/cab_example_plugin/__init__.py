@@ -3,6 +3,9 @@
 out_i = phi(q_i) S_i / (phi(q_i) z_i) with S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j) over the keys that
 row i may see: all keys (NS, NC, CC: each query row is computed on its own, so query-side causality holds)
 or keys j <= i through prefix sums (CS). Padded keys are removed by zeroing their features.
+
+Decoding is recurrent: the state is (S, z) per key/value head, O(D^2) whatever the context length; CS adds
+each new token's phi(k) v^T and phi(k), CC keeps the memory's sums fixed.
 """
 
 import torch
@@ -23,6 +26,8 @@ def _features(x: torch.Tensor) -> torch.Tensor:
 )
 class ExampleLinearAttention(cab.Attention):
     """elu+1 linear attention: O(L D^2) time, O(D^2) state per head."""
+
+    complexity = {"time": 1, "memory": 1}
 
     def __init__(self, pattern, num_heads, head_dim, eps: float = 1e-6):
         super().__init__(pattern, num_heads, head_dim)
@@ -58,3 +63,32 @@ class ExampleLinearAttention(cab.Attention):
             lq, lk = sim.shape[-2:]
             sim = sim * cab.patterns.visibility_mask("CS", lq, lk, device=sim.device).to(sim.dtype)
         return (sim @ v) / (sim.sum(dim=-1, keepdim=True) + self.eps)
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        """The matmuls of forward: CS, per position, phi(q) S_i and phi(q) z_i; otherwise phi(K)^T V once,
+        then phi(Q) S and phi(Q) z."""
+        per_head = 2 * lq * self.head_dim * (self.head_dim + 1)
+        if not (self.causal and not self.cross):
+            per_head += 2 * lk * self.head_dim * self.head_dim
+        return batch * self.num_heads * per_head
+
+    def decode_init(self, k, v, key_padding_mask=None, capacity=None):
+        """(S, z): sums of phi(k) v^T (B, Hkv, D, Dv) and phi(k) (B, Hkv, D) over the real keys given."""
+        if not self.causal:
+            raise ValueError(f"incremental decoding applies to the causal patterns CS and CC, not {self.pattern.value}")
+        phi_k = _features(k)
+        if key_padding_mask is not None:
+            phi_k = phi_k * (~key_padding_mask.bool())[:, None, :, None].to(phi_k.dtype)
+        return torch.einsum("bhld,bhle->bhde", phi_k, v), phi_k.sum(dim=2)
+
+    def decode_step(self, state, q, k=None, v=None):
+        summed, norm = state
+        if not self.cross:
+            phi_k = _features(k[:, :, 0])
+            summed = summed + phi_k.unsqueeze(-1) * v[:, :, 0].unsqueeze(-2)
+            norm = norm + phi_k
+        b, hq, _, d = q.shape
+        phi_q = _features(q[:, :, 0]).reshape(b, summed.shape[1], hq // summed.shape[1], d)  # query heads per kv head
+        num = torch.einsum("bhgd,bhde->bhge", phi_q, summed)
+        den = torch.einsum("bhgd,bhd->bhg", phi_q, norm).unsqueeze(-1)
+        return (num / (den + self.eps)).reshape(b, hq, 1, summed.shape[-1]), (summed, norm)
