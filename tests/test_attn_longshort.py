@@ -62,6 +62,20 @@ def test_causal_rows_see_neither_later_keys_nor_later_segments():
     assert not torch.allclose(attn(q, far, v)[:, :, 40:], full[:, :, 40:])
 
 
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_rows_that_see_no_key_are_zero(pattern):
+    attn = create_attention("longshort", pattern, 2, 8, **SMALL).double()
+    q, k, v = (t.detach() for t in _inputs(2, 2, 2, 30, 30, 8))
+    pad = torch.zeros(2, 30, dtype=torch.bool)
+    pad[0] = True  # nothing to attend at all
+    pad[1, :3] = True  # causal rows 0..2 see nothing
+    out = attn(q, k, v, pad)
+    assert out[0].abs().max() == 0
+    if pattern == "CS":
+        assert out[1, :, :3].abs().max() == 0
+    torch.testing.assert_close(out, attn.reference(q, k, v, pad), rtol=1e-10, atol=1e-12)
+
+
 def test_cross_patterns_are_refused():
     for pattern in ("NC", "CC"):
         with pytest.raises(UnsupportedPattern, match="longshort"):

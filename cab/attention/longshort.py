@@ -100,12 +100,12 @@ class LongShortAttention(Attention):
 
     def forward(self, q, k, v, key_padding_mask=None):
         k, v, real, offset = self._prepare(q, k, v, key_padding_mask)
-        length, w = k.shape[-2], self.window_size
+        b, h, length, w = k.shape[0], k.shape[1], k.shape[-2], self.window_size
         segments = -(-length // w)
         tail = segments * w - length
         # queries padded at the front so that query row p sits at key position p, and to whole segments
-        q_tiles = F.pad(q * softmax_scale(q.shape[-1]), (0, 0, offset, tail))
-        q_tiles = q_tiles.reshape(q.shape[0], q.shape[1], segments, w, q.shape[-1])
+        queries = F.pad(q * softmax_scale(q.shape[-1]), (0, 0, offset, tail))  # (B, H, S w, D)
+        q_tiles = queries.reshape(b, h, segments, w, q.shape[-1])
         short_k, short_v = self.ln_short(k), self.ln_short(v)
         if self.causal:
             before, span = w, 2 * w  # block j sees keys [(j - 1) w, (j + 1) w), then the causal mask
@@ -118,17 +118,22 @@ class LongShortAttention(Attention):
         window_keep = F.pad(real, (before, tail + after), value=False).unfold(1, span, w)[:, None, :, None, :]
         if self.causal:
             rows = torch.arange(w, device=q.device)[:, None]
-            cols = torch.arange(span, device=q.device)[None, :]
-            window_keep = window_keep & (cols <= rows + w)
+            window_keep = window_keep & (torch.arange(span, device=q.device)[None, :] <= rows + w)
         long_k, long_v, long_keep = self._long_memory(k, v, real, segments * w)
-        long_scores = q_tiles @ long_k.transpose(-1, -2)[:, :, None]  # (B, H, S, w, R)
-        probs = masked_softmax(
-            torch.cat([long_scores, q_tiles @ k_tiles], dim=-1),
-            torch.cat([long_keep.expand_as(long_scores), window_keep.expand(*long_scores.shape[:-1], span)], dim=-1),
-        )
         ranks = long_k.shape[-2]
-        out = probs[..., :ranks] @ long_v[:, :, None] + probs[..., ranks:] @ v_tiles
-        return out.reshape(q.shape[0], q.shape[1], segments * w, -1)[:, :, offset:length]
+        # one softmax over both sets of scores; masked entries get the lowest finite score, so a row with
+        # no visible key stays finite (it is zeroed below)
+        lowest = torch.finfo(q.dtype).min
+        long_scores = (queries @ long_k.transpose(-1, -2)).view(b, h, segments, w, ranks)
+        window_scores = q_tiles @ k_tiles
+        scores = torch.cat([long_scores.masked_fill_(~long_keep, lowest),
+                            window_scores.masked_fill_(~window_keep, lowest)], dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        out = probs[..., :ranks] @ long_v[:, :, None] + probs[..., ranks:] @ v_tiles  # (B, H, S, w, D)
+        seen = long_keep.any(dim=-1, keepdim=True) | window_keep.any(dim=-1, keepdim=True)
+        if not bool(seen.all()):
+            out = out * seen
+        return out.reshape(b, h, segments * w, -1)[:, :, offset:length]
 
     def _long_memory(self, k, v, real, rows):
         """(K_bar, V_bar (B, H, R, D), keep broadcastable to (B, H, S, w, R)) for `rows` query positions."""

@@ -9,30 +9,36 @@ from cab.attention.functional import softmax_scale
 from cab.registry import register_attention
 
 
-def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim restricted to `keep`; rows with nothing kept are all zero (not NaN)."""
+def masked_softmax(scores: torch.Tensor, keep: "torch.Tensor | None") -> torch.Tensor:
+    """softmax over the last dim restricted to `keep` (None: keep everything); rows with nothing kept are
+    all zero (not NaN)."""
+    if keep is None:
+        return torch.softmax(scores, dim=-1)
     any_kept = keep.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~keep, float("-inf")).masked_fill(~any_kept, 0.0)
     return torch.softmax(scores, dim=-1).masked_fill(~any_kept, 0.0)
 
 
-def segment_pooling(
-    real: torch.Tensor, num_segments: int, dtype: torch.dtype
-) -> "tuple[torch.Tensor, torch.Tensor]":
-    """(weights (B, m, L), nonempty (B, m)): segment-mean weights over the real positions of each row.
-
-    The n real positions of a row (True in `real`, taken in order) are cut into m consecutive segments,
-    real position of rank r going to segment floor(r * m / n); padded positions get weight 0, so the
-    landmarks of a row do not change when padding is appended. Segments are empty when n < m.
-    """
+def segments(real: torch.Tensor, num_segments: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(segment id (B, L), segment sizes (B, m)): the n real positions of a row (True in `real`, taken in
+    order) cut into m consecutive segments, real position of rank r going to segment floor(r * m / n);
+    padded positions get the id m (no segment), so a row's segments do not change when padding is appended.
+    Segments are empty when n < m."""
     real = real.bool()
     rank = torch.cumsum(real.long(), dim=-1) - 1
     count = real.sum(dim=-1, keepdim=True).clamp_min(1)
-    segment = torch.div(rank * num_segments, count, rounding_mode="floor")
-    ids = torch.arange(num_segments, device=real.device)
-    member = (segment[:, None, :] == ids[None, :, None]) & real[:, None, :]
-    sizes = member.sum(dim=-1, keepdim=True)
-    return member.to(dtype) / sizes.clamp_min(1).to(dtype), sizes.squeeze(-1) > 0
+    ids = torch.div(rank * num_segments, count, rounding_mode="floor").masked_fill(~real, num_segments)
+    sizes = torch.zeros(real.shape[0], num_segments + 1, dtype=torch.long, device=real.device)
+    sizes.scatter_add_(1, ids, torch.ones_like(ids))
+    return ids, sizes[:, :num_segments]
+
+
+def segment_means(x: torch.Tensor, ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(B, H, m, D) means of x (B, H, L, D) over each segment (id m: left out); an empty segment is 0."""
+    b, h, _, d = x.shape
+    m = sizes.shape[-1]
+    sums = x.new_zeros(b, h, m + 1, d).scatter_add_(2, ids[:, None, :, None].expand_as(x), x)
+    return sums[:, :, :m] / sizes.clamp_min(1).to(x.dtype)[:, None, :, None]
 
 
 def iterative_pinv(mat: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -111,16 +117,22 @@ class NystromformerAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         real_k, real_q = self._real_positions(q, k, key_padding_mask)
         scale = softmax_scale(q.shape[-1])
-        pool_k, nonempty_k = segment_pooling(real_k, self.num_landmarks, k.dtype)
-        pool_q, nonempty_q = segment_pooling(real_q, self.num_landmarks, q.dtype)
-        k_land = torch.einsum("bml,bhld->bhmd", pool_k, k)
-        q_land = torch.einsum("bml,bhld->bhmd", pool_q, q) * scale
-        keep_kl = nonempty_k[:, None, None, :]
-        kernel1 = masked_softmax((q * scale) @ k_land.transpose(-1, -2), keep_kl)
+        ids_k, sizes_k = segments(real_k, self.num_landmarks)
+        ids_q, sizes_q = segments(real_q, self.num_landmarks)
+        nonempty_k, nonempty_q = sizes_k > 0, sizes_q > 0
+        k_land = segment_means(k, ids_k, sizes_k) * scale  # (B, H, m, D), the score scale folded in
+        q_land = segment_means(q, ids_q, sizes_q)
+        # masks only where something can be masked: padding, or fewer positions than landmarks
+        unpadded, m = key_padding_mask is None, self.num_landmarks
+        keep_kl = None if unpadded and k.shape[-2] >= m else nonempty_k[:, None, None, :]
+        keep_k = None if unpadded else real_k[:, None, None, :]
+        kernel1 = masked_softmax(q @ k_land.transpose(-1, -2), keep_kl)
         kernel2 = masked_softmax(q_land @ k_land.transpose(-1, -2), keep_kl)
-        kernel2 = kernel2.masked_fill(~nonempty_q[:, None, :, None], 0.0)
-        kernel3 = masked_softmax(q_land @ k.transpose(-1, -2), real_k[:, None, None, :])
-        return (kernel1 @ iterative_pinv(kernel2, self.pinv_iterations)) @ (kernel3 @ v)
+        if not (unpadded or self.cross) or q.shape[-2] < m:  # some query landmark may be empty
+            kernel2 = kernel2.masked_fill(~nonempty_q[:, None, :, None], 0.0)
+        kernel3 = masked_softmax((q_land * scale) @ k.transpose(-1, -2), keep_k)
+        # right to left: (m x m)(m x D) products instead of an (L x m)(m x m) one
+        return kernel1 @ (iterative_pinv(kernel2, self.pinv_iterations) @ (kernel3 @ v))
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Per batch row: landmarks by explicit segment boundaries ceil(j n / m) over the real positions,
