@@ -1,0 +1,115 @@
+"""Decode benchmarks: the latency of one incremental decoding step at a given context length, and the
+bytes of KV cache or recurrent state the attention holds there (BASED's recall-versus-state-size axis,
+the decode phase of Lean Attention and Kinetics).
+
+A bench cell with mode "decode" is one context length: Lk = the number of keys the timed step attends.
+CS: the state is prefilled with Lk - 1 tokens and the step decodes token Lk (its own key included); CC:
+the memory holds Lk keys and the step decodes one query against it. Every sample steps from the same
+state (the decode contract keeps a state valid), under inference mode; nothing else enters the timed
+region. Batch rows decode in parallel, so tokens/s = batch / step time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cab.attention.base import Attention, UnsupportedPattern
+from cab.devices import device_unavailable
+from cab.bench.inputs import make_inputs
+from cab.bench.timer import time_callable
+from cab.bench.workload import build_attention
+from cab.cells import Cell, Outcome
+from cab.patterns import Pattern
+from cab.registry import get_spec
+from cab.runner import is_oom
+from cab.status import Status
+
+DECODE_MODE = "decode"
+
+
+def decode_flops(batch: int, heads: int, context: int, dk: int, dv: int) -> int:
+    """Dense-equivalent FLOPs of one decoding step: one query row against `context` keys."""
+    return 2 * batch * heads * context * (dk + dv)
+
+
+def prepare_decode(attn: Attention, cell: Cell):
+    """(step callable, state after one step) for the cell's context; inputs are drawn like bench inputs."""
+    pattern = Pattern.parse(cell.pattern)
+    one_token = Cell(**{**cell.to_dict(), "lq": 1, "lk": 1})
+    q, k_new, v_new, _ = make_inputs(one_token, requires_grad=False)
+    context = cell.lk - 1 if pattern is Pattern.CS else cell.lk
+    memory = Cell(**{**cell.to_dict(), "lq": 1, "lk": max(context, 1), "seed": cell.seed + 1})
+    _, k, v, _ = make_inputs(memory, requires_grad=False)
+    k, v = k[:, :, :context], v[:, :, :context]
+    attn.eval()
+    with torch.inference_mode():
+        state = attn.decode_init(k, v, capacity=cell.lk)
+        if pattern is Pattern.CS:
+            def step():
+                with torch.inference_mode():
+                    return attn.decode_step(state, q, k_new, v_new)
+        else:
+            def step():
+                with torch.inference_mode():
+                    return attn.decode_step(state, q)
+        _, after = step()
+    return step, after
+
+
+def decode_cell(cell: Cell) -> Outcome:
+    """Gate, then time one decoding step at the cell's context length and measure the state it holds."""
+    if cell.mode != DECODE_MODE:
+        raise ValueError(f"decode_cell runs bench cells of mode {DECODE_MODE!r}, got {cell.mode!r}")
+    pattern = Pattern.parse(cell.pattern)
+    spec = get_spec(cell.attention)
+    reason = device_unavailable(cell.device) or spec.unavailable_reason(cell.device)
+    if reason:
+        return Outcome(Status.UNSUPPORTED, message=reason)
+    if not pattern.causal:
+        return Outcome(Status.UNSUPPORTED, message=f"decoding applies to the causal patterns CS and CC, not {pattern.value}")
+    if not spec.cls.has_decode():
+        return Outcome(Status.UNSUPPORTED, message=f"attention {cell.attention!r} provides no incremental decoding step")
+    if pattern is Pattern.CS and cell.lq != cell.lk:
+        raise ValueError(f"a causal self decode cell decodes at one context length: Lq = Lk, got {cell.lq}, {cell.lk}")
+    try:
+        start = time.perf_counter()
+        attn = build_attention(cell)
+        setup_ms = (time.perf_counter() - start) * 1e3
+    except UnsupportedPattern as exc:
+        return Outcome(Status.UNSUPPORTED, message=str(exc))
+    gated = cell.options.get("gate", True) is not False
+    if gated:
+        from cab.check import gate
+
+        report = gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype)
+        if report.status is not Status.OK:
+            return Outcome(report.status, metrics={"gate": report.status.value},
+                           message=f"correctness gate failed: {report.message}")
+    options = cell.options
+    try:
+        step, state = prepare_decode(attn, cell)
+        stats = time_callable(
+            step, device=cell.device, min_run_time_s=float(options.get("min_run_time_s", 0.5)),
+            warmup_s=float(options.get("warmup_s", 0.1)), min_samples=int(options.get("min_samples", 10)),
+            max_samples=int(options.get("max_samples", 1000)),
+        )
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        return Outcome(Status.OOM, metrics={"oom_phase": "decode"},
+                       message=f"out of memory while decoding: {type(exc).__name__}: {str(exc)[:500]}")
+    flops = decode_flops(cell.batch, cell.heads, cell.lk, cell.head_dim, cell.head_dim)
+    seconds = stats.median_ms * 1e-3
+    metrics = {
+        **stats.to_metrics(),
+        "gate": "ok" if gated else "off",
+        "setup_ms": setup_ms,
+        "context": cell.lk,
+        "state_bytes": attn.decode_state_bytes(state),
+        "tokens_per_s": cell.batch / seconds if seconds > 0 else None,
+        "flops": flops,
+        "tflops": flops / seconds / 1e12 if seconds > 0 else None,
+    }
+    return Outcome(Status.OK, metrics=metrics)

@@ -1,0 +1,93 @@
+"""The `decode` check (CAB's incremental test): decoding one token at a time reproduces the full forward.
+
+For attentions that provide `decode_init` / `decode_step`, on the causal patterns. CS: from an empty
+state and from a state prefilled with the first half of the sequence (with a padded context token on one
+batch row), every decoded row equals the same row of forward(). CC: with the whole (partly padded) memory
+given to decode_init, every query decoded alone equals its row of forward(). Both also run with grouped
+key/value heads when the attention supports them, and stepping twice from one state must give the same
+output (the contract lets a benchmark time one step repeatedly). Comparisons are relative to the output
+scale, in the structural dtype, with the structural tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from cab.check.compare import max_abs, relative_error, structural_tolerance
+from cab.check.outcomes import CheckOutcome, Finding, judged
+from cab.check.subject import Shape, Subject, dtype_name
+from cab.patterns import Pattern
+
+
+def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return x[..., start:stop, :].contiguous()
+
+
+def _padding(shape: Shape, upto: int, device: torch.device) -> "torch.Tensor | None":
+    """(B, Lk) with the first `upto` keys of the last batch row padded (None when nothing is padded)."""
+    if upto <= 0 or shape.batch < 2:
+        return None
+    mask = torch.zeros(shape.batch, shape.lk, dtype=torch.bool, device=device)
+    mask[-1, :upto] = True
+    return mask
+
+
+def self_decode_errors(subject: Subject, module, shape: Shape, prefill: int, salt: str) -> "list[Finding]":
+    """CS: rows prefill..L-1 decoded one by one after prefilling [:prefill] vs forward()."""
+    q, k, v = subject.inputs(shape, subject.structural()[0], salt)
+    padding = _padding(shape, min(2, prefill), q.device)
+    full = subject.run(module, q, k, v, key_padding_mask=padding)
+    scale = max_abs(full)
+    subject.reseed()
+    state = module.decode_init(_rows(k, 0, prefill), _rows(v, 0, prefill),
+                               key_padding_mask=None if padding is None else padding[:, :prefill],
+                               capacity=shape.lq)
+    found = []
+    for t in range(prefill, shape.lq):
+        step = (_rows(q, t, t + 1), _rows(k, t, t + 1), _rows(v, t, t + 1))
+        out, next_state = module.decode_step(state, *step)
+        again, next_state = module.decode_step(state, *step)
+        where = f"{shape.describe()}, prefill {prefill}"
+        found.append((relative_error(out[..., 0, :], full[..., t, :], scale), f"row {t} decoded ({where})"))
+        found.append((relative_error(again, out, scale), f"row {t} stepped twice from one state ({where})"))
+        state = next_state
+    return found
+
+
+def cross_decode_errors(subject: Subject, module, shape: Shape, salt: str) -> "list[Finding]":
+    """CC: every query decoded alone against the whole memory vs forward()."""
+    q, k, v = subject.inputs(shape, subject.structural()[0], salt)
+    padding = _padding(shape, max(1, shape.lk // 4), q.device)
+    full = subject.run(module, q, k, v, key_padding_mask=padding)
+    scale = max_abs(full)
+    subject.reseed()
+    state = module.decode_init(k, v, key_padding_mask=padding)
+    found = []
+    for t in range(shape.lq):
+        out, state_after = module.decode_step(state, _rows(q, t, t + 1))
+        again, _ = module.decode_step(state, _rows(q, t, t + 1))
+        found.append((relative_error(out[..., 0, :], full[..., t, :], scale), f"query {t} decoded ({shape.describe()})"))
+        found.append((relative_error(again, out, scale), f"query {t} stepped twice ({shape.describe()})"))
+        state = state_after
+    return found
+
+
+def check_decode(subject: Subject) -> CheckOutcome:
+    """Token-by-token decoding reproduces forward() on the subject's causal pattern."""
+    dtype, note = subject.structural()
+    main = subject.main
+    shapes = [main]
+    if subject.spec.supports_gqa and main.heads % 2 == 0:
+        shapes.append(dataclasses.replace(main, kv_heads=main.heads // 2, label="gqa"))
+    found: list[Finding] = []
+    with torch.no_grad():
+        for shape in shapes:
+            module = subject.module(shape.head_dim, dtype)
+            if subject.pattern is Pattern.CS:
+                for prefill in (0, shape.lq // 2):
+                    found += self_decode_errors(subject, module, shape, prefill, f"decode:{shape.label}:{prefill}")
+            else:
+                found += cross_decode_errors(subject, module, shape, f"decode:{shape.label}")
+    return judged("decode", found, structural_tolerance(dtype), dtype_name(dtype), note)
