@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cab.attention.base import Attention
@@ -34,9 +35,10 @@ def mask_flops(mask: torch.Tensor, heads: int, dk: int, dv: int, mode: str = "fw
 
 def counted_flops(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   key_padding_mask: "torch.Tensor | None" = None) -> int:
-    """The matmul FLOPs FlopCounterMode sees in one forward call (no autograd)."""
+    """The matmul FLOPs FlopCounterMode sees in one forward call (no autograd). scaled_dot_product_attention
+    runs with its math backend, whose matmuls the counter sees (it counts no fused CPU kernel)."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         attn(q, k, v) if key_padding_mask is None else attn(q, k, v, key_padding_mask=key_padding_mask)
     return int(counter.get_total_flops())
 

@@ -187,6 +187,11 @@ class SDPAttention(KVCacheAttention):
     def __init__(self, pattern, num_heads, head_dim):
         super().__init__(pattern, num_heads, head_dim)
 
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        """The math formulation's count over the full score matrix (what FlopCounterMode sees with the
+        math backend; a fused kernel may skip causal blocks that are entirely masked)."""
+        return dense_matmul_flops(batch, self.num_heads, lq, lk, self.head_dim, self.head_dim)
+
     def attend_cached(self, q, keys, values, real):
         gqa = keys.shape[1] != q.shape[1]
         empty = _no_real_key(real)
