@@ -1,6 +1,7 @@
 """local: forward vs its row-by-row reference, the window convention read off the gradients, padding
 combined with the window and the sinks, conformance, and a cross-check against lucidrains' local-attention."""
 
+import importlib
 import pytest
 import torch
 
@@ -84,7 +85,7 @@ def test_matches_lucidrains_local_attention(pattern, length, window):
     """local-attention==1.11.2 (lucidrains): exact_windowsize=True with look_backward=1 (and look_forward=1
     noncausal) is the same window; no rotary embedding (dim not given); autopad for lengths the window
     does not divide, with a key mask (True = keep) so its zero-padded tail stays invisible."""
-    lucid = pytest.importorskip("local_attention")
+    lucid = importlib.import_module("local_attention")
     ref = lucid.LocalAttention(window_size=window, causal=pattern == "CS", autopad=True, exact_windowsize=True)
     attn = create_attention("local", pattern, 2, 8, window=window)
     q, k, v = (t.detach() for t in _inputs(2, 2, 2, length, length, 8))

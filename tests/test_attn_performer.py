@@ -1,6 +1,7 @@
 """performer: forward vs its naive reference, features, seeds, convergence to softmax, conformance, and
 cross-checks against performer-pytorch's kernels."""
 
+import importlib
 import pytest
 import torch
 
@@ -78,7 +79,7 @@ def _per_head(attn, q, k, v, fn):
 def test_matches_performer_pytorch_kernels(pattern):
     """performer-pytorch==1.1.4 with cab's projection matrix per head: its softmax_kernel feature map and its
     linear_attention / causal_linear_attention_noncuda products, with eps=0 (see the next test for eps)."""
-    pp = pytest.importorskip("performer_pytorch.performer_pytorch")
+    pp = importlib.import_module("performer_pytorch.performer_pytorch")
     attn = create_attention("performer", pattern, 3, 16, num_features=24, seed=2)
     q, k, v = (t.detach() for t in _inputs(2, 3, 3, 50, 50, 16))
 
@@ -96,7 +97,7 @@ def test_stock_performer_pytorch_differs_by_its_epsilon_and_leaks_the_future_cau
     """Deliberate difference: performer-pytorch adds eps=1e-4 to every feature after shifting the keys by
     their maximum over the whole sequence, so its causal output at row 0 moves when a later key grows;
     cab adds no epsilon (the shifts cancel exactly) and row 0 does not move."""
-    pp = pytest.importorskip("performer_pytorch")
+    pp = importlib.import_module("performer_pytorch")
     attn = create_attention("performer", "CS", 1, 16, num_features=24, seed=2)
     stock = pp.FastAttention(16, nb_features=24, causal=True).double()
     stock.projection_matrix.copy_(attn.omega[0])
