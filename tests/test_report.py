@@ -192,7 +192,7 @@ def page(tmp_path_factory, evil_attn) -> "tuple[str, Node, dict]":
     root = tmp_path_factory.mktemp("report")
     db = write_store(root / "cab.sqlite", RESULTS)
     with ResultStore(db) as store:  # a second run whose config and command are hostile text
-        store.start_run(f"configs/{HOSTILE}.yaml", f'cab run "><img src=x onerror=alert(4)>', 0, {})
+        store.start_run(f"configs/{HOSTILE}.yaml", 'cab run "><img src=x onerror=alert(4)>', 0, {})
     index = render_report(db, root / "site")
     assert index == root / "site" / "index.html"
     html = index.read_text(encoding="utf-8")
