@@ -1,5 +1,5 @@
 """Cost curves from the results store: one curve per attention and configuration, one point per length
-holding every sample taken there (repeated trials of a cell pool their samples).
+holding every sample taken there (rows that differ only by seed or trial pool their samples).
 
 Input is `ResultStore.dataframe()`: bench rows with status ok; time is the `samples_ms` metric, memory
 the `peak_mem_bytes` metric of rows whose memory pass succeeded.

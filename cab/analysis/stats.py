@@ -85,7 +85,11 @@ def regularized_beta(a: float, b: float, x: float) -> float:
 
 
 def t_cdf(t: float, df: float) -> float:
-    """Student's t distribution function with `df` degrees of freedom."""
+    """Student's t distribution function with `df` degrees of freedom (near 0 through the complementary
+    form, where df / (df + t^2) would round to 1)."""
+    if t * t < df:
+        central = 0.5 * regularized_beta(0.5, df / 2.0, t * t / (df + t * t))
+        return 0.5 + central if t >= 0 else 0.5 - central
     tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))
     return 1.0 - tail if t >= 0 else tail
 
