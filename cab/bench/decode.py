@@ -11,6 +11,7 @@ region. Batch rows decode in parallel, so tokens/s = batch / step time.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -37,10 +38,9 @@ def decode_flops(batch: int, heads: int, context: int, dk: int, dv: int) -> int:
 def prepare_decode(attn: Attention, cell: Cell):
     """(step callable, state after one step) for the cell's context; inputs are drawn like bench inputs."""
     pattern = Pattern.parse(cell.pattern)
-    one_token = Cell(**{**cell.to_dict(), "lq": 1, "lk": 1})
-    q, k_new, v_new, _ = make_inputs(one_token, requires_grad=False)
+    q, k_new, v_new, _ = make_inputs(dataclasses.replace(cell, lq=1, lk=1), requires_grad=False)
     context = cell.lk - 1 if pattern is Pattern.CS else cell.lk
-    memory = Cell(**{**cell.to_dict(), "lq": 1, "lk": max(context, 1), "seed": cell.seed + 1})
+    memory = dataclasses.replace(cell, lq=1, lk=max(context, 1), seed=cell.seed + 1)
     _, k, v, _ = make_inputs(memory, requires_grad=False)
     k, v = k[:, :, :context], v[:, :, :context]
     attn.eval()
