@@ -126,13 +126,14 @@ def test_chunked_backward_matches_autograd(pattern, lq, lk):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.slow  # the first compilation on a machine with a cold inductor cache takes tens of seconds
 def test_flex_compiled_float32_matches_eager_and_caches_block_masks():
     """The fused kernel (torch.compile on CPU): causal self with padding and grouped-query heads."""
     attn = create_attention("flex", "CS", 4, 16)
     q, k, v = (t.detach().float() for t in _inputs(2, 4, 2, 40, 40, 16))
     pad = _padding(2, 40)
-    with torch.no_grad():
-        out = attn(q, k, v, pad)
+    with torch.no_grad():  # inputs that require grad, gradient off: no backward is wanted
+        out = attn(q.requires_grad_(), k, v, pad)
     torch.testing.assert_close(out, _eager(q, k, v, "CS", pad), rtol=1e-5, atol=1e-5)
     assert attn.block_mask(2, 40, 40, pad, q.device) is attn.block_mask(2, 40, 40, pad.clone(), q.device)
     assert create_attention("flex", "NS", 4, 16).block_mask(2, 40, 40, None, q.device) is None

@@ -291,4 +291,6 @@ class FlexAttention(Attention):
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if wants_grad and (q.device.type == "cpu" or in_user_dispatch_mode()):
             return _FlexWithTorchBackward.apply(q, k, v, block_mask, key_padding_mask, self.pattern)
+        if not wants_grad:  # FlexAttention refuses CPU inputs that require grad even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
         return flex_call(q, k, v, block_mask)

@@ -14,7 +14,7 @@ from cab.patterns import Pattern
 from cab.registry import register_attention
 
 _MASK32 = 0xFFFFFFFF
-_SCORE_CHUNK = 1 << 22  # elements of gathered keys held at once while measuring sparsity
+_SCORE_CHUNK = 1 << 18  # elements of gathered keys held at once while measuring sparsity
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -66,13 +66,6 @@ def prefix_rank(scores: torch.Tensor) -> torch.Tensor:
         rank.view(*lead, size // (2 * half), 2, half)[..., 1, :] += half - below
         half *= 2
     return rank[..., :length]
-
-
-def masked_softmax(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim restricted to `keep`; rows with nothing kept are all zero (not NaN)."""
-    any_kept = keep.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~keep, float("-inf")).masked_fill(~any_kept, 0.0)
-    return torch.softmax(scores, dim=-1).masked_fill(~any_kept, 0.0)
 
 
 @register_attention(
@@ -152,16 +145,18 @@ class ProbSparseAttention(Attention):
         lk = k.shape[-2]
         order = torch.argsort((~real_k).to(torch.int8), dim=-1, stable=True)  # real positions first
         positions = order.gather(1, ranks.reshape(b, -1)).reshape(b, lq, samples)
-        # rows of (B * Lk, H * D): one sampled key of every head is one contiguous copy
-        flat = positions + lk * torch.arange(b, device=q.device)[:, None, None]
-        keys = k.transpose(1, 2).reshape(b * lk, h * d)
-        rows_q = q.transpose(1, 2)  # (B, Lq, H, D)
-        chunk = max(1, _SCORE_CHUNK // (b * samples * h * d))
-        parts = []
-        for r0 in range(0, lq, chunk):
-            gathered = keys.index_select(0, flat[:, r0:r0 + chunk].reshape(-1)).view(b, -1, samples, h, d)
-            parts.append(torch.linalg.vecdot(gathered, rows_q[:, r0:r0 + chunk, None]))  # (B, rows, S, H)
-        scores = torch.cat(parts, dim=1).permute(0, 3, 1, 2) * softmax_scale(d)  # (B, H, Lq, S)
+        # per head and per cache-sized block of rows: gather the sampled keys (contiguous rows of
+        # (B * Lk, D)) and dot them with the row's query while they are still in cache
+        keys = k.transpose(0, 1).reshape(h, b * lk, d)
+        queries = q.transpose(0, 1).reshape(h, b * lq, d)
+        flat = (positions + lk * torch.arange(b, device=q.device)[:, None, None]).reshape(b * lq, samples)
+        chunk = max(1, _SCORE_CHUNK // (samples * d))
+        scores = q.new_empty(h, b * lq, samples)
+        for head in range(h):
+            for r0 in range(0, b * lq, chunk):
+                gathered = keys[head].index_select(0, flat[r0:r0 + chunk].reshape(-1)).view(-1, samples, d)
+                scores[head, r0:r0 + chunk] = torch.linalg.vecdot(gathered, queries[head, r0:r0 + chunk, None])
+        scores = scores.view(h, b, lq, samples).transpose(0, 1) * softmax_scale(d)  # (B, H, Lq, S)
         used = (torch.arange(samples, device=q.device) < samples_per_row[..., None])[:, None]  # (B, 1, Lq, S)
         peak = scores.masked_fill(~used, float("-inf")).amax(dim=-1)
         mean = scores.masked_fill(~used, 0.0).sum(dim=-1) / samples_per_row[:, None].to(scores.dtype)
@@ -203,11 +198,15 @@ class ProbSparseAttention(Attention):
             return lazy.contiguous()
         rows = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[..., :width]  # active rows first
         in_use = torch.arange(width, device=q.device) < n_active[..., None]
-        q_active = q.gather(2, rows[..., None].expand(b, h, width, d))
-        keep = real_k[:, None, None, :]
+        q_active = q.gather(2, rows[..., None].expand(b, h, width, d)) * softmax_scale(d)
+        scores = q_active @ k.transpose(-1, -2)  # (B, H, width, Lk)
+        keep = None if key_padding_mask is None else real_k[:, None, None, :]
         if self.pattern is Pattern.CS:
-            keep = keep & (torch.arange(k.shape[-2], device=q.device) <= (rows + offset)[..., None])
-        probs = masked_softmax((q_active @ k.transpose(-1, -2)) * softmax_scale(d), keep)
+            future = torch.arange(k.shape[-2], device=q.device) > (rows + offset)[..., None]
+            keep = ~future if keep is None else keep & ~future
+        if keep is not None:  # every row in use sees a key; the lowest finite score keeps unused slots finite
+            scores = scores.masked_fill_(~keep, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1)
         index = rows[..., None].expand(b, h, width, v.shape[-1])
         updates = torch.where(in_use[..., None], probs @ v, lazy.gather(2, index))
         return lazy.scatter(2, index, updates)
