@@ -7,9 +7,11 @@ import pytest
 from cab.analysis import (
     bench_curves,
     complexity_exponent,
+    decode_table,
     efficiency_length,
     efficiency_table,
     exponent_table,
+    format_decode,
     format_efficiency,
     format_exponents,
     throughput_table,
@@ -52,7 +54,19 @@ def frame(tmp_path):
         store.put(_result("vanilla", 4096, seed=0, status=Status.OOM))
         store.put(_result("local", 4096, seed=5))
         store.put(_result("local", 256, seed=6, pattern="CS"))
+        for context in (1024, 64):
+            store.put(_decode_result(context))
+        store.put(Result(Cell(kind="bench", attention="flash", pattern="NS", lq=256, lk=256, mode="fwd"),
+                         Status.UNSUPPORTED, message="needs CUDA"))
         return store.dataframe()
+
+
+def _decode_result(context: int) -> Result:
+    cell = Cell(kind="bench", attention="sdpa", pattern="CS", batch=1, heads=8, kv_heads=2, lq=context, lk=context,
+                head_dim=64, mode="decode")
+    metrics = {"samples_ms": [0.1, 0.2, 0.3], "median_ms": 0.2, "p20_ms": 0.14, "p80_ms": 0.26, "context": context,
+               "tokens_per_s": 5000.0, "state_bytes": 2 * 2 * context * 64 * 4}
+    return Result(cell, Status.OK, metrics=metrics)
 
 
 def test_curves_pool_repeats_and_keep_failures(frame):
@@ -124,8 +138,20 @@ def test_throughput_table_percent_of_peak(frame):
     assert row["pct_peak_bandwidth"] == pytest.approx(100 * moved / seconds / 3350e9)
 
 
+def test_decode_table_and_text(frame):
+    table = decode_table(frame)
+    assert table["context"].tolist() == [64, 1024] and table["state_bytes"].tolist() == [65536, 1048576]
+    text = format_decode(table)
+    assert "CS decode float32 cpu B=1 H=8 (KV 2) D=64" in text and "1.0 MiB" in text and "0.200 [0.140-0.260]" in text
+
+
+def test_unsupported_configurations_are_left_out(frame):
+    assert "flash" not in set(exponent_table(frame, n_boot=0)["attention"])
+    assert "flash" not in set(efficiency_table(frame, n_boot=0)["attention"])
+
+
 def test_empty_store_gives_empty_tables(tmp_path):
     with ResultStore(tmp_path / "empty.sqlite") as store:
         frame = store.dataframe()
-    assert efficiency_table(frame).empty and exponent_table(frame).empty
+    assert efficiency_table(frame).empty and exponent_table(frame).empty and decode_table(frame).empty
     assert "no efficiency lengths" in format_efficiency(efficiency_table(frame))

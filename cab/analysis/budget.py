@@ -9,8 +9,9 @@ skipped: it runs, and an out-of-memory is recorded as `oom`.
 
 from __future__ import annotations
 
+import torch
+
 from cab.attention.base import Attention
-from cab.bench.inputs import torch_dtype
 from cab.cells import Cell, Outcome
 from cab.status import Status
 
@@ -23,7 +24,7 @@ def over_budget(attn: Attention, cell: Cell) -> "Outcome | None":
     max_memory, max_flops = options.get("max_memory_bytes"), options.get("max_flops")
     if max_memory is not None:
         estimate = attn.peak_memory_estimate(cell.batch, cell.lq, cell.lk, cell.kv_heads, cell.mode,
-                                             torch_dtype(cell.dtype))
+                                             getattr(torch, cell.dtype))
         if estimate is not None and estimate > max_memory:
             message = (f"skipped by memory estimate: {cell.attention} needs about {estimate / 2 ** 30:.1f} GiB "
                        f"for {cell.mode} at Lq={cell.lq}, Lk={cell.lk}, over max_memory_bytes = "

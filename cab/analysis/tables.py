@@ -1,7 +1,7 @@
 """The efficiency analyses of a results store as tables: efficiency lengths of every attention against
-the exact baselines (eager `vanilla` and the fused `sdpa`), and fitted complexity exponents beside the
-theoretical ones. Both take `ResultStore.dataframe()` and return pandas DataFrames (the report and
-`cab analyze` print them)."""
+the exact baselines (eager `vanilla` and the fused `sdpa`), fitted complexity exponents beside the
+theoretical ones, and decode latency with the state held per context length. All take
+`ResultStore.dataframe()` and return pandas DataFrames (the report and `cab analyze` print them)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def efficiency_table(
                 if base is None:
                     continue
                 for curve in group:
-                    if curve is base:
+                    if curve is base or not curve.points:
                         continue
                     common = sorted(set(curve.points) & set(base.points))
                     row = {**_config_columns(curve), "metric": metric, "baseline": baseline,
@@ -87,6 +87,8 @@ def exponent_table(
     rows = []
     for metric in metrics:
         for curve in bench_curves(df, metric):
+            if not curve.points and set(curve.failed.values()) <= {"unsupported"}:
+                continue  # a configuration the attention does not support: the support matrix says so
             lengths = [n for n in curve.lengths if min_length is None or n >= min_length]
             theory, source = theoretical_exponent(curve.attention, metric)
             row = {**_config_columns(curve), "metric": metric, "theoretical": theory, "theory_source": source,
@@ -102,3 +104,23 @@ def exponent_table(
             row.update(fails_from=failed_from, fail_status=why)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def decode_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per successful decode cell: per-token latency (median, p20, p80 in ms), tokens/s and the
+    bytes of KV cache or recurrent state held at that context length."""
+    rows = []
+    if df.empty or "kind" not in df:
+        return pd.DataFrame(rows)
+    decoded = df[(df["kind"] == "bench") & (df["mode"] == "decode") & (df["status"] == "ok")]
+    for _, row in decoded.iterrows():
+        metrics = row["metrics"]
+        rows.append({
+            "attention": row.get("label") or row["attention"], "pattern": row["pattern"], "dtype": row["dtype"],
+            "device": row["device"], "batch": row["batch"], "heads": row["heads"], "kv_heads": row["kv_heads"],
+            "head_dim": row["head_dim"], "context": metrics.get("context", row["lk"]),
+            "median_ms": metrics.get("median_ms"), "p20_ms": metrics.get("p20_ms"), "p80_ms": metrics.get("p80_ms"),
+            "tokens_per_s": metrics.get("tokens_per_s"), "state_bytes": metrics.get("state_bytes"),
+        })
+    table = pd.DataFrame(rows)
+    return table.sort_values(["pattern", "attention", "context"], ignore_index=True) if rows else table

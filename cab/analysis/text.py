@@ -94,3 +94,29 @@ def format_exponents(table: pd.DataFrame) -> str:
         blocks.append(config + "\n" + _render(("attention", "metric", "fitted exponent [95%]", "theoretical",
                                                 "lengths", "no result"), rows))
     return "\n\n".join(blocks)
+
+
+def _bytes(value) -> str:
+    if value is None or pd.isna(value):
+        return "-"
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{int(value)} B"
+
+
+def format_decode(table: pd.DataFrame) -> str:
+    """Per-token decode latency [p20-p80] and state size by context length, grouped by pattern and shape."""
+    if table.empty:
+        return "no decode results"
+    blocks = []
+    keys = ["pattern", "dtype", "device", "batch", "heads", "kv_heads", "head_dim"]
+    for key, group in table.groupby(keys, sort=False):
+        pattern, dtype, device, batch, heads, kv_heads, dim = key
+        kv = f" (KV {kv_heads})" if kv_heads != heads else ""
+        rows = [(r["attention"], f"{int(r['context']):,}",
+                 f"{r['median_ms']:.3f} [{r['p20_ms']:.3f}-{r['p80_ms']:.3f}]", f"{r['tokens_per_s']:,.0f}",
+                 _bytes(r["state_bytes"])) for _, r in group.iterrows()]
+        blocks.append(f"{pattern} decode {dtype} {device} B={batch} H={heads}{kv} D={dim}\n" +
+                      _render(("attention", "context", "ms per token [p20-p80]", "tokens/s", "state"), rows))
+    return "\n\n".join(blocks)
