@@ -67,7 +67,7 @@ def test_local_and_subprocess_agree_on_a_tiny_grid(tmp_path, plugin):
         plugins: [{plugin}]
         attentions: [exec_misbehave]
         threads: 1
-        check: {{patterns: [NS, CS]}}
+        check: {{patterns: [CS]}}
         bench: {{patterns: [NS], lengths: [16], heads: 2, head_dim: 8, modes: [fwd], min_run_time_s: 0.01,
                 memory: false}}
         """))
@@ -76,7 +76,7 @@ def test_local_and_subprocess_agree_on_a_tiny_grid(tmp_path, plugin):
     with get_executor("subprocess", timeout_s=60, plugins=[plugin]) as executor:
         isolated = list(executor.run(cells))
     assert [r.key for r in local] == [r.key for r in isolated] == [c.key for c in cells]
-    assert [r.status for r in local] == [r.status for r in isolated] == [Status.OK, Status.UNSUPPORTED, Status.OK]
+    assert [r.status for r in local] == [r.status for r in isolated] == [Status.UNSUPPORTED, Status.OK]
     assert all(r.provenance["threads"] == 1 for r in isolated)
 
 

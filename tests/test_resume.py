@@ -22,7 +22,7 @@ DRIVER = ("import sys; from cab.run import run_grid; "
           "print(run_grid(sys.argv[1], db=sys.argv[2], render=False, progress=False))")
 
 
-def _config(tmp_path, lengths, min_run_time_s=0.1, name="resume.yaml"):
+def _config(tmp_path, lengths, min_run_time_s=0.05, name="resume.yaml"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(f"""\
         name: resume
