@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -110,7 +111,7 @@ class Result:
 
 
 def jsonable(value: Any) -> Any:
-    """Convert metrics to plain JSON types (floats for tensors and numpy scalars, NaN kept as None)."""
+    """Convert metrics to plain JSON types (floats for tensors and numpy scalars; NaN and +-inf become None)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -125,4 +126,4 @@ def jsonable(value: Any) -> Any:
         number = float(value)
     except (TypeError, ValueError):
         return str(value)
-    return None if number != number else number
+    return number if math.isfinite(number) else None  # NaN and +-inf are not JSON

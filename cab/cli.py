@@ -10,6 +10,7 @@ from typing import Sequence
 
 from cab import registry
 from cab.patterns import Pattern
+from cab.executors import EXECUTORS
 from cab.registry import PluginError, UnknownAttention, UnknownHyperparameter
 
 DEFAULT_DB = "results/cab.sqlite"
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--force", action="store_true", help="rerun cells that already have a result")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that ended in error, timeout or oom")
-    p.add_argument("--executor", choices=["local", "subprocess"], default=None)
+    p.add_argument("--executor", choices=sorted(EXECUTORS), default=None)
     p.add_argument("--db", default=None, help=f"results store (default: the config's, else {DEFAULT_DB})")
     p.add_argument("--out", default=None, help=f"leaderboard directory (default: the config's, else {DEFAULT_REPORT})")
     p.add_argument("--no-report", action="store_true")
