@@ -1,32 +1,28 @@
 """Peak memory of one bench cell, in its own pass (never inside the timing loop).
 
-CPU: a fresh subprocess (`python -m cab.bench.memory_probe`) reads its resident high-water mark, since
-the allocator's freed-and-reused memory makes in-process readings low. CUDA: the caching allocator's peak
-statistics around one call, in this process."""
+CPU: a fresh process per cell, forked from a forkserver that has already imported torch and cab (see
+`cab.bench.memory_probe`), reads its resident high-water mark, since the allocator's freed-and-reused memory
+makes in-process readings low. CUDA: the caching allocator's peak statistics around one call, in this
+process."""
 
 from __future__ import annotations
 
 import gc
-import json
-import os
+import multiprocessing
+import multiprocessing.context
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from cab.bench.inputs import make_inputs
+from cab.bench.memory_probe import measure_in_child
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell
 from cab.registry import loaded_plugin_specs
 from cab.runner import is_oom
 
 DEFAULT_PROBE_TIMEOUT_S = 600.0
-# glibc: serve every allocation above 64 KiB with mmap and give it back on free, so a freed tensor never
-# hides a later peak inside already-resident heap pages (and the threshold does not adapt upwards)
-_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_CONTEXT: "multiprocessing.context.BaseContext | None" = None
 
 
 def measure_memory(cell: Cell) -> dict:
@@ -38,25 +34,43 @@ def measure_memory(cell: Cell) -> dict:
     return cpu_memory(cell, timeout_s=float(cell.options.get("memory_timeout_s", DEFAULT_PROBE_TIMEOUT_S)))
 
 
+def _forkserver() -> multiprocessing.context.BaseContext:
+    """The forkserver context; its server process starts on first use and preloads the probe."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["cab.bench.memory_probe"])
+    return _CONTEXT
+
+
 def cpu_memory(cell: Cell, timeout_s: float) -> dict:
-    """Run the memory probe on the cell in a fresh Python process and return its metrics."""
+    """Run the memory probe on the cell in a process of its own and return its metrics."""
+    ctx = _forkserver()
     request = {"cell": cell.to_dict(), "plugins": loaded_plugin_specs(), "threads": torch.get_num_threads()}
-    pythonpath = os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, **_PROBE_ENV, "PYTHONPATH": pythonpath}
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=measure_in_child, args=(request, sender), daemon=True)
+    child.start()
+    sender.close()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "cab.bench.memory_probe"], input=json.dumps(request), capture_output=True,
-            text=True, timeout=timeout_s, env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {"mem_status": "timeout", "mem_message": f"memory probe exceeded {timeout_s:g} s"}
-    if proc.returncode == -signal.SIGKILL:
-        return {"mem_status": "oom", "mem_message": "memory probe killed by SIGKILL (the kernel's OOM killer)"}
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode != 0 or not lines:
-        return {"mem_status": "error",
-                "mem_message": f"memory probe exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
-    return json.loads(lines[-1])
+        if receiver.poll(timeout_s):
+            try:
+                metrics = receiver.recv()
+            except EOFError:  # the child died before it could answer
+                metrics = None
+            child.join(30)
+            if metrics is not None:
+                return metrics
+        elif child.is_alive():
+            return {"mem_status": "timeout", "mem_message": f"memory probe exceeded {timeout_s:g} s"}
+        child.join(30)
+        if child.exitcode == -signal.SIGKILL:
+            return {"mem_status": "oom", "mem_message": "memory probe killed by SIGKILL (the kernel's OOM killer)"}
+        return {"mem_status": "error", "mem_message": f"memory probe exited with {child.exitcode} without a result"}
+    finally:
+        receiver.close()
+        if child.is_alive():
+            child.kill()
+            child.join(10)
 
 
 def cuda_memory(cell: Cell) -> dict:

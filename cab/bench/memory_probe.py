@@ -1,24 +1,28 @@
-"""Peak resident memory of one bench cell, measured in a fresh process: `python -m cab.bench.memory_probe`.
+"""Peak resident memory of one bench cell, measured in a fresh process forked for that cell alone.
 
-Reads {"cell": {...}, "plugins": [...], "threads": n} as JSON on stdin and writes one JSON line of memory
-metrics on stdout. The process builds the module and inputs, runs the mode once at a tiny shape to load
-libraries, resets the kernel's RSS high-water mark (write "5" to /proc/self/clear_refs), takes the
-baseline VmRSS just before the measured call, runs the mode once and reads VmHWM:
-peak_mem_bytes = VmHWM - baseline. Where the reset is refused, VmHWM still counts from the process start
-(kept small by the tiny warm-up), so the figure is an upper bound and says so (mem_upper_bound).
+`cab.bench.memory` keeps a multiprocessing forkserver whose server process has imported torch and cab
+(this module preloads every built-in attention) but never runs a torch operation, so forking it is safe and a
+child starts with an untouched allocator, without paying torch's import for every cell. The child
+(`measure_in_child`) serves every allocation above 64 KiB with mmap (so a freed tensor never hides a later
+peak in resident heap pages), builds the module and inputs, runs the mode once at a tiny shape to load
+libraries, resets the kernel's RSS high-water mark (write "5" to /proc/self/clear_refs), takes the baseline
+VmRSS just before the measured call, runs the mode once and reads VmHWM: peak_mem_bytes = VmHWM - baseline.
+Where the reset is refused, VmHWM counts from the fork, so the figure is an upper bound and says so
+(mem_upper_bound).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
-import json
 import re
-import sys
+import traceback
 from pathlib import Path
 
 import torch
 
+from cab.attention import load_builtin_attentions
 from cab.bench.inputs import make_inputs
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell, jsonable
@@ -28,6 +32,7 @@ from cab.runner import is_oom
 WARMUP_LENGTH = 32  # the warm-up call's sequence length: enough to load every kernel, too small to matter
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
 def read_memory_status() -> "dict[str, int]":
@@ -75,21 +80,30 @@ def probe(cell: Cell) -> dict:
     return metrics
 
 
-def main() -> int:
-    request = json.loads(sys.stdin.read())
-    discover(request.get("plugins") or [])
-    if request.get("threads"):
-        torch.set_num_threads(int(request["threads"]))
-    cell = Cell.from_dict(request["cell"])
+def _limit_mmap_threshold() -> bool:
+    """glibc: serve allocations above 64 KiB with mmap, returned to the kernel on free (M_MMAP_THRESHOLD)."""
     try:
-        metrics = probe(cell)
+        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def measure_in_child(request: dict, conn) -> None:
+    """Forkserver target: probe the requested cell and send its metrics (or the failure) through `conn`."""
+    try:
+        _limit_mmap_threshold()
+        discover(request.get("plugins") or [])
+        if request.get("threads"):
+            torch.set_num_threads(int(request["threads"]))
+        metrics = probe(Cell.from_dict(request["cell"]))
     except Exception as exc:
-        if not is_oom(exc):
-            raise
-        metrics = {"mem_status": "oom", "mem_message": f"{type(exc).__name__}: {str(exc)[:500]}"}
-    print(json.dumps(jsonable(metrics)), flush=True)
-    return 0
+        if is_oom(exc):
+            metrics = {"mem_status": "oom", "mem_message": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        else:
+            tail = traceback.format_exc()[-2000:]
+            metrics = {"mem_status": "error", "mem_message": f"{type(exc).__name__}: {exc}\n{tail}"}
+    conn.send(jsonable(metrics))
+    conn.close()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+load_builtin_attentions()  # imported once by the forkserver, so children do not import them again
