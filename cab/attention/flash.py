@@ -9,7 +9,7 @@ import importlib.util
 import shutil
 import warnings
 from collections import OrderedDict
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 ALL_PATTERNS = ("NS", "CS", "NC", "CC")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -155,7 +158,7 @@ def _outside_user_dispatch_modes():
     return _disable_current_modes()
 
 
-def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: "BlockMask | None") -> torch.Tensor:
     """One FlexAttention forward: the compiled fused kernel, or FlexAttention's own unfused path for
     float64 (its compiled kernels take float32/16 only). Inputs must not require grad on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -170,7 +173,10 @@ def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> 
             return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
-def exact_attention_backward(q, k, v, out, dout, pattern: Pattern, key_padding_mask, rows_per_chunk: int = 0):
+def exact_attention_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, pattern: Pattern,
+    key_padding_mask: "torch.Tensor | None", rows_per_chunk: int = 0,
+) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
     """(dq, dk, dv) of softmax(q k^T / sqrt(d) + mask) v from the saved output, one query chunk at a time
     (FlashAttention-2's backward: P recomputed, dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)),
     dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d)); memory O(chunk * Lk). Rows that see no key get P = 0."""
@@ -258,7 +264,8 @@ class FlexAttention(Attention):
             return f"FlexAttention runs on cpu and cuda, not {device.type}"
         return None
 
-    def block_mask(self, batch: int, lq: int, lk: int, key_padding_mask: "torch.Tensor | None", device):
+    def block_mask(self, batch: int, lq: int, lk: int, key_padding_mask: "torch.Tensor | None",
+                   device: "torch.device | str") -> "BlockMask | None":
         """The cached BlockMask for this shape and padding (None when every key is visible to every row)."""
         causal = self.pattern is Pattern.CS
         if key_padding_mask is None and not causal:

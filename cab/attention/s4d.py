@@ -24,16 +24,22 @@ def ssm_modes(a_log_neg_real: torch.Tensor, a_imag: torch.Tensor, log_dt: torch.
     return dt_a, c_prime
 
 
+def _cexp(z: torch.Tensor) -> torch.Tensor:
+    """exp of a complex tensor through real exp, cos and sin (vectorised; complex exp is not on CPU)."""
+    return torch.polar(torch.exp(z.real), z.imag)
+
+
 def ssm_kernel(dt_a: torch.Tensor, c_prime: torch.Tensor, length: int) -> torch.Tensor:
     """K (channels, length) with K[l] = 2 Re sum_n C'_n exp(dt A_n)^l, evaluated blockwise: l = i*s + j,
-    exp(dt A l) = exp(dt A s i) exp(dt A j), so only O(N sqrt(L)) exponentials and one batched matmul."""
+    exp(dt A l) = exp(dt A s i) exp(dt A j), so only O(N sqrt(L)) exponentials and one batched matmul
+    (done in real arithmetic: Re(x y) = Re x Re y - Im x Im y)."""
     block = max(1, math.isqrt(length))
     blocks = -(-length // block)
     steps = torch.arange(block, device=dt_a.device, dtype=dt_a.real.dtype)
     starts = torch.arange(blocks, device=dt_a.device, dtype=dt_a.real.dtype) * block
-    inner = torch.exp(dt_a[:, :, None] * steps)  # (C, N/2, block)
-    outer = torch.exp(dt_a[:, None, :] * starts[None, :, None]) * c_prime[:, None, :]  # (C, blocks, N/2)
-    kernel = 2 * (outer @ inner).real  # (C, blocks, block)
+    inner = _cexp(dt_a[:, :, None] * steps)  # (C, N/2, block)
+    outer = _cexp(dt_a[:, None, :] * starts[None, :, None]) * c_prime[:, None, :]  # (C, blocks, N/2)
+    kernel = 2 * (torch.cat([outer.real, -outer.imag], dim=-1) @ torch.cat([inner.real, inner.imag], dim=-2))
     return kernel.reshape(dt_a.shape[0], blocks * block)[:, :length]
 
 
