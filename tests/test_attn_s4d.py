@@ -77,6 +77,22 @@ def test_parameters_are_deterministic_under_manual_seed_and_cross_is_refused():
             create_attention("s4d", pattern, 2, 4)
 
 
+@pytest.mark.parametrize("prefill", [0, 9])
+def test_token_by_token_decoding_reproduces_forward(prefill):
+    torch.manual_seed(2)
+    attn = create_attention("s4d", "CS", 4, 5).double()
+    q, k, v = (t.detach() for t in _inputs(2, 4, 2, 20, 20, 5))
+    pad = torch.zeros(2, 20, dtype=torch.bool)
+    pad[1, :2] = bool(prefill)  # padded context tokens can only come through decode_init
+    full = attn(q, k, v, pad)
+    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], pad[:, :prefill], capacity=20)
+    for t in range(prefill, 20):
+        out, state = attn.decode_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-10, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="CS"):
+        create_attention("s4d", "NS", 4, 5).decode_init(k, v)
+
+
 @pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
 def test_conformance(pattern):
     report = run_conformance("s4d", pattern)

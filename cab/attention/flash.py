@@ -92,6 +92,8 @@ class FlashAttention(Attention):
     (pattern, heads, head_dim) like every attention.
     """
 
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, compute_dtype: str = "bfloat16"):
         super().__init__(pattern, num_heads, head_dim)
         if compute_dtype not in COMPUTE_DTYPES:
@@ -246,6 +248,8 @@ class FlexAttention(Attention):
     outside such modes (its kernel's allocations are invisible to them anyway). float64 runs
     FlexAttention's unfused path (its compiled kernels take float32/16 only).
     """
+
+    complexity = {"time": 2, "memory": 1}
 
     def __init__(self, pattern, num_heads, head_dim):
         super().__init__(pattern, num_heads, head_dim)

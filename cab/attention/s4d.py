@@ -69,7 +69,8 @@ class S4DAttention(Attention):
     depends on v_0..v_i. The convolution is done by FFT (O(L log L)); the kernel is evaluated blockwise.
     Padded keys have their values zeroed before the convolution, so they contribute nothing. Self
     patterns with Lq < Lk output the last Lq positions (query i sits at key position i + Lk - Lq).
-    Grouped-query values are shared through `repeat_kv`.
+    Grouped-query values are shared through `repeat_kv`. Incremental decoding (CS): `decode_init` /
+    `decode_step` carry the complex state x (B, channels, N/2) of the recurrence, O(N) per channel per token.
 
     Differences from CAB: CAB's S4D ignored the causal flag (it was causal unless built bidirectional);
     here the pattern decides. CAB's layer also applied GELU, dropout and an output linear layer inside
@@ -123,6 +124,13 @@ class S4DAttention(Attention):
         y = y[..., :length] + u * self.d_skip.to(v.dtype)[:, None]
         return y.reshape(b, h, d, length).permute(0, 1, 3, 2)[:, :, length - lq:]
 
+    def _recurrence(self, dtype: torch.dtype) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+        """(exp(dt A), (exp(dt A) - 1) / A, C (directions, channels, N/2)): the discrete recurrence."""
+        real = torch.float64 if dtype == torch.float64 else torch.float32
+        a = torch.complex(-torch.exp(self.a_log_neg_real.to(real)), self.a_imag.to(real))
+        step = a * torch.exp(self.log_dt.to(real))[:, None]
+        return torch.exp(step), (torch.exp(step) - 1) / a, torch.view_as_complex(self.c.to(real).contiguous())
+
     def reference(self, q, k, v, key_padding_mask=None):
         """The recurrence itself: x_t = exp(dt A) x_{t-1} + (exp(dt A) - 1)/A v_t, y_t = 2 Re(C x_t) + D v_t,
         a loop over positions (and, for NS, the same recurrence run backwards over the later positions)."""
@@ -130,13 +138,9 @@ class S4DAttention(Attention):
         v = self._values(q, v, key_padding_mask)
         b, h, length, d = v.shape
         u = v.permute(0, 1, 3, 2).reshape(b, h * d, length)
-        real = torch.float64 if v.dtype == torch.float64 else torch.float32
-        a = torch.complex(-torch.exp(self.a_log_neg_real.to(real)), self.a_imag.to(real))
-        step = a * torch.exp(self.log_dt.to(real))[:, None]
-        decay, gain = torch.exp(step), (torch.exp(step) - 1) / a
-        c = torch.view_as_complex(self.c.to(real).contiguous())
+        decay, gain, c = self._recurrence(v.dtype)
         outputs = [u[..., t] * self.d_skip.to(v.dtype) for t in range(length)]
-        state = torch.zeros(b, h * d, a.shape[-1], dtype=a.dtype, device=v.device)
+        state = torch.zeros(b, h * d, decay.shape[-1], dtype=decay.dtype, device=v.device)
         for t in range(length):
             state = decay * state + gain * u[..., t, None]
             outputs[t] = outputs[t] + 2 * (state * c[0]).sum(-1).real.to(v.dtype)
@@ -147,6 +151,30 @@ class S4DAttention(Attention):
                 outputs[t] = outputs[t] + 2 * (state * c[1]).sum(-1).real.to(v.dtype)
         y = torch.stack(outputs, dim=-1)
         return y.reshape(b, h, d, length).permute(0, 1, 3, 2)[:, :, length - lq:]
+
+    # incremental decoding (CS): the state is the complex SSM state x, (B, channels, N/2) ----------------
+
+    def decode_init(self, k, v, key_padding_mask=None, capacity=None):
+        """The state after the values v (B, Hkv, L0, D) (padded ones count as zero):
+        x = sum_j exp(dt A)^(L0 - 1 - j) (exp(dt A) - 1)/A v_j. q and k play no part, as in forward."""
+        if not self.causal:
+            raise NotImplementedError("s4d decodes only under CS; its NS layer reads the whole sequence")
+        v = repeat_kv(v, self.num_heads)
+        if key_padding_mask is not None:
+            v = v.masked_fill(key_padding_mask.to(device=v.device, dtype=torch.bool)[:, None, :, None], 0.0)
+        u = v.permute(0, 1, 3, 2).flatten(1, 2)  # (B, C, L0), channel (head, feature)
+        decay, gain, _ = self._recurrence(v.dtype)
+        ages = torch.arange(u.shape[-1] - 1, -1, -1, device=v.device, dtype=decay.real.dtype)
+        weights = gain[..., None] * _cexp(torch.log(decay)[..., None] * ages)  # (C, N/2, L0)
+        return torch.einsum("bcl,cnl->bcn", u.to(decay.dtype), weights)
+
+    def decode_step(self, state, q, k=None, v=None):
+        """One token: x <- exp(dt A) x + (exp(dt A) - 1)/A v_t, output 2 Re(C x) + D v_t, (B, Hq, 1, D)."""
+        u = repeat_kv(v, q.shape[1]).flatten(1, 3)  # (B, C): channel (head, feature)
+        decay, gain, c = self._recurrence(v.dtype)
+        state = decay * state + gain * u[..., None]
+        out = 2 * (state * c[0]).sum(-1).real.to(v.dtype) + u * self.d_skip.to(v.dtype)
+        return out.reshape(q.shape[0], q.shape[1], 1, -1), state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, d_state={self.d_state}, init={self.init}"
