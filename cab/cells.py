@@ -11,7 +11,7 @@ from typing import Any
 from cab.status import Status
 
 CELL_KINDS = ("check", "bench")
-BENCH_MODES = ("fwd", "fwd_infer", "bwd", "fwdbwd")
+BENCH_MODES = ("fwd", "fwd_infer", "bwd", "fwdbwd", "decode")  # decode: one incremental step (cab.bench.decode)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # fields that identify a measurement; `options` (time budgets, memory pass on/off, label) do not
 _IDENTITY = (

@@ -2,18 +2,22 @@
 
 Every problem in a config file becomes one `ConfigError` naming the file, the key path and, when known,
 the line: ``configs/x.yaml, line 7, key bench.lengths[1]: expected a positive integer, got 'abc'``.
-Sections (`check`, `bench`, later `tasks`) each describe one kind of cell; each may override the top-level
-`attentions` / `exclude` / `patterns`.
+Sections (`check`, `bench`, and any registered with `cab.grid.register_section`, e.g. `tasks`) each
+describe one kind of cell; each may override the top-level `attentions` / `exclude` / `patterns`.
+YAML is read with PyYAML's safe loader only: a config file can never construct Python objects.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
+import importlib.metadata
 import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -25,6 +29,7 @@ from pydantic import (
     PrivateAttr,
     Tag,
     ValidationError,
+    create_model,
     model_validator,
 )
 
@@ -71,6 +76,23 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _bytes(value: Any) -> int:
+    """A positive byte count: a number (17179869184, 1.6e10) or a string with a unit ("16 GiB", "500MB")."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", value.lower())
+        if match and match.group(2) in _BYTE_UNITS:
+            value = float(match.group(1)) * _BYTE_UNITS[match.group(2)]
+        else:
+            raise ValueError(f"expected a size in bytes (a number, or e.g. '16 GiB', '500 MB'), got {_got(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < float("inf"):
+        raise ValueError(f"expected a positive size in bytes, got {_got(value)}")
+    return int(value)
+
+
 def _choice(options: "tuple[str, ...]", what: str):
     def check(value: Any) -> str:
         if isinstance(value, str) and value in options:
@@ -96,6 +118,7 @@ def _name(value: Any) -> str:
 PositiveInt = Annotated[int, BeforeValidator(_integer(1, "a positive integer"))]
 NonNegativeInt = Annotated[int, BeforeValidator(_integer(0, "an integer >= 0"))]
 PositiveFloat = Annotated[float, BeforeValidator(_positive_number)]
+Bytes = Annotated[int, BeforeValidator(_bytes)]
 Name = Annotated[str, BeforeValidator(_name)]
 PatternItem = Annotated[Pattern, BeforeValidator(Pattern.parse)]
 Mode = Annotated[str, BeforeValidator(_choice(BENCH_MODES, "mode"))]
@@ -172,7 +195,15 @@ class CheckSection(Section):
 
 
 class BenchSection(Section):
-    """Timing cells: attention x pattern x length x mode x dtype."""
+    """Timing cells: attention x pattern x length x mode x dtype.
+
+    Mode `decode` times one incremental decoding step at each length (the context) and exists only for the
+    causal patterns, so it adds no cell for NS or NC. `min_samples` raises the bench runner's floor of
+    timed samples. `trials` > 1 asks the bench runner to time each cell that many times, keeping every
+    trial's samples, and lays the section's cells out in an order shuffled by the config's seed, so that no
+    implementation always runs first or after the same neighbour. `max_memory_bytes` / `max_flops`: a
+    cell whose attention declares a cost above either is recorded as `skipped` with the estimate
+    (cab.analysis.budget). None of these changes a cell's key."""
 
     lengths: LengthList
     kv_ratio: PositiveFloat = 1.0
@@ -183,7 +214,11 @@ class BenchSection(Section):
     modes: ModeList = Field(default_factory=lambda: ["fwd", "fwdbwd"])
     dtypes: DTypeList = Field(default_factory=lambda: ["float32"])
     min_run_time_s: PositiveFloat = 0.5
+    min_samples: "PositiveInt | None" = None
+    trials: PositiveInt = 1
     memory: bool = True
+    max_memory_bytes: "Bytes | None" = None
+    max_flops: "PositiveFloat | None" = None
 
     @model_validator(mode="after")
     def _kv_heads_divide_heads(self) -> "BenchSection":
@@ -193,10 +228,31 @@ class BenchSection(Section):
 
 
 class ExecutorSection(_Schema):
-    """How cells run: in this process (`local`) or each in a fresh worker process (`subprocess`)."""
+    """How cells run: in this process (`local`), each in a fresh isolated process (`subprocess`), or each in
+    a fresh isolated process inside a Ray task (`ray`, on a local instance or the cluster at `address`).
+
+    `timeout_s`: per-cell time limit. `memory_limit_bytes`: an isolated cell whose processes hold more
+    resident memory than this is killed and recorded as `oom` with the measured size (not enforced by
+    `local`). `grace_s`: start-up time an isolated cell gets on top of its timeout before a hard kill.
+    `max_output_bytes`: an isolated cell that prints more than this is killed (`error`)."""
 
     kind: ExecutorKind = "local"
     timeout_s: "PositiveFloat | None" = 300.0
+    memory_limit_bytes: "Bytes | None" = None
+    grace_s: PositiveFloat = 10.0
+    max_output_bytes: Bytes = 64 * 2**20
+    address: "Name | None" = None
+
+    @model_validator(mode="after")
+    def _address_is_for_ray(self) -> "ExecutorSection":
+        if self.address is not None and self.kind != "ray":
+            raise ValueError(f"`address` is the Ray cluster to connect to; it needs kind: ray, not {self.kind!r}")
+        return self
+
+    def options(self) -> "dict[str, Any]":
+        """Constructor options of the executor (cab.executors.get_executor), timeout and plugins aside."""
+        return {"memory_limit_bytes": self.memory_limit_bytes, "grace_s": self.grace_s,
+                "max_output_bytes": self.max_output_bytes, "address": self.address}
 
 
 class OutputSection(_Schema):
@@ -231,7 +287,8 @@ class Config(_Schema):
     @model_validator(mode="after")
     def _has_work(self) -> "Config":
         if not self.sections():
-            raise ValueError("the config has no work: add a `check` and/or a `bench` section")
+            names = ", ".join(f"`{name}`" for name in SECTIONS)
+            raise ValueError(f"the config has no work: add at least one of the sections {names}")
         return self
 
     @property
@@ -250,7 +307,7 @@ class Config(_Schema):
 
     def sections(self) -> "dict[str, Section]":
         """The cell sections present, in expansion order."""
-        return {name: section for name in SECTION_ORDER if (section := getattr(self, name)) is not None}
+        return {name: section for name in SECTIONS if (section := getattr(self, name, None)) is not None}
 
     def attention_entries(self, section: Section) -> "list[AttentionEntry]":
         """The attentions a section runs: its own list or the top level's, or every registered attention
@@ -269,7 +326,44 @@ class Config(_Schema):
         return ConfigError(message, source=self._source, key=format_key(key) or None, line=_line_of(self._lines, key))
 
 
-SECTION_ORDER = ("check", "bench")  # a `tasks` section slots in here
+# Cell sections, in expansion order: name -> schema. Other modules add theirs with
+# `cab.grid.register_section` (which also registers the expander); SECTION_MODULES are imported, and the
+# entry points of group "cab.sections" loaded, when a config names a top-level key nobody has registered.
+SECTIONS: "dict[str, type[Section]]" = {"check": CheckSection, "bench": BenchSection}
+SECTION_MODULES = ("cab.tasks",)
+SECTION_ENTRY_POINTS = "cab.sections"
+
+
+def register_section_model(name: str, model: "type[Section]") -> None:
+    """Accept a top-level config section `name` validated by `model` (a subclass of `Section`, so that it
+    can override `attentions` / `exclude` / `patterns`). Registering the same model again is a no-op."""
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"a section name must be an identifier, got {name!r}")
+    if not (isinstance(model, type) and issubclass(model, Section)):
+        raise TypeError(f"section {name!r}: the model must subclass cab.config.Section, got {model!r}")
+    if SECTIONS.get(name, model) is not model or (name not in SECTIONS and name in Config.model_fields):
+        raise ValueError(f"config section {name!r} is already defined")
+    SECTIONS[name] = model
+    config_model.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def config_model() -> "type[Config]":
+    """The Config schema with every registered section (a subclass of Config; cached until one registers)."""
+    extra = {name: (Optional[model], None) for name, model in SECTIONS.items() if name not in Config.model_fields}
+    return create_model("Config", __base__=Config, __module__=__name__, **extra) if extra else Config
+
+
+def _load_section_providers() -> None:
+    """Import the modules that register sections (built-in and installed through entry points)."""
+    for module in SECTION_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    for entry_point in importlib.metadata.entry_points(group=SECTION_ENTRY_POINTS):
+        entry_point.load()
 
 
 # YAML reading with line numbers --------------------------------------------------------------------
@@ -289,22 +383,40 @@ def _line_of(lines: dict, path: KeyPath) -> "int | None":
     return None
 
 
-def _index_lines(node: yaml.Node, path: KeyPath, lines: dict, source: str) -> None:
-    """Record the 1-based line of every key and list item; refuse duplicate keys (YAML keeps the last)."""
+MAX_DOCUMENT_NODES = 1_000_000  # values in a config once YAML aliases are expanded ("billion laughs" guard)
+
+
+def _index_lines(node: yaml.Node, path: KeyPath, lines: dict, source: str, budget: "list[int] | None" = None,
+                 ancestors: "frozenset[int]" = frozenset()) -> None:
+    """Record the 1-based line of every key and list item; refuse duplicate and non-scalar keys (YAML keeps
+    the last duplicate), recursive aliases and documents that aliases expand past MAX_DOCUMENT_NODES."""
+    budget = [MAX_DOCUMENT_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"the document expands to more than {MAX_DOCUMENT_NODES:,} values (through YAML "
+                          "aliases?)", source=source, key=format_key(path) or None)
+    if id(node) in ancestors:
+        raise ConfigError("a YAML alias refers to a value that contains it", source=source,
+                          key=format_key(path) or None, line=node.start_mark.line + 1)
+    inner = ancestors | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen: dict = {}
         for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError("a key must be a plain name, not a list or a mapping", source=source,
+                                  key=format_key(path) or None, line=line)
             key = key_node.value
             if key in seen:
                 raise ConfigError(f"duplicate key {key!r} (first on line {seen[key]})", source=source,
-                                  key=format_key(path + (key,)), line=key_node.start_mark.line + 1)
-            seen[key] = key_node.start_mark.line + 1
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _index_lines(value_node, path + (key,), lines, source)
+                                  key=format_key(path + (key,)), line=line)
+            seen[key] = line
+            lines[path + (key,)] = line
+            _index_lines(value_node, path + (key,), lines, source, budget, inner)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _index_lines(item, path + (i,), lines, source)
+            _index_lines(item, path + (i,), lines, source, budget, inner)
 
 
 def _read_yaml(path: Path) -> "tuple[Any, dict]":
@@ -315,9 +427,17 @@ def _read_yaml(path: Path) -> "tuple[Any, dict]":
         raise ConfigError("no such config file", source=source) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the config file ({exc})", source=source) from None
+    return _parse_yaml(text, source)
+
+
+def _parse_yaml(text: str, source: str) -> "tuple[Any, dict]":
+    """(document, key path -> line) of YAML text, with PyYAML's safe loader (no Python object tags)."""
     loader = yaml.SafeLoader(text)
+    lines: dict = {}
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _index_lines(node, (), lines, source)
         data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -330,8 +450,6 @@ def _read_yaml(path: Path) -> "tuple[Any, dict]":
         raise ConfigError("the config file is empty", source=source)
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping of keys at the top level, got {type(data).__name__}", source=source)
-    lines: dict = {}
-    _index_lines(node, (), lines, source)
     return data, lines
 
 
@@ -364,7 +482,7 @@ def _model_in(annotation: Any) -> "type[BaseModel] | None":
 
 
 def _allowed_keys(path: KeyPath) -> "list[str]":
-    model: "type[BaseModel] | None" = Config
+    model: "type[BaseModel] | None" = config_model()
     for part in path:
         if isinstance(part, int):
             continue
@@ -486,8 +604,10 @@ def _check_names(config: Config) -> None:
 
 def parse_config(data: Any, *, source: str = "<config>", lines: "dict | None" = None) -> Config:
     """Validate an already-parsed config mapping (schema only: no plugin loading, no registry lookups)."""
+    if isinstance(data, dict) and any(key not in config_model().model_fields for key in data):
+        _load_section_providers()  # an unknown key may be a section whose module is not imported yet
     try:
-        config = Config.model_validate(data)
+        config = config_model().model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc, data, lines or {}, source) from None
     config._source, config._lines = source, dict(lines or {})
@@ -501,8 +621,19 @@ def load_config(path: "str | Path") -> Config:
     unknown-attention error) rather than raised, so that one broken plugin does not stop the rest."""
     path = Path(path)
     data, lines = _read_yaml(path)
-    config = parse_config(data, source=str(path), lines=lines)
-    _resolve_plugins(config, path.resolve().parent)
+    return _resolved(parse_config(data, source=str(path), lines=lines), path.resolve().parent)
+
+
+def loads_config(text: str, *, source: str = "<string>", base: "str | Path | None" = None) -> Config:
+    """`load_config` of YAML text; relative plugin paths are looked up in `base` (default: the working
+    directory)."""
+    data, lines = _parse_yaml(text, source)
+    return _resolved(parse_config(data, source=source, lines=lines), Path(base) if base else Path.cwd())
+
+
+def _resolved(config: Config, base: Path) -> Config:
+    """Load the config's plugins and check every name it uses against the registry."""
+    _resolve_plugins(config, base)
     config._plugin_errors = registry.discover(config.plugins)
     _check_names(config)
     return config
@@ -510,5 +641,6 @@ def load_config(path: "str | Path") -> Config:
 
 __all__ = [
     "AttentionEntry", "BenchSection", "CheckSection", "Config", "ConfigError", "DEFAULT_MAX_CELLS",
-    "ExecutorSection", "OutputSection", "SECTION_ORDER", "Section", "format_key", "load_config", "parse_config",
+    "ExecutorSection", "OutputSection", "SECTIONS", "Section", "config_model", "format_key", "load_config",
+    "loads_config", "parse_config", "register_section_model",
 ]

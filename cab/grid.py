@@ -1,21 +1,46 @@
 """Expansion of a validated config into cells, in a deterministic order with stable keys.
 
-Each section has one expander that lays out its axes (lists) and crosses them, so the grid size is known
-before any cell is built and an oversized grid fails fast with a located ConfigError.
+Each section has one expander that lays out its axes and returns the number of cells with an iterator
+over them, so the grid size is known before any cell is built and an oversized grid fails fast with a
+located ConfigError (`max_cells` in the config raises the bound).
+
+Sections are pluggable: a module adds one with
+
+    from cab.grid import register_section
+    register_section("tasks", TasksSection, expand_tasks)
+
+where `TasksSection` subclasses `cab.config.Section` (so it may override `attentions`, `exclude` and
+`patterns`) and `expand_tasks(config, section) -> (count, iterator of Cell)` lays its cells out (it may
+raise `config.error(message, key_path)` for a located error). The config then accepts a top-level
+`tasks:` key; sections expand in registration order, after `check` and `bench`. A module listed in
+`cab.config.SECTION_MODULES`, or installed as an entry point of group "cab.sections", is imported when a
+config names a section that is not registered yet.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
+import random
 from pathlib import Path
 from typing import Callable, Iterator
 
 from cab.cells import Cell
-from cab.config import BenchSection, CheckSection, Config, Section, load_config
+from cab.config import (
+    SECTIONS,
+    BenchSection,
+    CheckSection,
+    Config,
+    Section,
+    load_config,
+    register_section_model,
+)
+from cab.patterns import Pattern
 
 # An expander returns (number of cells, iterator over them) for one section.
 Expansion = tuple[int, Iterator[Cell]]
+Expander = Callable[[Config, Section], Expansion]
+
+DECODE_MODE = "decode"
 
 
 def _check_cells(config: Config, section: CheckSection) -> Expansion:
@@ -32,36 +57,74 @@ def _check_cells(config: Config, section: CheckSection) -> Expansion:
     return len(entries) * len(patterns), cells()
 
 
+def bench_options(config: Config, section: BenchSection) -> dict:
+    """Options every bench cell of the section carries (they steer the runner; none enters the key)."""
+    options = {"threads": config.resolved_threads, "min_run_time_s": section.min_run_time_s,
+               "memory": section.memory}
+    optional = {"min_samples": section.min_samples, "trials": section.trials if section.trials > 1 else None,
+                "max_memory_bytes": section.max_memory_bytes, "max_flops": section.max_flops}
+    options.update({name: value for name, value in optional.items() if value is not None})
+    return options
+
+
 def _bench_cells(config: Config, section: BenchSection) -> Expansion:
-    """Timing cells: attention x pattern x length x mode x dtype; Lk = length for self patterns and
-    round(length * kv_ratio) for cross patterns."""
+    """Timing cells: attention x pattern x length x mode x dtype, decode only for causal patterns; Lk =
+    length for self patterns and round(length * kv_ratio) for cross patterns. With `trials` > 1 the cells
+    come in an order shuffled by the config's seed."""
     entries, patterns = config.attention_entries(section), config.patterns_of(section)
     lengths = list(dict.fromkeys(section.lengths))
     modes, dtypes = list(dict.fromkeys(section.modes)), list(dict.fromkeys(section.dtypes))
-    options = {"threads": config.resolved_threads, "min_run_time_s": section.min_run_time_s,
-               "memory": section.memory}
+    options = bench_options(config, section)
     kv_heads = section.kv_heads or section.heads
+    modes_of = {p: [m for m in modes if m != DECODE_MODE or p.causal] for p in patterns}
+
+    def cell_at(entry, pattern: Pattern, length: int, mode: str, dtype: str) -> Cell:
+        lk = max(1, round(length * section.kv_ratio)) if pattern.cross else length
+        return Cell(kind="bench", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
+                    batch=section.batch, heads=section.heads, kv_heads=kv_heads, lq=length, lk=lk,
+                    head_dim=section.head_dim, dtype=dtype, device=config.device, mode=mode, seed=config.seed,
+                    label=entry.display_label, options=dict(options))
 
     def cells() -> Iterator[Cell]:
-        for entry, pattern, length, mode, dtype in itertools.product(entries, patterns, lengths, modes, dtypes):
-            lk = max(1, round(length * section.kv_ratio)) if pattern.cross else length
-            yield Cell(kind="bench", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
-                       batch=section.batch, heads=section.heads, kv_heads=kv_heads, lq=length, lk=lk,
-                       head_dim=section.head_dim, dtype=dtype, device=config.device, mode=mode, seed=config.seed,
-                       label=entry.display_label, options=dict(options))
+        for entry, pattern, length in itertools.product(entries, patterns, lengths):
+            for mode, dtype in itertools.product(modes_of[pattern], dtypes):
+                yield cell_at(entry, pattern, length, mode, dtype)
 
-    size = math.prod((len(entries), len(patterns), len(lengths), len(modes), len(dtypes)))
-    return size, cells()
+    size = len(entries) * len(lengths) * len(dtypes) * sum(len(m) for m in modes_of.values())
+    if section.trials == 1:
+        return size, cells()
+
+    def shuffled() -> Iterator[Cell]:
+        order = list(cells())
+        random.Random(f"cab-trials-{config.seed}").shuffle(order)
+        return iter(order)
+
+    return size, _deferred(shuffled)
 
 
-EXPANDERS: dict[str, Callable[[Config, Section], Expansion]] = {"check": _check_cells, "bench": _bench_cells}
+def _deferred(make: Callable[[], Iterator[Cell]]) -> Iterator[Cell]:
+    """An iterator that builds its cells only when first advanced (the size check comes first)."""
+    yield from make()
 
 
-def expand(config: "Config | str | Path") -> "list[Cell]":
-    """All cells of a config (or of a config file), sections in `SECTION_ORDER`; the same config gives
-    the same cells in the same order on every run. Raises ConfigError above `max_cells`."""
+EXPANDERS: "dict[str, Expander]" = {"check": _check_cells, "bench": _bench_cells}
+
+
+def register_section(name: str, model: "type[Section]", expander: Expander) -> None:
+    """Add a cell section: configs accept a top-level key `name` validated by `model`, and `expand` lays
+    it out with `expander(config, section) -> (count, cells)`. See the module docstring."""
+    register_section_model(name, model)
+    EXPANDERS[name] = expander
+
+
+def iter_cells(config: "Config | str | Path") -> "tuple[int, Iterator[Cell]]":
+    """(number of cells, a lazy iterator over them) of a config or config file, sections in the order
+    they were registered. Raises ConfigError above `max_cells` before building any cell."""
     if not isinstance(config, Config):
         config = load_config(config)
+    missing = [name for name in config.sections() if name not in EXPANDERS]
+    if missing:
+        raise config.error(f"no expander is registered for section {missing[0]!r}", (missing[0],))
     expansions = {name: EXPANDERS[name](config, section) for name, section in config.sections().items()}
     total = sum(size for size, _ in expansions.values())
     if total > config.max_cells:
@@ -69,7 +132,14 @@ def expand(config: "Config | str | Path") -> "list[Cell]":
         raise config.error(
             f"the grid expands to {total:,} cells ({sizes}), over max_cells = {config.max_cells:,}; "
             "shrink the lists or raise max_cells", ("max_cells",) if "max_cells" in config.model_fields_set else ())
-    return [cell for _, cells in expansions.values() for cell in cells]
+    return total, itertools.chain.from_iterable(cells for _, cells in expansions.values())
 
 
-__all__ = ["EXPANDERS", "expand"]
+def expand(config: "Config | str | Path") -> "list[Cell]":
+    """All cells of a config (or of a config file); the same config gives the same cells in the same order
+    on every run and machine. Raises ConfigError above `max_cells`."""
+    _, cells = iter_cells(config)
+    return list(cells)
+
+
+__all__ = ["EXPANDERS", "SECTIONS", "bench_options", "expand", "iter_cells", "register_section"]
