@@ -19,11 +19,11 @@ from tqdm import tqdm
 from cab import provenance
 from cab.cells import Cell, Result
 from cab.config import Config, load_config
-from cab.executors import get_executor
+from cab.executors import Executor, accepted_options, get_executor
 from cab.grid import expand
 from cab.registry import PluginError
 from cab.status import Status
-from cab.store import ResultStore
+from cab.store import SCHEMA_VERSION, ResultStore
 
 RETRYABLE = (Status.ERROR, Status.TIMEOUT, Status.OOM)
 
@@ -71,13 +71,14 @@ def select_cells(cells: "list[Cell]", store: ResultStore, *, force: bool = False
 
 
 def _command(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
-             executor: "str | None" = None, db: "str | Path | None" = None,
+             executor: "str | None" = None, address: "str | None" = None, db: "str | Path | None" = None,
              report_dir: "str | Path | None" = None) -> str:
     """The `cab run` command line equivalent to a run_grid call."""
     args = ["cab", "run", str(config_path)]
     args += ["--force"] if force else []
     args += ["--retry-failed"] if retry_failed else []
     args += ["--executor", executor] if executor else []
+    args += ["--address", address] if address else []
     args += ["--db", str(db)] if db else []
     args += ["--out", str(report_dir)] if report_dir else []
     return shlex.join(args)
@@ -151,40 +152,59 @@ class _Progress:
         self._bar.close()
 
 
+def _executor(config: Config, kind: "str | None", address: "str | None") -> Executor:
+    """The executor of a run: the config's, or `kind` and `address` from the command line."""
+    kind = kind or config.executor.kind
+    options = {**config.executor.options(), **({"address": address} if address else {})}
+    ignored = [name for name in ("memory_limit_bytes", "address")
+               if options.get(name) is not None and name not in accepted_options(kind)]
+    if ignored:
+        print(f"cab: the {kind} executor does not use {' or '.join(ignored)} (set for this run); "
+              "subprocess and ray enforce memory limits, ray connects to an address", file=sys.stderr)
+    return get_executor(kind, timeout_s=config.executor.timeout_s, plugins=config.plugins, **options)
+
+
 def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
-             executor: "str | None" = None, db: "str | Path | None" = None,
+             executor: "str | None" = None, address: "str | None" = None, db: "str | Path | None" = None,
              report_dir: "str | Path | None" = None, render: bool = True, progress: bool = True) -> RunSummary:
     """Run every cell of a grid file that the store does not hold yet, storing each result as it arrives.
 
-    On KeyboardInterrupt the run is recorded as 'interrupted', what is done and left and the command
-    that resumes are printed to stderr, and the interrupt is re-raised (the CLI exits 130)."""
+    `executor` and `address` override the config's executor kind and Ray address. One run at a time
+    writes a store: a second run on the same store stops with StoreBusy. On KeyboardInterrupt the run is
+    recorded as 'interrupted', what is done and left and the command that resumes are printed to stderr,
+    and the interrupt is re-raised (the CLI exits 130)."""
     t0 = time.perf_counter()
     config = load_config(config_path)
     _print_plugin_errors(config.plugin_errors)
     cells = expand(config)
     db_path = Path(db or config.output.store)
-    command = _command(config_path, force=force, retry_failed=retry_failed, executor=executor, db=db,
-                       report_dir=report_dir)
-    with ResultStore(db_path) as store:
+    command = _command(config_path, force=force, retry_failed=retry_failed, executor=executor, address=address,
+                       db=db, report_dir=report_dir)
+    with ResultStore(db_path) as store, store.writer_lock():
         todo = select_cells(cells, store, force=force, retry_failed=retry_failed)
-        run_id = store.start_run(str(config_path), command, len(todo), _run_config(config))
-        runner = get_executor(executor or config.executor.kind, timeout_s=config.executor.timeout_s,
-                              plugins=config.plugins)
+        if store.migrated_from is not None:
+            print(f"cab: migrated {db_path} from store schema {store.migrated_from} to {SCHEMA_VERSION} "
+                  f"(the file as it was: {store.backup})", file=sys.stderr)
+        runner = _executor(config, executor, address)
+        run_id = store.start_run(str(config_path), command, len(todo), _run_config(config), executor=runner.name)
         bar, state = _Progress(len(todo), config.name, progress), "failed"
+        results = runner.run(todo, on_start=bar.started)
         try:
-            for result in runner.run(todo, on_start=bar.started):
+            for result in results:
                 store.put(result, run_id)
                 bar.finished(result)
             state = "finished"
         except KeyboardInterrupt:
             state = "interrupted"
             bar.close()
-            resume = _command(config_path, retry_failed=retry_failed, executor=executor, db=db, report_dir=report_dir)
+            resume = _command(config_path, retry_failed=retry_failed, executor=executor, address=address, db=db,
+                              report_dir=report_dir)
             print(f"\ncab: interrupted after {bar.done} of {len(todo)} cells ({len(todo) - bar.done} left); "
                   f"every finished cell is stored in {db_path}.\ncab: resume with: {resume}", file=sys.stderr)
             raise
         finally:
             bar.close()
+            results.close()  # stops what the executor still has queued or running
             runner.close()
             store.finish_run(run_id, bar.done, state)
     report, note = None, ""

@@ -1,23 +1,32 @@
 """The results store: SQLite, one row per cell upserted by key, written as each cell finishes.
 
-WAL mode and one transaction per result mean an interrupted run loses no finished cell, and the
-keys already present are what a rerun skips. The schema version lives in `PRAGMA user_version`.
+WAL mode and one transaction per result mean an interrupted (even SIGKILLed) run loses no finished cell,
+and the keys already present are what a rerun skips. Only the driver writes it (executors send results
+back), one run at a time (`writer_lock`). Opening checks SQLite's integrity, and the schema version in
+`PRAGMA user_version`: an older schema is migrated in one transaction after a backup copy of the file
+is written beside it; a newer or unknown one is refused with what to do.
+
+Schema history: 1: results + runs tables. 2: results.cell (the whole cell as JSON, so that every cell
+field round-trips, including fields added after the flat columns were laid out), runs.executor, an
+index by status.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import sqlite3
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 
 from cab.cells import Cell, Result
 from cab.status import Status
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _CELL_COLUMNS = (
     ("kind", "TEXT"), ("attention", "TEXT"), ("label", "TEXT"), ("hparams", "TEXT"), ("pattern", "TEXT"),
@@ -26,8 +35,8 @@ _CELL_COLUMNS = (
 )
 _JSON_CELL_FIELDS = {"hparams"}
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS results (
+_TABLES = (f"""
+CREATE TABLE results (
     key TEXT PRIMARY KEY,
     {", ".join(f"{name} {kind}" for name, kind in _CELL_COLUMNS)},
     options TEXT,
@@ -38,10 +47,11 @@ CREATE TABLE IF NOT EXISTS results (
     wall_s REAL,
     started_at TEXT,
     finished_at TEXT,
-    run_id TEXT
-);
-CREATE INDEX IF NOT EXISTS results_by_attention ON results(attention, pattern, kind);
-CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT,
+    cell TEXT
+)""", "CREATE INDEX results_by_attention ON results(attention, pattern, kind)",
+    "CREATE INDEX results_by_status ON results(status)", """
+CREATE TABLE runs (
     run_id TEXT PRIMARY KEY,
     config TEXT,
     command TEXT,
@@ -50,40 +60,135 @@ CREATE TABLE IF NOT EXISTS runs (
     cells_planned INTEGER,
     cells_run INTEGER,
     state TEXT,
-    provenance TEXT
-);
-"""
+    provenance TEXT,
+    executor TEXT
+)""")
 
 
 class StoreError(RuntimeError):
-    """The store file is damaged or was written by an incompatible cab."""
+    """The store file is damaged or was written by an incompatible cab; the message says what to do."""
+
+
+class StoreBusy(StoreError):
+    """Another run is writing to the store."""
+
+
+def _cell_json_from_columns(row: sqlite3.Row) -> str:
+    """A schema-1 row's cell, rebuilt from its flat columns (label held the display name)."""
+    data = {name: row[name] for name, _ in _CELL_COLUMNS}
+    data["hparams"] = json.loads(row["hparams"] or "{}")
+    data["options"] = json.loads(row["options"] or "{}")
+    cell = Cell.from_dict(data)
+    if row["label"] == cell.attention:
+        data["label"] = ""  # the display name of an unlabelled cell
+    return json.dumps(Cell.from_dict(data).to_dict(), sort_keys=True)
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE results ADD COLUMN cell TEXT")
+    conn.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS results_by_status ON results(status)")
+    rows = conn.execute("SELECT * FROM results").fetchall()
+    conn.executemany("UPDATE results SET cell = ? WHERE key = ?", [(_cell_json_from_columns(r), r["key"]) for r in rows])
+
+
+# version -> the step that brings a store of that version to the next one
+MIGRATIONS: "dict[int, Callable[[sqlite3.Connection], None]]" = {1: _migrate_1_to_2}
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> "set[str]":
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
 
 
 class ResultStore:
-    """SQLite results store; use as a context manager or call close()."""
+    """SQLite results store; use as a context manager or call close(). `migrated_from` and `backup` say
+    whether opening it migrated an older schema, and where the copy of the file from before is."""
 
     def __init__(self, path: "str | Path"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=30)
+        self.migrated_from: "int | None" = None
+        self.backup: "Path | None" = None
+        self._lock_file = None
+        self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions
         self._conn.row_factory = sqlite3.Row
         try:
+            self._open()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self) -> None:
+        move_aside = f"move it aside (mv {self.path} {self.path}.broken) or choose another --db"
+        try:
+            ok = self._conn.execute("PRAGMA quick_check").fetchone()[0]
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            ok = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a readable cab results store ({exc}); move it aside") from exc
+            raise StoreError(f"{self.path} is not a readable SQLite results store ({exc}); {move_aside}") from None
         if ok != "ok":
-            raise StoreError(f"{self.path} failed SQLite's integrity check ({ok}); restore or move it aside")
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            raise StoreError(f"{self.path} failed SQLite's integrity check ({ok}); restore it from a backup or "
+                             f"{move_aside}")
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} was written by a newer cab (store schema {version}, this cab reads {SCHEMA_VERSION}); "
-                "upgrade cab or choose another --db"
-            )
-        with self._conn:
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            raise StoreError(f"{self.path} was written by a newer cab (store schema {version}, this cab reads up to "
+                             f"{SCHEMA_VERSION}); upgrade cab (pip install -U cab) or choose another --db")
+        if version == 0 and tables:
+            raise StoreError(f"{self.path} holds tables ({', '.join(sorted(tables))}) but no cab schema version: "
+                             f"it is not a cab results store; {move_aside}")
+        if version == 0:
+            self._transaction(lambda conn: [conn.execute(statement) for statement in _TABLES])
+        elif version < SCHEMA_VERSION:
+            self._migrate(version)
+        missing = {"results", "runs"} - tables if version else set()
+        if missing or (version and not {"key", "status", "cell"} <= _columns(self._conn, "results")):
+            raise StoreError(f"{self.path} claims store schema {version} but lacks its tables or columns; "
+                             f"{move_aside}")
+
+    def _transaction(self, work: "Callable[[sqlite3.Connection], object]", version: int = SCHEMA_VERSION) -> None:
+        """Run `work` and set the schema version in one transaction (all or nothing)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            work(self._conn)
+            self._conn.execute(f"PRAGMA user_version = {version}")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of schema `version` to SCHEMA_VERSION, one step per transaction, after a backup."""
+        if any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+            raise StoreError(f"{self.path} has store schema {version}, which this cab cannot migrate; export it "
+                             f"with the cab that wrote it (cab export --db {self.path} --format csv) and start "
+                             "a new store")
+        self.backup = self.path.with_name(f"{self.path.name}.schema{version}.bak")
+        with contextlib.closing(sqlite3.connect(self.backup)) as copy:
+            self._conn.backup(copy)
+        for step in range(version, SCHEMA_VERSION):
+            try:
+                self._transaction(MIGRATIONS[step], step + 1)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"migrating {self.path} from store schema {step} to {step + 1} failed ({exc}); "
+                                 f"the file is unchanged from schema {step}, and a copy is in {self.backup}") from exc
+        self.migrated_from = version
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the store for one writing run; StoreBusy if another process holds it. The lock is the
+        operating system's (flock), so it goes away with a killed process."""
+        handle = open(self.path, "rb")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreBusy(f"another cab run is writing to {self.path}; wait for it to finish, or give this "
+                            "run another --db") from None
+        try:
+            yield
+        finally:
+            handle.close()  # releases the lock
 
     # writing --------------------------------------------------------------------------------------
 
@@ -98,30 +203,37 @@ class ResultStore:
             message=result.message, metrics=json.dumps(result.metrics, allow_nan=False),
             provenance=json.dumps(result.provenance), wall_s=result.wall_s, started_at=result.started_at,
             finished_at=result.finished_at, run_id=run_id, label=cell.display_name,
+            cell=json.dumps(cell.to_dict(), sort_keys=True),
         )
         columns = ", ".join(values)
         placeholders = ", ".join(f":{k}" for k in values)
-        with self._conn:
-            self._conn.execute(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", values)
+        self._write(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", values)
 
-    def start_run(self, config: str, command: str, cells_planned: int, provenance: dict) -> str:
+    def _write(self, statement: str, values: "dict | tuple") -> None:
+        """One statement in its own transaction: committed when this returns, rolled back if it fails."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(statement, values)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def start_run(self, config: str, command: str, cells_planned: int, provenance: dict,
+                  executor: str = "") -> str:
         """Record the start of a grid run; returns its id."""
         run_id = uuid.uuid4().hex[:12]
-        with self._conn:
-            self._conn.execute(
-                "INSERT INTO runs (run_id, config, command, started_at, cells_planned, cells_run, state, provenance) "
-                "VALUES (?, ?, ?, datetime('now'), ?, 0, 'running', ?)",
-                (run_id, config, command, cells_planned, json.dumps(provenance)),
-            )
+        self._write(
+            "INSERT INTO runs (run_id, config, command, started_at, cells_planned, cells_run, state, provenance, "
+            "executor) VALUES (?, ?, ?, datetime('now'), ?, 0, 'running', ?, ?)",
+            (run_id, config, command, cells_planned, json.dumps(provenance), executor),
+        )
         return run_id
 
     def finish_run(self, run_id: str, cells_run: int, state: str) -> None:
         """Record how a run ended: 'finished' or 'interrupted'."""
-        with self._conn:
-            self._conn.execute(
-                "UPDATE runs SET finished_at = datetime('now'), cells_run = ?, state = ? WHERE run_id = ?",
-                (cells_run, state, run_id),
-            )
+        self._write("UPDATE runs SET finished_at = datetime('now'), cells_run = ?, state = ? WHERE run_id = ?",
+                    (cells_run, state, run_id))
 
     # reading --------------------------------------------------------------------------------------
 
@@ -137,11 +249,8 @@ class ResultStore:
         return {r[0] for r in self._conn.execute(f"SELECT key FROM results WHERE status IN ({marks})", wanted)}
 
     def _row_to_result(self, row: sqlite3.Row) -> Result:
-        cell_data = {name: row[name] for name, _ in _CELL_COLUMNS}
-        cell_data["hparams"] = json.loads(row["hparams"] or "{}")
-        cell_data["options"] = json.loads(row["options"] or "{}")
         return Result(
-            cell=Cell.from_dict(cell_data), status=Status(row["status"]), metrics=json.loads(row["metrics"] or "{}"),
+            cell=Cell.from_dict(json.loads(row["cell"])), status=Status(row["status"]), metrics=json.loads(row["metrics"] or "{}"),
             message=row["message"] or "", provenance=json.loads(row["provenance"] or "{}"),
             wall_s=row["wall_s"] or 0.0, started_at=row["started_at"] or "", finished_at=row["finished_at"] or "",
         )
@@ -158,12 +267,17 @@ class ResultStore:
         return self._conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
 
     def dataframe(self) -> pd.DataFrame:
-        """One row per result; scalar metrics are flattened into `m_<name>` columns, JSON fields parsed."""
+        """One row per result; scalar metrics are flattened into `m_<name>` columns, JSON fields parsed, and
+        cell fields without a column of their own (e.g. a task cell's task) added as columns."""
         df = pd.read_sql_query("SELECT * FROM results ORDER BY attention, pattern, kind, lq, mode", self._conn)
+        cells = [json.loads(c) if isinstance(c, str) and c else {} for c in df.pop("cell")]
         if df.empty:
             return df
         for column in ("hparams", "options", "metrics", "provenance"):
             df[column] = df[column].map(lambda s: json.loads(s) if isinstance(s, str) and s else {})
+        extra = sorted({name for cell in cells for name in cell} - set(df.columns))
+        for name in extra:
+            df[name] = [cell.get(name) for cell in cells]
         scalars = pd.DataFrame(
             [{f"m_{k}": v for k, v in m.items() if isinstance(v, (int, float, str, bool)) or v is None}
              if isinstance(m, dict) else {} for m in df["metrics"]],

@@ -1,35 +1,52 @@
-"""Entry point of an isolated cell process: `python -m cab.worker JOB_JSON RESULT_JSON`.
+"""The child side of an isolated cell: `child_main` runs in a process forked from cab's forkserver.
 
-JOB_JSON holds the cell, the plugin specs to load, the soft time limit and the parent's pid. The Result
-is written to RESULT_JSON atomically (temporary file + rename), so a worker killed mid-write leaves no
-half result. Exit status 0 with a result; EXIT_OOM after a MemoryError that escaped the cell.
+It leaves the parent's session (so the whole tree it starts can be killed as one group), sends its
+output to two files (never to the driver's terminal: a plugin may print gigabytes), dies with its parent,
+loads the plugins, runs the cell and writes the Result as JSON atomically (temporary file + rename), so a
+process killed mid-write leaves no half result. Exit status 0 with a result; EXIT_OOM after a MemoryError
+that escaped the cell.
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import json
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
 
 EXIT_OOM = 3
 _PR_SET_PDEATHSIG = 1
+# set in the child from the submitting process at submission time: the server's copy may be stale
+# (Ray assigns a GPU per task, after the server started)
+DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
 
 
-def _die_with_parent(parent_pid: "int | None") -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies, so a killed driver leaves no orphan
-    measuring on a busy CPU; exit at once if the parent is already gone."""
-    if not sys.platform.startswith("linux") or parent_pid is None:
+def device_env() -> "dict[str, str | None]":
+    """The device-visibility variables of this process, to hand to a child."""
+    return {name: os.environ.get(name) for name in DEVICE_ENV}
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the forkserver, which exits with the driver)
+    dies, so a killed driver leaves no orphan measuring on a busy machine."""
+    if not sys.platform.startswith("linux"):
         return
+    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent_pid:
+    if os.getppid() != parent:
         os._exit(1)
+
+
+def _redirect(fd: int, path: str) -> None:
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(target, fd)
+    os.close(target)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -38,12 +55,34 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def main(argv: "Sequence[str] | None" = None) -> int:
-    """Load the plugins, run the cell in this process, write its Result."""
-    job_path, result_path = (sys.argv[1:] if argv is None else list(argv))
-    job = json.loads(Path(job_path).read_text())
-    _die_with_parent(job.get("parent_pid"))
+def child_main(job: dict, result_path: str, stdout_path: str, stderr_path: str) -> None:
+    """Run the job's cell in this (fresh) process and write its Result to `result_path`.
 
+    `job`: cell (a Cell dict), plugins (specs to load), timeout_s (the soft limit), env (variables to
+    set, None to unset)."""
+    os.setsid()
+    _redirect(1, stdout_path)
+    _redirect(2, stderr_path)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    faulthandler.enable(file=sys.stderr)  # a segfault leaves its Python traceback in the stderr tail
+    _die_with_parent()
+    for name, value in (job.get("env") or {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        _run(job, Path(result_path))
+    except MemoryError:
+        os._exit(EXIT_OOM)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _run(job: dict, result_path: Path) -> None:
     from cab import registry
     from cab.cells import Cell
     from cab.runner import run_cell
@@ -55,12 +94,4 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     result = run_cell(Cell.from_dict(job["cell"]), job.get("timeout_s"))
     if errors and result.status is Status.ERROR:
         result.message += "".join(f"\n\nplugin {e.source} failed to load: {e.message}" for e in errors)
-    _write_atomically(Path(result_path), json.dumps(result.to_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MemoryError:
-        os._exit(EXIT_OOM)
+    _write_atomically(result_path, json.dumps(result.to_dict()))

@@ -1,10 +1,14 @@
-"""Isolated executor: each cell runs in a fresh `python -m cab.worker` process in its own process group.
+"""Isolated cells: each runs in a fresh process (forked from cab's warm forkserver) in its own session.
 
-The worker writes its Result as JSON to a file named on its command line (never stdout, which a plugin
-may flood); its stdout and stderr go to files of which only the tail is read. The time limit is hard:
-past it the whole process group is killed and the cell's status is `timeout`. A worker killed by a
-signal is `error` with the signal's name, except SIGKILL without a timeout (the kernel's OOM killer) and
-a MemoryError, which are `oom`.
+The process writes its Result as JSON to a file (never stdout, which a plugin may flood); its stdout and
+stderr go to files of which only the tail is read. While it runs, the parent watches it:
+- time: past `timeout_s + grace_s` the whole process tree is killed -> `timeout` (the child applies the
+  soft limit `timeout_s` itself, which gives a clean `timeout` Result for Python code);
+- memory: the resident memory of the process tree is read from /proc every POLL_S; above
+  `memory_limit_bytes` the tree is killed -> `oom` with the measured size;
+- output: printing more than `max_output_bytes` gets the tree killed -> `error`.
+A process killed by a signal is `error` with the signal's name, except SIGKILL that cab did not send
+(most likely the kernel's OOM killer) and a MemoryError, which are `oom`.
 """
 
 from __future__ import annotations
@@ -13,21 +17,24 @@ import datetime as _dt
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from cab import provenance
 from cab.cells import Cell, Result
+from cab.executors import forkserver, procfs
 from cab.executors.base import CellCallback, Executor
 from cab.status import Status
-from cab.worker import EXIT_OOM
+from cab.worker import EXIT_OOM, child_main, device_env
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 TAIL_CHARS = 4000
+POLL_S = 0.05
+DEFAULT_GRACE_S = 10.0
+DEFAULT_MAX_OUTPUT_BYTES = 64 * 2**20
+MiB = 2**20
 
 
 def _now() -> str:
@@ -46,82 +53,143 @@ def _tail(path: Path, limit: int = TAIL_CHARS) -> str:
     return ("[...]" + text) if size > limit else text
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the worker's process group (the worker and anything it started), then reap the worker."""
+def _size(path: Path) -> int:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _kill_tree(pid: int, running: bool) -> None:
+    """SIGKILL the cell's session (anything it started that is still in it) and, while the cell process
+    itself still runs, it and every descendant (also those that left the session). An exited cell's pid is
+    not signalled again: it may belong to another process by now, unlike its group id, which the kernel
+    does not reuse while the group has members."""
+    if running:
+        for target in reversed(procfs.tree(pid)):
+            try:
+                os.kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
 
 
-class SubprocessExecutor(Executor):
-    """One fresh worker process per cell: crashes, hangs and memory blow-ups stay inside the cell.
+@dataclass(frozen=True)
+class Limits:
+    """What an isolated cell may use: seconds (None: no limit), start-up grace, resident bytes (None: no
+    limit), printed bytes."""
 
-    The hard limit is `timeout_s + grace_s`: the worker applies the soft limit `timeout_s` itself (a
-    clean `timeout` Result for Python code), and `grace_s` covers interpreter start-up and imports."""
-
-    name = "subprocess"
-
-    def __init__(self, *, timeout_s: "float | None" = None, plugins: Sequence[str] = (), grace_s: float = 10.0):
-        super().__init__(timeout_s=timeout_s, plugins=plugins)
-        self.grace_s = grace_s
+    timeout_s: "float | None" = None
+    grace_s: float = DEFAULT_GRACE_S
+    memory_limit_bytes: "int | None" = None
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
 
     @property
     def hard_limit_s(self) -> "float | None":
         return None if self.timeout_s is None else self.timeout_s + self.grace_s
 
+
+@dataclass
+class _Watch:
+    """How the parent saw the cell end: the reason it killed it (None: it ended by itself), peak memory."""
+
+    killed_for: "str | None" = None
+    peak_rss_bytes: int = 0
+    rss_at_kill: int = 0
+    output_bytes: int = 0
+
+
+def _watch(proc, limits: Limits, outputs: "tuple[Path, Path]") -> _Watch:
+    """Wait for the cell process, killing its tree when it breaks a limit."""
+    watch = _Watch()
+    deadline = None if limits.hard_limit_s is None else time.monotonic() + limits.hard_limit_s
+    while True:
+        proc.join(POLL_S)
+        if proc.exitcode is not None:
+            return watch
+        rss = procfs.tree_rss_bytes(proc.pid)
+        watch.peak_rss_bytes = max(watch.peak_rss_bytes, rss)
+        printed = sum(_size(p) for p in outputs)
+        if limits.memory_limit_bytes is not None and rss > limits.memory_limit_bytes:
+            watch.killed_for, watch.rss_at_kill = "memory", rss
+        elif printed > limits.max_output_bytes:
+            watch.killed_for, watch.output_bytes = "output", printed
+        elif deadline is not None and time.monotonic() > deadline:
+            watch.killed_for = "timeout"
+        if watch.killed_for:
+            return watch
+
+
+def run_isolated(cell: Cell, *, plugins: Sequence[str] = (), limits: Limits = Limits()) -> Result:
+    """Run one cell in a fresh process under `limits` and turn however it ended into a Result."""
+    with tempfile.TemporaryDirectory(prefix="cab-cell-") as tmp:
+        work = Path(tmp)
+        result_path, stdout_path, stderr_path = work / "result.json", work / "stdout.txt", work / "stderr.txt"
+        job = {"cell": cell.to_dict(), "plugins": list(plugins), "timeout_s": limits.timeout_s,
+               "env": device_env()}
+        started, t0 = _now(), time.perf_counter()
+        proc = forkserver.start(child_main, (job, str(result_path), str(stdout_path), str(stderr_path)),
+                                name=f"cab-cell-{cell.key}")
+        try:
+            watch = _watch(proc, limits, (stdout_path, stderr_path))
+        finally:  # also on KeyboardInterrupt: nothing a cell started outlives it
+            _kill_tree(proc.pid, running=proc.exitcode is None)
+            proc.join()
+        wall = round(time.perf_counter() - t0, 4)
+        if watch.killed_for is None and result_path.is_file():
+            result = Result.from_dict(json.loads(result_path.read_text()))
+            result.cell = cell  # the exact cell submitted (same key), not its JSON round trip
+            return result
+        status, message, metrics = _failure(proc.exitcode, watch, limits, _tail(stderr_path))
+        return Result(cell=cell, status=status, metrics=metrics, message=message,
+                      provenance=provenance.collect(cell.device), wall_s=wall, started_at=started, finished_at=_now())
+
+
+def _failure(exitcode: int, watch: _Watch, limits: Limits, stderr: str) -> "tuple[Status, str, dict]":
+    """Status, message and metrics of a cell process that left no result (or was killed by the parent)."""
+    tail = f"\n\nstderr (tail):\n{stderr}" if stderr.strip() else ""
+    peak = {"peak_rss_bytes": watch.peak_rss_bytes} if watch.peak_rss_bytes else {}
+    if watch.killed_for == "memory":
+        return Status.OOM, (f"killed at {watch.rss_at_kill / MiB:,.0f} MiB resident, over the memory limit of "
+                            f"{limits.memory_limit_bytes / MiB:,.0f} MiB{tail}"), {
+            "rss_bytes": watch.rss_at_kill, "memory_limit_bytes": limits.memory_limit_bytes}
+    if watch.killed_for == "output":
+        return Status.ERROR, (f"killed after printing {watch.output_bytes / MiB:,.1f} MiB, over the output limit "
+                              f"of {limits.max_output_bytes / MiB:,.1f} MiB{tail}"), {"output_bytes": watch.output_bytes}
+    if watch.killed_for == "timeout":
+        return Status.TIMEOUT, (f"killed after the hard time limit of {limits.hard_limit_s:g} s (timeout "
+                                f"{limits.timeout_s:g} s + {limits.grace_s:g} s start-up grace){tail}"), peak
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        if -exitcode == signal.SIGKILL:
+            seen = f", {watch.peak_rss_bytes / MiB:,.0f} MiB resident when last seen" if peak else ""
+            return Status.OOM, f"killed by {name} (most likely the kernel's out-of-memory killer{seen}){tail}", peak
+        return Status.ERROR, f"killed by signal {name}{tail}", peak
+    if exitcode == EXIT_OOM:
+        return Status.OOM, f"ran out of memory (MemoryError){tail}", peak
+    if exitcode:
+        return Status.ERROR, f"cell process exited with status {exitcode} without a result{tail}", peak
+    return Status.ERROR, f"cell process exited without writing a result{tail}", peak
+
+
+class SubprocessExecutor(Executor):
+    """One fresh process per cell: crashes, hangs, memory blow-ups and floods of output stay inside the
+    cell. See the module docstring for the limits."""
+
+    name = "subprocess"
+
+    def __init__(self, *, timeout_s: "float | None" = None, plugins: Sequence[str] = (),
+                 grace_s: float = DEFAULT_GRACE_S, memory_limit_bytes: "int | None" = None,
+                 max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES):
+        super().__init__(timeout_s=timeout_s, plugins=plugins)
+        self.limits = Limits(timeout_s=timeout_s, grace_s=grace_s, memory_limit_bytes=memory_limit_bytes,
+                             max_output_bytes=max_output_bytes)
+
     def run(self, cells: Iterable[Cell], on_start: "CellCallback | None" = None) -> Iterator[Result]:
         for cell in cells:
             if on_start is not None:
                 on_start(cell)
-            yield self.run_one(cell)
-
-    def run_one(self, cell: Cell) -> Result:
-        """Run one cell in a fresh worker and turn however it ended into a Result."""
-        with tempfile.TemporaryDirectory(prefix="cab-cell-") as tmp:
-            work = Path(tmp)
-            job, result_path = work / "job.json", work / "result.json"
-            stdout_path, stderr_path = work / "stdout.txt", work / "stderr.txt"
-            job.write_text(json.dumps({"cell": cell.to_dict(), "plugins": self.plugins,
-                                       "timeout_s": self.timeout_s, "parent_pid": os.getpid()}))
-            env = dict(os.environ, PYTHONFAULTHANDLER="1",
-                       PYTHONPATH=os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p))
-            started, t0 = _now(), time.perf_counter()
-            with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "cab.worker", str(job), str(result_path)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True,
-                )
-                timed_out = False
-                try:
-                    proc.wait(timeout=self.hard_limit_s)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                finally:
-                    _kill_group(proc)  # the worker on timeout or interrupt; stray children otherwise
-            wall = round(time.perf_counter() - t0, 4)
-            if result_path.is_file() and not timed_out:
-                result = Result.from_dict(json.loads(result_path.read_text()))
-                result.cell = cell  # the exact cell submitted (same key), not its JSON round trip
-                return result
-            status, message = self._failure(proc.returncode, timed_out, _tail(stderr_path))
-            return Result(cell=cell, status=status, message=message, provenance=provenance.collect(cell.device),
-                          wall_s=wall, started_at=started, finished_at=_now())
-
-    def _failure(self, returncode: int, timed_out: bool, stderr: str) -> "tuple[Status, str]":
-        """Status and message of a worker that left no result."""
-        tail = f"\n\nstderr (tail):\n{stderr}" if stderr.strip() else ""
-        if timed_out:
-            return Status.TIMEOUT, (f"killed after the hard time limit of {self.hard_limit_s:g} s "
-                                    f"(timeout {self.timeout_s:g} s + {self.grace_s:g} s start-up grace){tail}")
-        if returncode < 0:
-            name = signal.Signals(-returncode).name
-            if -returncode == signal.SIGKILL:
-                return Status.OOM, f"worker killed by {name} (most likely the kernel's out-of-memory killer){tail}"
-            return Status.ERROR, f"worker killed by signal {name}{tail}"
-        if returncode == EXIT_OOM:
-            return Status.OOM, f"worker ran out of memory (MemoryError){tail}"
-        if returncode != 0:
-            return Status.ERROR, f"worker exited with status {returncode} without a result{tail}"
-        return Status.ERROR, f"worker exited without writing a result{tail}"
+            yield run_isolated(cell, plugins=self.plugins, limits=self.limits)

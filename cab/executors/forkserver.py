@@ -1,0 +1,54 @@
+"""The forkserver isolated cells are forked from: a server process that has already imported torch and
+cab, so that each cell gets a fresh process in a fraction of a second instead of paying several seconds
+of imports (torch, and torch._dynamo, which torch loads on first use of several ops).
+
+The server never runs torch code (no thread pools, no CUDA context), so forking it is safe; each child
+is a fresh copy of it and shares nothing with earlier cells. multiprocessing keeps one forkserver per
+process: `context()` makes sure it preloads WARM_MODULES, restarting a server that another user (e.g.
+cab.bench.memory's probe) started without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import sys
+import types
+from typing import Callable, Iterator
+
+WARM_MODULES = ("torch", "torch._dynamo", "cab.runner", "cab.check", "cab.bench", "cab.bench.memory_probe",
+                "cab.worker")
+
+
+def context() -> multiprocessing.context.BaseContext:
+    """The forkserver context, with WARM_MODULES (and whatever else was asked for) preloaded."""
+    ctx = multiprocessing.get_context("forkserver")
+    server = multiprocessing.forkserver._forkserver
+    current = [m for m in getattr(server, "_preload_modules", []) if m != "__main__"]
+    missing = [m for m in WARM_MODULES if m not in current]
+    if missing:
+        if getattr(server, "_forkserver_pid", None) is not None and hasattr(server, "_stop"):
+            server._stop()  # running without our modules: the next start preloads them
+        ctx.set_forkserver_preload(current + missing)
+    return ctx
+
+
+@contextlib.contextmanager
+def _without_main_script() -> Iterator[None]:
+    """Hide the driver's __main__ while multiprocessing records what a child must import first."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def start(target: Callable, args: tuple, name: str) -> multiprocessing.process.BaseProcess:
+    """Fork a child from the warm server that runs `target(*args)`; returns the started process."""
+    process = context().Process(target=target, args=args, name=name)
+    with _without_main_script():
+        process.start()
+    return process
