@@ -15,14 +15,15 @@ from cab.cells import Result
 from cab.grid import expand
 from cab.run import run_grid
 from cab.status import Status
-from cab.store import ResultStore
+from cab.executors import procfs
+from cab.store import ResultStore, StoreBusy
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ("import sys; from cab.run import run_grid; "
           "print(run_grid(sys.argv[1], db=sys.argv[2], render=False, progress=False))")
 
 
-def _config(tmp_path, lengths, min_run_time_s=0.05, name="resume.yaml"):
+def _config(tmp_path, lengths, min_run_time_s=0.05, name="resume.yaml", executor="local"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(f"""\
         name: resume
@@ -36,7 +37,7 @@ def _config(tmp_path, lengths, min_run_time_s=0.05, name="resume.yaml"):
           modes: [fwd]
           min_run_time_s: {min_run_time_s}
           memory: false
-        executor: {{kind: local, timeout_s: 120}}
+        executor: {{kind: {executor}, timeout_s: 120}}
         """))
     return path
 
@@ -68,9 +69,10 @@ def _runs(db) -> "list[tuple]":
         conn.close()
 
 
-def _signal_after(proc, db, rows: int, signum: int) -> "tuple[dict[str, tuple], str]":
+def _signal_after(proc, db, rows: int, signum: int, descendants: "list[int] | None" = None,
+                  ) -> "tuple[dict[str, tuple], str]":
     """Send `signum` to the driver once at least `rows` results are stored; return the rows it left and
-    its stderr."""
+    its stderr. `descendants` receives the driver's process tree as it was just before the signal."""
     deadline = time.monotonic() + 120
     while len(_rows(db)) < rows:
         if proc.poll() is not None:
@@ -79,32 +81,65 @@ def _signal_after(proc, db, rows: int, signum: int) -> "tuple[dict[str, tuple], 
             proc.kill()
             pytest.fail("driver stored too few rows in 120 s")
         time.sleep(0.02)
+    if descendants is not None:
+        descendants.extend(procfs.tree(proc.pid)[1:])
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     return _rows(db), stderr
 
 
-def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
-    config, db = _config(tmp_path, range(16, 16 + 8 * 8, 8)), tmp_path / "cab.sqlite"
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat[stat.rindex(")") + 2]
+
+
+def _gone(pids: "list[int]", within_s: float = 10.0) -> bool:
+    """True once none of `pids` runs any more (exited, or a zombie waiting for its parent)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if all(_state(pid) in ("gone", "Z") for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("executor", ["local", "subprocess"])
+def test_sigkill_mid_run_then_rerun_resumes(tmp_path, executor):
+    config = _config(tmp_path, range(16, 16 + 8 * 8, 8), executor=executor)
+    db = tmp_path / "cab.sqlite"
     keys = {c.key for c in expand(config)}
     proc = _start(config, db)
-    before, _ = _signal_after(proc, db, 3, signal.SIGKILL)
+    descendants: list = []
+    before, _ = _signal_after(proc, db, 3, signal.SIGKILL, descendants)
     assert proc.returncode == -signal.SIGKILL
     assert 3 <= len(before) < len(keys), "the kill must land mid-run"
+    assert _gone(descendants), "a process the killed driver started is still running"
 
     rerun = subprocess.run([sys.executable, "-c", DRIVER, str(config), str(db)], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     after = _rows(db)
-    assert set(after) == keys  # one row per key, none missing, none extra
+    assert set(after) == keys  # one row per key (the key is the primary key), none missing, none extra
     for key, row in before.items():
         assert after[key] == row  # same run id and timestamps: kept, not rerun
     assert all(row[3] == "ok" for row in after.values()), after
     killed, resumed = _runs(db)
     assert killed[1] == "running" and killed[2] == len(keys)  # never got to record its end
+    # the rerun planned and ran exactly the cells the killed run had not finished: none ran twice
     assert resumed[1:] == ("finished", len(keys) - len(before), len(keys) - len(before))
     assert {row[0] for key, row in after.items() if key not in before} == {resumed[0]}
     assert f"{len(before)} already done" in rerun.stdout
+
+
+def test_a_second_run_on_the_same_store_is_refused(tmp_path):
+    config, db = _config(tmp_path, [8], min_run_time_s=0.01), tmp_path / "cab.sqlite"
+    with ResultStore(db) as holder, holder.writer_lock():
+        with pytest.raises(StoreBusy, match="another cab run is writing"):
+            run_grid(config, db=db, render=False, progress=False)
+    assert run_grid(config, db=db, render=False, progress=False).run == 1  # released with the first
 
 
 def test_sigint_marks_the_run_interrupted_and_keeps_finished_cells(tmp_path):
