@@ -432,8 +432,11 @@ def _read_yaml(path: Path) -> "tuple[Any, dict]":
 
 def _parse_yaml(text: str, source: str) -> "tuple[Any, dict]":
     """(document, key path -> line) of YAML text, with PyYAML's safe loader (no Python object tags)."""
-    loader = yaml.SafeLoader(text)
     lines: dict = {}
+    try:
+        loader = yaml.SafeLoader(text)  # refuses unprintable characters already
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", source=source) from None
     try:
         node = loader.get_single_node()
         if node is not None:
