@@ -15,7 +15,8 @@ from cab.bench import TimingStats, bench_cell, bench_table, dense_flops, make_in
 from cab.bench import timer as timer_module
 from cab.bench.timer import sample_count
 from cab.bench.workload import prepare_mode
-from cab.cells import BENCH_MODES, Cell, Result
+from cab.bench.workload import TIMED_MODES
+from cab.cells import Cell, Result
 from cab.registry import unregister_attention
 from cab.runner import run_cell
 
@@ -198,7 +199,7 @@ def test_inference_mode_runs_without_autograd():
 # --- bench_cell -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", BENCH_MODES)
+@pytest.mark.parametrize("mode", TIMED_MODES)
 @pytest.mark.parametrize("attention,pattern", [("vanilla", "NS"), ("sdpa", "CS"), ("memory_efficient", "CC")])
 def test_bench_cell_exact_attentions(attention, pattern, mode):
     lk = 24 if pattern == "CC" else 16
@@ -384,7 +385,7 @@ def test_cuda_event_timer():
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("mode", BENCH_MODES)
+@pytest.mark.parametrize("mode", TIMED_MODES)
 def test_bench_cell_on_cuda(mode):
     cell = tiny_cell("sdpa", "CS", mode, device="cuda", lq=256, lk=256, options={"memory": True})
     outcome = bench_cell(cell)

@@ -33,13 +33,17 @@ def _time_mode(attn: torch.nn.Module, cell: Cell) -> TimingStats:
 
 
 def bench_cell(cell: Cell) -> Outcome:
-    """Gate, then time and measure one attention in one mode; an unsupported configuration, a failed gate
+    """Gate, then time and measure one attention in one mode (decode cells go to cab.bench.decode); an unsupported configuration, a failed gate
     or an OOM while timing is an Outcome without timings. Other exceptions propagate (the runner records
     them as errors), so partial timings are never reported as ok."""
     if cell.kind != "bench":
         raise ValueError(f"bench_cell runs cells of kind 'bench', got {cell.kind!r}")
     if cell.mode not in BENCH_MODES:
         raise ValueError(f"bench mode must be one of {', '.join(BENCH_MODES)}, got {cell.mode!r}")
+    if cell.mode == "decode":
+        from cab.bench.decode import decode_cell
+
+        return decode_cell(cell)
     reason = device_unavailable(cell.device) or get_spec(cell.attention).unavailable_reason(cell.device)
     if reason:
         return Outcome(Status.UNSUPPORTED, message=reason)
