@@ -105,8 +105,16 @@ def test_bootstrap_interval_open_below_the_range_when_resamples_are_cheaper_ever
     efficient = _noisy([1.02, 1.5, 2.0], rng, spread=0.3)  # about equal at the shortest length
     found = efficiency_length(lengths, exact, efficient, n_boot=300)
     as_dict = found.to_dict()
-    assert found.low == -math.inf and as_dict["low"] is None and as_dict["low_open"] is True
+    assert found.low == -math.inf and as_dict["low"] is None and as_dict["low_side"] == "below_range"
+    assert as_dict["high_side"] == "" and as_dict["high"] == found.high
     assert 0 < found.details["bootstrap"]["outcomes"][ALWAYS] < 1
+
+
+def test_interval_of_a_method_cheaper_everywhere_lies_below_the_range():
+    rng = np.random.default_rng(1)
+    found = efficiency_length([100, 200, 400], _noisy([1.0, 2.0, 4.0], rng), _noisy([0.1, 0.2, 0.4], rng), n_boot=100)
+    assert found.outcome == ALWAYS and found.low == found.high == -math.inf
+    assert found.to_dict()["high_side"] == "below_range"
 
 
 @pytest.mark.parametrize("lengths,exact,efficient,match", [

@@ -123,6 +123,8 @@ def test_exponent_table(frame):
 def test_text_output(frame):
     text = format_efficiency(efficiency_table(frame, n_boot=50))
     assert "NS fwd float32 cpu B=1 H=8 D=64" in text and "vs vanilla" in text and "baseline oom from 4,096" in text
+    always = [line for line in text.splitlines() if line.startswith("sdpa") and "time" in line and "vanilla" in line]
+    assert "always cheaper" in always[0] and "<256" in always[0] and ">" not in always[0]  # below the range
     exponents = format_exponents(exponent_table(frame, n_boot=50))
     assert "2 (declared)" in exponents and "1 (family)" in exponents and "oom from 4,096" in exponents
 

@@ -52,16 +52,21 @@ class EfficiencyLength:
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """JSON-ready: infinite interval ends become None with `low_open` / `high_open` set."""
+        """JSON-ready: an infinite interval end becomes None with `low_side` / `high_side` set to
+        "below_range" (-inf) or "above_range" (inf); both sides are "" for a finite end."""
         def finite(x: "float | None") -> "float | None":
             return None if x is None or math.isinf(x) else float(x)
 
+        def side(x: "float | None") -> str:
+            if x is None or not math.isinf(x):
+                return ""
+            return "below_range" if x < 0 else "above_range"
+
         return {
             "method": self.method, "outcome": self.outcome, "length": finite(self.length),
-            "low": finite(self.low), "high": finite(self.high),
-            "low_open": self.low is not None and math.isinf(self.low),
-            "high_open": self.high is not None and math.isinf(self.high),
-            "first_cheaper": self.first_cheaper, "lengths": list(self.lengths), **self.details,
+            "low": finite(self.low), "high": finite(self.high), "low_side": side(self.low),
+            "high_side": side(self.high), "first_cheaper": self.first_cheaper, "lengths": list(self.lengths),
+            **self.details,
         }
 
 

@@ -18,14 +18,20 @@ def _length(value) -> str:
 
 
 def _interval(low, high, lengths: "tuple[int | None, int | None]") -> str:
+    """'[a, b]', with an end past the measured range shown as '<shortest' or '>longest' (one value when
+    both ends agree, e.g. '<256' when every resample is cheaper from the shortest length on)."""
     def missing(x) -> bool:
         return x is None or (isinstance(x, float) and math.isnan(x))
 
+    def end(x) -> str:
+        if math.isinf(x):
+            return f"<{lengths[0]:,}" if x < 0 else f">{lengths[1]:,}"
+        return f"{x:,.0f}"
+
     if missing(low) or missing(high):
         return ""
-    lo = f"<{lengths[0]:,}" if math.isinf(low) else f"{low:,.0f}"
-    hi = f">{lengths[1]:,}" if math.isinf(high) else f"{high:,.0f}"
-    return f"[{lo}, {hi}]"
+    lo, hi = end(low), end(high)
+    return lo if lo == hi and not lo[0].isdigit() else f"[{lo}, {hi}]"
 
 
 def _configuration(row: pd.Series) -> str:
