@@ -171,7 +171,12 @@ def test_decode_cell_times_one_step_and_sizes_the_cache(pattern):
     assert outcome.status is Status.OK and metrics["n"] >= 3 and metrics["context"] == 300
     assert metrics["state_bytes"] == 2 * (2 * 2 * 300 * 16 * 4)  # keys and values of 300 tokens, float32
     assert metrics["tokens_per_s"] == pytest.approx(2 / (metrics["median_ms"] * 1e-3))
-    assert metrics["flops"] == 2 * 2 * 4 * 300 * 32
+    assert metrics["flops"] == 2 * 2 * 4 * 300 * 32 and len(metrics["trial_medians_ms"]) == 1
+
+
+def test_decode_cell_trials_keep_every_sample():
+    metrics = decode_cell(_decode("vanilla", "CS", 64, trials=3)).metrics
+    assert len(metrics["trial_medians_ms"]) == 3 and metrics["n"] >= 9 and len(metrics["samples_ms"]) == metrics["n"]
 
 
 def test_decode_cell_statuses():

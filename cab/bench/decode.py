@@ -6,7 +6,8 @@ A bench cell with mode "decode" is one context length: Lk = the number of keys t
 CS: the state is prefilled with Lk - 1 tokens and the step decodes token Lk (its own key included); CC:
 the memory holds Lk keys and the step decodes one query against it. Every sample steps from the same
 state (the decode contract keeps a state valid), under inference mode; nothing else enters the timed
-region. Batch rows decode in parallel, so tokens/s = batch / step time.
+region. Batch rows decode in parallel, so tokens/s = batch / step time. Option `trials` repeats the
+timing (warm-up included) that many times, keeping every sample and each trial's median.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from cab.attention.base import Attention, UnsupportedPattern
 from cab.devices import device_unavailable
 from cab.bench.inputs import make_inputs
-from cab.bench.timer import time_callable
+from cab.bench.timer import TimingStats, time_callable
 from cab.bench.workload import build_attention
 from cab.cells import Cell, Outcome
 from cab.patterns import Pattern
@@ -90,16 +91,18 @@ def decode_cell(cell: Cell) -> Outcome:
     options = cell.options
     try:
         step, state = prepare_decode(attn, cell)
-        stats = time_callable(
-            step, device=cell.device, min_run_time_s=float(options.get("min_run_time_s", 0.5)),
-            warmup_s=float(options.get("warmup_s", 0.1)), min_samples=int(options.get("min_samples", 10)),
-            max_samples=int(options.get("max_samples", 1000)),
-        )
+        trials = [time_callable(step, device=cell.device, min_run_time_s=float(options.get("min_run_time_s", 0.5)),
+                                warmup_s=float(options.get("warmup_s", 0.1)),
+                                min_samples=int(options.get("min_samples", 10)),
+                                max_samples=int(options.get("max_samples", 1000)))
+                  for _ in range(int(options.get("trials", 1)))]
     except Exception as exc:
         if not is_oom(exc):
             raise
         return Outcome(Status.OOM, metrics={"oom_phase": "decode"},
                        message=f"out of memory while decoding: {type(exc).__name__}: {str(exc)[:500]}")
+    stats = TimingStats(tuple(t for trial in trials for t in trial.samples_ms), trials[0].timer, trials[0].threads,
+                        sum(trial.warmup_calls for trial in trials))
     flops = decode_flops(cell.batch, cell.heads, cell.lk, cell.head_dim, cell.head_dim)
     seconds = stats.median_ms * 1e-3
     metrics = {
@@ -107,6 +110,7 @@ def decode_cell(cell: Cell) -> Outcome:
         "gate": "ok" if gated else "off",
         "setup_ms": setup_ms,
         "context": cell.lk,
+        "trial_medians_ms": [trial.median_ms for trial in trials],
         "state_bytes": attn.decode_state_bytes(state),
         "tokens_per_s": cell.batch / seconds if seconds > 0 else None,
         "flops": flops,
