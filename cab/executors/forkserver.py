@@ -22,16 +22,18 @@ WARM_MODULES = ("torch", "torch._dynamo", "cab.runner", "cab.check", "cab.bench"
                 "cab.worker")
 
 
+_started: "set[int]" = set()  # pids of servers started with WARM_MODULES
+
+
 def context() -> multiprocessing.context.BaseContext:
     """The forkserver context, with WARM_MODULES (and whatever else was asked for) preloaded."""
     ctx = multiprocessing.get_context("forkserver")
     server = multiprocessing.forkserver._forkserver
+    running = getattr(server, "_forkserver_pid", None)
     current = [m for m in getattr(server, "_preload_modules", []) if m != "__main__"]
-    missing = [m for m in WARM_MODULES if m not in current]
-    if missing:
-        if getattr(server, "_forkserver_pid", None) is not None and hasattr(server, "_stop"):
-            server._stop()  # running without our modules: the next start preloads them
-        ctx.set_forkserver_preload(current + missing)
+    if running is not None and running not in _started and hasattr(server, "_stop"):
+        server._stop()  # started by someone else, perhaps without our modules: the next start preloads them
+    ctx.set_forkserver_preload(current + [m for m in WARM_MODULES if m not in current])
     return ctx
 
 
@@ -51,4 +53,5 @@ def start(target: Callable, args: tuple, name: str) -> multiprocessing.process.B
     process = context().Process(target=target, args=args, name=name)
     with _without_main_script():
         process.start()
+    _started.add(multiprocessing.forkserver._forkserver._forkserver_pid)
     return process
