@@ -1,0 +1,7 @@
+"""Task cells: train a small model with an attention plugged into the slots of one pattern, evaluate it,
+and (in `expand`) lay a config's `tasks` section out as cells."""
+
+from cab.training.cell import run_task, slot_attentions, task_cell
+from cab.training.loop import Diverged, TrainLog, learning_rate, train
+
+__all__ = ["Diverged", "TrainLog", "learning_rate", "run_task", "slot_attentions", "task_cell", "train"]
