@@ -11,7 +11,9 @@ from typing import Sequence
 from cab import registry
 from cab.patterns import Pattern
 from cab.executors import EXECUTORS
+from cab.executors.ray import RayUnavailable
 from cab.registry import PluginError, UnknownAttention, UnknownHyperparameter
+from cab.store import StoreError
 
 DEFAULT_DB = "results/cab.sqlite"
 DEFAULT_REPORT = "results/leaderboard"
@@ -194,7 +196,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         summary = run_grid(args.config, force=args.force, retry_failed=args.retry_failed, executor=args.executor,
-                           db=args.db, report_dir=args.out, render=not args.no_report, progress=not args.no_progress)
+                           address=args.address, db=args.db, report_dir=args.out, render=not args.no_report,
+                           progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
     print(summary)
@@ -281,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--force", action="store_true", help="rerun cells that already have a result")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that ended in error, timeout or oom")
-    p.add_argument("--executor", choices=sorted(EXECUTORS), default=None)
+    p.add_argument("--executor", choices=sorted(EXECUTORS), default=None,
+                   help="how cells run: local (this process), subprocess (each cell isolated), ray (Ray tasks)")
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: the Ray cluster to join, 'auto' or HOST:PORT (default: a private "
+                        "Ray instance on this machine, listening on loopback only)")
     p.add_argument("--db", default=None, help=f"results store (default: the config's, else {DEFAULT_DB})")
     p.add_argument("--out", default=None, help=f"leaderboard directory (default: the config's, else {DEFAULT_REPORT})")
     p.add_argument("--no-report", action="store_true")
@@ -307,7 +314,8 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, UnknownAttention, UnknownHyperparameter, ValueError, FileNotFoundError) as exc:
+    except (UsageError, UnknownAttention, UnknownHyperparameter, ValueError, FileNotFoundError, StoreError,
+            RayUnavailable) as exc:
         print(f"cab: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up cab in ./.venv: torch first (pinned, so a CPU machine never pulls a multi-GB CUDA build and a
-# GPU machine gets the registry's CUDA build of the same version), then cab with its test extras, then the
+# GPU machine gets the registry's CUDA build of the same version), then cab with its test and ray extras
+# (CI tests the Ray executor against a local instance), then the
 # third-party reference implementations the cross-check tests compare against. Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ PIP="$VENV/bin/python -m pip"
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
     $PIP install -q "torch==$TORCH_VERSION"
 fi
-$PIP install -q -e ".[test]"
+$PIP install -q -e ".[test,ray]"
 # Independent reference implementations used only by the cross-check tests. --no-deps: they must not
 # replace the pinned torch (their own requirements are listed in the file).
 if [ -s requirements/reference-impls.txt ]; then
