@@ -1,4 +1,4 @@
-"""`cab` command line: list, check, bench, run, report, export."""
+"""`cab` command line: list, check, bench, run, report, analyze, export."""
 
 from __future__ import annotations
 
@@ -213,6 +213,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from cab.analysis import (decode_table, efficiency_table, exponent_table, format_decode, format_efficiency,
+                              format_exponents)
+    from cab.store import ResultStore
+
+    if not Path(args.db).is_file():
+        raise UsageError(f"no results store at {args.db}: run `cab run CONFIG` or `cab bench --db` first")
+    _load(args.plugin)  # plugin attentions' declared exponents
+    with ResultStore(args.db) as store:
+        df = store.dataframe()
+    metrics = tuple(args.metric or ("time", "memory"))
+    lengths = efficiency_table(df, baselines=tuple(args.baseline), metrics=metrics, method=args.method,
+                               n_boot=args.bootstrap)
+    exponents = exponent_table(df, metrics=metrics, min_length=args.min_length, n_boot=args.bootstrap)
+    decoding = decode_table(df)
+    if args.json:
+        def records(table):
+            return json.loads(table.to_json(orient="records")) if not table.empty else []
+
+        print(json.dumps({"efficiency_lengths": records(lengths), "exponents": records(exponents),
+                          "decode": records(decoding)}, indent=2))
+        return 0
+    print(f"Efficiency lengths ({args.method}; the length from which each attention is cheaper than the baseline)\n")
+    print(format_efficiency(lengths))
+    print("\nComplexity exponents (slope of log cost vs log length)\n")
+    print(format_exponents(exponents))
+    print("\nDecoding (one incremental step at each context length)\n")
+    print(format_decode(decoding))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from cab.export import export_results
 
@@ -262,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true")
     p.add_argument("--lengths", type=_csv_ints, default=[512, 1024, 2048])
     p.add_argument("--pattern", default="NS")
-    p.add_argument("--mode", type=_csv, default=None, help="comma-separated: fwd, fwd_infer, bwd, fwdbwd")
+    p.add_argument("--mode", type=_csv, default=None, help="comma-separated: fwd, fwd_infer, bwd, fwdbwd, decode")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None)
@@ -300,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_REPORT)
     _add_plugin(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("analyze", help="efficiency lengths, complexity exponents and decode costs from the results store")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--method", choices=["robust", "cab"], default="robust",
+                   help="robust: crossing of per-length medians with a bootstrap interval; cab: CAB's fits")
+    p.add_argument("--baseline", type=_csv, default=["sdpa", "vanilla"],
+                   help="comma-separated exact baselines (default sdpa,vanilla)")
+    p.add_argument("--metric", type=_csv, default=None, help="time, memory or both (default)")
+    p.add_argument("--min-length", type=int, default=None, help="fit exponents only from this length on")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+    _add_plugin(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("export", help="write the results table as CSV, JSON or Parquet")
     p.add_argument("--format", required=True, choices=["csv", "json", "parquet"])

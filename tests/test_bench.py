@@ -216,6 +216,17 @@ def test_bench_cell_exact_attentions(attention, pattern, mode):
     assert "peak_mem_bytes" not in m  # memory pass off
 
 
+def test_bench_cell_skips_eager_attention_by_its_memory_estimate():
+    outcome = bench_cell(tiny_cell("vanilla", "NS", lq=65536, lk=65536, options={"max_memory_bytes": 2 ** 30}))
+    assert outcome.status is Status.SKIPPED and "memory estimate" in outcome.message
+    assert outcome.metrics["mem_estimate_bytes"] > 2 ** 30 and "median_ms" not in outcome.metrics
+
+
+def test_bench_cell_trials_keep_every_sample():
+    metrics = bench_cell(tiny_cell("sdpa", "NS", options={"trials": 3})).metrics
+    assert len(metrics["trial_medians_ms"]) == 3 and metrics["n"] == len(metrics["samples_ms"]) >= 15
+
+
 def test_bench_cell_flash_convention_option():
     outcome = bench_cell(tiny_cell("sdpa", "CS", options={"flops_convention": "flash"}))
     assert outcome.metrics["flops"] == dense_flops("CS", 1, 2, 16, 16, 8, 8, "fwd", convention="flash")

@@ -98,3 +98,27 @@ def test_run_report_export(tmp_path, capsys, monkeypatch):
 def test_report_on_missing_store_is_a_clear_error(tmp_path, capsys):
     assert main(["report", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "x")]) == 2
     assert "cab run" in capsys.readouterr().err
+
+
+def test_analyze_prints_efficiency_lengths_exponents_and_decoding(tmp_path, capsys):
+    db = tmp_path / "a.sqlite"
+    assert main(["bench", "vanilla", "sdpa", "--lengths", "64,128,256", "--heads", "2", "--head-dim", "16",
+                 "--min-run-time", "0.02", "--no-memory", "--db", str(db), "--json"]) == 0
+    assert main(["bench", "sdpa", "--pattern", "CS", "--mode", "decode", "--lengths", "64", "--heads", "2",
+                 "--head-dim", "16", "--min-run-time", "0.02", "--db", str(db), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", "--db", str(db), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "Efficiency lengths (robust" in out and "vs vanilla" in out and "Complexity exponents" in out
+    assert "2 (declared)" in out and "CS decode float32 cpu" in out
+    assert main(["analyze", "--db", str(db), "--json", "--metric", "time", "--method", "cab"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    row = next(r for r in data["efficiency_lengths"] if r["attention"] == "sdpa" and r["baseline"] == "vanilla")
+    assert row["metric"] == "time" and row["n_lengths"] == 3
+    assert {r["attention"] for r in data["exponents"]} == {"vanilla", "sdpa"}
+    assert [r["context"] for r in data["decode"]] == [64]
+
+
+def test_analyze_without_a_store_is_a_clear_error(tmp_path, capsys):
+    assert main(["analyze", "--db", str(tmp_path / "none.sqlite")]) == 2
+    assert "no results store" in capsys.readouterr().err

@@ -58,6 +58,8 @@ def test_exact_builtins_pass_every_pattern(name, hparams, pattern):
     names = [c.name for c in report.checks]
     expected = {"forward", "shape_dtype", "finite", "backward", "key_padding", "exact_oracle", "odd_shapes"}
     expected |= {"CS": {"causal_prefix", "causal_grad"}, "CC": {"query_causal"}}.get(pattern, set())
+    if pattern in ("CS", "CC") and cab.get_spec(name).cls.has_decode():
+        expected.add("decode")
     if cab.get_spec(name).has_reference:
         expected.add("reference")
     assert set(names) == expected

@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from cab.analysis.budget import over_budget
+from cab.analysis.hardware import gpu_state
 from cab.attention.base import UnsupportedPattern
 from cab.bench.flops import dense_flops
 from cab.bench.inputs import make_inputs
@@ -21,20 +23,25 @@ from cab.devices import device_unavailable
 
 
 
-def _time_mode(attn: torch.nn.Module, cell: Cell) -> TimingStats:
-    """Build the inputs (outside the timed region) and time the cell's mode with its options."""
+def _time_mode(attn: torch.nn.Module, cell: Cell) -> "list[TimingStats]":
+    """Build the inputs (outside the timed region) and time the cell's mode with its options, once per
+    trial (option `trials`, default 1; each trial warms up again)."""
     options = cell.options
     fn, before_sample = prepare_mode(attn, make_inputs(cell, needs_grad(cell.mode)), cell.mode)
-    return time_callable(
-        fn, device=cell.device, before_sample=before_sample,
-        min_run_time_s=float(options.get("min_run_time_s", 0.5)), warmup_s=float(options.get("warmup_s", 0.1)),
-        min_samples=int(options.get("min_samples", 10)), max_samples=int(options.get("max_samples", 1000)),
-    )
+    return [
+        time_callable(
+            fn, device=cell.device, before_sample=before_sample,
+            min_run_time_s=float(options.get("min_run_time_s", 0.5)), warmup_s=float(options.get("warmup_s", 0.1)),
+            min_samples=int(options.get("min_samples", 10)), max_samples=int(options.get("max_samples", 1000)),
+        )
+        for _ in range(int(options.get("trials", 1)))
+    ]
 
 
 def bench_cell(cell: Cell) -> Outcome:
-    """Gate, then time and measure one attention in one mode (decode cells go to cab.bench.decode); an unsupported configuration, a failed gate
-    or an OOM while timing is an Outcome without timings. Other exceptions propagate (the runner records
+    """Gate, then time and measure one attention in one mode (decode cells go to cab.bench.decode); an
+    unsupported configuration, a failed gate, a cost over budget or an OOM while timing is an Outcome without
+    timings. Other exceptions propagate (the runner records
     them as errors), so partial timings are never reported as ok."""
     if cell.kind != "bench":
         raise ValueError(f"bench_cell runs cells of kind 'bench', got {cell.kind!r}")
@@ -53,6 +60,9 @@ def bench_cell(cell: Cell) -> Outcome:
         setup_ms = (time.perf_counter() - start) * 1e3
     except UnsupportedPattern as exc:
         return Outcome(Status.UNSUPPORTED, message=str(exc))
+    skipped = over_budget(attn, cell)  # max_memory_bytes / max_flops against the attention's declared costs
+    if skipped is not None:
+        return skipped
 
     gated = cell.options.get("gate", True) is not False
     if gated:
@@ -63,14 +73,17 @@ def bench_cell(cell: Cell) -> Outcome:
             return Outcome(report.status, metrics={"gate": report.status.value},
                            message=f"correctness gate failed: {report.message}")
 
+    gpu_before = gpu_state(cell.device)  # NVML clocks and throttle reasons ({} off CUDA or without pynvml)
     try:
-        stats = _time_mode(attn, cell)
+        trials = _time_mode(attn, cell)
     except Exception as exc:
         if not is_oom(exc):
             raise
         return Outcome(Status.OOM, metrics={"oom_phase": "timing"},
                        message=f"out of memory while timing: {type(exc).__name__}: {str(exc)[:500]}")
     del attn
+    stats = TimingStats(tuple(t for trial in trials for t in trial.samples_ms), trials[0].timer, trials[0].threads,
+                        sum(trial.warmup_calls for trial in trials))
 
     convention = cell.options.get("flops_convention", "exact")
     flops = dense_flops(cell.pattern, cell.batch, cell.heads, cell.lq, cell.lk, cell.head_dim, cell.head_dim,
@@ -83,7 +96,10 @@ def bench_cell(cell: Cell) -> Outcome:
         "flops_convention": convention,
         "tflops": flops / (stats.median_ms * 1e-3) / 1e12 if stats.median_ms > 0 else None,
         "visible_pairs": visible_pairs(cell.pattern, cell.lq, cell.lk, convention=convention),  # per (B, H)
+        "trial_medians_ms": [trial.median_ms for trial in trials],
     }
+    if gpu_before:
+        metrics.update(gpu_before=gpu_before, gpu_after=gpu_state(cell.device))
     if cell.options.get("memory", True):
         metrics.update(measure_memory(cell))
     return Outcome(Status.OK, metrics=metrics)

@@ -2,8 +2,9 @@
 
 Order: forward, shape_dtype (if either fails the rest are skipped), finite, backward, the causality checks
 of the pattern (CS: causal_prefix, causal_grad; CC: query_causal), key_padding, reference (when the
-attention has a reference()), exact_oracle (exact attentions), odd_shapes. A pattern the attention does not
-declare is one check, `undeclared_pattern`: building must raise UnsupportedPattern naming both.
+attention has a reference()), exact_oracle (exact attentions), decode (CS and CC, when the attention
+decodes incrementally), odd_shapes. A pattern the attention does not declare is one check,
+`undeclared_pattern`: building must raise UnsupportedPattern naming both.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cab.attention.base import UnsupportedPattern
 from cab.check.agreement import check_exact_oracle, check_reference
 from cab.check.basic import check_backward, check_finite, check_forward, check_shape_dtype
 from cab.check.causality import check_causal_grad, check_causal_prefix, check_query_causal
+from cab.check.decode import check_decode
 from cab.check.isolation import isolated
 from cab.check.outcomes import CheckOutcome, ConformanceReport
 from cab.check.padding import check_key_padding
@@ -46,6 +48,8 @@ def declared_checks(spec: AttentionSpec, pattern: Pattern) -> "list[tuple[str, C
         checks.append(("reference", check_reference))
     if spec.exact:
         checks.append(("exact_oracle", check_exact_oracle))
+    if pattern.causal and spec.cls.has_decode():
+        checks.append(("decode", check_decode))
     checks.append(("odd_shapes", check_odd_shapes))
     return checks
 
