@@ -56,8 +56,9 @@ def train(task: Task, model: nn.Module, data: Any, generator: torch.Generator, d
     log, running, count = TrainLog(steps=0), 0.0, 0
     model.train()
     start = time.perf_counter()
-    with tqdm(total=p.steps, desc=description, unit="step", leave=False, disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    # disable=None: no bar when stderr is not a terminal (logs, worker processes)
+    with tqdm(total=p.steps, desc=description, unit="step", leave=False, disable=None if progress else True,
+              file=sys.stderr, dynamic_ncols=True) as bar:
         for step in range(p.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, p.steps, p.lr, p.warmup)
