@@ -97,13 +97,21 @@ def test_low_precision_error_is_comparable_to_eager(dtype):
     assert errs["memory_efficient"] <= 2 * errs["vanilla"] + 1e-6
 
 
-def test_memory_efficient_saves_no_quadratic_tensor():
-    """With chunks smaller than L, nothing of size Lq x Lk is kept for backward (O(L) memory)."""
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_memory_efficient_saves_no_quadratic_tensor(pattern):
+    """With chunks smaller than L, no storage of size Lq x Lk is kept for backward (O(L) memory), counting
+    whole storages so that a small view of a full-size mask is caught too."""
     lq = 256
     q, k, v = (torch.randn(1, 2, lq, 16, requires_grad=True) for _ in range(3))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        out = cab.create_attention("memory_efficient", "NS", 2, 16, query_chunk_size=64, key_chunk_size=64)(q, k, v)
-    assert max(saved) < 2 * lq * lq // 4  # at most per-chunk-sized tensors (a full score matrix is 2*256*256)
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attn = cab.create_attention("memory_efficient", pattern, 2, 16, query_chunk_size=64, key_chunk_size=64)
+        out = attn(q, k, v)
+    assert max(saved) < lq * lq  # a full bool mask is L*L bytes, a full float32 score matrix 2*4*L*L
     out.sum().backward()
     assert torch.isfinite(q.grad).all()

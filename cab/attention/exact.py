@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale, zero_empty_rows
-from cab.patterns import Pattern, visibility_mask
+from cab.patterns import Pattern
 from cab.registry import register_attention
 
 ALL_PATTERNS = ("NS", "CS", "NC", "CC")
@@ -277,8 +277,9 @@ class MemoryEfficientAttention(KVCacheAttention):
                 if causal and ks > qe - 1 + (lk - lq):
                     break  # every later key chunk is in the future of every query of this chunk
                 mask = None
-                if causal:
-                    mask = visibility_mask(Pattern.CS, lq, lk, device=q.device)[qs:qe, ks:ke]
+                if causal:  # built for this chunk alone: a view of a full mask would keep L x L alive
+                    rows = torch.arange(qs, qe, device=q.device).unsqueeze(1) + (lk - lq)
+                    mask = torch.arange(ks, ke, device=q.device).unsqueeze(0) <= rows
                 if pad is not None:
                     keep = ~pad[..., ks:ke]
                     mask = keep if mask is None else (mask & keep)
