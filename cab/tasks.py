@@ -1,11 +1,14 @@
-"""The task protocol (`Task`, `TaskParams`, `Metric`), the task registry and the loader of the task modules
-in the repository's `tasks/` folder.
+"""The task protocol (`Task`, `TaskParams`, `Metric`), the task registry, the loader of the task modules
+in the repository's `tasks/` folder, and the `tasks` section of grid configs.
 
 A task declares the patterns it exercises and the backbone each uses, its metrics with their direction,
 its parameters (training budget, model size, lengths) with defaults, and how to build its data, model,
 batches, loss and evaluation. Adding a task means adding one module under `tasks/` that defines a `Task`
 subclass decorated with `@register_task`. The folder is imported as the package `cab_tasks`, so task
 modules share helpers with relative imports (`from ._data import ...`).
+
+Importing this module registers the config section `tasks` (`TasksSection`, laid out into cells by
+`cab.training.expand.expand_tasks`); cab.config imports it when a config has a `tasks:` key.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 from torch import nn
 
+from cab.config import Name, PatternList, PositiveInt, Section
 from cab.models import AttentionSlots
 from cab.models.slots import DEFAULT_BASE
 from cab.patterns import Pattern
@@ -234,7 +238,70 @@ def create_task(name: str, params: "dict | None" = None) -> Task:
     return get_task(name)(params or {})
 
 
+# the `tasks` section of grid configs ------------------------------------------------------------------
+
+class TaskEntry(BaseModel):
+    """One task of a `tasks` section: a registered task, overrides of its parameters, optionally fewer
+    patterns than the task exercises, and a display label."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Name
+    params: dict[str, Any] = Field(default_factory=dict)
+    patterns: "PatternList | None" = None
+    label: str = ""
+
+
+def _task_selection_kind(value: Any) -> str:
+    return "all" if isinstance(value, str) else "list"
+
+
+def _normalise_tasks(value: Any) -> Any:
+    """`all`, or a list whose plain-string items are task names."""
+    if value == "all":
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected 'all' or a non-empty list of tasks, got {value!r}")
+    return [{"name": item} if isinstance(item, str) else item for item in value]
+
+
+TaskSelection = Annotated[
+    Union[Annotated[Literal["all"], Tag("all")], Annotated[list[TaskEntry], Tag("list")]],
+    Discriminator(_task_selection_kind),
+    BeforeValidator(_normalise_tasks),
+]
+
+
+class TasksSection(Section):
+    """Training cells: task x pattern x attention x seed (laid out by cab.training.expand.expand_tasks).
+    `params` apply to every task (only the parameters all tasks share), each entry's own `params` after
+    them; `attention_hparams` maps attention names to hyper-parameters (an entry's own hparams win);
+    `seeds` seeds run from the config's seed on; `gate` runs conformance on every attention a model uses
+    before training; `progress` shows a training progress bar on a terminal."""
+
+    tasks: TaskSelection = "all"
+    seeds: PositiveInt = 1
+    params: dict[str, Any] = Field(default_factory=dict)
+    attention_hparams: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    gate: bool = True
+    progress: bool = True
+
+
+def _expand_tasks(config: Any, section: TasksSection) -> Any:
+    from cab.training.expand import expand_tasks
+
+    return expand_tasks(config, section)
+
+
+def _register_section() -> None:
+    from cab.grid import register_section
+
+    register_section("tasks", TasksSection, _expand_tasks)
+
+
+_register_section()
+
 __all__ = [
-    "Metric", "MissingData", "TASKS_DIR_ENV", "TASKS_PACKAGE", "Task", "TaskParams", "UnknownTask", "create_task",
-    "get_task", "load_tasks", "register_task", "task_names", "tasks_dir",
+    "Metric", "MissingData", "TASKS_DIR_ENV", "TASKS_PACKAGE", "Task", "TaskEntry", "TaskParams", "TasksSection",
+    "UnknownTask", "create_task", "get_task", "load_tasks", "register_task", "task_names", "tasks_dir",
 ]

@@ -76,8 +76,7 @@ def _attention_entries(config: Any, section: Any) -> list:
 
 def expand_tasks(config: Any, section: Any) -> "tuple[int, Iterator[Cell]]":
     """(number of cells, the cells) of a `tasks` section, in task, pattern, attention, seed order."""
-    from cab.config import TaskEntry
-    from cab.tasks import task_names
+    from cab.tasks import TaskEntry, task_names
 
     entries = _attention_entries(config, section)
     allowed = set(config.patterns_of(section))
