@@ -10,7 +10,7 @@ from typing import Any
 
 from cab.status import Status
 
-CELL_KINDS = ("check", "bench")
+CELL_KINDS = ("check", "bench", "task")
 BENCH_MODES = ("fwd", "fwd_infer", "bwd", "fwdbwd", "decode")  # decode: one incremental step (cab.bench.decode)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # fields that identify a measurement; `options` (time budgets, memory pass on/off, label) do not
@@ -22,7 +22,8 @@ _IDENTITY = (
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work: a conformance check or a benchmark of one attention in one configuration."""
+    """One unit of work: a conformance check, a benchmark, or a task training run of one attention in one
+    configuration."""
 
     kind: str
     attention: str
@@ -38,12 +39,18 @@ class Cell:
     device: str = "cpu"
     mode: str = ""
     seed: int = 0
+    task: str = ""  # kind "task": the task trained and evaluated (cab.tasks)
+    task_params: dict = field(default_factory=dict)  # kind "task": the task's resolved parameters
     label: str = ""
     options: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
-        """The canonical fields that define the cell (its key is their hash)."""
-        return {name: getattr(self, name) for name in _IDENTITY}
+        """The canonical fields that define the cell (its key is their hash). `task` and `task_params` join
+        only when a task is set, so check and bench cells keep the keys they had before task cells existed."""
+        identity = {name: getattr(self, name) for name in _IDENTITY}
+        if self.task:
+            identity.update(task=self.task, task_params=self.task_params)
+        return identity
 
     @property
     def key(self) -> str:

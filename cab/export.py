@@ -73,8 +73,8 @@ def _metrics_text(metrics: Any) -> str:
 def flat_frame(results: pd.DataFrame) -> pd.DataFrame:
     """CSV/Parquet form: structured fields as JSON strings (no sample lists), scalar metrics as m_ columns."""
     frame = _base_frame(results)
-    for column in JSON_COLUMNS:
-        if column in frame:
+    for column in frame.columns:  # the known JSON fields, and any other structured cell field (task_params)
+        if column in JSON_COLUMNS or frame[column].map(lambda v: isinstance(v, (dict, list))).any():
             frame[column] = frame[column].map(_metrics_text if column == "metrics" else _json_text)
     # taken from the metrics dicts, not the store's m_ columns, where pandas made floats of integers
     metrics = [m if isinstance(m, dict) else {} for m in results["metrics"]]

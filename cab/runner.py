@@ -75,6 +75,10 @@ def _dispatch(cell: Cell) -> Outcome:
         from cab.bench import bench_cell
 
         return bench_cell(cell)
+    if cell.kind == "task":
+        from cab.training.cell import task_cell
+
+        return task_cell(cell)
     raise ValueError(f"unknown cell kind {cell.kind!r}")
 
 
