@@ -13,7 +13,7 @@ from cab.bench.flops import dense_flops
 from cab.bench.inputs import make_inputs
 from cab.bench.memory import measure_memory
 from cab.bench.timer import TimingStats, time_callable
-from cab.bench.workload import build_attention, needs_grad, prepare_mode
+from cab.bench.workload import build_attention, failed_gate, needs_grad, prepare_mode
 from cab.cells import BENCH_MODES, Cell, Outcome
 from cab.patterns import visible_pairs
 from cab.registry import get_spec
@@ -65,13 +65,9 @@ def bench_cell(cell: Cell) -> Outcome:
         return skipped
 
     gated = cell.options.get("gate", True) is not False
-    if gated:
-        from cab.check import gate
-
-        report = gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype)
-        if report.status is not Status.OK:
-            return Outcome(report.status, metrics={"gate": report.status.value},
-                           message=f"correctness gate failed: {report.message}")
+    failed = failed_gate(cell) if gated else None
+    if failed is not None:
+        return failed
 
     gpu_before = gpu_state(cell.device)  # NVML clocks and throttle reasons ({} off CUDA or without pynvml)
     try:

@@ -21,7 +21,7 @@ from cab.attention.base import Attention, UnsupportedPattern
 from cab.devices import device_unavailable
 from cab.bench.inputs import make_inputs
 from cab.bench.timer import TimingStats, time_callable
-from cab.bench.workload import build_attention
+from cab.bench.workload import build_attention, failed_gate
 from cab.cells import Cell, Outcome
 from cab.patterns import Pattern
 from cab.registry import get_spec
@@ -81,13 +81,9 @@ def decode_cell(cell: Cell) -> Outcome:
     except UnsupportedPattern as exc:
         return Outcome(Status.UNSUPPORTED, message=str(exc))
     gated = cell.options.get("gate", True) is not False
-    if gated:
-        from cab.check import gate
-
-        report = gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype)
-        if report.status is not Status.OK:
-            return Outcome(report.status, metrics={"gate": report.status.value},
-                           message=f"correctness gate failed: {report.message}")
+    failed = failed_gate(cell) if gated else None
+    if failed is not None:
+        return failed
     options = cell.options
     try:
         step, state = prepare_decode(attn, cell)

@@ -9,10 +9,11 @@ import torch
 
 from cab.attention.base import Attention
 from cab.bench.inputs import torch_dtype
-from cab.cells import BENCH_MODES, Cell
+from cab.cells import BENCH_MODES, Cell, Outcome
 
 TIMED_MODES = tuple(m for m in BENCH_MODES if m != "decode")  # whole-sequence passes (decode: cab.bench.decode)
 from cab.registry import create_attention
+from cab.status import Status
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # q, k, v, dout
 
@@ -63,3 +64,15 @@ def prepare_mode(
         out = attn(q, k, v)
         return (lambda: out.backward(dout, retain_graph=True)), reset_grads
     return (lambda: attn(q, k, v).backward(dout)), reset_grads
+
+
+def failed_gate(cell: Cell) -> "Outcome | None":
+    """The cell's outcome when the correctness gate (cab.check.gate) fails, None when it passes: no speed is
+    reported for a configuration whose conformance checks fail."""
+    from cab.check import gate
+
+    report = gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype)
+    if report.status is Status.OK:
+        return None
+    return Outcome(report.status, metrics={"gate": report.status.value},
+                   message=f"correctness gate failed: {report.message}")
