@@ -151,6 +151,11 @@ def test_run_stores_task_results_and_resumes(tmp_path):
         assert len(results["vanilla"].metrics["loss_curve"]) == 3
         frame = store.dataframe()
         assert list(frame["task"]) == ["recall", "recall"] and "m_accuracy" in frame
+    from cab.training.summary import long_metrics, summary_table
+
+    long = long_metrics(frame)
+    assert sorted(long["attention"]) == ["performer", "vanilla"] and set(long["metric"]) == {"accuracy"}
+    assert list(summary_table(long)["rank"]) == [1, 1]  # one seed: no interval, so no separation
     again = run_grid(path, db=db, render=False, progress=False)
     assert (again.skipped, again.run) == (2, 0)
 

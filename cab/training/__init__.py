@@ -1,5 +1,5 @@
 """Task cells: train a small model with an attention plugged into the slots of one pattern, evaluate it,
-and (in `expand`) lay a config's `tasks` section out as cells."""
+lay a config's `tasks` section out as cells (`expand`), and summarise the stored results (`summary`)."""
 
 from cab.training.cell import run_task, slot_attentions, task_cell
 from cab.training.loop import Diverged, TrainLog, learning_rate, train

@@ -1,0 +1,60 @@
+"""Task results as statistics: per-seed metrics in long form, their summaries with confidence intervals and
+tie-aware ranks, and CAB's compositional index, from the store's dataframe (`ResultStore.dataframe()`).
+
+An attention is identified by its display label (the name, or name(hparams) when hyper-parameters set
+it apart), so two settings of one mechanism are ranked as two entries."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from cab.stats import CompositionalIndex, compositional_index, rank_with_ties, summarize
+from cab.tasks import UnknownTask, get_task
+
+LONG_FRAME_COLUMNS = ("task", "pattern", "attention", "seed", "metric", "value", "direction", "index")
+
+
+def long_metrics(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (ok task result, declared scalar metric): task, pattern, attention (label), seed, metric,
+    value, direction (+1 higher is better, -1 lower), index (whether it enters the compositional index).
+    Results of tasks this process does not know are left out."""
+    rows = []
+    if "task" not in results:
+        return pd.DataFrame(columns=LONG_FRAME_COLUMNS)
+    done = results[(results["kind"] == "task") & (results["status"] == "ok")]
+    for _, result in done.iterrows():
+        try:
+            task = get_task(result["task"])
+        except UnknownTask:
+            continue
+        metrics = result["metrics"] if isinstance(result["metrics"], dict) else {}
+        for metric in task.metrics:
+            value = metrics.get(metric.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append((result["task"], result["pattern"], result["label"] or result["attention"],
+                             int(result["seed"]), metric.name, float(value), metric.direction, metric.index))
+    return pd.DataFrame(rows, columns=LONG_FRAME_COLUMNS)
+
+
+def summary_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, pattern, metric, attention): n seeds, mean, std, 95% interval, and the rank among the
+    attentions of the same (task, pattern, metric), apart only where the intervals separate."""
+    rows = []
+    for (task, pattern, metric), group in long.groupby(["task", "pattern", "metric"], sort=True):
+        direction = int(group["direction"].iloc[0])
+        summaries = {name: summarize(values) for name, values in group.groupby("attention")["value"]}
+        ranks = rank_with_ties(summaries, higher_is_better=direction > 0)
+        for name, s in summaries.items():
+            rows.append({"task": task, "pattern": pattern, "metric": metric, "attention": name, **s.to_dict(),
+                         "rank": ranks[name]})
+    columns = ["task", "pattern", "metric", "attention", "n", "mean", "std", "ci_low", "ci_high", "rank"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["task", "pattern", "metric", "rank", "attention"],
+                                                           ignore_index=True)
+
+
+def task_index(long: pd.DataFrame, baseline: "str | None" = "vanilla") -> CompositionalIndex:
+    """CAB's compositional index per pattern over the metrics that declare `index` (see cab.stats)."""
+    return compositional_index(long[long["index"]], baseline=baseline)
+
+
+__all__ = ["LONG_FRAME_COLUMNS", "long_metrics", "summary_table", "task_index"]
