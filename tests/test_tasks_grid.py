@@ -10,9 +10,6 @@ import torch
 from cab.cells import Cell
 from cab.status import Status
 
-pytestmark = pytest.mark.skipif("task" not in Cell.__dataclass_fields__,
-                                reason="needs the task-cell integration of cab.cells/config/grid/runner/store")
-
 TINY = "{steps: 3, batch_size: 4, d_model: 16, heads: 2, layers: 1, eval_batch_size: 8}"
 
 GRID = f"""\
