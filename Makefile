@@ -1,9 +1,10 @@
 # `make run`: set up and run the default grid (CPU, SQLite results, HTML leaderboard).
 # `make test`: set up and run the test suite (what CI runs).
+# `make tasks`: set up and train every attention on the quick tasks (CPU, about 17 minutes on 2 cores).
 VENV ?= .venv
 STAMP := $(VENV)/.cab-setup
 
-.PHONY: setup run test bench clean
+.PHONY: setup run tasks test bench clean
 
 $(STAMP): pyproject.toml scripts/setup.sh requirements/reference-impls.txt
 	bash scripts/setup.sh
@@ -14,6 +15,9 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/cab run configs/quick.yaml
 
+tasks: setup
+	$(VENV)/bin/cab run configs/tasks-quick.yaml
+
 test: setup
 	$(VENV)/bin/python -m pytest
 
@@ -21,4 +25,4 @@ bench: setup
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-only
 
 clean:
-	rm -rf $(VENV) results/cab.sqlite* results/leaderboard
+	rm -rf $(VENV) results/cab.sqlite* results/leaderboard results/tasks-quick.sqlite* results/tasks-quick-leaderboard

