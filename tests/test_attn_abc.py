@@ -7,14 +7,10 @@ import torch
 from cab import create_attention
 from cab.check import run_conformance
 from cab.status import Status
+from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
-def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    return [t.requires_grad_() for t in (q, k, v)]
+_inputs = random_qkv
 
 
 def _build(pattern, heads=4, dim=8, **hparams):
@@ -28,15 +24,8 @@ def _build(pattern, heads=4, dim=8, **hparams):
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = _build(pattern, num_slots=5)
     q, k, v = _inputs(2, 4, 2, lq, lk, 8)
-    pad = torch.zeros(2, lk, dtype=torch.bool)
-    pad[1, -3:] = True
-    pad[0, 1] = True
-    out, ref = attn(q, k, v, pad), attn.reference(q, k, v, pad)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
-    cot = torch.randn_like(out)
-    wrt = (q, k, v, attn.control_k, attn.control_v)
-    for a, b in zip(torch.autograd.grad(out, wrt, cot), torch.autograd.grad(ref, wrt, cot)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk),
+                                     wrt=(q, k, v, attn.control_k, attn.control_v))
 
 
 def test_causal_rows_equal_noncausal_attention_on_their_prefix():

@@ -10,16 +10,12 @@ from cab.attention.flash import FlashAttention, exact_attention_backward, flash_
 from cab.check import run_conformance
 from cab.patterns import Pattern, attention_mask
 from cab.status import Status
+from attn_helpers import random_qkv
 
 PATTERN_SHAPES = [("NS", 30, 30), ("CS", 30, 30), ("CS", 19, 30), ("CS", 30, 19), ("NC", 23, 31), ("CC", 31, 23)]
 
 
-def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    return [t.requires_grad_() for t in (q, k, v)]
+_inputs = random_qkv
 
 
 def _padding(b, lk):

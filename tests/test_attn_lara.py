@@ -8,14 +8,10 @@ from cab import UnsupportedPattern, create_attention
 from cab.attention.lara import segment_ids, segment_means
 from cab.check import run_conformance
 from cab.status import Status
+from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
-def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    return [t.requires_grad_() for t in (q, k, v)]
+_inputs = random_qkv
 
 
 @pytest.mark.parametrize("pattern,lq,lk,landmarks,seed", [
@@ -25,14 +21,7 @@ def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0):
 def test_forward_matches_reference_with_gradients(pattern, lq, lk, landmarks, seed):
     attn = create_attention("lara", pattern, 4, 8, num_landmarks=landmarks, seed=seed)
     q, k, v = _inputs(2, 4, 2, lq, lk, 8)
-    pad = torch.zeros(2, lk, dtype=torch.bool)
-    pad[1, -3:] = True
-    pad[0, 1] = True
-    out, ref = attn(q, k, v, pad), attn.reference(q, k, v, pad)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
-    cot = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
 
 
 def test_segments_follow_the_real_positions():

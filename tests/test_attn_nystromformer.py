@@ -8,14 +8,10 @@ import torch
 from cab import UnsupportedPattern, create_attention
 from cab.check import run_conformance
 from cab.status import Status
+from attn_helpers import random_qkv
 
 
-def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
-    return [t.requires_grad_() for t in (q, k, v)]
+_inputs = random_qkv
 
 
 @pytest.mark.parametrize("pattern,lq,lk", [("NS", 37, 37), ("NS", 6, 6), ("NC", 29, 45), ("NC", 5, 45)])

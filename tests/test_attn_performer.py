@@ -8,6 +8,7 @@ import torch
 from cab import create_attention
 from cab.check import run_conformance
 from cab.status import Status
+from attn_helpers import assert_forward_matches_reference, holey_padding
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0, scale=1.0):
@@ -24,14 +25,7 @@ def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0, scale=1.0):
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("performer", pattern, 4, 8, num_features=12, seed=1)
     q, k, v = _inputs(2, 4, 2, lq, lk, 8)
-    pad = torch.zeros(2, lk, dtype=torch.bool)
-    pad[1, -3:] = True
-    pad[0, 1] = True
-    out, ref = attn(q, k, v, pad), attn.reference(q, k, v, pad)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
-    cot = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
 
 
 def test_features_are_block_orthogonal_and_seeded():

@@ -1,0 +1,31 @@
+"""Shared helpers of the attention tests: seeded inputs, a padding mask with holes, and the comparison of an
+attention's forward with its own reference(), outputs and gradients, at float64 tolerances."""
+
+import torch
+
+
+def random_qkv(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0):
+    """Seeded q (b, hq, lq, d), k and v (b, hkv, lk, d), all requiring gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=gen, dtype=dtype)
+    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
+    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def holey_padding(lk):
+    """(2, lk) key padding: the second element's last 3 keys and the first element's key 1 are padding."""
+    pad = torch.zeros(2, lk, dtype=torch.bool)
+    pad[1, -3:] = True
+    pad[0, 1] = True
+    return pad
+
+
+def assert_forward_matches_reference(attn, q, k, v, pad, wrt=None):
+    """forward and reference() agree in value and in the gradients w.r.t. `wrt` (default q, k, v)."""
+    out, ref = attn(q, k, v, pad), attn.reference(q, k, v, pad)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    cot = torch.randn_like(out)
+    wrt = (q, k, v) if wrt is None else wrt
+    for a, b in zip(torch.autograd.grad(out, wrt, cot), torch.autograd.grad(ref, wrt, cot)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
