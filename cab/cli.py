@@ -88,8 +88,35 @@ def _resolve_names(names: "list[str]", plugins: "list[str]", use_all: bool) -> "
 
 # commands ---------------------------------------------------------------------------------------------
 
+def _print_catalog(as_json: bool) -> None:
+    """The seed-mechanism coverage catalogue: each id, its implementing attentions or why there are none."""
+    from cab.catalog import SECTIONS, catalog_rows
+
+    rows = catalog_rows()
+    if as_json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    section = None
+    for row in rows:
+        if row.mechanism.section != section:
+            section = row.mechanism.section
+            print(f"\n{section}  {SECTIONS[section]}")
+        if row.attentions:
+            what = f"{', '.join(row.attentions)}  [{' '.join(row.patterns)}]"
+        else:
+            what = f"{row.status}: {row.reason}" if row.reason else "MISSING"
+        print(f"  {row.mechanism.id:<18} {row.mechanism.title[:58]:<58}  {what}")
+    print("\n" + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f" of {len(rows)}")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     failed = _load(args.plugin)
+    if args.catalog:
+        _print_catalog(args.json)
+        return 1 if failed else 0
     specs = registry.all_specs()
     if args.json:
         print(json.dumps([s.to_dict() for s in specs], indent=2))
@@ -277,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list the registered attentions")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--catalog", action="store_true",
+                   help="the seed mechanisms (M1-M65) and which attention implements each, or why none does")
     _add_plugin(p)
     p.set_defaults(func=cmd_list)
 

@@ -405,3 +405,28 @@ def test_bench_cell_on_cuda(mode):
     assert m["timer"] == "cuda_event" and m["p20_ms"] <= m["median_ms"] <= m["p80_ms"]
     assert m["mem_status"] == "ok" and m["mem_method"] == "cuda_allocator" and m["peak_mem_bytes"] > 0
     assert ("saved_for_backward_bytes" in m) == (mode == "fwd")
+
+
+def test_bench_cell_records_backend_and_achieved_sparsity():
+    """An attention declaring computed_pairs gets computed/visible pair counts and the achieved sparsity;
+    every row names the backend that ran."""
+
+    @register_attention("bench_test_diagonal", patterns=("NS", "CS"), family="test", exact=False)
+    class Diagonal(Attention):
+        backend = "diag-test"
+
+        def forward(self, q, k, v, key_padding_mask=None):
+            return v.expand(q.shape[0], q.shape[1], *v.shape[2:])
+
+        def computed_pairs(self, q, k, v, key_padding_mask=None):
+            return q.shape[0] * q.shape[1] * q.shape[2]  # one key per query
+
+    try:
+        m = bench_cell(tiny_cell("bench_test_diagonal", "CS")).metrics
+        assert m["backend"] == "diag-test"
+        assert m["computed_pairs"] == 2 * 16 and m["visible_pairs_total"] == 2 * (16 * 17 // 2)
+        assert m["achieved_sparsity"] == pytest.approx(1 - 32 / (2 * 136))
+    finally:
+        unregister_attention("bench_test_diagonal")
+    dense = bench_cell(tiny_cell("sdpa", "NS")).metrics
+    assert dense["backend"] == "torch" and "achieved_sparsity" not in dense

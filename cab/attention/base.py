@@ -45,6 +45,9 @@ class Attention(nn.Module):
     # theoretical cost exponents in the sequence length, e.g. {"time": 2, "memory": 1}; optional, shown by
     # cab.analysis beside the fitted exponents (a family default is used where an attention declares none)
     complexity: ClassVar[dict[str, float]] = {}
+    # the implementation that runs (e.g. "torch", "triton", "flex"); an attention with several backends
+    # sets it per instance. Recorded in every bench result row.
+    backend: str = "torch"
 
     def __init__(self, pattern: "Pattern | str", num_heads: int, head_dim: int):
         super().__init__()
@@ -95,6 +98,19 @@ class Attention(nn.Module):
         """An upper estimate of the bytes one call of bench mode `mode` allocates beyond its inputs (what
         cab's memory pass measures), so a sweep can skip a cell that cannot fit; None when undeclared."""
         return None
+
+    def computed_pairs(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None" = None
+    ) -> "int | None":
+        """How many (batch, query head, query, key) score pairs forward() computes on these inputs, for
+        sparse, local and routing attentions whose work is a subset of the dense pairs (content-based ones
+        run their selection to count); None when undeclared (dense, or not pair-based like linear ones).
+        The bench records it with the achieved sparsity 1 - computed / visible."""
+        return None
+
+    @classmethod
+    def has_computed_pairs(cls) -> bool:
+        return cls.computed_pairs is not Attention.computed_pairs
 
     # optional: incremental decoding (causal patterns) ------------------------------------------------
     # A decoder calls decode_init once, then decode_step once per query token. CS: each step brings the

@@ -22,7 +22,6 @@ from cab.status import Status
 from cab.devices import device_unavailable
 
 
-
 def _time_mode(attn: torch.nn.Module, cell: Cell) -> "list[TimingStats]":
     """Build the inputs (outside the timed region) and time the cell's mode with its options, once per
     trial (option `trials`, default 1; each trial warms up again)."""
@@ -36,6 +35,21 @@ def _time_mode(attn: torch.nn.Module, cell: Cell) -> "list[TimingStats]":
         )
         for _ in range(int(options.get("trials", 1)))
     ]
+
+
+def _pair_metrics(attn: torch.nn.Module, cell: Cell) -> dict:
+    """computed_pairs (all batch rows and heads), the visible pairs a dense attention computes and the
+    achieved sparsity 1 - computed / visible, for attentions that declare `computed_pairs`; {} otherwise."""
+    if not attn.has_computed_pairs():
+        return {}
+    q, k, v, _ = make_inputs(cell, requires_grad=False)
+    with torch.no_grad():
+        computed = attn.computed_pairs(q, k, v)
+    if computed is None:
+        return {}
+    visible = cell.batch * cell.heads * visible_pairs(cell.pattern, cell.lq, cell.lk)
+    return {"computed_pairs": int(computed), "visible_pairs_total": visible,
+            "achieved_sparsity": 1.0 - int(computed) / visible if visible else None}
 
 
 def bench_cell(cell: Cell) -> Outcome:
@@ -77,6 +91,8 @@ def bench_cell(cell: Cell) -> Outcome:
             raise
         return Outcome(Status.OOM, metrics={"oom_phase": "timing"},
                        message=f"out of memory while timing: {type(exc).__name__}: {str(exc)[:500]}")
+    pairs = _pair_metrics(attn, cell)
+    backend = str(getattr(attn, "backend", "torch"))
     del attn
     stats = TimingStats(tuple(t for trial in trials for t in trial.samples_ms), trials[0].timer, trials[0].threads,
                         sum(trial.warmup_calls for trial in trials))
@@ -93,6 +109,8 @@ def bench_cell(cell: Cell) -> Outcome:
         "tflops": flops / (stats.median_ms * 1e-3) / 1e12 if stats.median_ms > 0 else None,
         "visible_pairs": visible_pairs(cell.pattern, cell.lq, cell.lk, convention=convention),  # per (B, H)
         "trial_medians_ms": [trial.median_ms for trial in trials],
+        "backend": backend,
+        **pairs,
     }
     if gpu_before:
         metrics.update(gpu_before=gpu_before, gpu_after=gpu_state(cell.device))

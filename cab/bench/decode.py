@@ -108,6 +108,7 @@ def decode_cell(cell: Cell) -> Outcome:
         "context": cell.lk,
         "trial_medians_ms": [trial.median_ms for trial in trials],
         "state_bytes": attn.decode_state_bytes(state),
+        "backend": str(getattr(attn, "backend", "torch")),
         "tokens_per_s": cell.batch / seconds if seconds > 0 else None,
         "flops": flops,
         "tflops": flops / seconds / 1e12 if seconds > 0 else None,
