@@ -203,13 +203,15 @@ class BenchSection(Section):
     trial's samples, and lays the section's cells out in an order shuffled by the config's seed, so that no
     implementation always runs first or after the same neighbour. `max_memory_bytes` / `max_flops`: a
     cell whose attention declares a cost above either is recorded as `skipped` with the estimate
-    (cab.analysis.budget). None of these changes a cell's key."""
+    (cab.analysis.budget). None of these changes a cell's key. `kv_heads` may be a list: each value is a
+    grid axis point (MQA: 1, GQA: a divisor of heads), and attentions that do not support grouped queries
+    get cells only where kv_heads == heads."""
 
     lengths: LengthList
     kv_ratio: PositiveFloat = 1.0
     batch: PositiveInt = 1
     heads: PositiveInt = 4
-    kv_heads: "PositiveInt | None" = None
+    kv_heads: "PositiveInt | list[PositiveInt] | None" = None
     head_dim: PositiveInt = 64
     modes: ModeList = Field(default_factory=lambda: ["fwd", "fwdbwd"])
     dtypes: DTypeList = Field(default_factory=lambda: ["float32"])
@@ -222,9 +224,19 @@ class BenchSection(Section):
 
     @model_validator(mode="after")
     def _kv_heads_divide_heads(self) -> "BenchSection":
-        if self.kv_heads is not None and self.heads % self.kv_heads:
-            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        for kv in self.kv_heads_list:
+            if self.heads % kv:
+                raise ValueError(f"kv_heads ({kv}) must divide heads ({self.heads})")
         return self
+
+    @property
+    def kv_heads_list(self) -> "list[int]":
+        """Key/value head counts to sweep (grouped- and multi-query attention: kv_heads < heads); default
+        one, equal to heads."""
+        if self.kv_heads is None:
+            return [self.heads]
+        values = self.kv_heads if isinstance(self.kv_heads, list) else [self.kv_heads]
+        return list(dict.fromkeys(values))
 
 
 class ExecutorSection(_Schema):

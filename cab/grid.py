@@ -35,6 +35,7 @@ from cab.config import (
     register_section_model,
 )
 from cab.patterns import Pattern
+from cab.registry import get_spec
 
 # An expander returns (number of cells, iterator over them) for one section.
 Expansion = tuple[int, Iterator[Cell]]
@@ -75,10 +76,12 @@ def _bench_cells(config: Config, section: BenchSection) -> Expansion:
     lengths = list(dict.fromkeys(section.lengths))
     modes, dtypes = list(dict.fromkeys(section.modes)), list(dict.fromkeys(section.dtypes))
     options = bench_options(config, section)
-    kv_heads = section.kv_heads or section.heads
+    kv_list = section.kv_heads_list
+    kv_of = {e.name: [kv for kv in kv_list if kv == section.heads or get_spec(e.name).supports_gqa]
+             for e in entries}
     modes_of = {p: [m for m in modes if m != DECODE_MODE or p.causal] for p in patterns}
 
-    def cell_at(entry, pattern: Pattern, length: int, mode: str, dtype: str) -> Cell:
+    def cell_at(entry, pattern: Pattern, length: int, mode: str, dtype: str, kv_heads: int) -> Cell:
         lk = max(1, round(length * section.kv_ratio)) if pattern.cross else length
         return Cell(kind="bench", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
                     batch=section.batch, heads=section.heads, kv_heads=kv_heads, lq=length, lk=lk,
@@ -87,10 +90,11 @@ def _bench_cells(config: Config, section: BenchSection) -> Expansion:
 
     def cells() -> Iterator[Cell]:
         for entry, pattern, length in itertools.product(entries, patterns, lengths):
-            for mode, dtype in itertools.product(modes_of[pattern], dtypes):
-                yield cell_at(entry, pattern, length, mode, dtype)
+            for mode, dtype, kv_heads in itertools.product(modes_of[pattern], dtypes, kv_of[entry.name]):
+                yield cell_at(entry, pattern, length, mode, dtype, kv_heads)
 
-    size = len(entries) * len(lengths) * len(dtypes) * sum(len(m) for m in modes_of.values())
+    size = sum(len(kv_of[e.name]) for e in entries) * len(lengths) * len(dtypes) * sum(
+        len(m) for m in modes_of.values())
     if section.trials == 1:
         return size, cells()
 

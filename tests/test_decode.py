@@ -185,3 +185,17 @@ def test_decode_cell_statuses():
     assert no_step.status is Status.UNSUPPORTED and "no incremental decoding" in no_step.message
     with pytest.raises(ValueError, match="mode 'decode'"):
         decode_cell(Cell(kind="bench", attention="sdpa", pattern="CS", mode="fwd"))
+
+
+def test_kv_cache_bytes_shrink_with_grouped_and_multi_query_heads():
+    """M5: the decode state of an exact attention holds Hkv heads, so GQA/MQA divide the cache."""
+    from cab.bench import bench_cell
+    from cab.cells import Cell
+
+    fast = {"gate": False, "min_run_time_s": 0.005, "warmup_s": 0.0, "min_samples": 3, "max_samples": 10}
+    sizes = {}
+    for kv in (8, 2, 1):
+        cell = Cell(kind="bench", attention="sdpa", pattern="CS", mode="decode", batch=1, heads=8, kv_heads=kv,
+                    lq=64, lk=64, head_dim=16, options=fast)
+        sizes[kv] = bench_cell(cell).metrics["state_bytes"]
+    assert sizes[8] == 4 * sizes[2] == 8 * sizes[1]

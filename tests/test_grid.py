@@ -154,3 +154,28 @@ def test_threads_default_to_every_core(tmp_path):
     path = _grid(tmp_path, "name: p\nattentions: [sdpa]\npatterns: [NS]\ncheck: {}\n")
     (cell,) = expand(path)
     assert cell.options["threads"] == os.cpu_count()
+
+
+def test_kv_heads_list_sweeps_grouped_and_multi_query(tmp_path):
+    """kv_heads: [8, 2, 1] makes each value a grid point; every cell key differs; attentions without GQA
+    support get only kv_heads == heads."""
+    from cab.grid import expand
+    from cab.registry import all_specs
+
+    no_gqa = next((s.name for s in all_specs() if not s.supports_gqa), None)
+    names = ["sdpa"] + ([no_gqa] if no_gqa else [])
+    path = tmp_path / "gqa.yaml"
+    path.write_text(f"name: gqa\nattentions: {names}\npatterns: [CS]\nbench:\n  lengths: [64]\n"
+                    "  heads: 8\n  kv_heads: [8, 2, 1]\n  modes: [decode]\n")
+    cells = expand(path)
+    sdpa = sorted(c.kv_heads for c in cells if c.attention == "sdpa")
+    assert sdpa == [1, 2, 8] and len({c.key for c in cells}) == len(cells)
+    if no_gqa:
+        assert [c.kv_heads for c in cells if c.attention == no_gqa] == [8]
+
+
+def test_shipped_gqa_config_expands():
+    from cab.grid import expand
+
+    cells = expand("configs/gqa-decode.yaml")
+    assert {c.kv_heads for c in cells if c.kind == "bench"} == {8, 2, 1}

@@ -133,7 +133,7 @@ def eager_attention(
 
 
 @register_attention(
-    "vanilla", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M1",
+    "vanilla", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M1,M5",
     citation="Vaswani et al., Attention Is All You Need, NeurIPS 2017",
 )
 class VanillaAttention(KVCacheAttention):
@@ -171,7 +171,7 @@ class VanillaAttention(KVCacheAttention):
 
 
 @register_attention(
-    "sdpa", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M2",
+    "sdpa", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M2,M5",
     citation="PyTorch scaled_dot_product_attention (fused FlashAttention-style kernels); "
     "Dao et al., FlashAttention-2, ICLR 2024",
 )
@@ -231,7 +231,7 @@ def _merge_chunk(acc, total, run_max, out_c, sum_c, max_c):
 
 
 @register_attention(
-    "memory_efficient", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M3",
+    "memory_efficient", patterns=ALL_PATTERNS, family="exact", exact=True, mechanism="M3,M5",
     citation="Rabe & Staats, Self-attention Does Not Need O(n^2) Memory, arXiv 2112.05682 (2021)",
 )
 class MemoryEfficientAttention(KVCacheAttention):
