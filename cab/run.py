@@ -96,7 +96,8 @@ def _describe(cell: Cell) -> str:
     if cell.kind != "bench":
         return f"{cell.display_name} {cell.pattern} {cell.kind}"
     lengths = f"L={cell.lq}" if cell.lq == cell.lk else f"L={cell.lq}/{cell.lk}"
-    return f"{cell.display_name} {cell.pattern} {lengths} {cell.mode}"
+    kv = f" kv={cell.kv_heads}" if cell.kv_heads != cell.heads else ""
+    return f"{cell.display_name} {cell.pattern} {lengths}{kv} {cell.mode}"
 
 
 def render_leaderboard(db_path: Path, out_dir: Path) -> "tuple[Path | None, str]":
