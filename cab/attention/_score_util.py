@@ -1,0 +1,169 @@
+"""Shared machinery of the score-function attentions (softmax replacements, issue 10): attentions whose
+output row i is  sum_j w_ij v_j  with the weights w_i. a function of row i's own scores alone.
+
+`RowwiseScoreAttention` computes them in query blocks of `chunk_size` rows: each block scores only the
+keys it can see (causal self: keys up to the block's last row), turns the (B, H, C, Lk) score block
+into weights with the subclass's `row_weights`, and multiplies by V. No L x L tensor is held: the peak is
+one block, and when gradients are needed each block is checkpointed so the backward recomputes it
+instead of storing it (O(C L) memory in forward and backward). The naive `reference()` is a per-row
+loop over each row's visible key indices calling the subclass's independently written `reference_row`.
+Incremental decoding (CS, CC) runs the same row function on the cached keys (`KVCache`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from cab.attention.base import repeat_kv
+from cab.attention.exact import KVCacheAttention
+from cab.attention.functional import compute_dtype, softmax_scale
+from cab.patterns import Pattern
+
+
+def block_visibility(pattern: Pattern, qs: int, qe: int, kend: int, offset: int,
+                     key_ok: "torch.Tensor | None", device: torch.device) -> torch.Tensor:
+    """(B or 1, 1, qe - qs, kend) bool visibility of query rows qs..qe-1 over keys 0..kend-1: causal self
+    sees key j iff j <= i + offset (bottom-right alignment), and padded keys are never visible."""
+    visible = torch.ones(1, 1, qe - qs, kend, dtype=torch.bool, device=device)
+    if pattern is Pattern.CS:
+        rows = torch.arange(qs, qe, device=device).unsqueeze(1) + offset
+        visible = (torch.arange(kend, device=device).unsqueeze(0) <= rows)[None, None]
+    if key_ok is not None:
+        visible = visible & key_ok[:, None, None, :kend]
+    return visible
+
+
+class RowwiseScoreAttention(KVCacheAttention):
+    """Base of the attentions whose weights of row i depend only on row i's scores s_ij = q_i.k_j / sqrt(d)
+    over its visible keys (their number n_i and, for some, the query q_i itself).
+
+    Subclasses define `row_weights(scores, visible, count, q)`: scores (B, H, R, n) already scaled,
+    visible (B|1, 1, R, n) bool, count (B|1, 1, R, 1) the number of visible keys of each row (>= 1: rows
+    that see nothing are opened up and zeroed afterwards), q (B, H, R, D) the rows' queries; it returns
+    weights that are exactly 0 on invisible keys. And `reference_row(scores, q)`: the same weights written
+    plainly for one row's (H, n) scores over its n visible keys. Optional hooks: `prepare_values(v)`
+    (per-key value transforms) and `extra_flops`.
+    """
+
+    complexity = {"time": 2, "memory": 1}
+
+    def __init__(self, pattern, num_heads, head_dim, chunk_size: int = 256):
+        super().__init__(pattern, num_heads, head_dim)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    # subclass hooks --------------------------------------------------------------------------------
+
+    def row_weights(self, scores: torch.Tensor, visible: torch.Tensor, count: torch.Tensor,
+                    q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_row(self, scores: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare_values(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def param(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return getattr(self, name).to(dtype)
+
+    # the efficient form ----------------------------------------------------------------------------
+
+    def _block(self, q, k, v, visible):
+        opened = visible | ~visible.any(dim=-1, keepdim=True)
+        count = opened.sum(dim=-1, keepdim=True).to(q.dtype)
+        scores = (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1])
+        weights = self.row_weights(scores, opened, count, q)
+        return weights @ v
+
+    def _attend(self, q, k, v, key_ok, offset: int) -> torch.Tensor:
+        """Blocked attention of q (B, H, Lq, D) over k, v (B, H, Lk, D); key_ok (B, Lk) or None."""
+        lq, lk = q.shape[-2], k.shape[-2]
+        use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        outputs = []
+        for qs in range(0, lq, self.chunk_size):
+            qe = min(lq, qs + self.chunk_size)
+            kend = min(lk, qe - 1 + offset + 1) if self.pattern is Pattern.CS else lk
+            if kend <= 0:
+                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
+                continue
+            visible = block_visibility(self.pattern, qs, qe, kend, offset, key_ok, q.device)
+            args = (q[..., qs:qe, :], k[..., :kend, :], v[..., :kend, :], visible)
+            out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
+            seen = visible.any(dim=-1, keepdim=True)
+            outputs.append(torch.where(seen, out, torch.zeros_like(out)))
+        return torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, v = q.to(dtype), self.prepare_values(v)
+        offset = k.shape[-2] - q.shape[-2] if self.pattern is Pattern.CS else 0
+        key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
+        return self._attend(q, k, v, key_ok, offset).to(out_dtype)
+
+    # the naive form --------------------------------------------------------------------------------
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Row by row: the indices of the keys row i sees (pattern and padding), its scores over them,
+        `reference_row`'s weights, times those values; a row that sees no key outputs 0."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        v = self.prepare_values(v)
+        batch, heads, lq, dim = q.shape
+        lk = k.shape[-2]
+        offset = lk - lq if self.pattern is Pattern.CS else 0
+        rows = []
+        for b in range(batch):
+            per_row = []
+            for i in range(lq):
+                last = min(lk, i + offset + 1) if self.pattern is Pattern.CS else lk
+                idx = [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
+                if not idx:
+                    per_row.append(q.new_zeros(heads, v.shape[-1]))
+                    continue
+                index = torch.tensor(idx, device=q.device)
+                scores = (k[b][:, index] @ q[b, :, i].unsqueeze(-1)).squeeze(-1) / math.sqrt(dim)  # (H, n)
+                weights = self.reference_row(scores, q[b, :, i])
+                per_row.append((weights.unsqueeze(-2) @ v[b][:, index]).squeeze(-2))
+            rows.append(torch.stack(per_row, dim=1))
+        return torch.stack(rows)
+
+    # costs and decoding ------------------------------------------------------------------------------
+
+    def extra_flops(self, batch: int, lq: int, lk: int) -> int:
+        """Matmul FLOPs beyond the score and value products (e.g. a learned projection of the queries)."""
+        return 0
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        """QK^T and WV over each query block's keys (causal self: up to the block's last row)."""
+        total, offset = 0, (lk - lq if self.pattern is Pattern.CS else 0)
+        for qs in range(0, lq, self.chunk_size):
+            qe = min(lq, qs + self.chunk_size)
+            kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk
+            if kend > 0:
+                total += 2 * batch * self.num_heads * (qe - qs) * kend * 2 * self.head_dim
+        return total + self.extra_flops(batch, lq, lk)
+
+    def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
+        """A few score-sized blocks (B, H, C, Lk) in the compute dtype, the repeated keys and values, the
+        output; the backward recomputes blocks one at a time (checkpointed) and holds input gradients."""
+        item = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        block = batch * self.num_heads * min(lq, self.chunk_size) * lk * item
+        rows = 4 * batch * self.num_heads * max(lq, lk) * self.head_dim * item
+        factor = 6 if mode in ("bwd", "fwdbwd") else 4
+        return int(factor * block + 3 * rows)
+
+    def attend_cached(self, q, keys, values, real):
+        dtype = compute_dtype(q.dtype)
+        keys = repeat_kv(keys, q.shape[1]).to(dtype)
+        values = self.prepare_values(repeat_kv(values, q.shape[1]).to(dtype))
+        visible = torch.ones(1, 1, 1, keys.shape[-2], dtype=torch.bool, device=q.device)
+        if real is not None:
+            visible = real[:, None, None, :]
+        out = self._block(q.to(dtype), keys, values, visible)
+        out = torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out))
+        return out.to(q.dtype)
