@@ -1,0 +1,156 @@
+"""Helpers shared by the content-based sparse attentions (biformer, sea, hip, landmark, ...): the layout of
+real keys and query positions, block pooling, top-k block selection with validity, the gathered sparse
+softmax that runs a selection without any L x L tensor, and the dense masked softmax their references use.
+
+Conventions: q (B, H, Lq, D) and k, v (B, H, Lk, D) with k, v already expanded to the query heads; a
+selection is a tensor of key indices `idx` (B, H, G, N) per query group (G groups of gq consecutive queries,
+gq = 1 for per-query selections) and a bool `valid` broadcastable to (B, H, G, gq, N); invalid slots are
+ignored (their index may be anything in [0, Lk)). Indices of one row must be distinct.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cab.patterns import Pattern
+
+_GATHER_ELEMENTS = 1 << 24  # gathered key elements held at once by gathered_attention
+
+
+def real_keys(batch: int, lk: int, key_padding_mask, device) -> torch.Tensor:
+    """(B, Lk) bool, True = a real (not padded) key."""
+    if key_padding_mask is None:
+        return torch.ones(batch, lk, dtype=torch.bool, device=device)
+    return ~key_padding_mask.to(device=device, dtype=torch.bool)
+
+
+def query_positions(lq: int, lk: int, device) -> torch.Tensor:
+    """(Lq,) key position of each query in self patterns, bottom-right aligned: i + Lk - Lq."""
+    return torch.arange(lq, device=device) + (lk - lq)
+
+
+def real_queries(pattern: Pattern, real_k: torch.Tensor, lq: int) -> torch.Tensor:
+    """(B, Lq) bool: in self patterns a query is padding iff the key at its position is; cross queries are
+    all real."""
+    b, lk = real_k.shape
+    if pattern.cross:
+        return torch.ones(b, lq, dtype=torch.bool, device=real_k.device)
+    pos = query_positions(lq, lk, real_k.device)
+    inside = (pos >= 0) & (pos < lk)
+    return torch.where(inside, real_k[:, pos.clamp(0, lk - 1)], torch.ones_like(inside))
+
+
+def pool_blocks(x: torch.Tensor, real: torch.Tensor, block: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Mean of x (B, H, L, D) over the real rows (real (B, L)) of each block of `block` consecutive rows:
+    ((B, H, nb, D), counts (B, nb)); a block with no real row has mean 0 and count 0."""
+    b, h, length, d = x.shape
+    nb = -(-length // block)
+    pad = nb * block - length
+    w = real.to(x.dtype)
+    xs = torch.nn.functional.pad(x * w[:, None, :, None], (0, 0, 0, pad)).reshape(b, h, nb, block, d).sum(-2)
+    counts = torch.nn.functional.pad(real.long(), (0, pad)).reshape(b, nb, block).sum(-1)
+    return xs / counts.clamp_min(1).to(x.dtype)[:, None, :, None], counts
+
+
+def topk_valid(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> "tuple[torch.Tensor, torch.Tensor]":
+    """The top-k entries of `scores` (..., n) among the `allowed` ones: (index (..., k'), valid (..., k')),
+    k' = min(k, n); slots beyond the number of allowed entries are invalid. Ties go to the lower index."""
+    n = scores.shape[-1]
+    kk = min(k, n)
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    # a stable descending sort breaks ties by index (topk's tie order is unspecified)
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :kk]
+    valid = allowed.gather(-1, order)
+    return order, valid
+
+
+def block_tokens(blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """Token indices (..., nsel * block) of the selected blocks (..., nsel)."""
+    offs = torch.arange(block, device=blocks.device)
+    return (blocks[..., None] * block + offs).flatten(-2)
+
+
+def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                       scale: float, return_lse: bool = False):
+    """Softmax attention of grouped queries over their selected keys, chunked over the groups so that at
+    most ~2^24 gathered key elements are held at once.
+
+    q (B, H, G, gq, D); k (B, H, Lk, D), v (B, H, Lk, Dv); idx (B, H, G, N) int64 in [0, Lk); valid bool
+    broadcastable to (B, H, G, gq, N). Returns (B, H, G, gq, Dv), rows with no valid key 0 (and with
+    return_lse the (B, H, G, gq) log-sum-exp of the scaled scores, -inf for such rows)."""
+    b, h, g, gq, d = q.shape
+    n = idx.shape[-1]
+    lk, dv = k.shape[-2], v.shape[-1]
+    valid = valid.expand(b, h, g, gq, n)
+    kf = k.reshape(b * h * lk, d)
+    vf = v.reshape(b * h * lk, dv)
+    base = (torch.arange(b * h, device=q.device) * lk).reshape(b, h, 1, 1)
+    flat = idx.clamp(0, max(lk - 1, 0)) + base
+    step = max(1, _GATHER_ELEMENTS // max(1, b * h * n * max(d, dv)))
+    outs, lses = [], []
+    for g0 in range(0, g, step):
+        sl = slice(g0, g0 + step)
+        f = flat[:, :, sl].reshape(-1)
+        c = flat[:, :, sl].shape[2]
+        kg = kf.index_select(0, f).reshape(b, h, c, n, d)
+        vg = vf.index_select(0, f).reshape(b, h, c, n, dv)
+        s = (q[:, :, sl] * scale) @ kg.transpose(-1, -2)  # (B, H, c, gq, N)
+        ok = valid[:, :, sl]
+        s = s.masked_fill(~ok, float("-inf"))
+        mx = s.amax(-1, keepdim=True)
+        empty = torch.isinf(mx)
+        mx = torch.where(empty, torch.zeros_like(mx), mx)
+        e = torch.exp(s - mx)  # exactly 0 on invalid slots
+        den = e.sum(-1, keepdim=True)
+        out = (e @ vg) / torch.where(empty, torch.ones_like(den), den)
+        outs.append(out)
+        if return_lse:
+            lses.append(torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(
+                torch.where(empty, torch.ones_like(den), den)))[..., 0])
+    out = torch.cat(outs, dim=2)
+    if return_lse:
+        return out, torch.cat(lses, dim=2)
+    return out
+
+
+def masked_softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Row by row: softmax over the allowed keys (allowed (B, H, Lq, Lk) bool), rows with none give 0."""
+    b, h, lq, _ = q.shape
+    out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(lq):
+                keys = allowed[bi, hi, i].nonzero().flatten()
+                if keys.numel() == 0:
+                    continue
+                w = torch.softmax((k[bi, hi, keys] @ q[bi, hi, i]) * scale, dim=0)
+                out[bi, hi, i] = w @ v[bi, hi, keys]
+    return out
+
+
+def selection_mask(idx: torch.Tensor, valid: torch.Tensor, group: int, lq: int, lk: int) -> torch.Tensor:
+    """The dense (B, H, Lq, Lk) bool mask of a grouped selection (see gathered_attention)."""
+    b, h, g, n = idx.shape
+    valid = valid.expand(b, h, g, group, n)
+    mask = torch.zeros(b, h, g, group, lk + 1, dtype=torch.bool, device=idx.device)
+    target = torch.where(valid, idx[:, :, :, None, :].expand(b, h, g, group, n), lk)
+    mask.scatter_(-1, target, True)
+    return mask[..., :lk].reshape(b, h, g * group, lk)[:, :, :lq]
+
+
+def group_queries(q: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, H, Lq, D) -> (B, H, ceil(Lq / group), group, D), zero rows appended."""
+    b, h, lq, d = q.shape
+    g = -(-lq // group)
+    return torch.nn.functional.pad(q, (0, 0, 0, g * group - lq)).reshape(b, h, g, group, d)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def log2_ceil(n: int) -> int:
+    return max(0, math.ceil(math.log2(max(1, n))))

@@ -1,0 +1,168 @@
+"""BiFormer's bi-level routing attention (BRA) on a 1-D sequence: route at the level of regions of
+consecutive tokens (top-k regions by pooled query-key affinity), then token-to-token softmax attention over
+the union of the routed regions' tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from cab.attention._routing_util import (
+    block_tokens, gathered_attention, group_queries, masked_softmax_reference, pool_blocks, query_positions,
+    real_keys, real_queries, selection_mask, topk_valid,
+)
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.functional import softmax_scale
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+
+@register_attention(
+    "biformer", patterns=("NS", "CS", "NC", "CC"), family="routing", exact=False, mechanism="M37",
+    citation="Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attention, CVPR 2023",
+)
+class BiFormerAttention(Attention):
+    """Bi-level routing attention (Zhu et al. 2023, Sec. 3.2, Eqs. 1-4 and Alg. 1), in 1-D.
+
+    The paper partitions an H x W feature map into S x S regions; on a sequence a region is `region_size`
+    (R) consecutive positions, counted from position 0 (a fixed size rather than a fixed number of regions,
+    so that appending padding or a longer prefix never moves a region boundary). Region queries Q^r and keys
+    K^r are the means of the region's (real) queries and keys (Eq. 2); the region affinity A^r = Q^r K^r^T
+    (Eq. 2) keeps, per query region, the `topk` key regions with the largest affinity (Eq. 3, the routing
+    index I^r); every query of the region then attends, with ordinary scaled softmax, to the tokens of those
+    regions (Eq. 4, gather + attention). The local-context enhancement term LCE(V) (a depth-wise conv on V)
+    is a separate learned layer of the BiFormer block, not part of the routing attention, and is omitted.
+    Defaults: R = 64 tokens (stage-3 regions of the paper hold 7x7..8x8 = 49-64 tokens), topk = 4 (the
+    paper's stage-2 value; it uses 1, 4, 16 and all regions in stages 1-4).
+
+    Patterns:
+    - NS, NC: exactly the paper: region-level routing with pooled queries (cross queries are regionised by
+      R on their own axis; padded self queries are left out of the pool, padded keys of the key pool, and a
+      region with no real key is never routed to).
+    - CS: a pooled query region contains later queries and a pooled current key region contains later keys,
+      so region-level routing would leak. Each query routes on its own: q_i . K^r over the *complete* past
+      regions (all of whose positions are before i's region), keeps the top (topk - 1), and always attends
+      its own region causally (keys j <= i). Query i sits at key position i + Lk - Lq (bottom-right).
+    - CC: every key is visible, so each query routes on its own: q_i . K^r over all key regions, top-k.
+    Routing (the top-k) is not differentiable; gradients flow through the pooled-free token attention only
+    (as in the paper, whose routing index is a hard top-k).
+
+    Efficient path: queries grouped by region (NS, NC) or one per group (CS, CC), each group gathers the
+    tokens of its topk regions (B, H, G, topk R, D) in chunks and runs one softmax: O(Lq topk R d) plus the
+    routing O(Lq Lk d / R) (NS, NC: O((L/R)^2 d)); no Lq x Lk tensor. No FlexAttention path: the mask is
+    content-dependent per call, so a compiled block mask would be rebuilt every forward.
+    """
+
+    def __init__(self, pattern, num_heads, head_dim, region_size: int = 64, topk: int = 4):
+        super().__init__(pattern, num_heads, head_dim)
+        if region_size < 1 or topk < 1:
+            raise ValueError(f"region_size and topk must be positive, got {region_size} and {topk}")
+        self.region_size, self.topk = region_size, topk
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, region_size={self.region_size}, topk={self.topk}"
+
+    # the routing, shared by forward and computed_pairs ---------------------------------------------
+
+    def _route(self, q, k, key_padding_mask):
+        """(group, idx (B, H, G, N), valid (B, H, G, group|1, N)) token selection of every query group."""
+        b, h, lq, _ = q.shape
+        lk, r = k.shape[-2], self.region_size
+        real_k = real_keys(b, lk, key_padding_mask, q.device)
+        k_reg, k_count = pool_blocks(k, real_k, r)  # (B, H, nk, D)
+        nk = k_reg.shape[2]
+        has_keys = (k_count > 0)[:, None]  # (B, 1, nk)
+        if self.pattern in (Pattern.NS, Pattern.NC):
+            real_q = real_queries(self.pattern, real_k, lq)
+            q_reg, _ = pool_blocks(q, real_q, r)  # (B, H, nq, D)
+            affinity = q_reg @ k_reg.transpose(-1, -2)  # (B, H, nq, nk)
+            regions, ok = topk_valid(affinity, has_keys[:, :, None, :].expand_as(affinity), self.topk)
+            idx = block_tokens(regions, r)
+            valid = ok.repeat_interleave(r, dim=-1)[:, :, :, None, :] & (idx < lk)[:, :, :, None, :]
+            valid = valid & real_k.gather(1, idx.clamp(max=lk - 1).reshape(b, -1)).reshape(idx.shape)[:, :, :, None]
+            return r, idx, valid
+        affinity = q @ k_reg.transpose(-1, -2)  # (B, H, Lq, nk): each query routes on its own
+        if self.pattern is Pattern.CC:
+            regions, ok = topk_valid(affinity, has_keys[:, :, None, :].expand_as(affinity), self.topk)
+        else:
+            pos = query_positions(lq, lk, q.device)
+            own = torch.div(pos, r, rounding_mode="floor")  # region of each query (negative: before all keys)
+            past = torch.arange(nk, device=q.device)[None, :] < own[:, None]  # (Lq, nk)
+            allowed = has_keys[:, :, None, :] & past[None, None]
+            if self.topk > 1:
+                regions, ok = topk_valid(affinity, allowed.expand_as(affinity), self.topk - 1)
+            else:
+                regions = torch.zeros(b, h, lq, 0, dtype=torch.long, device=q.device)
+                ok = torch.zeros(b, h, lq, 0, dtype=torch.bool, device=q.device)
+            current = own.clamp(min=0).expand(b, h, lq)[..., None]
+            regions = torch.cat([regions, current], dim=-1)
+            ok = torch.cat([ok, (own >= 0).expand(b, h, lq)[..., None]], dim=-1)
+        idx = block_tokens(regions, r)
+        valid = ok.repeat_interleave(r, dim=-1) & (idx < lk)
+        valid = valid & real_k.gather(1, idx.clamp(max=lk - 1).reshape(b, -1)).reshape(idx.shape)
+        if self.pattern is Pattern.CS:
+            valid = valid & (idx <= query_positions(lq, lk, q.device)[:, None])
+        return 1, idx, valid[:, :, :, None, :]
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        lq = q.shape[-2]
+        with torch.no_grad():
+            group, idx, valid = self._route(q, k, key_padding_mask)
+        out = gathered_attention(group_queries(q, group), k, v, idx, valid, softmax_scale(q.shape[-1]))
+        return out.flatten(2, 3)[:, :, :lq]
+
+    def computed_pairs(self, q, k, v, key_padding_mask=None):
+        """Token pairs scored (the valid gathered ones; the routing affinities are not counted)."""
+        k = repeat_kv(k, q.shape[1])
+        with torch.no_grad():
+            group, idx, valid = self._route(q, k, key_padding_mask)
+            mask = selection_mask(idx, valid, group, q.shape[-2], k.shape[-2])
+        return int(mask.sum())
+
+    # naive formulation ----------------------------------------------------------------------------
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Routing by explicit per-region (NS, NC) or per-query (CS, CC) loops over region means and a sort,
+        then a dense softmax row per query over the tokens of its routed regions."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        b, h, lq, _ = q.shape
+        lk, r = k.shape[-2], self.region_size
+        real_k = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real_q = real_queries(self.pattern, real_k, lq)
+        qd, kd = q.detach(), k.detach()
+        nk = -(-lk // r)
+        allowed = torch.zeros(b, h, lq, lk, dtype=torch.bool)
+        offset = lk - lq
+
+        def region_mean(x, real, region):
+            rows = [j for j in range(region * r, min((region + 1) * r, x.shape[0])) if real[j]]
+            return x[rows].mean(0) if rows else None
+
+        def best(scores: "list[tuple[float, int]]", n: int) -> "list[int]":
+            return [reg for _, reg in sorted(scores, key=lambda t: (-t[0], t[1]))[:n]]
+
+        for bi in range(b):
+            for hi in range(h):
+                keys = [region_mean(kd[bi, hi], real_k[bi], reg) for reg in range(nk)]
+                queries = [region_mean(qd[bi, hi], real_q[bi], reg) for reg in range(-(-lq // r))]
+                for i in range(lq):
+                    if self.pattern in (Pattern.NS, Pattern.NC):
+                        qr = queries[i // r]
+                        cand = [(float(qr @ keys[g]) if qr is not None else 0.0, g)
+                                for g in range(nk) if keys[g] is not None]
+                        chosen = best(cand, self.topk)
+                    elif self.pattern is Pattern.CC:
+                        chosen = best([(float(qd[bi, hi, i] @ keys[g]), g) for g in range(nk) if keys[g] is not None],
+                                      self.topk)
+                    else:
+                        p = i + offset
+                        if p < 0:
+                            continue
+                        own = p // r
+                        cand = [(float(qd[bi, hi, i] @ keys[g]), g) for g in range(own) if keys[g] is not None]
+                        chosen = best(cand, self.topk - 1) + [own]
+                    for g in chosen:
+                        for j in range(g * r, min((g + 1) * r, lk)):
+                            if real_k[bi, j] and (self.pattern is not Pattern.CS or j <= i + offset):
+                                allowed[bi, hi, i, j] = True
+        return masked_softmax_reference(q, k, v, allowed.to(q.device), softmax_scale(q.shape[-1]))
