@@ -3,6 +3,11 @@
 NS noncausal self, CS causal self, NC noncausal cross, CC causal cross. CC is *query-side* causality:
 output row i may use every key and value but no query after i (a decoder cross-attending to an encoder,
 decoded one query at a time), so its key-visibility mask is full.
+
+Segments (packed variable-length sequences) restrict the self patterns further: with segment ids (B, L),
+a query attends only the keys of its own segment, where a segment is a maximal run of equal consecutive
+ids (so an id that reappears later starts a new segment, exactly as cu_seqlens would describe the packing).
+`segment_runs`, `segment_mask` and the cu_seqlens conversions below are the shared definitions.
 """
 
 from __future__ import annotations
@@ -92,12 +97,85 @@ def attention_mask(
     lk: int,
     key_padding_mask: "torch.Tensor | None" = None,
     device: "torch.device | str | None" = None,
+    segment_ids: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
-    """Bool mask broadcastable to (B, H, Lq, Lk), True = visible: pattern visibility AND not padding."""
+    """Bool mask broadcastable to (B, H, Lq, Lk), True = visible: pattern visibility AND not padding AND
+    (with segment ids, self patterns only, Lq == Lk) the same segment."""
     mask = visibility_mask(pattern, lq, lk, device=device)[None, None]
     if key_padding_mask is not None:
         mask = mask & ~key_padding_mask.to(device=mask.device, dtype=torch.bool)[:, None, None, :]
+    if segment_ids is not None:
+        validate_segment_ids(pattern, segment_ids, None, lq, lk)
+        mask = mask & segment_mask(segment_ids.to(mask.device))
     return mask
+
+
+# segments: packed variable-length sequences ------------------------------------------------------------
+
+
+def validate_segment_ids(pattern: "Pattern | str", segment_ids: torch.Tensor, batch: "int | None", lq: int,
+                         lk: int) -> torch.Tensor:
+    """Check segment ids for a call of `pattern` with Lq queries and Lk keys: an integer (B, L) tensor,
+    self patterns only, Lq == Lk == L (and B == batch when given). Returns them as int64."""
+    pattern = Pattern.parse(pattern)
+    if pattern.cross:
+        raise ValueError(f"segment ids apply to the self patterns (NS, CS), not {pattern.value}: cross attention "
+                         "would need separate query and key segmentations")
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be a (B, L) integer tensor, got "
+                         f"{tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        raise ValueError(f"segment_ids must hold integers, got {segment_ids.dtype}")
+    if lq != lk or segment_ids.shape[1] != lq:
+        raise ValueError(f"segment_ids {tuple(segment_ids.shape)} need Lq == Lk == L, got Lq={lq} Lk={lk}")
+    if batch is not None and segment_ids.shape[0] != batch:
+        raise ValueError(f"segment_ids has batch {segment_ids.shape[0]}, the inputs {batch}")
+    return segment_ids.long()
+
+
+def segment_runs(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) int64 index of each position's segment within its row: 0 at the start, +1 wherever the id
+    differs from the previous position's (segments are maximal runs of equal consecutive ids)."""
+    ids = segment_ids.long()
+    change = torch.zeros_like(ids)
+    change[:, 1:] = (ids[:, 1:] != ids[:, :-1]).long()
+    return change.cumsum(dim=1)
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Bool (B, 1, L, L): True where query i and key j are in the same segment."""
+    runs = segment_runs(segment_ids)
+    return (runs[:, :, None] == runs[:, None, :])[:, None]
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, length: "int | None" = None) -> torch.Tensor:
+    """(1, L) segment ids of one packed row from cumulative sequence lengths [0, l0, l0+l1, ..., L]
+    (FlashAttention's varlen convention): position p gets s with cu[s] <= p < cu[s+1]. `length` (default
+    cu[-1]) may exceed cu[-1]: the tail becomes one more segment (e.g. padding)."""
+    cu = cu_seqlens.long().flatten()
+    if cu.numel() < 1 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()}")
+    total = int(cu[-1]) if length is None else int(length)
+    if total < int(cu[-1]):
+        raise ValueError(f"length {total} is shorter than cu_seqlens[-1] = {int(cu[-1])}")
+    positions = torch.arange(total, device=cu.device)
+    return (torch.searchsorted(cu[1:], positions, right=True)).unsqueeze(0)
+
+
+def cu_seqlens_from_segment_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cumulative sequence lengths [0, ..., L] of the segments (runs) of one packed row, (L,) or
+    (1, L) ids; the inverse of segment_ids_from_cu_seqlens up to the id values."""
+    ids = segment_ids.long()
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError("cu_seqlens describe one packed row; pass segment ids of shape (L,) or (1, L)")
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"segment ids must be (L,) or (1, L), got {tuple(segment_ids.shape)}")
+    starts = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+    zero = torch.zeros(1, dtype=torch.long, device=ids.device)
+    end = torch.full((1,), ids.numel(), dtype=torch.long, device=ids.device)
+    return torch.cat([zero, starts, end] if ids.numel() else [zero]).to(torch.int32)
 
 
 def visible_pairs(

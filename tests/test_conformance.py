@@ -60,6 +60,8 @@ def test_exact_builtins_pass_every_pattern(name, hparams, pattern):
     expected |= {"CS": {"causal_prefix", "causal_grad"}, "CC": {"query_causal"}}.get(pattern, set())
     if pattern in ("CS", "CC") and cab.get_spec(name).cls.has_decode():
         expected.add("decode")
+    if pattern in ("NS", "CS") and cab.get_spec(name).cls.supports_segments:
+        expected.add("segments")
     if cab.get_spec(name).has_reference:
         expected.add("reference")
     assert set(names) == expected
@@ -329,3 +331,48 @@ def test_verdict_table_has_one_row_per_report_with_the_failing_check():
     assert "deliberate failure inside forward" in rows[3]
     assert lines[-1] == "4 verdict(s): 1 error, 1 incorrect, 1 ok, 1 unsupported"
     assert verdict_table([]) == "no conformance reports"
+
+
+# segments: packed variable-length sequences -------------------------------------------------------
+
+
+class _SegmentLabels(_Eager):
+    """Masks by equal segment *labels*, not runs: the recurring id of the segments check joins two
+    separate segments, a cross-segment leak."""
+
+    supports_segments = True
+
+    def forward(self, q, k, v, key_padding_mask=None, *, segment_ids=None):
+        out_all = eager_attention(q, k, v, self.pattern, key_padding_mask)
+        if segment_ids is None:
+            return out_all
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        mask = cab.patterns.attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask) & same
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+class _SegmentsIgnored(_Eager):
+    supports_segments = True
+
+    def forward(self, q, k, v, key_padding_mask=None, *, segment_ids=None):
+        return eager_attention(q, k, v, self.pattern, key_padding_mask)
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_segments_check_runs_only_for_attentions_declaring_support(pattern):
+    assert "segments" in [c.name for c in run_conformance("vanilla", pattern).checks]
+    assert "segments" not in [c.name for c in run_conformance("memory_efficient", pattern).checks]
+    assert "segments" not in [c.name for c in run_conformance("vanilla", "NC").checks]
+
+
+@pytest.mark.parametrize("cls", [_SegmentLabels, _SegmentsIgnored])
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_segments_check_catches_cross_segment_leaks(scratch, cls, pattern):
+    scratch("scratch_segments", cls, patterns=("NS", "CS"))
+    report = run_conformance("scratch_segments", pattern)
+    _assert_flagged(report, "segments", Status.INCORRECT)
+    outcome = _check(report, "segments")
+    assert ("outside that segment" in outcome.message or "packed vs run alone" in outcome.message)
+    assert outcome.error > 1e-3

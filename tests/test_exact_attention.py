@@ -115,3 +115,31 @@ def test_memory_efficient_saves_no_quadratic_tensor(pattern):
     assert max(saved) < lq * lq  # a full bool mask is L*L bytes, a full float32 score matrix 2*4*L*L
     out.sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("name", ["vanilla", "sdpa"])
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_segments_equal_separate_runs(name, pattern):
+    """Packed segments (runs of ids; id 4 recurs as a separate segment) with padding equal each segment
+    run alone, for the exact attentions that take segment_ids."""
+    q, k, v = (t.detach() for t in _inputs(pattern, lq=17))
+    ids = torch.tensor([[4] * 5 + [1] * 3 + [4] * 9, [0] * 10 + [2] * 7])
+    pad = torch.zeros(2, 17, dtype=torch.bool)
+    pad[1, -2:] = True
+    attn = cab.create_attention(name, pattern, 4, 12)
+    out = attn(q, k, v, pad, segment_ids=ids)
+    for b, spans in enumerate([[(0, 5), (5, 8), (8, 17)], [(0, 10), (10, 15)]]):
+        for s, e in spans:
+            alone = per_row_reference(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], pattern)
+            torch.testing.assert_close(out[b:b + 1, :, s:e], alone, atol=1e-10, rtol=1e-10)
+
+
+def test_segment_ids_are_refused_where_unsupported():
+    q, k, v = (t.detach() for t in _inputs("NS", lq=6))
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    assert not cab.get_spec("memory_efficient").cls.supports_segments
+    with pytest.raises(TypeError):
+        cab.create_attention("memory_efficient", "NS", 4, 12)(q, k, v, segment_ids=ids)
+    qc, kc, vc = (t.detach() for t in _inputs("NC", lq=6))
+    with pytest.raises(ValueError, match="self patterns"):
+        cab.create_attention("vanilla", "NC", 4, 12)(qc, kc, vc, segment_ids=ids)

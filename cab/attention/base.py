@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from cab.patterns import Pattern, attention_mask
+from cab.patterns import Pattern, attention_mask, validate_segment_ids
 
 
 class UnsupportedPattern(ValueError):
@@ -31,6 +31,14 @@ class Attention(nn.Module):
     v (B, Hkv, Lk, Dv) with Hq a multiple of Hkv; key_padding_mask (B, Lk) bool, True = padding.
     Output (B, Hq, Lq, Dv). The pattern is fixed at construction. Class-level metadata (name, family,
     patterns, exact, citation, ...) is set by `cab.register_attention`.
+
+    Segments (packed variable-length sequences): an attention that sets `supports_segments = True` also
+    accepts the keyword `segment_ids`, (B, L) integers, for the self patterns with Lq == Lk == L: a query
+    then attends only the keys of its own segment (a maximal run of equal consecutive ids,
+    `cab.patterns.segment_runs`), on top of the pattern and the padding; the output equals running each
+    segment alone. Callers (the harness, the conformance check `segments`) pass `segment_ids` only to
+    attentions declaring support, so every other attention keeps the plain forward(q, k, v,
+    key_padding_mask=None) signature. Incremental decoding knows no segments (one sequence per row).
     """
 
     name: ClassVar[str] = ""
@@ -45,6 +53,8 @@ class Attention(nn.Module):
     # theoretical cost exponents in the sequence length, e.g. {"time": 2, "memory": 1}; optional, shown by
     # cab.analysis beside the fitted exponents (a family default is used where an attention declares none)
     complexity: ClassVar[dict[str, float]] = {}
+    # whether forward accepts segment_ids (packed variable-length self attention, see the class docstring)
+    supports_segments: ClassVar[bool] = False
     # the implementation that runs (e.g. "torch", "triton", "flex"); an attention with several backends
     # sets it per instance. Recorded in every bench result row.
     backend: str = "torch"
@@ -65,8 +75,11 @@ class Attention(nn.Module):
         self.head_dim: int = head_dim
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None" = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None" = None,
+        *, segment_ids: "torch.Tensor | None" = None,
     ) -> torch.Tensor:
+        """The attention output. `segment_ids` exists only on attentions with supports_segments (others
+        may omit the keyword from their signature)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(q, k, v, key_padding_mask=None)")
 
     def reference(
@@ -165,13 +178,24 @@ class Attention(nn.Module):
 
     # helpers shared by implementations -------------------------------------------------------------
 
+    def segments(self, segment_ids: "torch.Tensor | None", q: torch.Tensor, k: torch.Tensor) -> "torch.Tensor | None":
+        """Validated int64 segment ids for a forward call on q, k (None passes through); raises for an
+        attention without supports_segments, a cross pattern, or a shape other than (B, Lq) with Lq == Lk."""
+        if segment_ids is None:
+            return None
+        if not type(self).supports_segments:
+            raise ValueError(f"attention {type(self).name or type(self).__name__!r} does not support segment_ids")
+        return validate_segment_ids(self.pattern, segment_ids, q.shape[0], q.shape[-2], k.shape[-2]).to(q.device)
+
     def visible(
-        self, lq: int, lk: int, key_padding_mask: "torch.Tensor | None", device: "torch.device"
+        self, lq: int, lk: int, key_padding_mask: "torch.Tensor | None", device: "torch.device",
+        segment_ids: "torch.Tensor | None" = None,
     ) -> "tuple[torch.Tensor, torch.Tensor | None]":
-        """(mask, empty_rows): the bool visibility mask broadcastable to (B, H, Lq, Lk), True = visible,
-        with rows that see no key opened up (so softmax stays finite), and the bool (B, 1, Lq, 1) marker of
-        those rows, whose output the caller must zero (None when there are none)."""
-        mask = attention_mask(self.pattern, lq, lk, key_padding_mask, device=device)
+        """(mask, empty_rows): the bool visibility mask broadcastable to (B, H, Lq, Lk), True = visible
+        (restricted to each query's segment when segment_ids is given), with rows that see no key opened up
+        (so softmax stays finite), and the bool (B, 1, Lq, 1) marker of those rows, whose output the caller
+        must zero (None when there are none)."""
+        mask = attention_mask(self.pattern, lq, lk, key_padding_mask, device=device, segment_ids=segment_ids)
         empty = ~mask.any(dim=-1, keepdim=True)
         if not bool(empty.any()):
             return mask, None

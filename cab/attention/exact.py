@@ -122,11 +122,13 @@ def dense_matmul_flops(batch: int, heads: int, lq: int, lk: int, dk: int, dv: in
 
 
 def eager_attention(
-    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None"
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None",
+    segment_ids: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
-    """softmax(QK^T / sqrt(d) + M) V with the full score matrix materialised."""
+    """softmax(QK^T / sqrt(d) + M) V with the full score matrix materialised (M also masks other segments
+    when segment_ids is given)."""
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    mask, empty = attn.visible(q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+    mask, empty = attn.visible(q.shape[-2], k.shape[-2], key_padding_mask, q.device, segment_ids)
     scores = (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1])
     scores = scores.masked_fill(~mask, float("-inf"))
     return zero_empty_rows(torch.softmax(scores, dim=-1) @ v, empty)
@@ -137,9 +139,11 @@ def eager_attention(
     citation="Vaswani et al., Attention Is All You Need, NeurIPS 2017",
 )
 class VanillaAttention(KVCacheAttention):
-    """Eager softmax attention materialising the L x L score matrix; in float64 it is cab's oracle."""
+    """Eager softmax attention materialising the L x L score matrix; in float64 it is cab's oracle. Takes
+    segment_ids (packed sequences, self patterns) through the mask: the segment-wise reference."""
 
     complexity = {"time": 2, "memory": 2}
+    supports_segments = True
     # score-sized (B, Hq, Lq, Lk) tensors alive at the peak of one call, measured with cab's memory probe
     # (2.1 in fwd and fwd_infer, 3.1 when the backward runs), rounded up
     SCORE_MATRICES = {"fwd": 2.25, "fwd_infer": 2.25, "bwd": 3.25, "fwdbwd": 3.25}
@@ -147,8 +151,8 @@ class VanillaAttention(KVCacheAttention):
     def __init__(self, pattern, num_heads, head_dim):
         super().__init__(pattern, num_heads, head_dim)
 
-    def forward(self, q, k, v, key_padding_mask=None):
-        return eager_attention(self, q, k, v, key_padding_mask)
+    def forward(self, q, k, v, key_padding_mask=None, *, segment_ids=None):
+        return eager_attention(self, q, k, v, key_padding_mask, self.segments(segment_ids, q, k))
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         return dense_matmul_flops(batch, self.num_heads, lq, lk, self.head_dim, self.head_dim)
@@ -180,9 +184,11 @@ class SDPAttention(KVCacheAttention):
 
     `is_causal` is top-left aligned when Lq != Lk, so it is used only for square causal self attention;
     other causal shapes and key padding pass an explicit boolean mask. CC needs no mask (each query row
-    is computed independently of the others)."""
+    is computed independently of the others). segment_ids (packed sequences, self patterns) become part of
+    the explicit mask."""
 
     complexity = {"time": 2, "memory": 1}
+    supports_segments = True
 
     def __init__(self, pattern, num_heads, head_dim):
         super().__init__(pattern, num_heads, head_dim)
@@ -201,12 +207,13 @@ class SDPAttention(KVCacheAttention):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], enable_gqa=gqa)
         return out if empty is None else out.masked_fill(empty[:, None, None, None], 0.0)
 
-    def forward(self, q, k, v, key_padding_mask=None):
+    def forward(self, q, k, v, key_padding_mask=None, *, segment_ids=None):
         lq, lk = q.shape[-2], k.shape[-2]
         gqa = k.shape[1] != q.shape[1]
-        if key_padding_mask is None and (self.pattern is not Pattern.CS or lq == lk):
+        segment_ids = self.segments(segment_ids, q, k)
+        if key_padding_mask is None and segment_ids is None and (self.pattern is not Pattern.CS or lq == lk):
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.pattern is Pattern.CS, enable_gqa=gqa)
-        mask, empty = self.visible(lq, lk, key_padding_mask, q.device)
+        mask, empty = self.visible(lq, lk, key_padding_mask, q.device, segment_ids)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return zero_empty_rows(out, empty)
 

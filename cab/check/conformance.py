@@ -3,7 +3,7 @@
 Order: forward, shape_dtype (if either fails the rest are skipped), finite, backward, the causality checks
 of the pattern (CS: causal_prefix, causal_grad; CC: query_causal), key_padding, reference (when the
 attention has a reference()), exact_oracle (exact attentions), decode (CS and CC, when the attention
-decodes incrementally), odd_shapes. A pattern the attention does not declare is one check,
+decodes incrementally), segments (NS and CS, when the attention declares supports_segments), odd_shapes. A pattern the attention does not declare is one check,
 `undeclared_pattern`: building must raise UnsupportedPattern naming both.
 """
 
@@ -22,6 +22,7 @@ from cab.check.decode import check_decode
 from cab.check.isolation import isolated
 from cab.check.outcomes import CheckOutcome, ConformanceReport
 from cab.check.padding import check_key_padding
+from cab.check.segments import check_segments
 from cab.check.shapes import check_odd_shapes
 from cab.check.subject import Subject, main_shape, parse_dtype
 from cab.patterns import Pattern
@@ -50,6 +51,8 @@ def declared_checks(spec: AttentionSpec, pattern: Pattern) -> "list[tuple[str, C
         checks.append(("exact_oracle", check_exact_oracle))
     if pattern.causal and spec.cls.has_decode():
         checks.append(("decode", check_decode))
+    if not pattern.cross and spec.cls.supports_segments:
+        checks.append(("segments", check_segments))
     checks.append(("odd_shapes", check_odd_shapes))
     return checks
 

@@ -91,12 +91,17 @@ class Subject:
         return self._cast[key]
 
     def run(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            key_padding_mask: "torch.Tensor | None" = None) -> torch.Tensor:
-        """One forward call, reseeded so that any sampling inside it repeats exactly."""
+            key_padding_mask: "torch.Tensor | None" = None, segment_ids: "torch.Tensor | None" = None,
+            ) -> torch.Tensor:
+        """One forward call, reseeded so that any sampling inside it repeats exactly (segment_ids, passed
+        only when given, is for attentions declaring supports_segments)."""
         self.reseed()
-        if key_padding_mask is None:
-            return module(q, k, v)
-        return module(q, k, v, key_padding_mask=key_padding_mask)
+        kwargs = {}
+        if key_padding_mask is not None:
+            kwargs["key_padding_mask"] = key_padding_mask
+        if segment_ids is not None:
+            kwargs["segment_ids"] = segment_ids
+        return module(q, k, v, **kwargs)
 
     def run_reference(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The module's own naive formulation on the same inputs, reseeded like `run`."""
