@@ -95,3 +95,36 @@ def test_conformance(pattern):
     report = run_conformance("local", pattern)
     expected = Status.OK if pattern in ("NS", "CS") else Status.UNSUPPORTED
     assert report.status is expected, report.message
+
+
+# the block-sparse additions: FlexAttention backend, counts ------------------------------------------------
+
+@pytest.mark.parametrize("pattern,lq,lk,window,sinks", [("NS", 37, 37, 3, 2), ("CS", 40, 40, 4, 3), ("CS", 9, 21, 2, 1)])
+def test_flex_backend_matches_torch_backend(pattern, lq, lk, window, sinks):
+    """backend="flex" (float64: FlexAttention's unfused path, so no compilation) gives the torch path's outputs
+    and, through its torch backward, the same gradients."""
+    flex = create_attention("local", pattern, 4, 8, window=window, sinks=sinks, backend="flex")
+    eager = create_attention("local", pattern, 4, 8, window=window, sinks=sinks)
+    q, k, v = _inputs(2, 4, 2, lq, lk, 8)
+    pad = torch.zeros(2, lk, dtype=torch.bool)
+    pad[1, -3:] = True
+    pad[0, 0] = True
+    out, ref = flex(q, k, v, pad), eager(q, k, v, pad)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert flex.backend == "flex" and eager.backend == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        create_attention("local", pattern, 4, 8, backend="cuda")
+
+
+def test_computed_pairs_by_hand():
+    """NS, L=40, w=15: query blocks of 16 rows score spans of 46 key rows starting at 16b - 15, cut to the 40
+    real keys: 16*31 + 16*39 + 8*23 = 1304 pairs per (batch, head); sinks add s per real row."""
+    q, k, v = (t.detach() for t in _inputs(2, 3, 3, 40, 40, 8))
+    assert create_attention("local", "NS", 3, 8, window=15).computed_pairs(q, k, v) == 2 * 3 * 1304
+    assert create_attention("local", "NS", 3, 8, window=15, sinks=2).computed_pairs(q, k, v) == 2 * 3 * (1304 + 80)
+    exact_pairs = 2 * 3 * sum(min(39, i + 15) - max(0, i - 15) + 1 for i in range(40))
+    flex = create_attention("local", "NS", 3, 8, window=15, backend="flex")
+    assert flex.computed_pairs(q, k, v) == 2 * 3 * 40 * 40 >= exact_pairs  # one 128-block holds everything
+    assert flex.algorithmic_flops(1, 40, 40, 3) is None

@@ -2,8 +2,9 @@
 
 A static pattern is described twice, at two granularities, by the attention that owns it:
 
-* `mask_fn(h, i, j) -> bool tensor`: element visibility of key j to query row i for head h (int64 index
-  tensors that broadcast against each other; the pattern only, key padding is added here). It must use
+* `mask_fn(b, h, i, j) -> bool tensor`: element visibility of key j to query row i for batch element b and
+  head h (int64 index tensors that broadcast against each other; the pattern only, key padding is added
+  here; b matters only for patterns whose extent follows the real keys of each element). It must use
   tensor ops only (no Python branching on values), so the same function is FlexAttention's mask_mod.
 * a `Layout`: per query block (and per head when the pattern differs between heads) the list of key blocks
   that hold at least one visible pair; it must cover the element mask (`check_layout_covers` tests that).
@@ -38,7 +39,7 @@ import torch
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
 
-MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 BACKENDS = ("torch", "flex")
 
@@ -140,40 +141,43 @@ def layout_from_boxes(boxes: "list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def layout_by_evaluation(mask_fn: MaskFn, heads: int, block_q: int, block_k: int, lq: int, lk: int,
-                         rows_per_step: int = 0) -> Layout:
-    """A Layout found by evaluating the element mask (any() per block pair), a chunk of query rows at a time:
-    exact for any pattern, O(Hm Lq Lk) boolean work once per shape (callers cache it) and O(chunk Lk) memory.
-    `heads` is Hm (1 when the mask ignores h)."""
+                         rows_per_step: int = 0, batch: int = 1) -> Layout:
+    """A Layout found by evaluating the element mask (any() per block pair, union over b < batch), a chunk of
+    query rows at a time: exact for any pattern, O(batch Hm Lq Lk) boolean work once per shape (callers
+    cache it) and O(chunk Lk) memory. `heads` is Hm (1 when the mask ignores h)."""
     nq, nk = -(-lq // block_q), -(-lk // block_k)
     h = torch.arange(heads)[:, None, None]
     j = torch.arange(nk * block_k)
     real_j = j < lk
     blocks = torch.zeros(heads, nq, nk, dtype=torch.bool)
     step = max(1, rows_per_step or (1 << 21) // max(1, heads * nk * block_k * block_q)) * block_q
-    for start in range(0, nq * block_q, step):
-        i = torch.arange(start, min(start + step, nq * block_q))
-        vis = mask_fn(h, i[:, None].clamp(max=lq - 1), j[None, :].clamp(max=lk - 1))
-        vis = vis.expand(heads, len(i), len(j)) & real_j & (i < lq)[:, None]
-        rows = vis.view(heads, len(i) // block_q, block_q, nk, block_k).any(-1).any(2)
-        blocks[:, start // block_q: start // block_q + rows.shape[1]] = rows
+    for b in range(batch):
+        bb = torch.tensor(b)
+        for start in range(0, nq * block_q, step):
+            i = torch.arange(start, min(start + step, nq * block_q))
+            vis = mask_fn(bb, h, i[:, None].clamp(max=lq - 1), j[None, :].clamp(max=lk - 1))
+            vis = vis.expand(heads, len(i), len(j)) & real_j & (i < lq)[:, None]
+            rows = vis.view(heads, len(i) // block_q, block_q, nk, block_k).any(-1).any(2)
+            blocks[:, start // block_q: start // block_q + rows.shape[1]] |= rows
     return layout_from_block_mask(blocks, block_q, block_k, lq, lk)
 
 
-def check_layout_covers(layout: Layout, mask_fn: MaskFn, heads: int) -> bool:
+def check_layout_covers(layout: Layout, mask_fn: MaskFn, heads: int, batch: int = 1) -> bool:
     """Whether every visible element of the mask lies in a listed block (a test helper; dense)."""
-    dense = dense_mask(mask_fn, heads, layout.lq, layout.lk)
+    dense = dense_mask(mask_fn, heads, layout.lq, layout.lk, batch=batch).any(0)
     blocks = layout.block_mask()
     up = blocks.repeat_interleave(layout.block_q, 1).repeat_interleave(layout.block_k, 2)
     up = up[:, :layout.lq, :layout.lk]
     return bool((~dense | up).all())
 
 
-def dense_mask(mask_fn: MaskFn, heads: int, lq: int, lk: int, device=None) -> torch.Tensor:
-    """(Hm, Lq, Lk) bool element mask."""
-    h = torch.arange(heads, device=device)[:, None, None]
-    i = torch.arange(lq, device=device)[None, :, None]
-    j = torch.arange(lk, device=device)[None, None, :]
-    return mask_fn(h, i, j).expand(heads, lq, lk)
+def dense_mask(mask_fn: MaskFn, heads: int, lq: int, lk: int, device=None, batch: int = 1) -> torch.Tensor:
+    """(batch, Hm, Lq, Lk) bool element mask."""
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.arange(heads, device=device)[None, :, None, None]
+    i = torch.arange(lq, device=device)[None, None, :, None]
+    j = torch.arange(lk, device=device)[None, None, None, :]
+    return mask_fn(b, h, i, j).expand(batch, heads, lq, lk)
 
 
 # the torch path ---------------------------------------------------------------------------------------
@@ -235,7 +239,9 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
             vt = v_blocks[:, hv[:, None], idx].flatten(2, 3).unsqueeze(1)
             h = hv[None, :, None, None]
         ii, jj = i[None, :, :, None], j[None, :, None, :]
-        visible = mask_fn(h, ii.clamp(max=lq - 1), jj.clamp(max=lk - 1)) & (ii < lq) & (jj < lk)
+        bb = torch.arange(batch, device=device)[:, None, None, None, None]
+        visible = mask_fn(bb, h[None], ii[None].clamp(max=lq - 1), jj[None].clamp(max=lk - 1))
+        visible = visible & (ii < lq) & (jj < lk)
         visible = visible & ok_blocks[:, idx].flatten(2, 3)[:, None, :, None, :]  # (B, H|1, T, bq, K)
         scores = (qt @ kt.transpose(-1, -2)) * scale
         if score_mod is not None:
@@ -298,7 +304,7 @@ def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_fn: 
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)
     lk = k.shape[-2]
     scale = softmax_scale(dim) if scale is None else scale
-    mask = dense_mask(mask_fn, heads if heads_vary else 1, lq, lk, q.device)[None]
+    mask = dense_mask(mask_fn, heads if heads_vary else 1, lq, lk, q.device, batch=q.shape[0])
     if key_padding_mask is not None:
         mask = mask & ~key_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
     scores = (q @ k.transpose(-1, -2)) * scale
@@ -338,11 +344,11 @@ def flex_block_mask(layout: Layout, mask_fn: MaskFn, batch: int, heads: int,
     pad = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
     if pad is None:
         def mask_mod(b, h, i, j):
-            return mask_fn(h, i, j)
-        bsz = 1
+            return mask_fn(b, h, i, j)
+        bsz = batch
     else:
         def mask_mod(b, h, i, j):
-            return mask_fn(h, i, j) & ~pad[b, j]
+            return mask_fn(b, h, i, j) & ~pad[b, j]
         bsz = batch
     hh = hm if hm != 1 else 1
     return BlockMask.from_kv_blocks(
@@ -372,13 +378,18 @@ class _FlexForwardTorchBackward(torch.autograd.Function):
 
 
 class BlockSparseAttention(Attention):
-    """Base of the static block-sparse attentions: a subclass provides `mask_fn(lq, lk)` (the element
-    mask for a shape, as a function of (h, i, j)), `build_layout(lq, lk, block_q, block_k)`, and sets
-    `heads_vary` when its pattern differs between query heads; `normalize`/`score_mod` select the
-    normalisation. forward = the torch block-sparse path or FlexAttention (`backend`), reference = the
-    dense mask form, computed_pairs / algorithmic_flops from the layout."""
+    """Base of the static block-sparse attentions. A subclass provides `mask_fn(lq, lk, extent)` (the
+    element mask for a shape as a function of (b, h, i, j)) and `build_layout(lq, lk, block_q, block_k,
+    extents)`, sets `heads_vary` when its pattern differs between query heads and `extent_dependent` when
+    its pattern depends on where the sequence ends (then `extent` is the (B,) tensor of each element's
+    extent, its last real key + 1, so trailing padded keys cannot move a window, and `extents` the tuple of
+    distinct extents the layout must cover; otherwise extent is None and extents is (Lk,)).
+    `normalize` / `score_mod` select the normalisation and an additive score bias. forward = the torch
+    block-sparse path or FlexAttention (`backend`), reference = the dense mask form, computed_pairs /
+    algorithmic_flops from the layout."""
 
     heads_vary: bool = False
+    extent_dependent: bool = False
     normalize: str = "softmax"
     block_size: int = 64  # the torch path's query and key block
 
@@ -390,46 +401,60 @@ class BlockSparseAttention(Attention):
                              f"normalisation; this attention normalises by {self.normalize}")
         self.backend = backend
 
-    def unavailable_reason_for(self, device) -> "str | None":
-        return flex_unavailable_reason(device) if self.backend == "flex" else None
-
     # subclass hooks ---------------------------------------------------------------------------------
-    def mask_fn(self, lq: int, lk: int) -> MaskFn:
+    def mask_fn(self, lq: int, lk: int, extent: "torch.Tensor | None" = None) -> MaskFn:
         raise NotImplementedError
 
-    def build_layout(self, lq: int, lk: int, block_q: int, block_k: int) -> Layout:
-        return layout_by_evaluation(self.mask_fn(lq, lk), self.num_heads if self.heads_vary else 1,
-                                    block_q, block_k, lq, lk)
+    def build_layout(self, lq: int, lk: int, block_q: int, block_k: int, extents: "tuple[int, ...]") -> Layout:
+        ext = torch.tensor(extents) if self.extent_dependent else None
+        return layout_by_evaluation(self.mask_fn(lq, lk, ext), self.num_heads if self.heads_vary else 1,
+                                    block_q, block_k, lq, lk, batch=len(extents) if self.extent_dependent else 1)
 
     def score_mod(self, lq: int, lk: int) -> "ScoreMod | None":
         return None
 
     # machinery --------------------------------------------------------------------------------------
-    def layout(self, lq: int, lk: int, block: "int | None" = None) -> Layout:
+    def extent(self, batch: int, lk: int, key_padding_mask, device) -> "torch.Tensor | None":
+        """(B,) int64 extents (last real key + 1) when the pattern depends on them, else None."""
+        if not self.extent_dependent:
+            return None
+        if key_padding_mask is None:
+            return torch.full((batch,), lk, dtype=torch.int64, device=device)
+        real = ~key_padding_mask.to(device=device, dtype=torch.bool)
+        idx = torch.arange(1, lk + 1, device=device)
+        return (real * idx).max(dim=-1).values
+
+    def layout(self, lq: int, lk: int, block: "int | None" = None, extent: "torch.Tensor | None" = None) -> Layout:
         block = block or self.block_size
-        return _cached_layout(self, lq, lk, block)
+        extents = tuple(sorted(set(extent.tolist()))) if extent is not None else (lk,)
+        cache = self.__dict__.setdefault("_layout_cache", {})
+        key = (lq, lk, block, extents)
+        if key not in cache:
+            if len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+            cache[key] = self.build_layout(lq, lk, block, block, extents)
+        return cache[key]
 
     def _torch(self, q, k, v, key_padding_mask):
         lq, lk = q.shape[-2], k.shape[-2]
-        return blocksparse_attention(q, k, v, self.layout(lq, lk), self.mask_fn(lq, lk), key_padding_mask,
-                                     score_mod=self.score_mod(lq, lk), normalize=self.normalize)
+        extent = self.extent(q.shape[0], lk, key_padding_mask, q.device)
+        return blocksparse_attention(q, k, v, self.layout(lq, lk, None, extent), self.mask_fn(lq, lk, extent),
+                                     key_padding_mask, score_mod=self.score_mod(lq, lk), normalize=self.normalize)
 
     def forward(self, q, k, v, key_padding_mask=None):
         if self.backend == "torch":
             return self._torch(q, k, v, key_padding_mask)
         reason = flex_unavailable_reason(q.device)
         if reason:
-            raise RuntimeError(f"{type(self).name}: backend='flex' unavailable: {reason}")
+            raise RuntimeError(f"{type(self).name}: backend='flex' is unavailable here: {reason}")
         from cab.attention.flash import flex_call
 
         lq, lk = q.shape[-2], k.shape[-2]
-        block_mask = flex_block_mask(self.layout(lq, lk, FLEX_BLOCK), self.mask_fn(lq, lk), q.shape[0],
-                                     q.shape[1], key_padding_mask, q.device)
+        extent = self.extent(q.shape[0], lk, key_padding_mask, q.device)
+        block_mask = self._flex_block_mask(q.shape[0], lq, lk, key_padding_mask, extent, q.device)
 
         def run_flex(q_, k_, v_):
-            out = flex_call(q_, k_, v_, block_mask)
-            # FlexAttention gives rows with no visible key 0 already (its lse is -inf there)
-            return out
+            return flex_call(q_, k_, v_, block_mask)  # rows with no visible key come out as 0
 
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if wants_grad:
@@ -437,30 +462,44 @@ class BlockSparseAttention(Attention):
                                                    lambda a, b, c: self._torch(a, b, c, key_padding_mask))
         return run_flex(q.detach(), k.detach(), v.detach())
 
+    def _flex_block_mask(self, batch, lq, lk, key_padding_mask, extent, device):
+        """The FlexAttention BlockMask, cached per shape and padding (building one is not free)."""
+        pad_key = None if key_padding_mask is None else key_padding_mask.cpu().numpy().tobytes()
+        key = (batch, lq, lk, str(device), pad_key)
+        cache = self.__dict__.setdefault("_flex_cache", {})
+        if key not in cache:
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[key] = flex_block_mask(self.layout(lq, lk, FLEX_BLOCK, extent), self.mask_fn(lq, lk, extent),
+                                         batch, self.num_heads, key_padding_mask, device)
+        return cache[key]
+
     def reference(self, q, k, v, key_padding_mask=None):
         lq, lk = q.shape[-2], k.shape[-2]
-        return dense_reference(q, k, v, self.mask_fn(lq, lk), self.heads_vary, key_padding_mask,
+        extent = self.extent(q.shape[0], lk, key_padding_mask, q.device)
+        return dense_reference(q, k, v, self.mask_fn(lq, lk, extent), self.heads_vary, key_padding_mask,
                                score_mod=self.score_mod(lq, lk), normalize=self.normalize)
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
+        """Pairs inside the listed blocks (torch: this module's block size; flex: FlexAttention's 128)."""
+        lk = k.shape[-2]
+        extent = self.extent(q.shape[0], lk, key_padding_mask, q.device)
         block = FLEX_BLOCK if self.backend == "flex" else None
-        return layout_pairs(self.layout(q.shape[-2], k.shape[-2], block), q.shape[0], q.shape[1])
+        return layout_pairs(self.layout(q.shape[-2], lk, block, extent), q.shape[0], q.shape[1])
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
-        if self.backend != "torch":
-            return None
-        return layout_matmul_flops(self.layout(lq, lk), batch, self.num_heads, self.head_dim, self.head_dim)
+        """The torch path's matmul FLOPs (None for flex, whose fused kernel is not counted block by block, and
+        for extent-dependent patterns, whose block list follows the key padding)."""
+        if self.backend != "torch" or self.extent_dependent:
+            return None  # extent-dependent layouts change with the padding, which this signature lacks
+        extent = None
+        return layout_matmul_flops(self.layout(lq, lk, None, extent), batch, self.num_heads, self.head_dim,
+                                   self.head_dim)
 
-    def visible_mask(self, lq: int, lk: int) -> torch.Tensor:
-        """(H|1, Lq, Lk) bool: the pattern's element mask (no padding), for tests and plots."""
-        return dense_mask(self.mask_fn(lq, lk), self.num_heads if self.heads_vary else 1, lq, lk)
-
-
-def _cached_layout(attn: BlockSparseAttention, lq: int, lk: int, block: int) -> Layout:
-    cache = attn.__dict__.setdefault("_layout_cache", {})
-    key = (lq, lk, block)
-    if key not in cache:
-        if len(cache) >= 16:
-            cache.pop(next(iter(cache)))
-        cache[key] = attn.build_layout(lq, lk, block, block)
-    return cache[key]
+    def visible_mask(self, lq: int, lk: int, key_padding_mask=None, batch: int = 1) -> torch.Tensor:
+        """(B, H|1, Lq, Lk) bool: the pattern's element mask (padding not applied), for tests and plots."""
+        if key_padding_mask is not None:
+            batch = key_padding_mask.shape[0]
+        extent = self.extent(batch, lk, key_padding_mask, "cpu")
+        return dense_mask(self.mask_fn(lq, lk, extent), self.num_heads if self.heads_vary else 1, lq, lk,
+                          batch=batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention import _blocksparse as bs
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
 from cab.patterns import Pattern
@@ -42,19 +43,113 @@ class LocalAttention(Attention):
     plus the s sinks, masked to the exact window, in one softmax. The key windows of all blocks are one
     overlapping strided view of a padded copy of the keys, so two batched matmuls do the work without a
     copy per window.
+
+    `backend="flex"`: the same window and sinks as a FlexAttention mask_mod over a BlockMask listing, per 128
+    query rows, the key blocks of the window interval and the sink block(s) (cab's `_blocksparse` engine);
+    on CPU its backward is autograd through the torch path (FlexAttention has no CPU backward).
+    `computed_pairs` counts the scored (query, key) pairs of the running backend, `algorithmic_flops` the
+    torch path's matmuls.
     """
 
-    def __init__(self, pattern, num_heads, head_dim, window: int = 15, sinks: int = 0):
+    def __init__(self, pattern, num_heads, head_dim, window: int = 15, sinks: int = 0, backend: str = "torch"):
         super().__init__(pattern, num_heads, head_dim)
         if window < 0 or sinks < 0:
             raise ValueError(f"window and sinks must be >= 0, got window={window}, sinks={sinks}")
+        if backend not in bs.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(bs.BACKENDS)}, got {backend!r}")
         self.window = window
         self.sinks = sinks
+        self.backend = backend
+        self._flex_masks: dict = {}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, window={self.window}, sinks={self.sinks}"
+        return f"{super().extra_repr()}, window={self.window}, sinks={self.sinks}, backend={self.backend}"
+
+    # the pattern as an element mask and a block list (FlexAttention path, counts) ---------------------------
+
+    def mask_fn(self, lq: int, lk: int):
+        """visible(b, h, i, j) of the window and the sinks (no padding), as index-tensor ops (a mask_mod)."""
+        causal = self.pattern is Pattern.CS
+        offset = lk - lq if causal else 0
+        w, s = self.window, self.sinks
+
+        def mask(b, h, i, j):
+            gap = i + offset - j
+            if causal:
+                return (gap >= 0) & ((gap <= w) | (j < s))
+            return (gap.abs() <= w) | (j < s)
+
+        return mask
+
+    def block_layout(self, lq: int, lk: int, block: int) -> "bs.Layout":
+        """Key blocks per query block of `block` rows: the window's interval plus the sink keys."""
+        causal = self.pattern is Pattern.CS
+        p = torch.arange(lq) + (lk - lq if causal else 0)
+        zero = torch.zeros_like(p)
+        hi = p if causal else p + self.window
+        return bs.layout_from_boxes([(zero, zero, p - self.window, hi)], max(lk, 1), block, block, lq, lk,
+                                    extra_keys=self.sinks)
+
+    def _flex(self, q, k, v, key_padding_mask):
+        reason = bs.flex_unavailable_reason(q.device)
+        if reason:
+            raise RuntimeError(f"local: backend='flex' is unavailable here: {reason}")
+        from cab.attention.flash import flex_call
+
+        batch, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
+        pad_key = None if key_padding_mask is None else key_padding_mask.cpu().numpy().tobytes()
+        key = (batch, lq, lk, str(q.device), pad_key)
+        if key not in self._flex_masks:
+            if len(self._flex_masks) >= 8:
+                self._flex_masks.pop(next(iter(self._flex_masks)))
+            self._flex_masks[key] = bs.flex_block_mask(self.block_layout(lq, lk, bs.FLEX_BLOCK), self.mask_fn(lq, lk),
+                                                       batch, self.num_heads, key_padding_mask, q.device)
+        block_mask = self._flex_masks[key]
+
+        def run_flex(q_, k_, v_):
+            return flex_call(q_, k_, v_, block_mask)
+
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return bs._FlexForwardTorchBackward.apply(q, k, v, run_flex,
+                                                      lambda a, b, c: self._torch(a, b, c, key_padding_mask))
+        return run_flex(q.detach(), k.detach(), v.detach())
+
+    def _geometry(self, lq: int, lk: int) -> "tuple[int, int, int, int]":
+        """(block, blocks, span, sinks scored) of the torch path for this shape."""
+        w, block = self.window, _block_size(self.window)
+        ahead = 0 if self.pattern is Pattern.CS else w
+        blocks = -(-lq // block) + -(-(w + ahead) // block)
+        return block, blocks, block + w + ahead, min(self.sinks, lk)
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        """The torch path's matmul FLOPs: every slab row against its span of keys plus the sinks (padded slab
+        rows and out-of-range window rows included, as the batched matmuls compute them); None for flex."""
+        if self.backend != "torch":
+            return None
+        block, blocks, span, s = self._geometry(lq, lk)
+        return 2 * batch * self.num_heads * blocks * block * (span + s) * (2 * self.head_dim)
+
+    def computed_pairs(self, q, k, v, key_padding_mask=None):
+        """(batch, head, real query, real key) pairs scored. torch: each real query row against the real keys
+        in its block's window span plus the sinks (masked entries inside the span count, as they are
+        computed); flex: the pairs inside FlexAttention's listed 128 x 128 blocks."""
+        batch, heads, lq = q.shape[0], q.shape[1], q.shape[-2]
+        lk = k.shape[-2]
+        if self.backend == "flex":
+            return bs.layout_pairs(self.block_layout(lq, lk, bs.FLEX_BLOCK), batch, heads)
+        block, blocks, span, s = self._geometry(lq, lk)
+        offset = lk - lq if self.pattern is Pattern.CS else 0
+        first = torch.arange(blocks) * block + offset - self.window  # key position of each span's first row
+        keys = (torch.minimum(first + span, torch.tensor(lk)) - first.clamp(min=0)).clamp(min=0)
+        rows = (lq - torch.arange(blocks) * block).clamp(0, block)
+        return batch * heads * int((rows * (keys + s)).sum())
 
     def forward(self, q, k, v, key_padding_mask=None):
+        if self.backend == "flex":
+            return self._flex(q, k, v, key_padding_mask)
+        return self._torch(q, k, v, key_padding_mask)
+
+    def _torch(self, q, k, v, key_padding_mask=None):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         batch, heads, lq, dim = q.shape
         lk = k.shape[-2]

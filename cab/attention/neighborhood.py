@@ -22,7 +22,8 @@ def _axis_window(t: torch.Tensor, n: int, kernel: int, dilation: int, stride: in
     size = torch.div(n - group + dilation - 1, dilation, rounding_mode="floor")  # positions of this group
     base = torch.div(tt, stride, rounding_mode="floor") * stride
     if causal:
-        end = torch.minimum(base + stride - 1, size - 1)  # the stride group's last query leads
+        end = base + stride - 1  # the stride group's last query leads (not clamped to the end: the window
+        # of a query must not depend on how many tokens follow it)
         start = (end - kernel + 1).clamp(min=0)
     else:
         leader = torch.minimum(base + stride // 2, size - 1)  # the stride group's centre leads
@@ -41,6 +42,8 @@ def _axis_visible(t, u, n, kernel, dilation, stride, causal):
 class _Neighborhood(BlockSparseAttention):
     """Shared implementation of `neighborhood` and `gna` (see their docstrings)."""
 
+    extent_dependent = True  # noncausal windows shift at the sequence end
+
     def _setup(self, kernel_size, dilation, stride, width, backend):
         if kernel_size < 1 or dilation < 1 or stride < 1 or width < 0:
             raise ValueError(f"kernel_size, dilation and stride must be >= 1 and width >= 0, got "
@@ -55,32 +58,33 @@ class _Neighborhood(BlockSparseAttention):
         return (f"{super().extra_repr()}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
                 f"stride={self.stride}, width={self.width}, backend={self.backend}")
 
-    def _grid(self, lk: int) -> "tuple[int, int]":
-        """(rows, cols) of the key grid: one row of Lk in 1-D."""
+    def _grid(self, n):
+        """(rows, cols) of a grid of n tokens (n an int or a tensor): one row of n in 1-D."""
         if self.width == 0:
-            return 1, max(lk, 1)
-        return -(-lk // self.width), self.width
+            return 1, n
+        return (n + self.width - 1) // self.width, self.width
 
-    def mask_fn(self, lq, lk):
+    def mask_fn(self, lq, lk, extent=None):
         causal = self.pattern is Pattern.CS
         offset = lk - lq if causal else 0
-        rows, cols = self._grid(lk)
         kw = dict(kernel=self.kernel_size, dilation=self.dilation, stride=self.stride, causal=causal)
+        ext = torch.tensor([lk]) if extent is None else extent
 
-        def mask(h, i, j):
+        def mask(b, h, i, j):
             p = i + offset
+            n = ext.to(p.device)[b] if extent is not None else lk
             if self.width == 0:
-                return _axis_visible(p, j, cols, **kw)
+                return _axis_visible(p, j, n, **kw)
+            rows, cols = self._grid(n)
             r, c = torch.div(p, cols, rounding_mode="floor"), torch.remainder(p, cols)
             rj, cj = torch.div(j, cols, rounding_mode="floor"), torch.remainder(j, cols)
             return _axis_visible(r, rj, rows, **kw) & _axis_visible(c, cj, cols, **kw)
 
         return mask
 
-    def build_layout(self, lq, lk, block_q, block_k) -> Layout:
+    def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS
         p = torch.arange(lq) + (lk - lq if causal else 0)
-        rows, cols = self._grid(lk)
         kw = dict(kernel=self.kernel_size, dilation=self.dilation, stride=self.stride, causal=causal)
 
         def interval(t, n):
@@ -88,20 +92,26 @@ class _Neighborhood(BlockSparseAttention):
             lo, hi = group + self.dilation * start, group + self.dilation * end
             return lo, (torch.minimum(hi, t) if causal else hi)
 
-        if self.width == 0:
-            lo, hi = interval(p, cols)
-            zero = torch.zeros_like(p)
-            return layout_from_boxes([(zero, zero, lo, hi)], cols, block_q, block_k, lq, lk)
-        r, c = torch.div(p, cols, rounding_mode="floor"), torch.remainder(p, cols)
-        r_lo, r_hi = interval(r, rows)
-        c_lo, c_hi = interval(c, cols)
-        return layout_from_boxes([(r_lo, r_hi, c_lo, c_hi)], cols, block_q, block_k, lq, lk)
+        boxes = []
+        for n in extents:  # the union over the batch's extents
+            if self.width == 0:
+                lo, hi = interval(p, n)
+                zero = torch.zeros_like(p)
+                boxes.append((zero, zero, lo, hi))
+            else:
+                rows, cols = self._grid(n)
+                r, c = torch.div(p, cols, rounding_mode="floor"), torch.remainder(p, cols)
+                boxes.append(interval(r, rows) + interval(c, cols))
+        width = self.width or max(lk, 1)
+        return layout_from_boxes(boxes, width, block_q, block_k, lq, lk)
 
 
 _DOC_COMMON = """
     Grid: `width` = 0 is a 1-D sequence; `width` = W > 0 lays the Lk keys out row-major on ceil(Lk/W) rows of
     W columns (token t at row t // W, column t % W; the last row may be short, its missing cells are simply
-    absent) and the neighbourhood is the product of the per-axis ones. Positions: query i sits at i (NS) and
+    absent) and the neighbourhood is the product of the per-axis ones. The grid ends at each batch
+    element's extent (its last real key + 1), so trailing padded keys never shift a border window; padded
+    keys inside the extent are grid cells that are never seen. Positions: query i sits at i (NS) and
     at i + Lk - Lq (CS, bottom-right as cab's causal mask); NC/CC are unsupported.
 
     Per axis of n positions, with kernel k, dilation d and stride s: positions split into d interleaved
@@ -109,8 +119,9 @@ _DOC_COMMON = """
     positions from start = clamp(leader - k//2, 0, n_g - k) (noncausal; the window shifts at the borders so
     every query keeps k neighbours, as NA defines it; all n_g when n_g < k), where the leader is the centre
     of the query's stride group [s*floor(u/s), s*floor(u/s) + s) (s = 1: the query itself). CS (NATTEN's
-    per-axis causal NA): the window is the k group positions ending at the stride group's last query,
-    intersected with key <= query on every axis, so no key after the query is ever visible.
+    per-axis causal NA): the window is the k group positions ending at the stride group's last query (also
+    when that query lies past the end, so a row never depends on the sequence length), intersected with
+    key <= query on every axis, so no key after the query is ever visible.
 
     Efficient path: cab's block-sparse engine (`_blocksparse`): per query block, only the key blocks that
     intersect its neighbourhoods' bounding boxes are gathered and scored, masked to the exact neighbourhood
