@@ -1,0 +1,142 @@
+"""Linear attention with the elu+1 feature map (Katharopoulos et al. 2020), with two backends: PyTorch
+(chunked prefix sums) and cab's Triton kernels (`cab.attention.kernels.linear`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.functional import (align_bottom_right, causal_linear_attention, compute_dtype,
+                                      linear_attention)
+from cab.attention.kernels import triton_unavailable_reason
+from cab.patterns import Pattern, attention_mask
+from cab.registry import register_attention
+
+BACKENDS = ("auto", "torch", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 (paper Sec. 3.2, Eq. 7): positive, so every normaliser of real keys is > 0."""
+    return F.elu(x) + 1.0
+
+
+def _safe(den: torch.Tensor) -> torch.Tensor:
+    """A normaliser with zeros replaced by 1 (a row whose only keys are padding has a zero numerator)."""
+    return torch.where(den > 0, den, torch.ones_like(den))
+
+
+def resolve_backend(requested: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs for `requested` on `device` and `dtype`: "auto" is triton on CUDA when the
+    kernels can run there and take the dtype, torch otherwise; an explicit "triton" that cannot run raises
+    (it never falls back silently)."""
+    if requested == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(device)
+    if requested == "triton":
+        if reason:
+            raise RuntimeError(f"{name}: backend='triton' cannot run on {device}: {reason}")
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(f"{name}: backend='triton' takes float16, bfloat16 or float32 inputs, got {dtype} "
+                            "(use backend='torch' or 'auto')")
+        return "triton"
+    if device.type == "cuda" and reason is None and dtype in TRITON_DTYPES:
+        return "triton"
+    return "torch"
+
+
+@register_attention(
+    "linear_elu", patterns=("NS", "CS", "NC", "CC"), family="linear", exact=False,
+    citation="Katharopoulos et al., Transformers are RNNs: Fast Autoregressive Transformers with Linear "
+    "Attention, ICML 2020",
+)
+class LinearEluAttention(Attention):
+    """Linear attention (paper Eq. 4-9): out_i = phi(q_i)^T S / phi(q_i)^T z with S = sum_j phi(k_j) v_j^T,
+    z = sum_j phi(k_j) over the keys row i sees, phi(x) = elu(x) + 1 applied to each head's q and k (no
+    1/sqrt(d) scale: it would cancel only for a linear phi, and the paper uses none).
+
+    Patterns: NS and NC use every real key (NC with Lq != Lk); CC is query-side causal, which a linear
+    attention is by construction (each row uses only the key summary); CS uses the prefix sums of keys
+    0..i, bottom-right aligned when Lq != Lk (query i sits at key position i + Lk - Lq). Padded keys get
+    zero features, and a row with no visible key outputs 0.
+
+    Backends (`backend`): "torch" — the noncausal product phi(Q) (phi(K)^T V), and for CS the chunked
+    prefix sums of `cab.attention.functional.causal_linear_attention`; "triton" — cab's kernels
+    (`cab.attention.kernels.linear`: the Lightning-2 tiled causal kernel with decay off and the normaliser
+    fused, or the K^T V reduction then Q x state), on CUDA, or on CPU under TRITON_INTERPRET=1; "auto"
+    (default) — triton on CUDA for float16/bfloat16/float32 inputs when triton imports, torch otherwise.
+    An explicit "triton" where it cannot run raises. `self.backend` is the backend of the latest call
+    (before any call: torch for "auto"), which the bench records. Incremental decoding (CS, CC) carries
+    (S, z) and runs in PyTorch for every backend.
+    """
+
+    complexity = {"time": 1, "memory": 1}
+
+    def __init__(self, pattern, num_heads, head_dim, backend: str = "auto"):
+        super().__init__(pattern, num_heads, head_dim)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.requested_backend = backend
+        self.backend = "torch" if backend == "auto" else backend
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.requested_backend}"
+
+    def _features(self, q, k, key_padding_mask):
+        phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+        if key_padding_mask is not None:
+            phi_k = phi_k.masked_fill(key_padding_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None], 0.0)
+        return phi_q, phi_k
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        backend = resolve_backend(self.requested_backend, "linear_elu", q.device, q.dtype)
+        self.backend = backend
+        out_dtype = q.dtype
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        drop = 0
+        causal = self.pattern is Pattern.CS
+        if causal:
+            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        if backend == "triton":
+            from cab.attention.kernels.linear import causal_linear_attention as causal_kernel
+            from cab.attention.kernels.linear import noncausal_linear_attention as noncausal_kernel
+
+            work = compute_dtype(q.dtype)
+            phi_q, phi_k = self._features(q.to(work), k.to(work), key_padding_mask)
+            phi_q, phi_k = phi_q.to(out_dtype), phi_k.to(out_dtype)
+            kernel = causal_kernel if causal else noncausal_kernel
+            num, den = kernel(phi_q, phi_k, v, with_normaliser=True)
+            out = num.to(den.dtype) / _safe(den).unsqueeze(-1)
+        else:
+            dtype = compute_dtype(q.dtype)
+            phi_q, phi_k = self._features(q.to(dtype), k.to(dtype), key_padding_mask)
+            v = v.to(dtype)
+            out = causal_linear_attention(phi_q, phi_k, v) if causal else linear_attention(phi_q, phi_k, v)
+        return out[:, :, drop:].to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """The explicit Lq x Lk weights phi(q_i).phi(k_j), masked by the pattern and padding, row-normalised."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        weights = elu_feature_map(q) @ elu_feature_map(k).transpose(-1, -2)
+        weights = weights * attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        return (weights @ v) / _safe(weights.sum(dim=-1, keepdim=True))
+
+    # incremental decoding ----------------------------------------------------------------------------------
+
+    def decode_init(self, k, v, key_padding_mask=None, capacity=None):
+        """(S, z): sum of phi(k_j) v_j^T and of phi(k_j) over the given real keys, per query head."""
+        dtype = compute_dtype(k.dtype)
+        k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
+        _, phi_k = self._features(k, k, key_padding_mask)
+        return phi_k.transpose(-1, -2) @ v, phi_k.sum(dim=-2)
+
+    def decode_step(self, state, q, k=None, v=None):
+        kv, z = state
+        if k is not None:  # CS: the new token joins the sums (new tensors: the given state stays valid)
+            k, v = repeat_kv(k, self.num_heads).to(kv.dtype), repeat_kv(v, self.num_heads).to(kv.dtype)
+            phi_k = elu_feature_map(k)
+            kv, z = kv + phi_k.transpose(-1, -2) @ v, z + phi_k.sum(dim=-2)
+        phi_q = elu_feature_map(q.to(kv.dtype))
+        out = (phi_q @ kv) / _safe(phi_q @ z.unsqueeze(-1))
+        return out.to(q.dtype), (kv, z)
