@@ -13,7 +13,7 @@ from cab.status import Status
 from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 NAMES = ["softplus_attention", "relu_attention", "sigmoid_attention"]
-SHAPES = [("NS", 37, 37), ("CS", 37, 37), ("CS", 11, 29), ("CS", 29, 11), ("NC", 13, 29), ("CC", 29, 13)]
+SHAPES = [("NS", 21, 21), ("CS", 21, 21), ("CS", 7, 19), ("CS", 19, 7), ("NC", 9, 19), ("CC", 19, 9)]
 
 
 @pytest.mark.parametrize("name", NAMES)
