@@ -1,0 +1,156 @@
+"""HiP: hierarchically pruned attention. Per query, a tree search over key segments (split every kept
+segment in two, score each half by one representative key, keep the best halves) finds the top segments,
+then exact softmax attention runs over their keys."""
+
+from __future__ import annotations
+
+import torch
+
+from cab.attention._routing_util import (
+    gathered_attention, masked_softmax_reference, query_positions, real_keys,
+)
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.functional import softmax_scale
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+_ELEMENTS = 1 << 24  # gathered key elements per chunk of queries
+
+
+@register_attention(
+    "hip", patterns=("NS", "CS", "NC", "CC"), family="sparse", exact=False, mechanism="M40",
+    citation="Lee et al., HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning, "
+    "ICLR 2025",
+)
+class HiPAttention(Attention):
+    """HiP mask estimation (Lee et al., Sec. 3, Alg. 1) and block-sparse attention on the estimated mask.
+
+    For each query row, over the n visible real keys (counted by rank among the real keys, so holes of
+    padding are skipped and appended padding changes nothing): start from `topk` (k) equal segments of the
+    n ranks; repeatedly split every segment longer than `block_size` (b_k) at its midpoint, score each half
+    by its representative key (the half's first key; [BG] the paper scores a branch by one representative
+    token, we take its first) with the row's own scaled dot product q . k_rep, and keep the k best halves;
+    stop when every kept segment has at most b_k keys. The row then attends with exact softmax to the keys
+    of its k segments (at most k b_k). Rows seeing at most k b_k keys attend to all of them (exact).
+    Defaults: k = 64 segments of b_k = 8 keys (512 keys per row, the paper's k = 512 budget).
+
+    [BG]/[EJ] choices: the paper estimates one mask per block of b_q queries (pooled, for GPU efficiency);
+    a query block contains later queries, so under CS that would leak, and here every query searches on
+    its own (b_q = 1) in every pattern. The paper's optional sink and sliding-window keys are not added.
+
+    Patterns: CS row i (at key position p = i + Lk - Lq, bottom-right) searches keys <= p only; CC, NC, NS
+    rows search every real key; nothing of another query is read. The search (top-k) is not
+    differentiable; gradients flow through the final sparse softmax.
+
+    Cost: O(Lq k log(Lk / (k b_k)) d) for the search plus O(Lq k b_k d) for the attention (the paper's
+    O(T log T)); queries are processed in chunks, nothing Lq x Lk is formed. No FlexAttention path: the
+    mask is content-dependent per call.
+    """
+
+    def __init__(self, pattern, num_heads, head_dim, topk: int = 64, block_size: int = 8):
+        super().__init__(pattern, num_heads, head_dim)
+        if topk < 1 or block_size < 1:
+            raise ValueError(f"topk and block_size must be positive, got {topk} and {block_size}")
+        self.topk, self.block_size = topk, block_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, topk={self.topk}, block_size={self.block_size}"
+
+    def _layout(self, b, lq, lk, key_padding_mask, device):
+        """(position of the r-th real key (B, Lk), visible real keys per row (B, Lq))."""
+        real = real_keys(b, lk, key_padding_mask, device)
+        order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
+        if self.pattern is Pattern.CS:
+            pos = query_positions(lq, lk, device)
+            cum = torch.cumsum(real.long(), dim=-1)
+            counts = torch.where(pos >= 0, cum[:, pos.clamp(0, lk - 1)], 0)
+        else:
+            counts = real.sum(-1, keepdim=True).expand(b, lq)
+        return order, counts
+
+    def _search(self, q, k, order, counts):
+        """Kept segments [start, end) in key ranks, (B, H, n, k) each, for queries q (B, H, n, D)."""
+        b, h, n, d = q.shape
+        lk = k.shape[-2]
+        kk, bk = self.topk, self.block_size
+        s = torch.arange(kk, device=q.device)
+        total = counts[:, None, :, None].expand(b, h, n, 1)
+        start = (s * total) // kk
+        end = ((s + 1) * total) // kk
+        kf = k.reshape(b * h * lk, d)
+        base = (torch.arange(b * h, device=q.device) * lk).reshape(b, h, 1, 1)
+        scale = softmax_scale(d)
+        while bool(((end - start) > bk).any()):
+            mid = torch.where(end - start > bk, (start + end) // 2, end)
+            c_start = torch.cat([start, mid], dim=-1)
+            c_end = torch.cat([mid, end], dim=-1)
+            rep = order.gather(1, c_start.clamp(max=lk - 1).reshape(b, -1)).reshape(c_start.shape)
+            keys = kf.index_select(0, (rep + base).reshape(-1)).reshape(b, h, n, 2 * kk, d)
+            score = (keys @ (q * scale)[..., None])[..., 0]
+            score = score.masked_fill(c_end <= c_start, float("-inf"))
+            best = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kk]
+            start, end = c_start.gather(-1, best), c_end.gather(-1, best)
+        return start, end
+
+    def _select(self, q, k, order, counts, rows):
+        """(idx (B, H, n, k b_k) key positions, valid) for the query rows `rows`."""
+        b, h = q.shape[:2]
+        lk = k.shape[-2]
+        start, end = self._search(q[:, :, rows], k, order, counts[:, rows])
+        ranks = (start[..., None] + torch.arange(self.block_size, device=q.device)).flatten(-2)
+        valid = ranks < end.repeat_interleave(self.block_size, dim=-1)
+        idx = order.gather(1, ranks.clamp(max=lk - 1).reshape(b, -1)).reshape(ranks.shape)
+        return idx, valid
+
+    def _chunks(self, q):
+        width = 2 * self.topk * q.shape[-1]
+        step = max(1, _ELEMENTS // max(1, q.shape[0] * q.shape[1] * width))
+        return [slice(r0, min(r0 + step, q.shape[-2])) for r0 in range(0, q.shape[-2], step)]
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        order, counts = self._layout(q.shape[0], q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        outs = []
+        for rows in self._chunks(q):
+            with torch.no_grad():
+                idx, valid = self._select(q.detach(), k.detach(), order, counts, rows)
+            outs.append(gathered_attention(q[:, :, rows, None], k, v, idx, valid[:, :, :, None],
+                                           softmax_scale(q.shape[-1]))[:, :, :, 0])
+        return torch.cat(outs, dim=2)
+
+    def computed_pairs(self, q, k, v, key_padding_mask=None):
+        """Token pairs of the final sparse softmax (the 2k representative scores per level are not counted)."""
+        k = repeat_kv(k, q.shape[1])
+        order, counts = self._layout(q.shape[0], q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        with torch.no_grad():
+            return sum(int(self._select(q, k, order, counts, rows)[1].sum()) for rows in self._chunks(q))
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """The tree search row by row on explicit lists of the row's visible real keys (segments as Python
+        ranges, halves ranked by an explicit sort), then a dense softmax row over the kept keys."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        b, h, lq, d = q.shape
+        lk = k.shape[-2]
+        real = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        qd, kd = q.detach(), k.detach()
+        allowed = torch.zeros(b, h, lq, lk, dtype=torch.bool)
+        kk, bk, scale = self.topk, self.block_size, softmax_scale(d)
+        for bi in range(b):
+            for i in range(lq):
+                limit = i + lk - lq if self.pattern is Pattern.CS else lk - 1
+                keys = [j for j in range(lk) if real[bi, j] and j <= limit]
+                n = len(keys)
+                for hi in range(h):
+                    segments = [(s * n // kk, (s + 1) * n // kk) for s in range(kk)]
+                    while any(e - s > bk for s, e in segments):
+                        children = []
+                        for s, e in segments:
+                            m = (s + e) // 2 if e - s > bk else e
+                            children += [(s, m), (m, e)]
+                        scored = [(float(kd[bi, hi, keys[s]] @ qd[bi, hi, i]) * scale if e > s else float("-inf"), c)
+                                  for c, (s, e) in enumerate(children)]
+                        segments = [children[c] for _, c in sorted(scored, key=lambda t: (-t[0], t[1]))[:kk]]
+                    for s, e in segments:
+                        for r in range(s, e):
+                            allowed[bi, hi, i, keys[r]] = True
+        return masked_softmax_reference(q, k, v, allowed.to(q.device), scale)
