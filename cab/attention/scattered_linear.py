@@ -61,6 +61,13 @@ def _carried(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rc: torch.Ten
 
 def segmented_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
                                causal: bool, chunk_size: int = 64, eps: float = 0.0) -> torch.Tensor:
+    """The normalised output of `segmented_linear_parts` (see there)."""
+    num, den = segmented_linear_parts(phi_q, phi_k, v, runs, causal, chunk_size)
+    return _normalise(num, den, eps)
+
+
+def segmented_linear_parts(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
+                           causal: bool, chunk_size: int = 64) -> "tuple[torch.Tensor, torch.Tensor]":
     """Feature-map linear attention restricted to segments, in chunks: query i uses the keys j of its own
     segment (j <= i when causal), out_i = phi(q_i) S / (phi(q_i) z + eps) with S, z the sums of
     phi(k_j) v_j^T and phi(k_j) over those keys.
@@ -70,6 +77,7 @@ def segmented_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torc
     masked by "same segment" (and the triangle when causal); across chunks each query picks up the state
     carried from earlier chunks of its segment (and, noncausal, the state carried back from later chunks,
     computed on the reversed sequence). Time O(L (C + m) Dv), memory O(L (C + m Dv / C)); no L x L tensor.
+    Returns (numerator (B, H, L, Dv), normaliser (B, H, L, 1)).
     """
     b, h, length, m = phi_q.shape
     dv = v.shape[-1]
@@ -96,8 +104,8 @@ def segmented_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torc
         flip = lambda x: x.flip(dims=(2, 3))  # noqa: E731 - reverse the chunks and the positions within them
         back_num, back_den = _carried(flip(qc), flip(kc), flip(vc), rc.flip(dims=(1, 2)))
         num, den = num + flip(back_num), den + flip(back_den)
-    out = _normalise(num, den, eps).reshape(b, h, n * chunk_size, dv)
-    return out[:, :, :length]
+    num = num.reshape(b, h, n * chunk_size, dv)[:, :, :length]
+    return num, den.reshape(b, h, n * chunk_size, 1)[:, :, :length]
 
 
 @dataclass(frozen=True)
