@@ -195,13 +195,14 @@ class FeatureMapAttention(Attention):
         raise NotImplementedError
 
     def _key_features(self, k, key_padding_mask):
-        phi_k = self.features(None, k)[1]
+        """phi_k with padded keys zeroed — their inputs too, so no garbage reaches exp or pow (an inf
+        feature times a zero mask would be NaN in the backward)."""
+        phi_k = self.features(None, zero_padded(k, key_padding_mask))[1]
         return zero_padded(phi_k, key_padding_mask)
 
     def forward(self, q, k, v, key_padding_mask=None):
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
-        phi_q, phi_k = self.features(q, k)
-        phi_k = zero_padded(phi_k, key_padding_mask)
+        phi_q, phi_k = self.features(q, None)[0], self._key_features(k, key_padding_mask)
         out = normalized_feature_attention(phi_q, phi_k, v, self.pattern is Pattern.CS, self.block_size)
         return out[:, :, drop:].to(out_dtype)
 
@@ -209,6 +210,8 @@ class FeatureMapAttention(Attention):
         """The explicit Lq x Lk weight matrix phi_q(Q) phi_k(K)^T, masked by the pattern and padding,
         row-normalised, times V."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        if key_padding_mask is not None:
+            k = k.masked_fill(key_padding_mask.bool()[:, None, :, None], 0.0)
         phi_q, phi_k = self.features(q, k)
         weights = (phi_q @ phi_k.transpose(-1, -2)) * dense_visible(
             self, q.shape[-2], k.shape[-2], key_padding_mask, q.device, q.dtype)
