@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import (align_bottom_right, causal_linear_attention, compute_dtype,
                                       linear_attention)
-from cab.attention.kernels import triton_unavailable_reason
+from cab.attention.kernels import resolve_backend
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
 BACKENDS = ("auto", "torch", "triton")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -25,25 +24,6 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 def _safe(den: torch.Tensor) -> torch.Tensor:
     """A normaliser with zeros replaced by 1 (a row whose only keys are padding has a zero numerator)."""
     return torch.where(den > 0, den, torch.ones_like(den))
-
-
-def resolve_backend(requested: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs for `requested` on `device` and `dtype`: "auto" is triton on CUDA when the
-    kernels can run there and take the dtype, torch otherwise; an explicit "triton" that cannot run raises
-    (it never falls back silently)."""
-    if requested == "torch":
-        return "torch"
-    reason = triton_unavailable_reason(device)
-    if requested == "triton":
-        if reason:
-            raise RuntimeError(f"{name}: backend='triton' cannot run on {device}: {reason}")
-        if dtype not in TRITON_DTYPES:
-            raise TypeError(f"{name}: backend='triton' takes float16, bfloat16 or float32 inputs, got {dtype} "
-                            "(use backend='torch' or 'auto')")
-        return "triton"
-    if device.type == "cuda" and reason is None and dtype in TRITON_DTYPES:
-        return "triton"
-    return "torch"
 
 
 @register_attention(

@@ -59,6 +59,28 @@ def triton_unavailable_reason(device: "torch.device | str") -> "str | None":
     return f"cab's Triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_backend(requested: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs for `requested` on `device` and `dtype`: "auto" is triton on CUDA when the
+    kernels can run there and take the dtype, torch otherwise; an explicit "triton" that cannot run raises
+    (it never falls back silently)."""
+    if requested == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(device)
+    if requested == "triton":
+        if reason:
+            raise RuntimeError(f"{name}: backend='triton' cannot run on {device}: {reason}")
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(f"{name}: backend='triton' takes float16, bfloat16 or float32 inputs, got {dtype} "
+                            "(use backend='torch' or 'auto')")
+        return "triton"
+    if device.type == "cuda" and reason is None and dtype in TRITON_DTYPES:
+        return "triton"
+    return "torch"
+
+
 def next_power_of_2(n: int, minimum: int = 16) -> int:
     """The block size covering n (tl.dot needs every dimension >= 16)."""
     return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
