@@ -108,6 +108,6 @@ def toeplitz_products(x: torch.Tensor, kernel: torch.Tensor, lq: int) -> torch.T
     ker[:, :lq] = kernel[:, lk - 1:]  # offsets 0 .. lq-1
     if lk > 1:
         ker[:, size - (lk - 1):] = kernel[:, : lk - 1]  # offsets -(lk-1) .. -1
-    spectrum = torch.fft.rfft(ker, n=size)[None, :, :, None]  # (1, H, F, 1)
-    xs = torch.fft.rfft(x, n=size, dim=-2)  # (B, H, F, C)
-    return torch.fft.irfft(xs * spectrum, n=size, dim=-2)[:, :, :lq]
+    spectrum = torch.fft.rfft(ker, n=size)[None, :, None, :]  # (1, H, 1, F)
+    xs = torch.fft.rfft(x.transpose(-1, -2), n=size, dim=-1)  # (B, H, C, F): transforms along the sequence
+    return torch.fft.irfft(xs * spectrum, n=size, dim=-1)[..., :lq].transpose(-1, -2)
