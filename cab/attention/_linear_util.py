@@ -189,6 +189,7 @@ class FeatureMapAttention(Attention):
     keeps the state (phi_k^T V, phi_k^T 1), O(m Dv) per head whatever the length."""
 
     block_size: int = DEFAULT_BLOCK
+    complexity = {"time": 1, "memory": 1}
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """(phi_q(q), phi_k(k)) of shape (B, H, L, m), both non-negative; per token."""
