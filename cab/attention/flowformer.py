@@ -1,0 +1,162 @@
+"""Flowformer's Flow-Attention: linear attention normalised by conserved incoming and outgoing flows, with
+source competition (a softmax over keys) and sink allocation (a sigmoid gate per query)."""
+
+from __future__ import annotations
+
+import torch
+
+from cab.attention._linear_util import DEFAULT_BLOCK, decayed_causal_product, nonzero, prepare, zero_padded
+from cab.attention.base import Attention
+from cab.attention.functional import align_bottom_right, compute_dtype
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+CC_REASON = ("Flow-Attention's outgoing flow of every key sums over all queries and enters the output through a "
+             "clamp and a softmax over keys; a per-query prefix variant would recompute both for every query, "
+             "O(Lq Lk), and the paper's causal variant needs queries and keys to share positions")
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(.., L, d) . (.., L, d) -> (.., L)."""
+    return (a * b).sum(dim=-1)
+
+
+@register_attention(
+    "flowformer", patterns=("NS", "CS", "NC"), family="linear", exact=False, mechanism="M10",
+    citation="Wu, Wu, Xu, Wang & Long, Flowformer: Linearizing Transformers with Conservation Flows, ICML 2022",
+    unsupported={"CC": CC_REASON},
+)
+class FlowformerAttention(Attention):
+    """Flow-Attention (paper Sec. 3, Eq. 4-9), with phi = sigmoid and eps = 1e-6 placed as in the authors'
+    code. Noncausal (NS, NC), over the real queries i and real keys j (nq, nk their counts):
+
+        I_i = 1 / (phi(q_i)+eps).(sum_j phi(k_j) + eps)          incoming flow of sink i (inverse)
+        O_j = 1 / (phi(k_j)+eps).(sum_i phi(q_i) + eps)          outgoing flow of source j (inverse)
+        Ihat_i = (phi(q_i)+eps).(sum_j phi(k_j) O_j + eps)        conserved incoming flow
+        Ohat_j = clamp((phi(k_j)+eps).(sum_i phi(q_i) I_i + eps), -1, 1)   conserved outgoing flow
+        R_i = sigmoid(Ihat_i nq / nk) * (phi(q_i) I_i) . sum_j phi(k_j) (softmax_j(Ohat) nk v_j)^T
+
+    (allocation sigmoid(.) per sink, competition softmax(.) nk per source). Causal self attention (CS) is
+    the paper's causal variant (the released Flow_Attention_Causal): every sum becomes a prefix sum, the
+    flows are rescaled by the number of tokens in the prefix (the "normal" counts), the competition is
+    exp(Ohat_j) / sum_{s<=j} exp(Ohat_s) * n_j and the allocation sigmoid(Ihat_i); computed with cumulative
+    sums of per-token vectors (O(L d) memory) and the tiled causal product for the final kernel product.
+
+    Padding: padded keys leave every key sum, count and the competition; in self patterns the queries at
+    padded positions leave every query sum too (they are the same padding tokens), so trailing padding
+    changes nothing. CS with Lq != Lk is bottom-right aligned; the key-only prefix positions (Lk > Lq) have
+    no query and count as absent queries. A row that sees no key outputs 0. CC is not supported: see the
+    registered reason. Not included: the projections (backbone). No incremental decoding: the causal flows
+    of a past key depend on the queries up to it, and the decoding contract's decode_init receives only the
+    prefix's keys and values.
+    """
+
+    def __init__(self, pattern, num_heads, head_dim, eps: float = 1e-6, block_size: int = DEFAULT_BLOCK):
+        super().__init__(pattern, num_heads, head_dim)
+        if eps < 0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.eps, self.block_size = eps, block_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, eps={self.eps}, block_size={self.block_size}"
+
+    def _real(self, q, k, key_padding_mask, drop):
+        """(rq (B, 1, Lq, 1), rk (B, 1, Lk, 1)): 1.0 for real queries / keys (after alignment)."""
+        b, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
+        rk = torch.ones(b, 1, lk, 1, dtype=q.dtype, device=q.device)
+        if key_padding_mask is not None:
+            rk = (~key_padding_mask).to(q.dtype)[:, None, :, None]
+        if self.cross:
+            return torch.ones(b, 1, lq, 1, dtype=q.dtype, device=q.device), rk
+        rq = rk.clone() if lq == lk else torch.ones(b, 1, lq, 1, dtype=q.dtype, device=q.device)
+        if drop:
+            rq[:, :, :drop] = 0.0
+        return rq, rk
+
+    def _inputs(self, q, k, v, key_padding_mask):
+        out_dtype = q.dtype
+        q, k, v, key_padding_mask, drop, _ = prepare(self, q, k, v, key_padding_mask)
+        rq, rk = self._real(q, k, key_padding_mask, drop)
+        phi_q, phi_k = torch.sigmoid(q), torch.sigmoid(zero_padded(k, key_padding_mask))
+        return phi_q, phi_k, v, rq, rk, drop, out_dtype
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        phi_q, phi_k, v, rq, rk, drop, out_dtype = self._inputs(q, k, v, key_padding_mask)
+        if self.pattern is Pattern.CS:
+            out = self._causal(phi_q, phi_k, v, rq, rk, lambda x: x.cumsum(dim=-2), None)
+        else:
+            out = self._noncausal(phi_q, phi_k, v, rq, rk, dense=False)
+        return out[:, :, drop:].to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """The same flows with every sum written as an explicit masked (L x L) matrix product — the
+        prefix sums of CS as products with a lower-triangular matrix — and the final output as the explicit
+        weight matrix R_ij = alloc_i (phi(q_i) I_i).phi(k_j) comp_j, times V."""
+        phi_q, phi_k, v, rq, rk, drop, out_dtype = self._inputs(q, k, v, key_padding_mask)
+        if self.pattern is Pattern.CS:
+            length = phi_q.shape[-2]
+            tril = torch.ones(length, length, dtype=phi_q.dtype, device=phi_q.device).tril()
+            out = self._causal(phi_q, phi_k, v, rq, rk, lambda x: tril @ x, tril)
+        else:
+            out = self._noncausal(phi_q, phi_k, v, rq, rk, dense=True)
+        return out[:, :, drop:].to(out_dtype)
+
+    def _noncausal(self, phi_q, phi_k, v, rq, rk, dense: bool):
+        eps = self.eps
+        if dense:  # sums over keys / queries as products with the explicit (Lq x Lk) visibility
+            visible = rq.new_ones(rq.shape[0], 1, rq.shape[-2], 1) * rk.transpose(-1, -2)  # (B, 1, Lq, Lk)
+            over_keys = lambda x: visible @ x  # noqa: E731  (.., Lk, m) -> (.., Lq, m): same sum per row
+            over_queries = lambda x: (rq.transpose(-1, -2) @ x)  # noqa: E731
+        else:
+            over_keys = lambda x: (x * rk).sum(dim=-2, keepdim=True)  # noqa: E731
+            over_queries = lambda x: (x * rq).sum(dim=-2, keepdim=True)  # noqa: E731
+        nk = rk.sum(dim=-2, keepdim=True)
+        nq = rq.sum(dim=-2, keepdim=True)
+        k_sum = over_keys(phi_k)
+        q_sum = over_queries(phi_q)
+        incoming = 1.0 / _dot(phi_q + eps, k_sum + eps)  # (B, H, Lq)
+        outgoing = 1.0 / _dot(phi_k + eps, q_sum + eps)  # (B, H, Lk)
+        sink = _dot(phi_q + eps, over_keys(phi_k * outgoing.unsqueeze(-1)) + eps)
+        source = _dot(phi_k + eps, over_queries(phi_q * incoming.unsqueeze(-1)) + eps).clamp(-1.0, 1.0)
+        allocation = torch.sigmoid(sink * (nq / nonzero(nk)).squeeze(-1))
+        real_k = rk.squeeze(-1) > 0
+        logits = source.masked_fill(~real_k, float("-inf"))
+        logits = torch.where(real_k.any(dim=-1, keepdim=True), logits, torch.zeros_like(logits))
+        competition = torch.softmax(logits, dim=-1) * nk.squeeze(-1) * rk.squeeze(-1)
+        query_side = phi_q * incoming.unsqueeze(-1)
+        values = v * competition.unsqueeze(-1)
+        if dense:
+            weights = (query_side @ phi_k.transpose(-1, -2)) * rk.transpose(-1, -2)
+            out = weights @ values
+        else:
+            out = query_side @ ((phi_k * rk).transpose(-1, -2) @ values)
+        out = out * allocation.unsqueeze(-1)
+        return torch.where(nk > 0, out, torch.zeros_like(out))
+
+    def _causal(self, phi_q, phi_k, v, rq, rk, prefix, tril):
+        """The causal flows; `prefix` sums over positions <= t (cumsum, or a triangular product)."""
+        eps = self.eps
+        nk, nq = prefix(rk), prefix(rq)  # (B, 1, L, 1)
+        k_cum = prefix(phi_k * rk)
+        q_cum = prefix(phi_q * rq)
+        incoming = nk.squeeze(-1) / _dot(phi_q + eps, k_cum + eps)  # normal-scaled, as the released code
+        outgoing = nq.squeeze(-1) / _dot(phi_k + eps, q_cum + eps)
+        sink = _dot(phi_q + eps, prefix(phi_k * rk * outgoing.unsqueeze(-1)) + eps) / nonzero(nk).squeeze(-1)
+        source = _dot(phi_k + eps, prefix(phi_q * rq * incoming.unsqueeze(-1)) + eps) / nonzero(nq).squeeze(-1)
+        source = source.clamp(-1.0, 1.0)
+        allocation = torch.sigmoid(sink)
+        exp_source = torch.exp(source) * rk.squeeze(-1)
+        competition = exp_source / nonzero(prefix(exp_source.unsqueeze(-1)).squeeze(-1)) * nk.squeeze(-1)
+        query_side = phi_q * (incoming / nonzero(nk).squeeze(-1)).unsqueeze(-1)
+        values = v * competition.unsqueeze(-1)
+        if tril is None:
+            out = decayed_causal_product(query_side, phi_k * rk, values, None, self.block_size)
+        else:
+            weights = (query_side @ (phi_k * rk).transpose(-1, -2)) * tril
+            out = weights @ values
+        out = out * allocation.unsqueeze(-1)
+        return torch.where(nk > 0, out, torch.zeros_like(out))
+
+    complexity = {"time": 1, "memory": 1}
