@@ -41,8 +41,9 @@ class RALAAttention(Attention):
     the surrounding layer and are not part of this operator. The N factors of the paper's k * alpha * N
     and kv / N cancel in the ratio.
 
-    NS and NC (Lq != Lk is fine: the global query pools the queries, the re-weighting the keys); the
-    causal patterns are unsupported (see the reason). Padded keys get no weight; when every key of a batch
+    NS and NC (Lq != Lk is fine: the global query pools the queries, the re-weighting the keys). In NS the
+    key padding mask marks padded positions of the one sequence, so their queries are left out of the
+    global query too (NC pools every query: its queries carry no mask). The causal patterns are unsupported (see the reason). Padded keys get no weight; when every key of a batch
     row is padded its rows output 0. O(L d d_v) time and memory.
     """
 
@@ -56,9 +57,17 @@ class RALAAttention(Attention):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate={self.use_gate}, seed={self.seed}"
 
+    def _query_mean(self, phi_q: torch.Tensor, key_padding_mask) -> torch.Tensor:
+        """q_bar (B, H, 1, d): the mean of phi(q) over the queries; in NS the padding mask marks padded
+        positions of the one sequence, queries included, and those are left out."""
+        if self.cross or key_padding_mask is None or key_padding_mask.shape[-1] != phi_q.shape[-2]:
+            return phi_q.mean(dim=-2, keepdim=True)
+        real = real_keys(key_padding_mask, phi_q.shape[0], phi_q.shape[-2], phi_q.device, phi_q.dtype)
+        return (phi_q * real).sum(dim=-2, keepdim=True) / nonzero(real.sum(dim=-2, keepdim=True))
+
     def _key_weights(self, phi_q: torch.Tensor, phi_k: torch.Tensor, key_padding_mask) -> torch.Tensor:
         """alpha (B, H, Lk, 1): softmax over the real keys of q_bar . phi(k) / sqrt(d); 0 for padded keys."""
-        q_bar = phi_q.mean(dim=-2, keepdim=True)  # (B, H, 1, d)
+        q_bar = self._query_mean(phi_q, key_padding_mask)  # (B, H, 1, d)
         logits = (q_bar @ phi_k.transpose(-1, -2)) * softmax_scale(phi_q.shape[-1])  # (B, H, 1, Lk)
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask.bool()[:, None, None, :], float("-inf"))
@@ -86,7 +95,11 @@ class RALAAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         phi_q, phi_k = _phi(q), _phi(k)
         visible = attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
-        q_bar = phi_q.sum(dim=-2, keepdim=True) / q.shape[-2]
+        if self.cross or key_padding_mask is None or key_padding_mask.shape[-1] != q.shape[-2]:
+            q_bar = phi_q.sum(dim=-2, keepdim=True) / q.shape[-2]
+        else:  # NS: the padded positions' queries are padding too
+            real = (~key_padding_mask.bool()).to(q.dtype)[:, None, :, None]
+            q_bar = (phi_q * real).sum(dim=-2, keepdim=True) / real.sum(dim=-2, keepdim=True).clamp(min=1)
         raw = torch.exp((q_bar * phi_k).sum(dim=-1) / q.shape[-1] ** 0.5).unsqueeze(-2) * visible  # (B, H, 1|Lq, Lk)
         alpha = raw / torch.where(raw.sum(-1, keepdim=True) > 0, raw.sum(-1, keepdim=True), torch.ones_like(raw[..., :1]))
         weights = (phi_q @ phi_k.transpose(-1, -2)) * alpha * visible
