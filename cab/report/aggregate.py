@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import pandas as pd
 
+from cab.report.costs import Costs, costs
 from cab.report.efficiency import EfficiencyTable, efficiency_tables
+from cab.report.fidelity import Fidelity, fidelity
+from cab.report.leaderboard import Accuracy, accuracy
+from cab.report.pages import attention_pages, page_file
 from cab.report.fields import (
     STATUS_ORDER, anchor, compact_json, integer, label, mapping, shape, slug, status, text,
 )
@@ -87,6 +91,16 @@ class Page:
     support: "list[SupportRow]"
     efficiency: "list[EfficiencyTable]"
     failures: "list[FailureGroup]"
+    accuracy: "Accuracy | None" = None
+    costs: "Costs | None" = None
+    fidelity: "Fidelity | None" = None
+    catalog: tuple = ()
+    pages: tuple = ()
+    links: dict = field(default_factory=dict)  # attention name or row label -> its page file
+    exports: tuple = ()  # (id, title, DataFrame) written as CSV and Markdown
+
+    def link(self, name: str) -> str:
+        return self.links.get(name, "")
 
 
 def _distinct(values) -> "list[str]":
@@ -170,11 +184,78 @@ def failures(results: pd.DataFrame) -> "list[FailureGroup]":
     ]
 
 
-def build_page(results: pd.DataFrame, runs: pd.DataFrame, declarations: "Mapping[str, Declaration]") -> Page:
-    """The whole leaderboard model from the results and runs frames."""
+def _catalog() -> tuple:
+    from cab.catalog import catalog_rows
+
+    try:
+        return tuple(catalog_rows())
+    except Exception:  # a broken plugin registry must not break the report
+        return ()
+
+
+def _frames(page: Page) -> "list[tuple[str, str, pd.DataFrame]]":
+    """Exports of the tables the templates build from the page model (the others carry their frames)."""
+    frames = [("status-counts", "Results by status",
+               pd.DataFrame([{"status": c.status, "results": c.count} for c in page.overview.status_counts])),
+              ("support-matrix", "Pattern support: declared support and conformance verdict", pd.DataFrame([
+                  {"attention": row.attention, "family": row.family or None,
+                   **{c.pattern: c.state + (f" ({c.verdict})" if c.verdict and c.state == "failing" else "")
+                      for c in row.cells},
+                   "declared_by": row.source or None, "citation": row.citation or None}
+                  for row in page.support]))]
+    for t in page.efficiency:
+        records = []
+        for row in t.rows:
+            record = {"attention": row.name}
+            for column, cell in zip(t.columns, row.cells):
+                ok = cell.state == "ok"
+                record[f"L={column} median_ms"] = cell.median_ms if ok else None
+                record[f"L={column} p20_ms"] = cell.p20_ms if ok else None
+                record[f"L={column} p80_ms"] = cell.p80_ms if ok else None
+                record[f"L={column} peak_MiB"] = cell.mem_mib if ok else None
+                record[f"L={column} TFLOP/s"] = cell.tflops if ok else None
+                record[f"L={column} status"] = {"ok": "ok", "missing": None, "gated": "withheld"}.get(
+                    cell.state, cell.status)
+            records.append(record)
+        frames.append((t.id, f"Efficiency {t.title} ({t.shape})", pd.DataFrame(records)))
+    frames.append(("failures", "Failed results", pd.DataFrame(
+        [{"status": f.status, "attention": f.name, "kind": f.kind, "pattern": f.pattern, "mode": f.mode or None,
+          "length": f.shape, "dtype": f.dtype, "device": f.device, "hparams": f.hparams or None,
+          "message": (f.message.strip().splitlines() or [""])[0] or None}
+         for g in page.failures for f in g.items],
+        columns=["status", "attention", "kind", "pattern", "mode", "length", "dtype", "device", "hparams", "message"])))
+    frames.append(("catalog", "Seed-mechanism coverage", pd.DataFrame(
+        [r.to_dict() | {"attentions": ", ".join(r.attentions), "patterns": " ".join(r.patterns)}
+         for r in page.catalog])))
+    return frames
+
+
+def build_page(results: pd.DataFrame, runs: pd.DataFrame, declarations: "Mapping[str, Declaration]",
+               fidelity_budget_s: float = 0.0) -> Page:
+    """The whole leaderboard model from the results and runs frames. `fidelity_budget_s` > 0 runs the
+    fidelity measurements (cab.report.fidelity) for at most that long."""
+    from cab import registry
+
     support = support_matrix(results, declarations)
     gated = {(row.attention, cell.pattern) for row in support for cell in row.cells if cell.n_failing}
-    return Page(
-        overview=overview(results, runs, support), support=support,
-        efficiency=efficiency_tables(results, gated), failures=failures(results),
+    efficiency = efficiency_tables(results, gated)
+    acc = accuracy(results, gated)
+    cost = costs(results, efficiency, gated)
+    registered = set(registry.names())
+    pairs = [(row.attention, cell.pattern) for row in support for cell in row.cells
+             if cell.state == "pass" and row.attention in registered]
+    fid = fidelity(pairs, fidelity_budget_s) if fidelity_budget_s > 0 and pairs else None
+    summary = next((frame for i, _, frame in acc.exports if i == "task-summary"), None)
+    pages = attention_pages(results, support, summary, cost.lengths, cost.exponents)
+    links = {p.name: p.file for p in pages}
+    for row in results.to_dict("records"):
+        links.setdefault(label(row), page_file(text(row.get("attention"))))
+    page = Page(
+        overview=overview(results, runs, support), support=support, efficiency=efficiency,
+        failures=failures(results), accuracy=acc, costs=cost, fidelity=fid, catalog=_catalog(),
+        pages=tuple(pages), links=links,
     )
+    exports = _frames(page) + list(acc.exports) + list(cost.exports)
+    if fid is not None:
+        exports.append(("fidelity", "Fidelity: approximation error and numeric deviation", fid.frame))
+    return Page(**{**page.__dict__, "exports": tuple(exports)})

@@ -47,6 +47,7 @@ class EfficiencyCell:
 class EfficiencyRow:
     name: str
     cells: tuple
+    attention: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _table(fields: dict, rows: "list[dict]", gated: "set[tuple[str, str]]", tabl
         grid.setdefault(identity, {})[_column(r)] = efficiency_cell(r, (attention, fields["pattern"]) in gated)
     names = _row_names(list(grid))
     table_rows = sorted(
-        (EfficiencyRow(names[i], tuple(cells.get(c, EfficiencyCell(state="missing")) for c in columns))
+        (EfficiencyRow(names[i], tuple(cells.get(c, EfficiencyCell(state="missing")) for c in columns), i[1])
          for i, cells in grid.items()),
         key=lambda row: row.name.casefold(),
     )

@@ -12,10 +12,14 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
+import pandas as pd
 from markupsafe import Markup
 
 import cab
 from cab.report.aggregate import Page, build_page
+from cab.report.export import write_exports
+from cab.report.fidelity import DEFAULT_BUDGET_S, SHAPE_TEXT
+from cab.report.pages import PAGES_DIR
 from cab.report.fields import slug
 from cab.report.load import read_store
 from cab.report.support import PATTERNS, registry_declarations
@@ -23,7 +27,11 @@ from cab.report.support import PATTERNS, registry_declarations
 SECTIONS = (
     ("overview", "Overview"),
     ("support", "Pattern support"),
+    ("leaderboards", "Leaderboards"),
     ("efficiency", "Efficiency"),
+    ("fidelity", "Fidelity"),
+    ("analyses", "Extrapolation & consistency"),
+    ("catalog", "Catalogue"),
     ("failures", "Failures"),
 )
 
@@ -37,6 +45,46 @@ def figure(value: "float | None", digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def signed(value: "float | None", digits: int = 3) -> str:
+    """'+0.123' / '-1.5' ('—' for None)."""
+    if value is None:
+        return "—"
+    return f"{value:+.{digits}g}"
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value)) if not isinstance(value, (list, tuple, dict)) else False
+    except (TypeError, ValueError):
+        return False
+
+
+def view(frame: "pd.DataFrame | None", skip: "tuple[str, ...]" = ()) -> "tuple[list[str], list[list[dict]]]":
+    """A frame as header names and rows of cells {text, sort, missing, column} for the generic table macro."""
+    if frame is None or frame.empty:
+        return [], []
+    columns = [c for c in frame.columns if c not in skip]
+    rows = []
+    for record in frame[columns].to_dict("records"):
+        cells = []
+        for column in columns:
+            value = record[column]
+            if _is_missing(value):
+                cells.append({"text": "—", "sort": "", "missing": True, "column": column})
+            elif isinstance(value, bool):
+                cells.append({"text": str(value).lower(), "sort": str(value).lower(), "missing": False,
+                              "column": column})
+            elif isinstance(value, (int, float)):
+                cells.append({"text": figure(float(value), 4) if isinstance(value, float) else str(value),
+                              "sort": repr(float(value)), "missing": False, "column": column})
+            else:
+                cells.append({"text": str(value), "sort": str(value), "missing": False, "column": column})
+        rows.append(cells)
+    return [str(c) for c in columns], rows
+
+
 def _static(name: str) -> Markup:
     """A CSS or JS file shipped beside the templates, trusted as markup (it is ours, not data)."""
     return Markup((resources.files("cab.report") / "templates" / name).read_text(encoding="utf-8"))
@@ -48,16 +96,27 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
     env.filters["figure"] = figure
+    env.filters["signed"] = signed
     env.filters["slug"] = slug
+    env.globals["view"] = view
     return env
 
 
-def render_html(page: Page) -> str:
+def render_html(page: Page, exports: "dict | None" = None) -> str:
     """The leaderboard page as an HTML string."""
     template = environment().get_template("page.html.j2")
     return template.render(
-        page=page, sections=SECTIONS, patterns=PATTERNS, cab_version=cab.__version__,
-        css=_static("report.css"), js=_static("sortable.js"),
+        page=page, sections=SECTIONS, patterns=PATTERNS, cab_version=cab.__version__, exports=exports or {},
+        css=_static("report.css"), js=_static("sortable.js"), root="", shape_text=SHAPE_TEXT,
+    )
+
+
+def render_attention_page(page: Page, attention, exports: "dict | None" = None) -> str:
+    """One attention's page (it lives in a sub-folder: links to the index go through `root`)."""
+    template = environment().get_template("attention.html.j2")
+    return template.render(
+        page=page, a=attention, patterns=PATTERNS, cab_version=cab.__version__, exports=exports or {},
+        css=_static("report.css"), js=_static("sortable.js"), root="../",
     )
 
 
@@ -72,15 +131,23 @@ def _write_atomically(path: Path, content: str) -> None:
         raise
 
 
-def render_report(db_path: "str | Path", out_dir: "str | Path") -> Path:
+def render_report(db_path: "str | Path", out_dir: "str | Path", fidelity_budget_s: float = DEFAULT_BUDGET_S) -> Path:
     """Render the leaderboard of the store at db_path into out_dir/index.html and return that path.
 
-    Reads the store only. Declared support comes from the attentions registered in this process (call
-    cab.registry.discover first to include plugins). Raises ReportError for a missing or empty store."""
+    Also writes a page per attention (out_dir/attention/*.html) and every table as CSV and Markdown
+    (out_dir/tables/). Reads the store only, except the fidelity section, which runs the attentions at a
+    tiny shape for at most `fidelity_budget_s` seconds (0 leaves it out). Declared support comes from the
+    attentions registered in this process (call cab.registry.discover first to include plugins). Raises
+    ReportError for a missing or empty store."""
     results, runs = read_store(db_path)
     declarations = registry_declarations(sorted({str(a) for a in results["attention"].dropna()}))
+    page = build_page(results, runs, declarations, fidelity_budget_s=fidelity_budget_s)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    exports = write_exports(out, list(page.exports))
+    (out / PAGES_DIR).mkdir(exist_ok=True)
+    for attention in page.pages:
+        _write_atomically(out / attention.file, render_attention_page(page, attention, exports))
     index = out / "index.html"
-    _write_atomically(index, render_html(build_page(results, runs, declarations)))
+    _write_atomically(index, render_html(page, exports))
     return index

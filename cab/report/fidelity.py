@@ -1,0 +1,99 @@
+"""The fidelity section: approximation error against exact softmax attention (random and structured inputs)
+and numeric deviation of the output per dtype against float64 (cab.analysis.fidelity).
+
+The store holds no fidelity results, so this is the one part of the report that runs attentions: at a
+tiny fixed shape on CPU, with default hyper-parameters, for the registered attentions and patterns that
+pass their conformance checks in the store, within a time budget (breadth first: every pair gets its
+approximation error before any gets its deviation). What the budget did not reach is shown as not
+measured, never as 0."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from cab.report.support import PATTERNS
+
+DEFAULT_BUDGET_S = 6.0
+SHAPE_TEXT = "B=1 H=2 L=32 D=16, float64 (approximation), seed 0, default hyper-parameters, CPU"
+
+
+@dataclass
+class FidelityRow:
+    attention: str
+    pattern: str
+    random: "float | None" = None
+    structured: "float | None" = None
+    ran_in: str = ""
+    deviation: dict = field(default_factory=dict)  # dtype -> (error, eager error)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    rows: tuple
+    dtypes: tuple
+    budget_s: float
+    elapsed_s: float
+    complete: bool
+    frame: pd.DataFrame
+
+
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S) -> Fidelity:
+    """Measure the (attention, pattern) pairs within `budget_s` seconds (0 measures nothing)."""
+    from cab import registry
+    from cab.analysis.fidelity import DEVIATION_DTYPES, Shape, approximation_error, numeric_deviation
+
+    shape = Shape(batch=1, heads=2, kv_heads=2, lq=32, lk=32, head_dim=16)
+    order = {p: i for i, p in enumerate(PATTERNS)}
+    rows = [FidelityRow(a, p) for a, p in sorted(pairs, key=lambda x: (x[0].casefold(), order.get(x[1], 9)))]
+    start = time.perf_counter()
+    complete = True
+
+    def left() -> bool:
+        return time.perf_counter() - start < budget_s
+
+    for row in rows:
+        reason = registry.get_spec(row.attention).unavailable_reason("cpu")
+        if reason:
+            row.note = f"not run: {reason}"
+            continue
+        if not left():
+            row.note, complete = "not measured: the report's fidelity time budget ran out", False
+            continue
+        try:
+            random = approximation_error(row.attention, row.pattern, inputs="random", shape=shape)
+            structured = approximation_error(row.attention, row.pattern, inputs="structured", shape=shape)
+            row.random, row.structured, row.ran_in = random.relative_rmse, structured.relative_rmse, random.dtype
+        except Exception as exc:  # an attention that fails here is reported, not a broken report
+            row.note = f"could not run: {_message(exc)}"
+    for row in rows:
+        if row.note or row.random is None:
+            continue
+        if not left():
+            row.note, complete = "numeric deviation not measured: time budget ran out", False
+            continue
+        try:
+            for d in numeric_deviation(row.attention, row.pattern, shape=shape):
+                if d.tensor == "output":
+                    row.deviation[d.dtype] = (d.error, d.eager_error)
+        except Exception as exc:
+            row.note = f"numeric deviation failed: {_message(exc)}"
+    records = []
+    for row in rows:
+        record = {"attention": row.attention, "pattern": row.pattern, "approx_rel_rmse_random": row.random,
+                  "approx_rel_rmse_structured": row.structured, "approx_dtype": row.ran_in or None}
+        for dtype in DEVIATION_DTYPES:
+            error, eager = row.deviation.get(dtype, (None, None))
+            record[f"deviation_{dtype}"] = error
+            record[f"eager_deviation_{dtype}"] = eager
+        record["note"] = row.note or None
+        records.append(record)
+    return Fidelity(rows=tuple(rows), dtypes=tuple(DEVIATION_DTYPES), budget_s=budget_s,
+                    elapsed_s=time.perf_counter() - start, complete=complete, frame=pd.DataFrame(records))

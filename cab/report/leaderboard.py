@@ -1,0 +1,417 @@
+"""The accuracy side of the leaderboard, from the task results of the store (cab.training.summary): one
+board per pattern (NS, CS, NC, CC) with every (task, metric) as mean +- 95% interval over seeds, ranks that
+tie within noise, the compositional index and the difference to vanilla; the extrapolation curves; the
+quality-versus-speed Pareto plot; the cross-pattern rank correlations; recall versus decode state size.
+
+Pure data in, dataclasses and pandas frames out (the frames are the CSV / Markdown exports); the
+figures come from cab.report.plots."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+
+from cab.report.fields import integer, label, mapping, number, slug, status, text
+from cab.report.plots import Plot, Series, heatmaps, line_panels, scatter
+from cab.report.ranks import pattern_correlations
+from cab.report.support import PATTERNS
+from cab.stats import summarize
+
+BASELINE = "vanilla"
+ARROWS = {1: "↑", -1: "↓"}
+
+
+@dataclass(frozen=True)
+class MetricColumn:
+    task: str
+    metric: str
+    direction: int  # +1 higher is better, -1 lower
+
+    @property
+    def title(self) -> str:
+        return f"{self.task} · {self.metric} {ARROWS.get(self.direction, '')}".strip()
+
+
+@dataclass(frozen=True)
+class Score:
+    """One attention's (task, metric) over seeds. `half` is the 95% interval's half width (None with one
+    seed), `rank` 1 + the number of attentions separated from it on the better side (None with one seed),
+    `tied` the attentions sharing its rank within noise, `delta` the difference of means to vanilla."""
+
+    mean: "float | None" = None
+    half: "float | None" = None
+    n: int = 0
+    rank: "int | None" = None
+    tied: tuple = ()
+    best: bool = False
+    delta: "float | None" = None
+
+    @property
+    def missing(self) -> bool:
+        return self.mean is None
+
+
+@dataclass(frozen=True)
+class BoardRow:
+    label: str
+    attention: str
+    scores: tuple
+    index: "float | None"
+    delta_index: "float | None"
+    n_tasks: int
+    sparsity: "float | None"
+    backend: str
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    pattern: str
+    id: str
+    columns: tuple
+    rows: tuple
+    chance: tuple  # per column: the chance level (mean over the results that recorded one) or None
+    reference: tuple  # lines naming the attentions each (task, metric)'s mu and sigma came from
+    has_baseline: bool
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    boards: tuple
+    extrapolation: tuple  # (title, Plot, frame id)
+    pareto: tuple  # (pattern, Plot, note)
+    correlation: "Plot | None"
+    correlation_rows: tuple
+    recall: "Plot | None"
+    recall_note: str
+    exports: tuple  # (id, title, DataFrame)
+    n_task_results: int
+
+
+def _finite(value) -> "float | None":
+    return number(value)
+
+
+def _attention_of_labels(results: pd.DataFrame) -> "dict[str, str]":
+    names = {}
+    for row in results.to_dict("records"):
+        names.setdefault(label(row), text(row.get("attention")))
+    return names
+
+
+def _bench_extras(results: pd.DataFrame) -> "dict[tuple[str, str], tuple[float | None, str]]":
+    """(label, pattern) -> (mean achieved sparsity over the ok bench rows that record one, backends)."""
+    found: dict[tuple[str, str], tuple[list, list]] = {}
+    bench = results[results["kind"] == "bench"]
+    for row in bench.to_dict("records"):
+        if status(row.get("status")) != "ok":
+            continue
+        metrics = mapping(row.get("metrics"))
+        sparsities, backends = found.setdefault((label(row), text(row.get("pattern"))), ([], []))
+        value = number(metrics.get("achieved_sparsity"))
+        if value is not None:
+            sparsities.append(value)
+        if text(metrics.get("backend")):
+            backends.append(text(metrics.get("backend")))
+    return {key: (sum(s) / len(s) if s else None, ", ".join(dict.fromkeys(b)))
+            for key, (s, b) in found.items()}
+
+
+def _chance(results: pd.DataFrame) -> "dict[tuple[str, str, str], float]":
+    values: dict[tuple[str, str, str], list[float]] = {}
+    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
+    for row in tasks.to_dict("records"):
+        for metric, value in mapping(mapping(row.get("metrics")).get("chance")).items():
+            if number(value) is not None:
+                values.setdefault((text(row.get("task")), text(row.get("pattern")), str(metric)), []).append(
+                    float(value))
+    return {k: sum(v) / len(v) for k, v in values.items()}
+
+
+def _scores(summary: pd.DataFrame, column: MetricColumn, pattern: str) -> "dict[str, Score]":
+    part = summary[(summary["task"] == column.task) & (summary["pattern"] == pattern)
+                   & (summary["metric"] == column.metric)]
+    means = {r["attention"]: r["mean"] for r in part.to_dict("records")}
+    base = means.get(BASELINE)
+    rows = part.to_dict("records")
+    defined = [r for r in rows if r["n"] >= 2 and _finite(r["ci_low"]) is not None]
+    best_rank = min((int(r["rank"]) for r in defined), default=None)
+    scores = {}
+    for r in rows:
+        interval = r["n"] >= 2 and _finite(r["ci_low"]) is not None
+        rank = int(r["rank"]) if interval else None
+        tied = tuple(sorted(o["attention"] for o in defined if o["attention"] != r["attention"]
+                            and int(o["rank"]) == rank)) if interval else ()
+        scores[r["attention"]] = Score(
+            mean=_finite(r["mean"]), half=(r["ci_high"] - r["ci_low"]) / 2 if interval else None, n=int(r["n"]),
+            rank=rank, tied=tied, best=interval and rank == best_rank,
+            delta=None if base is None or r["attention"] == BASELINE else r["mean"] - base,
+        )
+    return scores
+
+
+def _boards(results, long, summary, index, page_of) -> "tuple[list[Leaderboard], list]":
+    extras, chance, names = _bench_extras(results), _chance(results), _attention_of_labels(results)
+    boards, exports = [], []
+    table = index.table
+    for pattern in PATTERNS:
+        mine = long[long["pattern"] == pattern]
+        if mine.empty:
+            continue
+        columns = [MetricColumn(t, m, int(d)) for (t, m), d in
+                   mine.groupby(["task", "metric"], sort=True)["direction"].first().items()]
+        per_column = [_scores(summary, c, pattern) for c in columns]
+        idx = table[table["pattern"] == pattern].set_index("attention")
+        labels = sorted(set(mine["attention"]), key=str.casefold)
+        rows = []
+        for name in labels:
+            has = name in idx.index
+            delta = idx.loc[name].get(f"delta_{BASELINE}") if has and f"delta_{BASELINE}" in idx.columns else None
+            sparsity, backend = extras.get((name, pattern), (None, ""))
+            rows.append(BoardRow(
+                label=name, attention=names.get(name, name), scores=tuple(s.get(name, Score()) for s in per_column),
+                index=_finite(idx.loc[name, "index"]) if has else None, delta_index=_finite(delta),
+                n_tasks=int(idx.loc[name, "n_tasks"]) if has else 0, sparsity=sparsity, backend=backend,
+            ))
+        rows.sort(key=lambda r: (r.index is None, -(r.index or 0.0), r.label.casefold()))
+        ref = index.reference[index.reference["pattern"] == pattern]
+        reference = tuple(f"{r['task']} · {r['metric']}: mu={r['mu']:.4g}, sigma={r['sigma']:.4g} over "
+                          f"{r['n_attentions']} attentions ({r['attentions']})" for r in ref.to_dict("records"))
+        board = Leaderboard(pattern=pattern, id=f"board-{pattern}", columns=tuple(columns), rows=tuple(rows),
+                            chance=tuple(chance.get((c.task, pattern, c.metric)) for c in columns),
+                            reference=reference, has_baseline=BASELINE in labels)
+        boards.append(board)
+        exports.append((board.id, f"{pattern} leaderboard", board_frame(board)))
+    return boards, exports
+
+
+def board_frame(board: Leaderboard) -> pd.DataFrame:
+    """The export of a board: per metric its mean, 95% interval half width, seeds and rank (None = missing)."""
+    records = []
+    for row in board.rows:
+        record = {"attention": row.label}
+        for column, score in zip(board.columns, row.scores):
+            record[f"{column.task}.{column.metric}.mean"] = score.mean
+            record[f"{column.task}.{column.metric}.ci95_half"] = score.half
+            record[f"{column.task}.{column.metric}.seeds"] = score.n or None
+            record[f"{column.task}.{column.metric}.rank"] = score.rank
+        record.update({"index": row.index, f"index_delta_{BASELINE}": row.delta_index, "index_tasks": row.n_tasks,
+                       "achieved_sparsity": row.sparsity, "backend": row.backend or None})
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def _extrapolation(results: pd.DataFrame) -> "tuple[list, list]":
+    """Metric versus evaluation length for the task results that store a curve ('extrapolation')."""
+    curves: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
+    trained: dict[tuple[str, str], Counter] = {}
+    metric_name: dict[tuple[str, str], str] = {}
+    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
+    for row in tasks.to_dict("records"):
+        if status(row.get("status")) != "ok":
+            continue
+        curve = mapping(row.get("metrics")).get("extrapolation")
+        if not isinstance(curve, list):
+            continue
+        key = (text(row.get("task")), text(row.get("pattern")))
+        per_label = curves.setdefault(key, {}).setdefault(label(row), {})
+        for point in curve:
+            point = mapping(point)
+            length = integer(point.get("length"))
+            value_key = next((k for k in point if k not in ("length", "status")), None)
+            if length is None or value_key is None:
+                continue
+            metric_name[key] = value_key
+            value = number(point.get(value_key))
+            per_label.setdefault(length, [])
+            if value is not None:
+                per_label[length].append(value)
+        length = integer(mapping(row.get("task_params")).get("length"))
+        if length is not None:
+            trained.setdefault(key, Counter())[length] += 1
+    plots, exports = [], []
+    for (task, pattern), per_label in sorted(curves.items()):
+        metric = metric_name.get((task, pattern), "metric")
+        train = trained.get((task, pattern), Counter()).most_common(1)
+        train_length = train[0][0] if train else None
+        series, records = [], []
+        lengths = sorted({n for points in per_label.values() for n in points})
+        for name in sorted(per_label, key=str.casefold):
+            points = per_label[name]
+            ys, lows, highs = [], [], []
+            record = {"attention": name}
+            for n in lengths:
+                values = points.get(n, [])
+                if values:
+                    s = summarize(values)
+                    ys.append(s.mean)
+                    lows.append(s.ci_low if s.n > 1 else None)
+                    highs.append(s.ci_high if s.n > 1 else None)
+                    record[f"L={n}"] = s.mean
+                else:
+                    ys.append(None), lows.append(None), highs.append(None)
+                    record[f"L={n}"] = None
+            records.append(record)
+            series.append(Series(name, tuple(lengths), tuple(ys), tuple(lows), tuple(highs)))
+        title = f"{task} ({pattern}): {metric} versus evaluation length"
+        plot = line_panels([(title, "evaluation length (tokens, log scale)", f"{metric} (mean over seeds)", series)],
+                           loglog=False, logx_base=2, vline=train_length,
+                           vline_label=f"training length {train_length}" if train_length else "",
+                           alt=f"{metric} of every attention at each evaluation length for {task} ({pattern})",
+                           caption=f"{task}, {pattern}: mean over seeds with 95% intervals where there are several "
+                                   f"seeds; the dashed line marks the training length"
+                                   f"{f' ({train_length})' if train_length else ''}. Missing points: no result.")
+        frame_id = f"extrapolation-{slug(task)}-{pattern}"
+        plots.append((title, plot, frame_id))
+        exports.append((frame_id, title, pd.DataFrame(records)))
+    return plots, exports
+
+
+def _reference_times(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> "dict[str, tuple[int, dict]]":
+    """Per pattern: the forward length timed for the most attentions (longest on a tie) and label -> median ms."""
+    bench = results[(results["kind"] == "bench")]
+    out = {}
+    for pattern in PATTERNS:
+        rows = [r for r in bench.to_dict("records") if text(r.get("pattern")) == pattern
+                and text(r.get("mode")) == "fwd" and status(r.get("status")) == "ok"
+                and (text(r.get("attention")), pattern) not in gated
+                and number(mapping(r.get("metrics")).get("median_ms")) is not None]
+        if not rows:
+            continue
+        counts = Counter(integer(r.get("lq")) for r in rows)
+        length = max(counts, key=lambda n: (counts[n], n or 0))
+        times: dict[str, list[float]] = {}
+        for r in rows:
+            if integer(r.get("lq")) == length:
+                times.setdefault(label(r), []).append(float(mapping(r.get("metrics"))["median_ms"]))
+        out[pattern] = (length, {k: sorted(v)[len(v) // 2] for k, v in times.items()})
+    return out
+
+
+def pareto_front(points: "list[tuple[str, float, float]]") -> "list[str]":
+    """Names of the points no other point beats on both cost (lower) and quality (higher)."""
+    front = []
+    for name, cost, quality in points:
+        dominated = any((c <= cost and q >= quality) and (c < cost or q > quality) for _, c, q in points)
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def _pareto(boards: "list[Leaderboard]", times: dict) -> list:
+    plots = []
+    for board in boards:
+        if board.pattern not in times:
+            plots.append((board.pattern, None, f"no forward timing for {board.pattern} in this store"))
+            continue
+        length, per_label = times[board.pattern]
+        points = [(r.label, per_label[r.label], r.index) for r in board.rows
+                  if r.index is not None and r.label in per_label]
+        if not points:
+            plots.append((board.pattern, None, "no attention has both a compositional index and a forward time"))
+            continue
+        front = pareto_front(points)
+        plot = scatter([(n, c, q, None, None) for n, c, q in points], frontier=front,
+                       xlabel=f"forward time at L={length} (ms, log scale)", ylabel="compositional index (z units)",
+                       title=f"{board.pattern}: quality versus speed",
+                       alt=f"compositional index versus forward time at length {length} for {board.pattern}",
+                       caption=f"{board.pattern}: each attention's compositional index against its median forward "
+                               f"time at L={length}; the dashed steps join the Pareto front "
+                               f"({', '.join(front)}).")
+        missing = sorted({r.label for r in board.rows} - {p[0] for p in points}, key=str.casefold)
+        note = f"not plotted (no index or no forward time at L={length}): {', '.join(missing)}" if missing else ""
+        plots.append((board.pattern, plot, note))
+    return plots
+
+
+def _correlation(index_table: pd.DataFrame) -> "tuple[Plot | None, list]":
+    scores: dict[str, dict[str, float]] = {}
+    for r in index_table.to_dict("records"):
+        if _finite(r["index"]) is not None:
+            scores.setdefault(r["pattern"], {})[r["attention"]] = float(r["index"])
+    patterns = [p for p in PATTERNS if p in scores]
+    if len(patterns) < 2:
+        return None, []
+    rows = pattern_correlations(scores, patterns)
+    lookup = {(r["pattern_a"], r["pattern_b"]): r for r in rows}
+    panels = [(f"{name} (compositional index)", patterns,
+               [[lookup[(a, b)][key] for b in patterns] for a in patterns])
+              for key, name in (("spearman", "Spearman ρ"), ("kendall", "Kendall τ-b"))]
+    plot = heatmaps(panels, alt="rank correlation of the attentions' compositional index between patterns",
+                    caption="Rank correlation between patterns of the attentions' compositional index, over the "
+                            "attentions ranked in both (n/a: fewer than 3 in common or a constant ranking). High "
+                            "values: an attention's standing carries over between patterns; CAB found it often "
+                            "does not.")
+    return plot, rows
+
+
+def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None, str, pd.DataFrame | None]":
+    from cab.analysis.tables import decode_table
+
+    decode = decode_table(results)
+    recall = summary[(summary["task"] == "recall") & (summary["metric"] == "accuracy")]
+    if decode.empty or recall.empty:
+        why = "no decode results" if decode.empty else "no recall results"
+        return None, f"Recall versus state size needs decode benchmarks and recall task results: this store has {why}.", None
+    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
+    lengths = Counter(integer(mapping(r.get("task_params")).get("length")) for r in tasks.to_dict("records")
+                      if text(r.get("task")) == "recall" and integer(mapping(r.get("task_params")).get("length")))
+    target = lengths.most_common(1)[0][0] if lengths else None
+    points, records = [], []
+    for r in recall.to_dict("records"):
+        mine = decode[(decode["attention"] == r["attention"]) & decode["state_bytes"].notna()]
+        if mine.empty:
+            continue
+        contexts = sorted(int(c) for c in mine["context"])
+        context = min(contexts, key=lambda c: (abs(c - target), c)) if target else contexts[-1]
+        state = float(mine[mine["context"] == context]["state_bytes"].median())
+        interval = r["n"] >= 2 and _finite(r["ci_low"]) is not None
+        points.append((f"{r['attention']} ({r['pattern']})", state, float(r["mean"]),
+                       r["ci_low"] if interval else None, r["ci_high"] if interval else None))
+        records.append({"attention": r["attention"], "pattern": r["pattern"], "recall_accuracy": r["mean"],
+                        "ci95_half": (r["ci_high"] - r["ci_low"]) / 2 if interval else None, "seeds": r["n"],
+                        "decode_context": context, "state_bytes": state})
+    if not points:
+        return None, "No attention has both recall results and a decode state size in this store.", None
+    plot = scatter(points, xlabel=f"decode state at context {target or 'longest'} (bytes, log scale)",
+                   ylabel="recall accuracy (fraction, mean over seeds)", title="Recall versus state size",
+                   alt="recall accuracy against the bytes of decode state per attention",
+                   caption="Multi-query associative recall accuracy against the bytes of KV cache or recurrent state "
+                           "held while decoding, at the decode context closest to the recall task's length "
+                           "(the BASED paper's trade-off).")
+    missing = sorted(set(recall["attention"]) - {r["attention"] for r in records}, key=str.casefold)
+    note = f"Without a decode result (not plotted): {', '.join(missing)}." if missing else ""
+    return plot, note, pd.DataFrame(records)
+
+
+def accuracy(results: pd.DataFrame, gated: "set[tuple[str, str]]", page_of: "Callable[[str], str] | None" = None
+             ) -> Accuracy:
+    """Everything the accuracy sections show, from the store's results frame."""
+    from cab.training.summary import long_metrics, summary_table, task_index
+
+    empty = Accuracy((), (), (), None, (), None, "", (), 0)
+    if "task" not in results:
+        return empty
+    n_tasks = int((results["kind"] == "task").sum())
+    long = long_metrics(results)
+    if long.empty:
+        extrapolation, ex_exports = _extrapolation(results)
+        return Accuracy((), tuple(extrapolation), (), None, (), None, "", tuple(ex_exports), n_tasks)
+    summary = summary_table(long)
+    index = task_index(long, baseline=BASELINE)
+    boards, exports = _boards(results, long, summary, index, page_of)
+    extrapolation, ex_exports = _extrapolation(results)
+    pareto = _pareto(boards, _reference_times(results, gated))
+    correlation, corr_rows = _correlation(index.table)
+    recall_plot, recall_note, recall_frame = _recall(results, summary)
+    exports += ex_exports
+    if corr_rows:
+        exports.append(("rank-correlation", "Rank correlation between patterns", pd.DataFrame(corr_rows)))
+    if recall_frame is not None:
+        exports.append(("recall-state", "Recall versus state size", recall_frame))
+    exports.append(("task-summary", "Task metrics per attention (mean, std, 95% interval, rank)", summary))
+    return Accuracy(tuple(boards), tuple(extrapolation), tuple(pareto), correlation, tuple(corr_rows), recall_plot,
+                    recall_note, tuple(exports), n_tasks)
