@@ -16,10 +16,10 @@ From those, three implementations of one attention:
   scored with batched matmuls, masked at element level, normalised (softmax, or an unnormalised sigmoid) and
   applied to the gathered values. Autograd gives the backward (the gathers' backward is a scatter-add).
   Memory and time O(sum over query blocks of rows x listed keys), never Lq x Lk.
-* `flex_blocksparse` (`backend="flex"`): the same layout (rebuilt at FlexAttention's block size) as a
+* the FlexAttention path (`backend="flex"`, `flex_block_mask`): the same layout (rebuilt at FlexAttention's block size) as a
   `BlockMask` with the mask as mask_mod, run by cab's compiled FlexAttention call (`cab.attention.flash`);
   softmax only. On CPU FlexAttention has no backward, so with gradients the backward is autograd through the
-  torch path's recomputation (exact, but not a FlexAttention kernel).
+  torch path's recomputation (exact, but not a FlexAttention kernel); on CUDA it is FlexAttention's own.
 * `dense_reference`: the obviously correct form: the full (H, Lq, Lk) mask from `mask_fn`, padding,
   eager softmax (or sigmoid) over it.
 
@@ -377,6 +377,20 @@ class _FlexForwardTorchBackward(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None
 
 
+def flex_with_fallback_backward(q, k, v, run_flex, run_torch) -> torch.Tensor:
+    """Run `run_flex` (FlexAttention on q, k, v). Needing gradients on CPU (FlexAttention has no CPU
+    backward) or under a caller's TorchDispatchMode (torch.compile cannot run under one), the backward is
+    autograd through `run_torch`'s recomputation; on CUDA otherwise FlexAttention's own backward."""
+    from cab.attention.flash import in_user_dispatch_mode
+
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not wants_grad:
+        return run_flex(q.detach(), k.detach(), v.detach())
+    if q.device.type == "cpu" or in_user_dispatch_mode():
+        return _FlexForwardTorchBackward.apply(q, k, v, run_flex, run_torch)
+    return run_flex(q, k, v)
+
+
 class BlockSparseAttention(Attention):
     """Base of the static block-sparse attentions. A subclass provides `mask_fn(lq, lk, extent)` (the
     element mask for a shape as a function of (b, h, i, j)) and `build_layout(lq, lk, block_q, block_k,
@@ -456,11 +470,7 @@ class BlockSparseAttention(Attention):
         def run_flex(q_, k_, v_):
             return flex_call(q_, k_, v_, block_mask)  # rows with no visible key come out as 0
 
-        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if wants_grad:
-            return _FlexForwardTorchBackward.apply(q, k, v, run_flex,
-                                                   lambda a, b, c: self._torch(a, b, c, key_padding_mask))
-        return run_flex(q.detach(), k.detach(), v.detach())
+        return flex_with_fallback_backward(q, k, v, run_flex, lambda a, b, c: self._torch(a, b, c, key_padding_mask))
 
     def _flex_block_mask(self, batch, lq, lk, key_padding_mask, extent, device):
         """The FlexAttention BlockMask, cached per shape and padding (building one is not free)."""

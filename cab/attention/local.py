@@ -109,10 +109,8 @@ class LocalAttention(Attention):
         def run_flex(q_, k_, v_):
             return flex_call(q_, k_, v_, block_mask)
 
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return bs._FlexForwardTorchBackward.apply(q, k, v, run_flex,
-                                                      lambda a, b, c: self._torch(a, b, c, key_padding_mask))
-        return run_flex(q.detach(), k.detach(), v.detach())
+        return bs.flex_with_fallback_backward(q, k, v, run_flex,
+                                              lambda a, b, c: self._torch(a, b, c, key_padding_mask))
 
     def _geometry(self, lq: int, lk: int) -> "tuple[int, int, int, int]":
         """(block, blocks, span, sinks scored) of the torch path for this shape."""
