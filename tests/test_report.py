@@ -193,7 +193,7 @@ def page(tmp_path_factory, evil_attn) -> "tuple[str, Node, dict]":
     db = write_store(root / "cab.sqlite", RESULTS)
     with ResultStore(db) as store:  # a second run whose config and command are hostile text
         store.start_run(f"configs/{HOSTILE}.yaml", 'cab run "><img src=x onerror=alert(4)>', 0, {})
-    index = render_report(db, root / "site")
+    index = render_report(db, root / "site", fidelity_budget_s=0)
     assert index == root / "site" / "index.html"
     html = index.read_text(encoding="utf-8")
     keys = {(r.cell.attention, r.cell.kind, r.cell.pattern, r.cell.lq): r.key for r in RESULTS}
@@ -204,7 +204,8 @@ def page(tmp_path_factory, evil_attn) -> "tuple[str, Node, dict]":
 
 def test_page_has_the_stable_sections_tables_and_ids(page):
     html, tree, _ = page
-    for element_id in ("overview", "support", "efficiency", "failures", "support-matrix", "status-counts", "runs"):
+    for element_id in ("overview", "support", "leaderboards", "efficiency", "fidelity", "analyses", "catalog",
+                       "failures", "support-matrix", "status-counts", "runs", "catalog-table"):
         assert tree.by_id(element_id) is not None, element_id
     tables = tree.find_all("table")
     assert tables and all("sortable" in t.classes() for t in tables)
@@ -284,7 +285,9 @@ def test_support_matrix_flags_declared_but_failing(page):
 def test_hostile_strings_render_as_text(page):
     html, tree, _ = page
     assert html.count("<script") == 1, "only cab's own script element may exist"
-    assert "<img" not in html and "<b>bold" not in html and "<i>no cross" not in html
+    # the only images are cab's own figures, embedded as data URIs (no script runs inside an <img>)
+    assert all(img.attrs["src"].startswith("data:image/svg+xml;base64,") for img in tree.find_all("img"))
+    assert "<img src=x" not in html and "<b>bold" not in html and "<i>no cross" not in html
     assert HOSTILE in squash(tree.by_id("support-matrix"))
     assert f"configs/{HOSTILE}.yaml" in squash(tree.by_id("runs")) and "onerror=alert(4)" in squash(tree.by_id("runs"))
     assert f"</pre>{HOSTILE}" in squash(tree.by_id("failures"))
@@ -357,7 +360,7 @@ def test_partial_store_with_odd_rows_still_renders(tmp_path):
         conn.execute(odd, ("odd2", "bench", "CS", 64, "ok", '{"median_ms": "fast", "peak_mem_bytes": [1]}'))
         conn.execute(odd, ("odd3", "check", "XX", None, "incorrect", '{"checks": "not a list"}'))
         conn.execute(odd, ("odd4", "check", "CS", None, "error", '{"checks": [1, {"status": "error"}]}'))
-    tree = parse(render_report(db, tmp_path / "site").read_text(encoding="utf-8"))
+    tree = parse(render_report(db, tmp_path / "site", fidelity_budget_s=0).read_text(encoding="utf-8"))
     counts = table_cells(tree.by_id("status-counts"))
     assert squash(counts["exploded"]["Results"]) == "1"
     assert tree.by_id("failures-exploded") is not None and tree.by_id("fail-odd1") is not None
@@ -370,7 +373,7 @@ def test_partial_store_with_odd_rows_still_renders(tmp_path):
 
 def test_checks_only_store_renders_without_efficiency_tables(tmp_path):
     db = write_store(tmp_path / "cab.sqlite", [check("vanilla", "NS", Status.OK)])
-    tree = parse(render_report(db, tmp_path / "site").read_text(encoding="utf-8"))
+    tree = parse(render_report(db, tmp_path / "site", fidelity_budget_s=0).read_text(encoding="utf-8"))
     assert "No benchmark results" in squash(tree.by_id("efficiency"))
     assert "No failures" in squash(tree.by_id("failures"))
 

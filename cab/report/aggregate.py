@@ -239,7 +239,11 @@ def build_page(results: pd.DataFrame, runs: pd.DataFrame, declarations: "Mapping
     support = support_matrix(results, declarations)
     gated = {(row.attention, cell.pattern) for row in support for cell in row.cells if cell.n_failing}
     efficiency = efficiency_tables(results, gated)
-    acc = accuracy(results, gated)
+    try:
+        acc = accuracy(results, gated)
+    except Exception as exc:  # task rows this cab cannot read must not break the rest of the report
+        acc = Accuracy((), (), (), None, (), None, "", (), int((results["kind"] == "task").sum()),
+                       error=f"{type(exc).__name__}: {exc}")
     cost = costs(results, efficiency, gated)
     registered = set(registry.names())
     pairs = [(row.attention, cell.pattern) for row in support for cell in row.cells

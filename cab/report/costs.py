@@ -21,6 +21,13 @@ OUTCOMES = {"crosses": "crosses", "always_cheaper": "cheaper at every measured l
             "never_cheaper": "never cheaper in range", "ends_dearer": "dearer at the longest length",
             "no_crossing": "no crossing", "too_few_lengths": "too few common lengths"}
 
+LENGTH_COLUMNS = ["configuration", "attention", "metric", "baseline", "efficiency_length", "interval_95",
+                  "first_cheaper", "lengths", "outcome"]
+EXPONENT_COLUMNS = ["configuration", "attention", "metric", "exponent", "interval_95", "theoretical",
+                    "theory_source", "lengths", "no_result_from"]
+DECODE_COLUMNS = ["attention", "pattern", "context", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "state_bytes",
+                  "configuration"]
+
 
 @dataclass(frozen=True)
 class Costs:
@@ -29,6 +36,7 @@ class Costs:
     exponents: pd.DataFrame
     decode: pd.DataFrame
     exports: tuple
+    notes: tuple = ()  # analyses that could not be computed, and why
 
 
 def _lengths_of(table: EfficiencyTable) -> "list[int | None]":
@@ -63,11 +71,29 @@ def table_plot(table: EfficiencyTable) -> "Plot | None":
                 f"(log-log; a slope of 2 is quadratic). Missing points: no result, a failed cell, or speed withheld.")
 
 
-def _ungated(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> pd.DataFrame:
-    if not gated or results.empty:
+def _usable(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> pd.DataFrame:
+    """Bench rows the analyses can read: ungated, with integral lengths and sizes and dict metrics (a partial
+    or hand-edited store may hold NULLs)."""
+    if results.empty:
         return results
-    keep = [(text(a), text(p)) not in gated for a, p in zip(results["attention"], results["pattern"])]
-    return results[keep]
+    fields = ("lq", "lk", "batch", "heads", "kv_heads", "head_dim")
+    keep = [
+        text(r.get("kind")) == "bench" and (text(r.get("attention")), text(r.get("pattern"))) not in gated
+        and all(integer(r.get(f)) is not None for f in fields) and isinstance(r.get("metrics"), dict)
+        and all(text(r.get(f)) for f in ("attention", "pattern", "mode", "dtype", "device", "status"))
+        for r in results.to_dict("records")
+    ]
+    usable = results[keep].copy()
+    for f in fields:
+        usable[f] = usable[f].astype(int)
+    return usable
+
+
+def _guarded(fn, results: pd.DataFrame, columns: "list[str]") -> "tuple[pd.DataFrame, str]":
+    try:
+        return fn(results), ""
+    except Exception as exc:  # an analysis that cannot read odd rows must not break the report
+        return pd.DataFrame(columns=columns), f"{fn.__name__} failed: {type(exc).__name__}: {exc}"
 
 
 def _interval(low, high, span: tuple) -> str:
@@ -118,8 +144,7 @@ def efficiency_lengths(results: pd.DataFrame) -> pd.DataFrame:
             "first_cheaper": integer(r.get("first_cheaper")),
             "lengths": f"{span[0]}–{span[1]}" if span[0] is not None else None, "outcome": outcome,
         })
-    return pd.DataFrame(rows, columns=["configuration", "attention", "metric", "baseline", "efficiency_length",
-                                       "interval_95", "first_cheaper", "lengths", "outcome"])
+    return pd.DataFrame(rows, columns=LENGTH_COLUMNS)
 
 
 def exponents(results: pd.DataFrame) -> pd.DataFrame:
@@ -139,8 +164,7 @@ def exponents(results: pd.DataFrame) -> pd.DataFrame:
                         if integer(r.get("min_length")) is not None else None),
             "no_result_from": f"{text(r.get('fail_status'))} from {fails}" if fails is not None else None,
         })
-    return pd.DataFrame(rows, columns=["configuration", "attention", "metric", "exponent", "interval_95",
-                                       "theoretical", "theory_source", "lengths", "no_result_from"])
+    return pd.DataFrame(rows, columns=EXPONENT_COLUMNS)
 
 
 def decode(results: pd.DataFrame) -> pd.DataFrame:
@@ -148,20 +172,21 @@ def decode(results: pd.DataFrame) -> pd.DataFrame:
 
     raw = decode_table(results)
     if raw.empty:
-        return pd.DataFrame(columns=["attention", "pattern", "context", "median_ms", "p20_ms", "p80_ms",
-                                     "tokens_per_s", "state_bytes", "configuration"])
+        return pd.DataFrame(columns=DECODE_COLUMNS)
     raw = raw.copy()
     raw["configuration"] = [f"{r['dtype']} · {r['device']} · B={r['batch']} H={r['heads']} D={r['head_dim']}"
                             for r in raw.to_dict("records")]
-    return raw[["attention", "pattern", "context", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "state_bytes",
-                "configuration"]]
+    return raw[DECODE_COLUMNS]
 
 
 def costs(results: pd.DataFrame, tables: "list[EfficiencyTable]", gated: "set[tuple[str, str]]") -> Costs:
     """Plots per efficiency table and the analysis tables of the ungated bench results."""
     plots = {t.id: p for t in tables if (p := table_plot(t)) is not None}
-    usable = _ungated(results, gated)
-    lengths, exps, dec = efficiency_lengths(usable), exponents(usable), decode(usable)
+    usable = _usable(results, gated)
+    lengths, n1 = _guarded(efficiency_lengths, usable, LENGTH_COLUMNS)
+    exps, n2 = _guarded(exponents, usable, EXPONENT_COLUMNS)
+    dec, n3 = _guarded(decode, usable, DECODE_COLUMNS)
     exports = (("efficiency-lengths", "Efficiency lengths", lengths), ("exponents", "Complexity exponents", exps),
                ("decode", "Decode latency and state", dec))
-    return Costs(plots=plots, lengths=lengths, exponents=exps, decode=dec, exports=exports)
+    return Costs(plots=plots, lengths=lengths, exponents=exps, decode=dec, exports=exports,
+                 notes=tuple(n for n in (n1, n2, n3) if n))

@@ -89,6 +89,7 @@ class Accuracy:
     recall_note: str
     exports: tuple  # (id, title, DataFrame)
     n_task_results: int
+    error: str = ""  # why the accuracy sections could not be built (odd rows), shown instead of them
 
 
 def _finite(value) -> "float | None":
