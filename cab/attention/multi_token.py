@@ -1,0 +1,173 @@
+"""Multi-Token Attention (MTA): a learned 2-D convolution over the (query, key) score map before the softmax,
+so nearby queries and keys shape each other's weights, and a learned mixing of the weights of small
+groups of heads after it. Dense O(L^2 c_q c_k); computed in query blocks (no L x L tensor)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cab.attention._score_util import block_visibility
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.functional import compute_dtype, softmax_scale
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+
+@register_attention(
+    "multi_token_attention", patterns=("NS", "CS", "NC", "CC"), family="softmax-variant", exact=False,
+    mechanism="M57",
+    citation="Golovneva, Wang, Weston & Sukhbaatar, Multi-Token Attention, arXiv 2504.00927 (2025)",
+)
+class MultiTokenAttention(Attention):
+    """Key-query convolution and head mixing (MTA, paper Sec. 3.1-3.2), per head h:
+
+        S0_ij  = s_ij = q_i.k_j / sqrt(d)  if key j is visible to query i, else 0         (Mask_0)
+        C_ij   = sum_{a < c_q} sum_{b < c_k} W_h[a, b] * S0[i - (c_q - 1) + a, j - floor(c_k / 2) + b]
+        A_ij   = softmax_j(C_ij over the keys visible to query i)                          (Mask_-inf)
+        A'_h   = sum_{h' in group(h)} M_g[h, h'] A_h'      (groups of `head_group` consecutive heads)
+        o_i    = sum_j A'_ij v_j
+
+    out-of-range S0 entries are 0. The query axis of the kernel reaches only the c_q - 1 *previous*
+    queries (the paper's causal kernel) and the key axis is centred (floor(c_k/2) keys before, the rest
+    after). Causality (CS): the conv mixes only scores that are themselves visible — S0[i', j'] with
+    i' <= i and j' <= i' + offset <= i + offset — and the result is masked again, so row i sees no
+    future key and no future query (the masking before the conv is per the score's own query row, as in
+    the paper's implementation; the paper's formula masks with the output row, which would admit keys
+    between i' and i). Causal cross (CC): the query kernel looks only backwards, so row i depends on
+    queries <= i. Noncausal patterns use the same kernel geometry. Key padding: padded keys' scores are
+    zeroed before the conv and masked after, so a padded key is never seen; a trailing pad is the same as
+    the conv's zero boundary.
+
+    Paper defaults: c_q = 6, c_k = 11, head groups of 2. [EJ] The group normalisation the paper applies to
+    each head's output (with depth-dependent scaling) belongs to the layer around the operator and is not
+    included. The paper initialises the kernel to the identity (a delta at the current query and key) and
+    the head mixing to the identity, where MTA is softmax attention; we add N(0, `init_std`^2) noise from a
+    torch.Generator seeded with `seed` so that the convolution is exercised from the first call (0
+    recovers the paper's init). Efficient form: query blocks of `chunk_size` rows, each with its c_q - 1
+    halo rows, scored only against the keys the block can see, convolved with one grouped conv2d,
+    checkpointed in training. No incremental decoding: a step needs the previous c_q - 1 queries' score
+    rows, and the decode API's prefill carries only keys and values. Differentiable everywhere.
+    """
+
+    complexity = {"time": 2, "memory": 1}
+
+    def __init__(self, pattern, num_heads, head_dim, query_kernel: int = 6, key_kernel: int = 11,
+                 head_group: int = 2, init_std: float = 0.02, seed: int = 0, chunk_size: int = 128):
+        super().__init__(pattern, num_heads, head_dim)
+        if query_kernel < 1 or key_kernel < 1 or head_group < 1 or chunk_size < 1:
+            raise ValueError("query_kernel, key_kernel, head_group and chunk_size must be positive")
+        if num_heads % head_group:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of head_group ({head_group})")
+        self.query_kernel, self.key_kernel, self.head_group = query_kernel, key_kernel, head_group
+        self.seed, self.chunk_size = seed, chunk_size
+        generator = torch.Generator().manual_seed(seed)
+        kernel = torch.zeros(num_heads, 1, query_kernel, key_kernel, dtype=torch.float64)
+        kernel[:, 0, query_kernel - 1, key_kernel // 2] = 1.0
+        kernel += init_std * torch.randn(kernel.shape, generator=generator, dtype=torch.float64)
+        mixing = torch.eye(head_group, dtype=torch.float64).repeat(num_heads // head_group, 1, 1)
+        mixing += init_std * torch.randn(mixing.shape, generator=generator, dtype=torch.float64)
+        self.kernel = nn.Parameter(kernel.to(torch.get_default_dtype()))
+        self.mixing = nn.Parameter(mixing.to(torch.get_default_dtype()))
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, query_kernel={self.query_kernel}, key_kernel={self.key_kernel}, "
+                f"head_group={self.head_group}")
+
+    def _mix(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, H, R, K) weights -> the head-mixed weights, within groups of `head_group` heads."""
+        b, h, r, k = weights.shape
+        g = self.head_group
+        mixing = self.mixing.to(weights.dtype)
+        grouped = weights.reshape(b, h // g, g, r * k)
+        return (mixing.unsqueeze(0) @ grouped).reshape(b, h, r, k)
+
+    def _block(self, q_ext, k, v, visible_ext, top: int, halo: int):
+        scores = (q_ext @ k.transpose(-1, -2)) * softmax_scale(q_ext.shape[-1])
+        scores = torch.where(visible_ext, scores, torch.zeros_like(scores))
+        left = self.key_kernel // 2
+        padded = F.pad(scores, (left, self.key_kernel - 1 - left, top, 0))
+        conv = F.conv2d(padded, self.kernel.to(scores.dtype), groups=self.num_heads)  # (B, H, R, K)
+        visible = visible_ext[..., halo:, :]
+        opened = visible | ~visible.any(dim=-1, keepdim=True)
+        weights = torch.softmax(conv.masked_fill(~opened, float("-inf")), dim=-1)
+        return self._mix(weights) @ v
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        q = q.to(dtype)
+        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        lq, lk = q.shape[-2], k.shape[-2]
+        causal = self.pattern is Pattern.CS
+        offset = lk - lq if causal else 0
+        key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
+        use_ckpt = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
+                                                or any(p.requires_grad for p in self.parameters()))
+        outputs = []
+        for qs in range(0, lq, self.chunk_size):
+            qe = min(lq, qs + self.chunk_size)
+            kend = min(lk, qe + offset) if causal else lk
+            if kend <= 0:
+                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
+                continue
+            rs = max(0, qs - (self.query_kernel - 1))
+            halo = qs - rs
+            visible_ext = block_visibility(self.pattern, rs, qe, kend, offset, key_ok, q.device)
+            args = (q[..., rs:qe, :], k[..., :kend, :], v[..., :kend, :], visible_ext,
+                    self.query_kernel - 1 - halo, halo)
+            out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
+            seen = visible_ext[..., halo:, :].any(dim=-1, keepdim=True)
+            outputs.append(torch.where(seen, out, torch.zeros_like(out)))
+        out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
+        return out.to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Row by row: the c_q score rows ending at row i (Mask_0 per their own visibility, zero rows before
+        the start), each key's logit as the kernel-weighted sum of its c_q x c_k window (zeros outside),
+        softmax over the visible keys, then the explicit head-mixing sum."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        batch, heads, lq, dim = q.shape
+        lk = k.shape[-2]
+        cq, ck, g = self.query_kernel, self.key_kernel, self.head_group
+        offset = lk - lq if self.pattern is Pattern.CS else 0
+
+        def visible_keys(b, i):
+            last = min(lk, i + offset + 1) if self.pattern is Pattern.CS else lk
+            return [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
+
+        rows = []
+        for b in range(batch):
+            per_row = []
+            for i in range(lq):
+                keys = visible_keys(b, i)
+                if not keys:
+                    per_row.append(q.new_zeros(heads, v.shape[-1]))
+                    continue
+                s0 = q.new_zeros(heads, cq, lk)
+                for a in range(cq):
+                    row = i - (cq - 1) + a
+                    if row >= 0:
+                        idx = torch.tensor(visible_keys(b, row), dtype=torch.long)
+                        if len(idx):
+                            s0[:, a, idx] = (q[b, :, row].unsqueeze(1) * k[b][:, idx]).sum(-1) / dim**0.5
+                # every key's window of c_k scores in each of the c_q rows: (H, c_q, Lk, c_k)
+                left = ck // 2
+                windows = torch.cat([s0.new_zeros(heads, cq, left), s0, s0.new_zeros(heads, cq, ck - 1 - left)],
+                                    dim=-1).unfold(-1, ck, 1)
+                logits = (windows * self.kernel[:, 0, :, None, :]).sum(dim=(1, 3))[:, keys]  # (H, n)
+                weights = torch.softmax(logits, dim=-1)  # (H, n)
+                mixed = torch.stack([sum(self.mixing[h // g, h % g, m] * weights[(h // g) * g + m] for m in range(g))
+                                     for h in range(heads)])
+                per_row.append((mixed.unsqueeze(1) @ v[b][:, torch.tensor(keys)]).squeeze(1))
+            rows.append(torch.stack(per_row, dim=1))
+        return torch.stack(rows)
+
+    def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
+        """A few (B, H, C + c_q - 1, Lk + c_k - 1) score blocks in the compute dtype, plus repeated keys,
+        values and the output; the backward recomputes one checkpointed block at a time."""
+        item = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        block = batch * self.num_heads * (min(lq, self.chunk_size) + self.query_kernel) * (lk + self.key_kernel) * item
+        rows = 4 * batch * self.num_heads * max(lq, lk) * self.head_dim * item
+        return int((8 if mode in ("bwd", "fwdbwd") else 5) * block + 3 * rows)
