@@ -45,11 +45,14 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
-def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S) -> Fidelity:
-    """Measure the (attention, pattern) pairs within `budget_s` seconds (0 measures nothing)."""
+def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
+             dtypes: "tuple[str, ...] | None" = None) -> Fidelity:
+    """Measure the (attention, pattern) pairs within `budget_s` seconds (0 measures nothing); numeric
+    deviation in `dtypes` (default: float32, bfloat16, float16)."""
     from cab import registry
     from cab.analysis.fidelity import DEVIATION_DTYPES, Shape, approximation_error, numeric_deviation
 
+    dtypes = tuple(dtypes or DEVIATION_DTYPES)
     shape = Shape(batch=1, heads=2, kv_heads=2, lq=32, lk=32, head_dim=16)
     order = {p: i for i, p in enumerate(PATTERNS)}
     rows = [FidelityRow(a, p) for a, p in sorted(pairs, key=lambda x: (x[0].casefold(), order.get(x[1], 9)))]
@@ -80,7 +83,7 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S)
             row.note, complete = "numeric deviation not measured: time budget ran out", False
             continue
         try:
-            for d in numeric_deviation(row.attention, row.pattern, shape=shape):
+            for d in numeric_deviation(row.attention, row.pattern, shape=shape, dtypes=dtypes):
                 if d.tensor == "output":
                     row.deviation[d.dtype] = (d.error, d.eager_error)
         except Exception as exc:
@@ -89,11 +92,11 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S)
     for row in rows:
         record = {"attention": row.attention, "pattern": row.pattern, "approx_rel_rmse_random": row.random,
                   "approx_rel_rmse_structured": row.structured, "approx_dtype": row.ran_in or None}
-        for dtype in DEVIATION_DTYPES:
+        for dtype in dtypes:
             error, eager = row.deviation.get(dtype, (None, None))
             record[f"deviation_{dtype}"] = error
             record[f"eager_deviation_{dtype}"] = eager
         record["note"] = row.note or None
         records.append(record)
-    return Fidelity(rows=tuple(rows), dtypes=tuple(DEVIATION_DTYPES), budget_s=budget_s,
+    return Fidelity(rows=tuple(rows), dtypes=dtypes, budget_s=budget_s,
                     elapsed_s=time.perf_counter() - start, complete=complete, frame=pd.DataFrame(records))
