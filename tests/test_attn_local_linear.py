@@ -1,0 +1,66 @@
+"""local_linear (Local Linear Attention, M26): the blockwise moment form vs the per-row weighted least-squares
+reference (outputs and gradients), its two limits (huge ridge -> softmax attention; values linear in the keys
+are reproduced as ridge -> 0), decoding, conformance."""
+
+import pytest
+import torch
+
+from cab import create_attention
+from cab.check import run_conformance
+from cab.status import Status
+from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+
+SMALL = {"query_chunk_size": 8, "key_chunk_size": 6}
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [
+    ("NS", 37, 37), ("CS", 37, 37), ("CS", 9, 20), ("CS", 20, 9), ("NC", 23, 41), ("CC", 41, 23),
+])
+def test_forward_matches_reference_with_gradients(pattern, lq, lk):
+    attn = create_attention("local_linear", pattern, 4, 8, **SMALL)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC"])
+def test_huge_ridge_is_softmax_attention(pattern):
+    """The slope is shrunk to 0: the local constant fit, i.e. softmax attention."""
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, 13, 13 if pattern != "NC" else 17, 8, seed=1))
+    lla = create_attention("local_linear", pattern, 2, 8, ridge=1e12, **SMALL)
+    torch.testing.assert_close(lla(q, k, v), create_attention("vanilla", pattern, 2, 8)(q, k, v), rtol=1e-8, atol=1e-9)
+
+
+def test_values_linear_in_the_keys_are_reproduced_at_the_query():
+    """v = A k + c exactly: the local linear fit is exact, so the output is A q + c for every query (softmax
+    attention, a local average, is not)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 9, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, 40, 4, generator=gen, dtype=torch.float64)
+    a, c = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64), torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    v = (k @ a.transpose(-1, -2)[None]) + c[None, :, None]
+    want = (q @ a.transpose(-1, -2)[None]) + c[None, :, None]
+    out = create_attention("local_linear", "NC", 2, 4, ridge=1e-12, **SMALL)(q, k, v)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert (create_attention("vanilla", "NC", 2, 4)(q, k, v) - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("pattern", ["CS", "CC"])
+def test_decode_matches_forward(pattern):
+    attn = create_attention("local_linear", pattern, 2, 8, **SMALL)
+    lk = 13 if pattern == "CS" else 9
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 1, 13, lk, 8, seed=6))
+    pad = torch.zeros(2, lk, dtype=torch.bool)
+    pad[1, 1] = True
+    full = attn(q, k, v, pad)
+    prefill = 5 if pattern == "CS" else lk
+    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], pad[:, :prefill])
+    for t in range(5 if pattern == "CS" else 0, 13):
+        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
+        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
+        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
+def test_conformance(pattern):
+    report = run_conformance("local_linear", pattern)
+    assert report.status is Status.OK, report.message
