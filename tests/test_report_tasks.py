@@ -71,6 +71,12 @@ def frame(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def boards(frame):
+    results, _ = frame
+    return {b.pattern: b for b in accuracy(results, set()).boards}
+
+
+@pytest.fixture(scope="module")
 def site(frame, tmp_path_factory):
     _, db = frame
     out = tmp_path_factory.mktemp("site")
@@ -81,9 +87,7 @@ def site(frame, tmp_path_factory):
 
 # aggregation against hand-computed values -------------------------------------------------------------
 
-def test_board_scores_are_mean_and_t_interval_half_width(frame):
-    results, _ = frame
-    boards = {b.pattern: b for b in accuracy(results, set()).boards}
+def test_board_scores_are_mean_and_t_interval_half_width(boards):
     cs = boards["CS"]
     column = [c.title for c in cs.columns].index("recall · accuracy ↑")
     scores = {row.label: row.scores[column] for row in cs.rows}
@@ -101,9 +105,8 @@ def test_board_scores_are_mean_and_t_interval_half_width(frame):
     assert cs.chance[column] == pytest.approx(0.125)
 
 
-def test_board_index_and_difference_to_vanilla(frame):
-    results, _ = frame
-    ns = {b.pattern: b for b in accuracy(results, set()).boards}["NS"]
+def test_board_index_and_difference_to_vanilla(boards):
+    ns = boards["NS"]
     # NS recall means: vanilla 0.1, performer 0.7, cosformer 0.65, HOSTILE 0.9; mu is their mean,
     # sigma (population) = sqrt(mean of squared deviations); one task, one metric: the index is z itself
     means = {"vanilla": 0.1, "performer": 0.7, "cosformer": 0.65, HOSTILE: 0.9}
@@ -117,9 +120,8 @@ def test_board_index_and_difference_to_vanilla(frame):
     assert rows["performer"].n_tasks == 1
 
 
-def test_missing_scores_are_missing_not_zero(frame):
-    results, _ = frame
-    cs = {b.pattern: b for b in accuracy(results, set()).boards}["CS"]
+def test_missing_scores_are_missing_not_zero(boards):
+    cs = boards["CS"]
     column = [c.title for c in cs.columns].index("lm · bpc ↓")
     rows = {r.label: r for r in cs.rows}
     assert rows["cosformer"].scores[column].missing  # its lm cell failed
@@ -195,7 +197,7 @@ def test_figures_are_embedded_and_sections_filled(site):
     assert any("rank correlation" in alt for alt in figures)
     assert any("recall accuracy" in alt for alt in figures)
     assert all(src.startswith("data:image/svg+xml;base64,") for src in figures.values())
-    assert "http://" not in html.replace("http://www.w3.org", "") or True  # svg namespaces live inside base64
+    assert "http://" not in html and "https://" not in html  # the SVGs' namespaces live inside base64
     assert "Not measured in this report" in squash(tree.by_id("fidelity"))
 
 
@@ -224,10 +226,9 @@ def test_csv_and_markdown_escape_and_keep_missing():
 
 
 def test_fidelity_measures_within_its_budget():
-    measured = fidelity([("vanilla", "NS"), ("performer", "NS")], budget_s=60, dtypes=("bfloat16",))
-    exact, approximate = measured.rows[1], measured.rows[0]
+    measured = fidelity([("vanilla", "NS")], budget_s=60, dtypes=("bfloat16",))
+    (exact,) = measured.rows
     assert exact.random == pytest.approx(0.0, abs=1e-12) and exact.structured == pytest.approx(0.0, abs=1e-12)
-    assert approximate.attention == "performer" and approximate.random > 1e-3  # an approximation
     error, eager = exact.deviation["bfloat16"]
     assert 0 < error and error == pytest.approx(eager)  # eager attention is its own yardstick
     assert list(measured.frame.columns).count("deviation_bfloat16") == 1

@@ -56,13 +56,20 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
     shape = Shape(batch=1, heads=2, kv_heads=2, lq=32, lk=32, head_dim=16)
     order = {p: i for i, p in enumerate(PATTERNS)}
     rows = [FidelityRow(a, p) for a, p in sorted(pairs, key=lambda x: (x[0].casefold(), order.get(x[1], 9)))]
+    # measured breadth first: every attention in its first pattern before any in its second
+    seen: dict[str, int] = {}
+    rank = {}
+    for row in rows:
+        rank[id(row)] = seen.get(row.attention, 0)
+        seen[row.attention] = rank[id(row)] + 1
+    queue = sorted(rows, key=lambda r: rank[id(r)])
     start = time.perf_counter()
     complete = True
 
     def left() -> bool:
         return time.perf_counter() - start < budget_s
 
-    for row in rows:
+    for row in queue:
         reason = registry.get_spec(row.attention).unavailable_reason("cpu")
         if reason:
             row.note = f"not run: {reason}"
@@ -76,7 +83,7 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
             row.random, row.structured, row.ran_in = random.relative_rmse, structured.relative_rmse, random.dtype
         except Exception as exc:  # an attention that fails here is reported, not a broken report
             row.note = f"could not run: {_message(exc)}"
-    for row in rows:
+    for row in queue:
         if row.note or row.random is None:
             continue
         if not left():
