@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from cab.attention._linear2_util import (causal_products, depthwise_conv, depthwise_conv_reference, nonzero,
+from cab.attention._linear2_util import (causal_products, causal_products_flops, depthwise_conv, depthwise_conv_reference, nonzero,
                                          real_keys, seeded_normal)
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import align_bottom_right, compute_dtype, softmax_scale
@@ -162,6 +162,17 @@ class AgentAttention(Attention):
                 local = self._local(v, key_padding_mask, lq, reference=True)
             out = out + local
         return out
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        h, d, na = self.num_heads, self.head_dim, self.num_agents
+        conv = 2 * batch * h * d * self.dwc_kernel if self.dwc is not None else 0
+        if self.pattern is Pattern.CS:
+            length = max(lq, lk)
+            return 2 * batch * h * 2 * length * d * na + causal_products_flops(batch, h, length, na, d) + conv * length
+        flops = 2 * batch * h * (lk * d * na + lq * d * na + na * lk * d + lq * na * d)
+        if not self.causal:
+            flops += 2 * batch * h * na * lq * d  # pooling the agents from the queries
+        return flops + conv * lk
 
     # decoding -------------------------------------------------------------------------------------------
 

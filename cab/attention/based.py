@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cab.attention._linear2_util import causal_products, full_products, nonzero, real_keys, seeded_normal, with_ones
+from cab.attention._linear2_util import causal_products, causal_products_flops, full_products, nonzero, real_keys, seeded_normal, with_ones
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import align_bottom_right, compute_dtype, softmax_scale
 from cab.attention.local import LocalAttention
@@ -104,6 +104,21 @@ class BasedAttention(Attention):
         den = kernel.sum(dim=-1, keepdim=True)
         linear = (kernel @ v) / torch.where(den > 0, den, torch.ones_like(den))
         return 0.5 * (linear + self.local.reference(q, k, v, key_padding_mask))
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        h, d, f = self.num_heads, self.head_dim, self.feature_dim
+        features = 1 + f + f * f
+        flops = 2 * batch * h * (lq + lk) * d * f  # the projections
+        if self.pattern is Pattern.CS:
+            flops += causal_products_flops(batch, h, max(lq, lk), features, d + 1)
+        else:
+            flops += 2 * batch * h * (lk + lq) * features * (d + 1)
+        # the window branch as cab's `local` computes it: query blocks against their key span
+        w = self.local.window
+        block, ahead = max(16, w), (0 if self.causal else w)
+        blocks = -(-lq // block) + -(-(w + ahead) // block)
+        span = block + w + ahead
+        return flops + 2 * batch * h * blocks * block * span * 2 * d
 
     # decoding -------------------------------------------------------------------------------------------
 
