@@ -216,6 +216,22 @@ def test_exports_sit_beside_the_page_with_missing_left_empty(site):
             assert (out / href).is_file()
 
 
+def test_figure_text_from_plugins_is_escaped_inside_the_svg():
+    import base64
+
+    from cab.report.plots import scatter
+
+    plot = scatter([(HOSTILE, 1.0, 2.0, None, None), ("b", 2.0, 1.0, None, None)], xlabel="x (ms)", ylabel="y",
+                   title=HOSTILE, alt="a")
+    svg = base64.b64decode(plot.uri.split(",", 1)[1]).decode("utf-8")
+    assert "<script" not in svg and "&lt;script&gt;alert(1)&lt;/script&gt;" in svg
+
+
+def test_overview_counts_task_results(site):
+    _, _, tree = site
+    assert "task)" in squash(tree.by_id("overview")).split("results")[1][:40]
+
+
 def test_csv_and_markdown_escape_and_keep_missing():
     import pandas as pd
 

@@ -60,6 +60,7 @@ class Overview:
     devices: tuple
     versions: tuple  # (name, "value, value") pairs
     declared_failing: int
+    n_task: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def overview(results: pd.DataFrame, runs: pd.DataFrame, support: "list[SupportRo
         last_finished=max(_distinct(results["finished_at"]), default=""),
         status_counts=status_counts(results), runs=_runs(runs), devices=tuple(devices),
         versions=tuple(v for v in versions if v[1]),
-        declared_failing=sum(row.n_declared_failing for row in support),
+        declared_failing=sum(row.n_declared_failing for row in support), n_task=int((kinds == "task").sum()),
     )
 
 

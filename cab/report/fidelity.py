@@ -16,7 +16,7 @@ import pandas as pd
 
 from cab.report.support import PATTERNS
 
-DEFAULT_BUDGET_S = 6.0
+DEFAULT_BUDGET_S = 3.0  # what `cab run` spends after a run; `cab report --fidelity-budget` sets it
 SHAPE_TEXT = "B=1 H=2 L=32 D=16, float64 (approximation), seed 0, default hyper-parameters, CPU"
 
 
