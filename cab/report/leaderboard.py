@@ -8,7 +8,6 @@ figures come from cab.report.plots."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
