@@ -344,7 +344,7 @@ def _correlation(index_table: pd.DataFrame) -> "tuple[Plot | None, list]":
                     caption="Rank correlation between patterns of the attentions' compositional index, over the "
                             "attentions ranked in both (n/a: fewer than 3 in common or a constant ranking). High "
                             "values: an attention's standing carries over between patterns; CAB found it often "
-                            "does not.")
+                            "does not. The number of attentions behind each value is in the export.")
     return plot, rows
 
 
@@ -362,7 +362,8 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
     target = lengths.most_common(1)[0][0] if lengths else None
     points, records = [], []
     for r in recall.to_dict("records"):
-        mine = decode[(decode["attention"] == r["attention"]) & decode["state_bytes"].notna()]
+        mine = decode[(decode["attention"] == r["attention"]) & (decode["pattern"] == r["pattern"])
+                      & decode["state_bytes"].notna()]
         if mine.empty:
             continue
         contexts = sorted(int(c) for c in mine["context"])
@@ -382,8 +383,10 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
                    caption="Multi-query associative recall accuracy against the bytes of KV cache or recurrent state "
                            "held while decoding, at the decode context closest to the recall task's length "
                            "(the BASED paper's trade-off).")
-    missing = sorted(set(recall["attention"]) - {r["attention"] for r in records}, key=str.casefold)
-    note = f"Without a decode result (not plotted): {', '.join(missing)}." if missing else ""
+    plotted = {(r["attention"], r["pattern"]) for r in records}
+    missing = sorted({f"{a} ({p})" for a, p in zip(recall["attention"], recall["pattern"]) if (a, p) not in plotted},
+                     key=str.casefold)
+    note = f"Without a decode result in the same pattern (not plotted): {', '.join(missing)}." if missing else ""
     return plot, note, pd.DataFrame(records)
 
 
