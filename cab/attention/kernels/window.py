@@ -92,9 +92,7 @@ if triton_import_error() is None:
             last = tl.minimum(LK - 1, p_hi + WINDOW)
         first = tl.maximum(0, p_lo - WINDOW)
         lo = first // BLOCK_N
-        hi = tl.maximum(lo, (last + BLOCK_N) // BLOCK_N)
-        if last < first:
-            hi = lo
+        hi = tl.where(last < first, lo, tl.maximum(lo, (last + BLOCK_N) // BLOCK_N))
         sink_hi = tl.minimum((SINKS + BLOCK_N - 1) // BLOCK_N, lo)
         return sink_hi, lo, hi
 
@@ -187,12 +185,10 @@ if triton_import_error() is None:
         i_lo = tl.maximum(0, p_lo - OFFSET)
         i_hi = tl.minimum(LQ - 1, p_hi - OFFSET)
         lo = i_lo // BLOCK_M
-        hi = tl.maximum(lo, (i_hi + BLOCK_M) // BLOCK_M)
-        if i_hi < i_lo:
-            hi = lo
-        if start_n < SINKS:
-            lo = 0
-            hi = (LQ + BLOCK_M - 1) // BLOCK_M
+        hi = tl.where(i_hi < i_lo, lo, tl.maximum(lo, (i_hi + BLOCK_M) // BLOCK_M))
+        has_sinks = start_n < SINKS  # a key block holding sinks is seen by every query block
+        lo = tl.where(has_sinks, 0, lo)
+        hi = tl.where(has_sinks, (LQ + BLOCK_M - 1) // BLOCK_M, hi)
         q_ptr = Q + bh * LQ * D
         do_ptr = DO + bh * LQ * D
         for mb in range(lo, hi):
