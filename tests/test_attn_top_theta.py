@@ -1,0 +1,48 @@
+"""top_theta: forward vs its row-by-row reference for each compensation (outputs and gradients), the
+limits (nothing pruned = exact attention, everything pruned = the V mean under vmc), calibration to a
+target count, pair counts, conformance."""
+
+import pytest
+import torch
+
+from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from cab import create_attention
+from cab.check import run_conformance
+from cab.patterns import attention_mask
+from cab.status import Status
+
+
+@pytest.mark.parametrize("compensation", ["none", "sdc", "vmc"])
+@pytest.mark.parametrize("pattern,lq,lk", [("NS", 23, 23), ("CS", 19, 27), ("CS", 27, 19), ("NC", 27, 19), ("CC", 19, 27)])
+def test_forward_matches_reference_with_gradients(pattern, lq, lk, compensation):
+    attn = create_attention("top_theta", pattern, 4, 8, theta=0.5, compensation=compensation)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS", "CC"])
+def test_limits(pattern):
+    lq, lk = (30, 23) if pattern == "CC" else (30, 30)
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, lq, lk, 8))
+    pad = holey_padding(lk)
+    mask = attention_mask(pattern, lq, lk, pad)
+    exact = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf")), -1) @ v
+    for comp in ("none", "sdc", "vmc"):
+        torch.testing.assert_close(create_attention("top_theta", pattern, 2, 8, theta=-1e9, compensation=comp)(q, k, v, pad), exact)
+    mean = (mask.double() @ v) / mask.sum(-1, keepdim=True).clamp_min(1)
+    torch.testing.assert_close(create_attention("top_theta", pattern, 2, 8, theta=1e9)(q, k, v, pad), mean)
+
+
+def test_calibration_keeps_about_the_target_per_row():
+    attn = create_attention("top_theta", "NS", 2, 8, calibrate_k=8)
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, 80, 80, 8, seed=1))
+    attn.calibrate(q, k)
+    kept = attn.kept_pairs(q, k, v) / (2 * 2 * 80)
+    assert 6 <= kept <= 10, kept
+    assert attn.computed_pairs(q, k, v) == 2 * 2 * 80 * 80
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
+def test_conformance(pattern):
+    report = run_conformance("top_theta", pattern)
+    assert report.status is Status.OK, report.message
