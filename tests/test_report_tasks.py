@@ -251,6 +251,23 @@ def test_fidelity_measures_within_its_budget():
     assert nothing.rows[0].random is None and "budget" in nothing.rows[0].note and not nothing.complete
 
 
+def test_fidelity_interrupts_a_measurement_that_outlives_the_budget(monkeypatch):
+    import time
+
+    import cab.analysis.fidelity as analysis
+
+    def slow(*args, **kwargs):  # an attention that compiles for a minute on first call
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:
+            pass
+
+    monkeypatch.setattr(analysis, "approximation_error", slow)
+    started = time.perf_counter()
+    measured = fidelity([("vanilla", "NS")], budget_s=0.3)
+    assert time.perf_counter() - started < 10
+    assert measured.rows[0].random is None and "ran out during it" in measured.rows[0].note
+
+
 def test_a_store_without_tasks_says_so(tmp_path):
     db = write_store(tmp_path / "cab.sqlite", [bench("vanilla", "NS", 64, metrics=timing(1, 1, 1))])
     tree = parse(render_report(db, tmp_path / "site", fidelity_budget_s=0).read_text(encoding="utf-8"))

@@ -51,6 +51,7 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
     deviation in `dtypes` (default: float32, bfloat16, float16)."""
     from cab import registry
     from cab.analysis.fidelity import DEVIATION_DTYPES, Shape, approximation_error, numeric_deviation
+    from cab.runner import CellTimeout, time_limit
 
     dtypes = tuple(dtypes or DEVIATION_DTYPES)
     shape = Shape(batch=1, heads=2, kv_heads=2, lq=32, lk=32, head_dim=16)
@@ -69,6 +70,11 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
     def left() -> bool:
         return time.perf_counter() - start < budget_s
 
+    def limit():
+        """Interrupt a measurement that runs past the budget (a compiling attention can take a minute):
+        a SIGALRM in the main thread; elsewhere the budget is only checked between measurements."""
+        return time_limit(max(budget_s - (time.perf_counter() - start), 0.05))
+
     for row in queue:
         reason = registry.get_spec(row.attention).unavailable_reason("cpu")
         if reason:
@@ -78,9 +84,12 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
             row.note, complete = "not measured: the report's fidelity time budget ran out", False
             continue
         try:
-            random = approximation_error(row.attention, row.pattern, inputs="random", shape=shape)
-            structured = approximation_error(row.attention, row.pattern, inputs="structured", shape=shape)
+            with limit():
+                random = approximation_error(row.attention, row.pattern, inputs="random", shape=shape)
+                structured = approximation_error(row.attention, row.pattern, inputs="structured", shape=shape)
             row.random, row.structured, row.ran_in = random.relative_rmse, structured.relative_rmse, random.dtype
+        except CellTimeout:
+            row.note, complete = "not measured: the report's fidelity time budget ran out during it", False
         except Exception as exc:  # an attention that fails here is reported, not a broken report
             row.note = f"could not run: {_message(exc)}"
     for row in queue:
@@ -90,9 +99,13 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
             row.note, complete = "numeric deviation not measured: time budget ran out", False
             continue
         try:
-            for d in numeric_deviation(row.attention, row.pattern, shape=shape, dtypes=dtypes):
+            with limit():
+                deviations = numeric_deviation(row.attention, row.pattern, shape=shape, dtypes=dtypes)
+            for d in deviations:
                 if d.tensor == "output":
                     row.deviation[d.dtype] = (d.error, d.eager_error)
+        except CellTimeout:
+            row.note, complete = "numeric deviation not measured: time budget ran out during it", False
         except Exception as exc:
             row.note = f"numeric deviation failed: {_message(exc)}"
     records = []
