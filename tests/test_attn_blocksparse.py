@@ -54,8 +54,8 @@ def test_layout_from_boxes_equals_exhaustive_evaluation():
     r, c = p // width, p % width
 
     def mask(b, h, i, j):
-        return ((torch.div(i, width, rounding_mode="floor") - torch.div(j, width, rounding_mode="floor")).abs() <= radius) \
-            & ((i % width - j % width).abs() <= radius)
+        rows = torch.div(i, width, rounding_mode="floor") - torch.div(j, width, rounding_mode="floor")
+        return (rows.abs() <= radius) & ((i % width - j % width).abs() <= radius)
 
     boxed = bs.layout_from_boxes([(r - radius, r + radius, c - radius, c + radius)], width, 8, 8, lq, lk)
     evaluated = bs.layout_by_evaluation(mask, 1, 8, 8, lq, lk)

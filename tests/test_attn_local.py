@@ -99,7 +99,8 @@ def test_conformance(pattern):
 
 # the block-sparse additions: FlexAttention backend, counts ------------------------------------------------
 
-@pytest.mark.parametrize("pattern,lq,lk,window,sinks", [("NS", 37, 37, 3, 2), ("CS", 40, 40, 4, 3), ("CS", 9, 21, 2, 1)])
+@pytest.mark.parametrize("pattern,lq,lk,window,sinks",
+                         [("NS", 37, 37, 3, 2), ("CS", 40, 40, 4, 3), ("CS", 9, 21, 2, 1)])
 def test_flex_backend_matches_torch_backend(pattern, lq, lk, window, sinks):
     """backend="flex" (float64: FlexAttention's unfused path, so no compilation) gives the torch path's outputs
     and, through its torch backward, the same gradients."""

@@ -27,7 +27,8 @@ def test_forward_matches_reference(pattern, hparams, lq, lk):
 @pytest.mark.parametrize("pattern", ["NS", "CS"])
 def test_pattern_matches_a_direct_construction(pattern):
     block, window, sinks, length = 2, 1, 1, 70
-    mask = create_attention("power", pattern, 1, 4, block=block, window=window, sinks=sinks).visible_mask(length, length)[0, 0]
+    attn = create_attention("power", pattern, 1, 4, block=block, window=window, sinks=sinks)
+    mask = attn.visible_mask(length, length)[0, 0]
     powers = {2 ** e for e in range(10)}
     for i in range(length):
         m = i // block

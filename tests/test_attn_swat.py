@@ -16,7 +16,8 @@ from cab.status import Status
 from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
-@pytest.mark.parametrize("pattern,window,lq,lk", [("NS", 5, 45, 45), ("CS", 5, 50, 50), ("CS", 4, 20, 33), ("NS", 0, 9, 9)])
+@pytest.mark.parametrize("pattern,window,lq,lk",
+                         [("NS", 5, 45, 45), ("CS", 5, 50, 50), ("CS", 4, 20, 33), ("NS", 0, 9, 9)])
 def test_forward_matches_reference(pattern, window, lq, lk):
     attn = create_attention("swat", pattern, 4, 8, window=window)
     attn.block_size = 8

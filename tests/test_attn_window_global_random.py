@@ -15,7 +15,8 @@ SMALL = {"block": 4, "window": 3, "global_blocks": 1, "random_blocks": 2}
 
 
 @pytest.mark.parametrize("pattern,hparams,lq,lk", [
-    ("NS", SMALL, 45, 45), ("CS", SMALL, 50, 50), ("CS", {"block": 3}, 20, 33), ("NS", {"block": 5, "window": 1}, 37, 37),
+    ("NS", SMALL, 45, 45), ("CS", SMALL, 50, 50), ("CS", {"block": 3}, 20, 33),
+    ("NS", {"block": 5, "window": 1}, 37, 37),
 ])
 def test_forward_matches_reference(pattern, hparams, lq, lk):
     attn = create_attention("window_global_random", pattern, 4, 8, **hparams)

@@ -16,10 +16,10 @@ From those, three implementations of one attention:
   scored with batched matmuls, masked at element level, normalised (softmax, or an unnormalised sigmoid) and
   applied to the gathered values. Autograd gives the backward (the gathers' backward is a scatter-add).
   Memory and time O(sum over query blocks of rows x listed keys), never Lq x Lk.
-* the FlexAttention path (`backend="flex"`, `flex_block_mask`): the same layout (rebuilt at FlexAttention's block size) as a
-  `BlockMask` with the mask as mask_mod, run by cab's compiled FlexAttention call (`cab.attention.flash`);
-  softmax only. On CPU FlexAttention has no backward, so with gradients the backward is autograd through the
-  torch path's recomputation (exact, but not a FlexAttention kernel); on CUDA it is FlexAttention's own.
+* the FlexAttention path (`backend="flex"`, `flex_block_mask`): the same layout (rebuilt at FlexAttention's
+  block size) as a `BlockMask` with the mask as mask_mod, run by cab's compiled FlexAttention call
+  (`cab.attention.flash`); softmax only. On CPU FlexAttention has no backward, so with gradients the
+  backward is autograd through the torch path's recomputation (exact, but not a FlexAttention kernel); on CUDA it is FlexAttention's own.
 * `dense_reference`: the obviously correct form: the full (H, Lq, Lk) mask from `mask_fn`, padding,
   eager softmax (or sigmoid) over it.
 
@@ -218,7 +218,7 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         key_ok = key_ok & torch.nn.functional.pad(~key_padding_mask.to(device=device, dtype=torch.bool),
                                                   (0, nk * bk - lk), value=False)
     ok_blocks = key_ok.view(batch, nk, bk)
-    kv_idx, kv_num = layout.kv_idx.to(device), layout.kv_num.to(device)
+    kv_idx = layout.kv_idx.to(device)
     rows = torch.arange(bq, device=device)
     cols = torch.arange(bk, device=device)
     pieces, order = [], []
@@ -350,9 +350,9 @@ def flex_block_mask(layout: Layout, mask_fn: MaskFn, batch: int, heads: int,
         def mask_mod(b, h, i, j):
             return mask_fn(b, h, i, j) & ~pad[b, j]
         bsz = batch
-    hh = hm if hm != 1 else 1
     return BlockMask.from_kv_blocks(
-        num[None].expand(bsz, hh, nq).contiguous().to(device), idx[None].expand(bsz, hh, nq, nk).contiguous().to(device),
+        num[None].expand(bsz, hm, nq).contiguous().to(device),
+        idx[None].expand(bsz, hm, nq, nk).contiguous().to(device),
         BLOCK_SIZE=(layout.block_q, layout.block_k), mask_mod=mask_mod, seq_lengths=(layout.lq, layout.lk))
 
 
@@ -362,8 +362,6 @@ class _FlexForwardTorchBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, run_flex, run_torch):
-        from cab.attention.flash import flex_call  # noqa: F401  (imported by run_flex)
-
         ctx.save_for_backward(q, k, v)
         ctx.run_torch = run_torch
         return run_flex(q.detach(), k.detach(), v.detach())

@@ -79,7 +79,8 @@ class _Shifted(BlockSparseAttention):
                 lo = _div(idx, g) * g + roll  # the group's first position, unrolled
                 hi = torch.minimum(_div(idx, g) * g + g - 1, torch.tensor(n - 1)) + roll
                 for lo_, hi_ in ((lo, torch.minimum(hi, torch.tensor(n - 1))), (lo - n, hi - n)):
-                    boxes.append((zero, zero, torch.where(shifted, lo_, plain_lo), torch.where(shifted, hi_, plain_lo + g - 1)))
+                    boxes.append((zero, zero, torch.where(shifted, lo_, plain_lo),
+                                  torch.where(shifted, hi_, plain_lo + g - 1)))
         else:
             lo = torch.where(shifted, shift_lo, plain_lo)
             hi = lo + g - 1
