@@ -19,7 +19,8 @@ From those, three implementations of one attention:
 * the FlexAttention path (`backend="flex"`, `flex_block_mask`): the same layout (rebuilt at FlexAttention's
   block size) as a `BlockMask` with the mask as mask_mod, run by cab's compiled FlexAttention call
   (`cab.attention.flash`); softmax only. On CPU FlexAttention has no backward, so with gradients the
-  backward is autograd through the torch path's recomputation (exact, but not a FlexAttention kernel); on CUDA it is FlexAttention's own.
+  backward is autograd through the torch path's recomputation (exact, but not a FlexAttention kernel); on
+  CUDA it is FlexAttention's own.
 * `dense_reference`: the obviously correct form: the full (H, Lq, Lk) mask from `mask_fn`, padding,
   eager softmax (or sigmoid) over it.
 
