@@ -49,3 +49,16 @@ def test_backend_choice(monkeypatch):
 def test_conformance(pattern):
     report = run_conformance("linear_elu", pattern)
     assert report.status is Status.OK, report.message
+
+
+def test_bench_row_records_the_backend():
+    from cab.cells import Cell
+    from cab.runner import run_cell
+
+    options = {"gate": False, "memory": False, "min_run_time_s": 0.005, "warmup_s": 0.0, "min_samples": 3,
+               "max_samples": 5}
+    cell = Cell(kind="bench", attention="linear_elu", pattern="CS", mode="fwd", batch=1, heads=2, kv_heads=2,
+                lq=16, lk=16, head_dim=8, options=options)
+    result = run_cell(cell)
+    assert result.status is Status.OK, result.message
+    assert result.metrics["backend"] == "torch"

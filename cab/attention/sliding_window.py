@@ -12,7 +12,6 @@ from cab.attention.base import Attention, repeat_kv
 from cab.attention.kernels import resolve_backend
 from cab.attention.kernels.window import window_attention_reference
 from cab.attention.local import LocalAttention
-from cab.patterns import Pattern
 from cab.registry import register_attention
 
 BACKENDS = ("auto", "torch", "triton", "flex")

@@ -30,8 +30,8 @@ def triton_import_error() -> "str | None":
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
     except Exception as exc:  # a broken install is reported, not raised
         return f"triton does not import: {type(exc).__name__}: {exc}"
     return None
