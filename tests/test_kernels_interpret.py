@@ -29,6 +29,7 @@ LINEAR_CASES = {
     "causal_decay_den_L33_dk32_dv8": ("causal", dict(L=33, dk=32, dv=8, decay=(0.05, 1.5), den=True, block_c=16)),
     "noncausal_den_37x29_dk16_dv8": ("noncausal", dict(lq=37, lk=29, dk=16, dv=8, den=True)),
     "noncausal_20x45_dk24_dv16": ("noncausal", dict(lq=20, lk=45, dk=24, dv=16, den=False)),
+    "based_taylor_features_L29_d4": ("based", dict(L=29, d=4)),
     "linear_elu_CS_21x30_gqa_pad": ("attention", dict(name="linear_elu", pattern="CS", lq=21, lk=30, d=8)),
     "linear_elu_NC_19x26_gqa_pad": ("attention", dict(name="linear_elu", pattern="NC", lq=19, lk=26, d=16)),
 }
@@ -103,6 +104,27 @@ def _case(kind, kw):
             q, k, v, decay, with_normaliser=kw["den"], block_c=kw["block_c"], block_e=16)
         fn64 = lambda q, k, v: (lambda r: r if kw["den"] else r[0])(  # noqa: E731
             linear.linear_attention_reference(q, k, v, decay, causal=True))
+        return _compare(fn32, fn64, [q, k, v])
+    if kind == "based":
+        # BASED's 2nd-order Taylor feature map phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))], so
+        # phi(q).phi(k) = 1 + s + s^2 / 2 with s = q.k / sqrt(d): the causal kernel (no decay, normaliser on)
+        # computes BASED's linear branch once the features are applied (d = 4: 21 features).
+        d = kw["d"]
+        q, k, v = _inputs([(2, 2, kw["L"], d), (2, 2, kw["L"], d), (2, 2, kw["L"], 8)])
+
+        def taylor(x):
+            outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / (2 ** 0.5 * d ** 0.5)
+            return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, outer], dim=-1)
+
+        def fn32(q, k, v):
+            num, den = linear.causal_linear_attention(taylor(q), taylor(k), v, with_normaliser=True, block_c=16)
+            return num / den.unsqueeze(-1)
+
+        def fn64(q, k, v):
+            s = (q @ k.transpose(-1, -2)) / d ** 0.5
+            weights = (1 + s + s * s / 2).tril()
+            return (weights @ v) / weights.sum(-1, keepdim=True)
+
         return _compare(fn32, fn64, [q, k, v])
     if kind == "noncausal":
         b, h = 2, 2
