@@ -1,0 +1,150 @@
+"""Kronecker (tensor, triple-wise) attention: each query attends to *pairs* of keys, softmax over the Lk^2
+pairs of exp(<q_i, k_j1 (.) k_j2>), aggregating the column-wise Kronecker product of the values. O(Lq Lk^2 d)
+time and O(C Lk^2) memory per query block: for small sizes only (it declares its peak memory so sweeps
+skip cells that cannot fit)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from cab.attention._score_util import block_visibility
+from cab.attention.base import repeat_kv
+from cab.attention.exact import KVCacheAttention
+from cab.attention.functional import compute_dtype
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+
+@register_attention(
+    "triple_wise_attention", patterns=("NS", "CS", "NC", "CC"), family="softmax-variant", exact=False,
+    mechanism="M59",
+    citation="Alman & Song, How to Capture Higher-order Correlations? Generalizing Matrix Softmax Attention to "
+    "Kronecker Computation, ICLR 2024",
+)
+class TripleWiseAttention(KVCacheAttention):
+    """Tensor attention (the paper's generalisation of D^-1 exp(QK^T) V to triple-wise correlations):
+
+        A_{i,(j1,j2)} = exp(<q_i, k_j1 (.) k_j2> / sqrt(d))        over pairs of visible keys j1, j2
+        o_i = sum_{j1,j2} A_{i,(j1,j2)} (v_j1 (.) v_j2) / sum_{j1,j2} A_{i,(j1,j2)}
+
+    ((.) elementwise; (V1 (/) V2) in the paper is the column-wise Kronecker product whose row (j1, j2) is
+    v1_j1 (.) v2_j2.) [EJ] The paper's two key sets K1, K2 and value sets V1, V2 are both the operator's
+    one k and v here (triple-wise self-correlation of query i with token pairs; a pair is visible when both
+    of its keys are), and the trilinear score is scaled by 1/sqrt(d), which gives it unit variance on
+    N(0, 1) inputs. No approximation: the paper's almost-linear algorithm needs entries bounded by
+    o(cbrt(log n)) and is a theoretical construction; this is the exact cubic computation.
+
+    Efficient form: query blocks of `chunk_size` rows; a block's (C, K, K) pair scores come from one matmul
+    (q_i (.) k_j1) @ K^T, and the value sum factors as sum_j1 v_j1 (.) (sum_j2 w_{j1 j2} v_j2), so no
+    (.., K^2, d) value tensor is formed. Causal self: both keys at or before the query (bottom-right
+    alignment), keys past the block's last row never scored. Memory bound: about 4 * B * H * C * Lk^2
+    elements per call (the pair scores, their softmax, and checkpointed recomputation in the backward),
+    e.g. B=1, H=8, C=16, Lk=1024 in float32: 2 GiB; Lk=4096: 32 GiB — `peak_memory_estimate` declares it so
+    a sweep's `max_memory_bytes` skips what cannot fit, and `algorithmic_flops` (4 B H Lq Lk^2 d) lets a
+    FLOP budget skip long cells. Decoding (CS, CC) scores the query against all cached key pairs,
+    O(n^2 d) per step. Differentiable everywhere.
+    """
+
+    complexity = {"time": 3, "memory": 2}
+
+    def __init__(self, pattern, num_heads, head_dim, chunk_size: int = 16):
+        super().__init__(pattern, num_heads, head_dim)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def _block(self, q, k, v, visible):
+        """q (B, H, R, D), k, v (B, H, K, D), visible (B|1, 1, R, K) -> (B, H, R, D)."""
+        b, h, r, d = q.shape
+        kn = k.shape[-2]
+        opened = visible | ~visible.any(dim=-1, keepdim=True)
+        pair_visible = opened.unsqueeze(-1) & opened.unsqueeze(-2)  # (B|1, 1, R, K, K)
+        qk = (q.unsqueeze(-2) * k.unsqueeze(-3)).reshape(b, h, r * kn, d)  # q_i (.) k_j1
+        scores = (qk @ k.transpose(-1, -2)).reshape(b, h, r, kn, kn) / math.sqrt(d)
+        scores = scores.masked_fill(~pair_visible, float("-inf"))
+        weights = torch.softmax(scores.reshape(b, h, r, kn * kn), dim=-1).reshape(b, h, r * kn, kn)
+        inner = (weights @ v).reshape(b, h, r, kn, -1)  # sum_j2 w_{i j1 j2} v_j2
+        return (inner * v.unsqueeze(-3)).sum(dim=-2)  # sum_j1 v_j1 (.) inner
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        q = q.to(dtype)
+        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        lq, lk = q.shape[-2], k.shape[-2]
+        offset = lk - lq if self.pattern is Pattern.CS else 0
+        key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
+        use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        outputs = []
+        for qs in range(0, lq, self.chunk_size):
+            qe = min(lq, qs + self.chunk_size)
+            kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk
+            if kend <= 0:
+                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
+                continue
+            visible = block_visibility(self.pattern, qs, qe, kend, offset, key_ok, q.device)
+            args = (q[..., qs:qe, :], k[..., :kend, :], v[..., :kend, :], visible)
+            out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
+            outputs.append(torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)))
+        out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
+        return out.to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Row by row over the visible keys: the (n, n) trilinear scores of every pair (j1, j2) as one
+        einsum, softmax over the n^2 pairs, sum of w * (v_j1 (.) v_j2) as another."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        batch, heads, lq, d = q.shape
+        lk = k.shape[-2]
+        offset = lk - lq if self.pattern is Pattern.CS else 0
+        rows = []
+        for b in range(batch):
+            per_row = []
+            for i in range(lq):
+                last = min(lk, i + offset + 1) if self.pattern is Pattern.CS else lk
+                keys = [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
+                if not keys:
+                    per_row.append(q.new_zeros(heads, v.shape[-1]))
+                    continue
+                idx = torch.tensor(keys)
+                kb, vb = k[b][:, idx], v[b][:, idx]  # (H, n, D)
+                scores = torch.einsum("hc,hjc,hkc->hjk", q[b, :, i], kb, kb) / math.sqrt(d)  # every pair
+                weights = torch.softmax(scores.flatten(1), dim=-1).view_as(scores)
+                per_row.append(torch.einsum("hjk,hjc,hkc->hc", weights, vb, vb))
+            rows.append(torch.stack(per_row, dim=1))
+        return torch.stack(rows)
+
+    def attend_cached(self, q, keys, values, real):
+        dtype = compute_dtype(q.dtype)
+        keys = repeat_kv(keys, q.shape[1]).to(dtype)
+        values = repeat_kv(values, q.shape[1]).to(dtype)
+        n = keys.shape[-2]
+        visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device) if real is None else real[:, None, None, :]
+        out = self._block(q.to(dtype), keys, values, visible)
+        return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)).to(q.dtype)
+
+    # costs -------------------------------------------------------------------------------------------
+
+    def _blocks(self, lq: int, lk: int):
+        offset = lk - lq if self.pattern is Pattern.CS else 0
+        for qs in range(0, lq, self.chunk_size):
+            qe = min(lq, qs + self.chunk_size)
+            kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk
+            if kend > 0:
+                yield qe - qs, kend
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        """Per block: (q (.) k) @ K^T and W @ V, 2 B H R K^2 d each."""
+        return sum(4 * batch * self.num_heads * rows * keys * keys * self.head_dim for rows, keys in self._blocks(lq, lk))
+
+    def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
+        """The largest block's pair tensors — scores, softmax, the masked copy and the bool pair mask, twice
+        over in the backward's recomputation — plus (B, H, C, K, D) products and the O(L d) tensors."""
+        item = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        rows, keys = max(self._blocks(lq, lk), default=(0, 0), key=lambda rk: rk[0] * rk[1] ** 2)
+        pairs = batch * self.num_heads * rows * keys * keys
+        per_block = (3 * item + 1) * pairs + 3 * batch * self.num_heads * rows * keys * self.head_dim * item
+        factor = 2 if mode in ("bwd", "fwdbwd") else 1
+        linear = 6 * batch * self.num_heads * max(lq, lk) * self.head_dim * item
+        return int(factor * per_block + linear)
