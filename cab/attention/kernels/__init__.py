@@ -12,6 +12,8 @@ and the causal kernel of `linear.py` (decay off, normaliser on) computes the res
 The kernels run on CUDA, or on CPU tensors under the Triton interpreter (`TRITON_INTERPRET=1` in the
 environment before triton is imported), which is how the tests check them without a GPU. The attentions
 that use them (`linear_elu`, `sliding_window`) choose a backend with `triton_unavailable_reason`.
+`python -m cab.attention.kernels._compile_check` compiles every kernel variant for a GPU target (sm_90 by
+default) without a GPU, catching what the interpreter accepts but the compiler would reject.
 This is a package, so the attention loader does not import it as a mechanism.
 """
 
