@@ -20,7 +20,7 @@ _ELEMENTS = 1 << 24
 @register_attention(
     "delta", patterns=("NS", "CS"), family="sparse", exact=False, mechanism="M44",
     citation="Willette et al., Delta Attention: Fast and Accurate Sparse Attention Inference by Delta "
-    "Correction, arXiv 2505.11254 (2025)",
+    "Correction, arXiv preprint 2025",
     unsupported={"NC": _CROSS, "CC": _CROSS},
 )
 class DeltaAttention(Attention):

@@ -18,7 +18,7 @@ COMPENSATIONS = ("none", "sdc", "vmc")
 @register_attention(
     "top_theta", patterns=("NS", "CS", "NC", "CC"), family="sparse", exact=False, mechanism="M43",
     citation="Berestizshevsky et al., Top-Theta Attention: Sparsifying Transformers by Compensated "
-    "Thresholding, arXiv 2502.08363 (2025)",
+    "Thresholding, arXiv preprint 2025",
 )
 class TopThetaAttention(Attention):
     """Top-theta thresholded attention (Berestizshevsky et al. 2025, Sec. 3-4).

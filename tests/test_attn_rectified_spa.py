@@ -1,0 +1,52 @@
+"""rectified_spa: forward vs its row-by-row reference (outputs and gradients, with and without the
+rectification), the two exact limits (every block critical; one-token blocks, where pooling is exact),
+pair counts, unsupported causal patterns, conformance."""
+
+import pytest
+import torch
+
+from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from cab import UnsupportedPattern, create_attention
+from cab.check import run_conformance
+from cab.patterns import attention_mask
+from cab.status import Status
+
+SMALL = {"block_size": 8, "topk": 2}
+
+
+@pytest.mark.parametrize("rectify", [True, False])
+@pytest.mark.parametrize("pattern,lq,lk", [("NS", 23, 23), ("NC", 27, 19), ("NC", 19, 27)])
+def test_forward_matches_reference_with_gradients(pattern, lq, lk, rectify):
+    attn = create_attention("rectified_spa", pattern, 4, 8, block_size=4, topk=2, rectify=rectify)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+
+
+@pytest.mark.parametrize("pattern", ["NS", "NC"])
+def test_exact_limits(pattern):
+    lq, lk = (30, 23) if pattern == "NC" else (30, 30)
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, lq, lk, 8))
+    pad = holey_padding(lk)
+    mask = attention_mask(pattern, lq, lk, pad)
+    exact = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf")), -1) @ v
+    every = create_attention("rectified_spa", pattern, 2, 8, block_size=4, topk=8)
+    torch.testing.assert_close(every(q, k, v, pad), exact)
+    assert every.computed_pairs(q, k, v, pad) == int(mask.expand(2, 2, lq, lk).sum())
+    # one-token blocks: pooled attention is exact attention, so critical + rectified = exact for any topk
+    # (padded self queries are left out of the query pool, so their rows differ; they are don't-care rows)
+    tokens = create_attention("rectified_spa", pattern, 2, 8, block_size=1, topk=3)
+    rows = torch.ones(2, lq, dtype=torch.bool) if pattern == "NC" else ~pad
+    torch.testing.assert_close(tokens(q, k, v, pad)[rows[:, None].expand(2, 2, lq)], exact[rows[:, None].expand(2, 2, lq)])
+    assert tokens.computed_pairs(q, k, v, pad) == 2 * 2 * lq * 3
+
+
+def test_causal_patterns_unsupported():
+    for pattern in ("CS", "CC"):
+        with pytest.raises(UnsupportedPattern):
+            create_attention("rectified_spa", pattern, 2, 8)
+
+
+@pytest.mark.parametrize("pattern", ["NS", "NC"])
+def test_conformance(pattern):
+    report = run_conformance("rectified_spa", pattern, hparams=SMALL)
+    assert report.status is Status.OK, report.message
