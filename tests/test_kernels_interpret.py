@@ -27,8 +27,11 @@ LINEAR_CASES = {
     "causal_decay_den_L37_d16": ("causal", dict(L=37, dk=16, dv=16, decay=(0.0, 0.3), den=True, block_c=16)),
     "causal_nodecay_L50_dk8_dv24": ("causal", dict(L=50, dk=8, dv=24, decay=None, den=False, block_c=16)),
     "causal_decay_den_L33_dk32_dv8": ("causal", dict(L=33, dk=32, dv=8, decay=(0.05, 1.5), den=True, block_c=16)),
+    "causal_fp16_decay_den_L37_d16": ("causal", dict(L=37, dk=16, dv=16, decay=(0.0, 0.3), den=True, block_c=16,
+                                                     dtype="float16")),
     "noncausal_den_37x29_dk16_dv8": ("noncausal", dict(lq=37, lk=29, dk=16, dv=8, den=True)),
     "noncausal_20x45_dk24_dv16": ("noncausal", dict(lq=20, lk=45, dk=24, dv=16, den=False)),
+    "noncausal_fp16_den_37x29_dk16_dv16": ("noncausal", dict(lq=37, lk=29, dk=16, dv=16, den=True, dtype="float16")),
     "based_taylor_features_L29_d4": ("based", dict(L=29, d=4)),
     "linear_elu_CS_21x30_gqa_pad": ("attention", dict(name="linear_elu", pattern="CS", lq=21, lk=30, d=8)),
     "linear_elu_NC_19x26_gqa_pad": ("attention", dict(name="linear_elu", pattern="NC", lq=19, lk=26, d=16)),
@@ -38,6 +41,7 @@ WINDOW_CASES = {
     "CS_37_d8_w4_s2_pad": ("window", dict(lq=37, lk=37, d=8, w=4, s=2, causal=True)),
     "CS_20x45_d16_w3_s3_pad": ("window", dict(lq=20, lk=45, d=16, w=3, s=3, causal=True)),
     "CS_45x20_d32_w2_s1_pad": ("window", dict(lq=45, lk=20, d=32, w=2, s=1, causal=True)),
+    "CS_fp16_37_d16_w4_s2_pad": ("window", dict(lq=37, lk=37, d=16, w=4, s=2, causal=True, dtype="float16")),
     "NS_29_w40_wider_than_L": ("window", dict(lq=29, lk=29, d=16, w=40, s=0, causal=False)),
     "skips_blocks_NS": ("skip", dict(causal=False, s=0, rows=(0, 16), poison=(32, 64))),
     "skips_blocks_CS_sinks": ("skip", dict(causal=True, s=2, rows=(48, 64), poison=(16, 32))),
@@ -49,8 +53,13 @@ GROUPS = {"linear": LINEAR_CASES, "window": WINDOW_CASES}
 
 # ---- the child process: runs the cases of one group under the interpreter ---------------------------------
 
+# float32 runs the IEEE dot products; float16 the tensor-core path that bfloat16 takes on a GPU (the
+# interpreter's bfloat16 tl.dot is broken: numpy has no bfloat16), with fp16's tolerance
+RTOL = {"float32": 2e-5, "float16": 4e-3}
+
+
 def _close(name, got, want, rtol=2e-5):
-    """None when float32 `got` matches the float64 `want` to rtol of its largest magnitude, else a message."""
+    """None when `got` matches the float64 `want` to rtol of its largest magnitude, else a message."""
     import torch
 
     want = want.detach().to(torch.float64)
@@ -71,22 +80,23 @@ def _inputs(shapes, seed=0):
     return [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
 
 
-def _compare(fn32, fn64, tensors, names=("q", "k", "v")):
-    """Outputs of fn32 on float32 copies vs fn64 on float64, and the gradients of <out, cotangent>."""
+def _compare(fn32, fn64, tensors, names=("q", "k", "v"), dtype="float32"):
+    """Outputs of fn32 on `dtype` copies vs fn64 on float64, and the gradients of <out, cotangent>."""
     import torch
 
-    x32 = [t.float().requires_grad_() for t in tensors]
+    rtol = RTOL[dtype]
+    x32 = [t.to(getattr(torch, dtype)).requires_grad_() for t in tensors]
     x64 = [t.clone().requires_grad_() for t in tensors]
     outs32, outs64 = fn32(*x32), fn64(*x64)
     if not isinstance(outs32, tuple):
         outs32, outs64 = (outs32,), (outs64,)
     gen = torch.Generator().manual_seed(1)
     cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs64]
-    problems = [_close(f"out{i}", a, b) for i, (a, b) in enumerate(zip(outs32, outs64))]
+    problems = [_close(f"out{i}", a, b, rtol) for i, (a, b) in enumerate(zip(outs32, outs64))]
     loss32 = sum((o.double() * c).sum() for o, c in zip(outs32, cots))
     loss64 = sum((o * c).sum() for o, c in zip(outs64, cots))
     for name, a, b in zip(names, torch.autograd.grad(loss32, x32), torch.autograd.grad(loss64, x64)):
-        problems.append(_close(f"d{name}", a, b))
+        problems.append(_close(f"d{name}", a, b, rtol))
     return [p for p in problems if p]
 
 
@@ -125,14 +135,14 @@ def _case(kind, kw):
             weights = (1 + s + s * s / 2).tril()
             return (weights @ v) / weights.sum(-1, keepdim=True)
 
-        return _compare(fn32, fn64, [q, k, v])
+        return _compare(fn32, fn64, [q, k, v], dtype=kw.get("dtype", "float32"))
     if kind == "noncausal":
         b, h = 2, 2
         q, k, v = _inputs([(b, h, kw["lq"], kw["dk"]), (b, h, kw["lk"], kw["dk"]), (b, h, kw["lk"], kw["dv"])])
         fn32 = lambda q, k, v: linear.noncausal_linear_attention(q, k, v, with_normaliser=kw["den"], block_l=16)  # noqa: E731
         fn64 = lambda q, k, v: (lambda r: r if kw["den"] else r[0])(  # noqa: E731
             linear.linear_attention_reference(q, k, v, None, causal=False))
-        return _compare(fn32, fn64, [q, k, v])
+        return _compare(fn32, fn64, [q, k, v], dtype=kw.get("dtype", "float32"))
     if kind == "window":
         b, h = 2, 2
         q, k, v = _inputs([(b, h, kw["lq"], kw["d"]), (b, h, kw["lk"], kw["d"]), (b, h, kw["lk"], kw["d"])])
@@ -143,7 +153,7 @@ def _case(kind, kw):
         args = (kw["w"], kw["s"], kw["causal"], pad)
         fn32 = lambda q, k, v: window.window_attention(q, k, v, *args, block_m=16, block_n=16)  # noqa: E731
         fn64 = lambda q, k, v: window.window_attention_reference(q, k, v, *args)  # noqa: E731
-        return _compare(fn32, fn64, [q, k, v])
+        return _compare(fn32, fn64, [q, k, v], dtype=kw.get("dtype", "float32"))
     if kind == "skip":
         # L = 64 in blocks of 16, window 3: the rows `rows` never need the keys `poison`, which hold NaN; had
         # their blocks been loaded, 0 * NaN would reach these rows' outputs and query gradients.
