@@ -197,8 +197,12 @@ def _groups(layout: Layout) -> "list[tuple[torch.Tensor, torch.Tensor, int]]":
 
 def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, mask_fn: MaskFn,
                           key_padding_mask: "torch.Tensor | None" = None, *, score_mod: "ScoreMod | None" = None,
-                          normalize: str = "softmax", scale: "float | None" = None) -> torch.Tensor:
+                          normalize: str = "softmax", scale: "float | None" = None,
+                          mask_cache: "dict | None" = None) -> torch.Tensor:
     """Attention over the listed blocks only. q (B, H, Lq, D), k/v (B, Hkv, Lk, D); output (B, H, Lq, Dv).
+    `mask_cache`: a dict the caller keeps per (shape, extents, device) to reuse the tiles' element masks
+    (the pattern part, not the padding) across calls: the pattern is static, so only the first call of a
+    shape evaluates mask_fn.
     normalize="softmax": softmax over each row's visible keys (a row with none outputs 0);
     normalize="sigmoid": sum_j sigmoid(score_ij) v_j over visible keys (no normalisation).
     score_mod(scores, h, i, j) may add a bias (h, i, j broadcast index tensors as mask_fn gets them)."""
@@ -240,9 +244,14 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
             vt = v_blocks[:, hv[:, None], idx].flatten(2, 3).unsqueeze(1)
             h = hv[None, :, None, None]
         ii, jj = i[None, :, :, None], j[None, :, None, :]
-        bb = torch.arange(batch, device=device)[:, None, None, None, None]
-        visible = mask_fn(bb, h[None], ii[None].clamp(max=lq - 1), jj[None].clamp(max=lk - 1))
-        visible = visible & (ii < lq) & (jj < lk)
+        pattern = None if mask_cache is None else mask_cache.get(count)
+        if pattern is None:
+            bb = torch.arange(batch, device=device)[:, None, None, None, None]
+            pattern = mask_fn(bb, h[None], ii[None].clamp(max=lq - 1), jj[None].clamp(max=lk - 1))
+            pattern = pattern & (ii < lq) & (jj < lk)
+            if mask_cache is not None:
+                mask_cache[count] = pattern
+        visible = pattern
         visible = visible & ok_blocks[:, idx].flatten(2, 3)[:, None, :, None, :]  # (B, H|1, T, bq, K)
         scores = (qt @ kt.transpose(-1, -2)) * scale
         if score_mod is not None:
@@ -451,8 +460,17 @@ class BlockSparseAttention(Attention):
     def _torch(self, q, k, v, key_padding_mask):
         lq, lk = q.shape[-2], k.shape[-2]
         extent = self.extent(q.shape[0], lk, key_padding_mask, q.device)
+        # the tiles' element masks depend on the shape, the extents (in batch order) and the device only
+        masks = self.__dict__.setdefault("_mask_cache", {})
+        key = (lq, lk, q.shape[0] if extent is not None else None,
+               None if extent is None else tuple(extent.tolist()), str(q.device))
+        if key not in masks:
+            if len(masks) >= 4:
+                masks.pop(next(iter(masks)))
+            masks[key] = {}
         return blocksparse_attention(q, k, v, self.layout(lq, lk, None, extent), self.mask_fn(lq, lk, extent),
-                                     key_padding_mask, score_mod=self.score_mod(lq, lk), normalize=self.normalize)
+                                     key_padding_mask, score_mod=self.score_mod(lq, lk), normalize=self.normalize,
+                                     mask_cache=masks[key])
 
     def forward(self, q, k, v, key_padding_mask=None):
         if self.backend == "torch":
