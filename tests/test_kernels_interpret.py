@@ -25,6 +25,12 @@ ROOT = HERE.parent.parent
 LINEAR_CASES = {
     # name: (kind, kwargs)
     "causal_decay_den_L37_d16": ("causal", dict(L=37, dk=16, dv=16, decay=(0.0, 0.3), den=True, block_c=16)),
+    "causal_sequential_decay_den_L37_d16": ("causal", dict(L=37, dk=16, dv=16, decay=(0.0, 0.3), den=True,
+                                                           block_c=16, schedule="sequential")),
+    "causal_sequential_nodecay_L50_dk8_dv24": ("causal", dict(L=50, dk=8, dv=24, decay=None, den=False, block_c=16,
+                                                              schedule="sequential")),
+    "causal_decay_den_L21_dk80_two_key_blocks": ("causal", dict(L=21, dk=80, dv=16, decay=(0.1, 0.0), den=True,
+                                                                block_c=16)),
     "causal_nodecay_L50_dk8_dv24": ("causal", dict(L=50, dk=8, dv=24, decay=None, den=False, block_c=16)),
     "causal_decay_den_L33_dk32_dv8": ("causal", dict(L=33, dk=32, dv=8, decay=(0.05, 1.5), den=True, block_c=16)),
     "causal_fp16_decay_den_L37_d16": ("causal", dict(L=37, dk=16, dv=16, decay=(0.0, 0.3), den=True, block_c=16,
@@ -111,7 +117,8 @@ def _case(kind, kw):
         q, k, v = _inputs([(b, h, kw["L"], kw["dk"]), (b, h, kw["L"], kw["dk"]), (b, h, kw["L"], kw["dv"])])
         decay = None if kw["decay"] is None else torch.tensor(kw["decay"], dtype=torch.float64)
         fn32 = lambda q, k, v: linear.causal_linear_attention(  # noqa: E731
-            q, k, v, decay, with_normaliser=kw["den"], block_c=kw["block_c"], block_e=16)
+            q, k, v, decay, with_normaliser=kw["den"], block_c=kw["block_c"], block_e=16,
+            schedule=kw.get("schedule", "chunked"))
         fn64 = lambda q, k, v: (lambda r: r if kw["den"] else r[0])(  # noqa: E731
             linear.linear_attention_reference(q, k, v, decay, causal=True))
         return _compare(fn32, fn64, [q, k, v])

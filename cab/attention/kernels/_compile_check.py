@@ -31,6 +31,16 @@ def variants(dtypes: "list[str]"):
             consts = {"HAS_DECAY": True, "HAS_X": has_x, "HAS_RS": has_rs, "REVERSE": reverse, "IEEE": ieee,
                       "BLOCK_C": 64, "BLOCK_DK": 128, "BLOCK_E": 64}
             yield f"causal {dt} reverse={reverse} x={has_x} rowsum={has_rs}", linear._causal_kernel, sig, consts
+            hs = "*fp32" if ieee else p
+            sig = {"K": p, "V": p, "KX": "*fp32", "LOG_DECAY": "*fp32", "HS": hs, "XS": "*fp32", "ZS": "*fp32",
+                   "L": "i32", "H": "i32", "DK": "i32", "DV": "i32", "NC": "i32"}
+            state_consts = {**consts, "BLOCK_K": 64}
+            del state_consts["BLOCK_DK"]
+            yield (f"chunk states {dt} reverse={reverse} x={has_x} rowsum={has_rs}", linear._chunk_state_kernel, sig,
+                   state_consts)
+            sig = {"Q": p, "K": p, "V": p, "QX": "*fp32", "KX": "*fp32", "LOG_DECAY": "*fp32", "HS": hs, "XS": "*fp32",
+                   "ZS": "*fp32", "O": p, "RS": "*fp32", "L": "i32", "H": "i32", "DK": "i32", "DV": "i32", "NC": "i32"}
+            yield f"chunk out {dt} reverse={reverse} x={has_x} rowsum={has_rs}", linear._chunk_out_kernel, sig, consts
         sig = {"A": p, "B": p, "W": "*fp32", "S": "*fp32", "Z": "*fp32", "L": "i32", "M": "i32", "N": "i32"}
         yield f"reduce {dt}", linear._reduce_kernel, sig, {"HAS_W": True, "IEEE": ieee, "BLOCK_L": 64,
                                                           "BLOCK_M": 64, "BLOCK_N": 64}

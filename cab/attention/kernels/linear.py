@@ -8,8 +8,12 @@ per-head decay lambda_h = exp(-s_h) (s_h >= 0; s = 0 is plain causal linear atte
 computed block by block along the sequence: inside a block of C rows the C x C decayed score matrix is
 explicit ("intra"), the earlier blocks enter through the carried state KV = sum_j lambda^(...) k_j v_j^T
 (Dk x Dv, fp32) and z = sum_j lambda^(...) k_j ("inter"); every decay exponent is <= 0, so nothing
-overflows. One program per (batch*head, block of Dv columns) walks the blocks in order. `den` (the
-normaliser of feature-map linear attention) is an optional extra output computed in the same pass.
+overflows. Two schedules: "sequential" (Lightning-2's loop: one program per (batch*head, block of Dv
+columns) walks the blocks in order, carrying the state) and "chunked" (default: one program per (head, Dk
+block, Dv block) walks the blocks computing only the entering states, which are stored, then every block's
+output is computed in parallel — more parallel work at small batch*heads, at the cost of L/C * Dk * Dv
+stored state values per head). `den` (the normaliser of feature-map linear attention) is an optional extra
+output computed in the same pass.
 
 The backward uses the same kernel three more times, because each gradient is again a (reversed) decayed
 causal product: with dO the output gradient and dd the normaliser's,
@@ -234,6 +238,129 @@ if triton_import_error() is None:
                 tl.store(RS + bh * L + rows, rs, mask=rmask)
 
 
+    @triton.jit
+    def _decay_factors(s, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr):
+        """(intra-block weights, row factors, key factors, block factor) of decay exp(-s), as in _causal_kernel."""
+        offs_c = tl.arange(0, BLOCK_C)
+        pos = offs_c.to(tl.float32)
+        if REVERSE:
+            visible = offs_c[None, :] >= offs_c[:, None]
+            gap = pos[None, :] - pos[:, None]
+            row_decay = tl.exp(-s * (BLOCK_C - pos))
+            key_decay = tl.exp(-s * pos)
+        else:
+            visible = offs_c[None, :] <= offs_c[:, None]
+            gap = pos[:, None] - pos[None, :]
+            row_decay = tl.exp(-s * (pos + 1.0))
+            key_decay = tl.exp(-s * (BLOCK_C - 1.0 - pos))
+        weight = tl.where(visible, tl.exp(-s * tl.maximum(gap, 0.0)), 0.0)
+        return weight, row_decay, key_decay, tl.exp(-s * BLOCK_C)
+
+    @triton.jit
+    def _chunk_state_kernel(K, V, KX, LOG_DECAY, HS, XS, ZS, L, H, DK, DV, NC,
+                            HAS_DECAY: tl.constexpr, HAS_X: tl.constexpr, HAS_RS: tl.constexpr,
+                            REVERSE: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+        """Chunked schedule, pass 1: the state entering every block (in processing order), HS[bh, c] =
+        (Dk block x Dv block) of sum lambda^(...) K^T V, XS[bh, c] its KX column (HAS_X), ZS[bh, c] the key
+        sum (HAS_RS). Program (head, Dk block, Dv block); only this K^T V product is sequential."""
+        bh = tl.program_id(0)
+        kb = tl.program_id(1)
+        eb = tl.program_id(2)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+        kmask = offs_k < DK
+        emask = offs_e < DV
+        if HAS_DECAY:
+            s = tl.load(LOG_DECAY + bh % H).to(tl.float32)
+        else:
+            s = 0.0
+        weight, row_decay, key_decay, block_decay = _decay_factors(s, BLOCK_C, REVERSE)
+        state = tl.zeros((BLOCK_K, BLOCK_E), dtype=tl.float32)
+        xstate = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        zstate = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for i in range(0, NC):
+            if REVERSE:
+                c = NC - 1 - i
+            else:
+                c = i
+            base = (bh * NC + c).to(tl.int64)
+            tl.store(HS + base * DK * DV + offs_k[:, None] * DV + offs_e[None, :], state.to(HS.dtype.element_ty),
+                     mask=kmask[:, None] & emask[None, :])
+            rows = c * BLOCK_C + offs_c
+            rmask = rows < L
+            k = tl.load(K + bh * L * DK + rows[:, None] * DK + offs_k[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            v = tl.load(V + bh * L * DV + rows[:, None] * DV + offs_e[None, :], mask=rmask[:, None] & emask[None, :],
+                        other=0.0)
+            kd = k.to(tl.float32) * key_decay[:, None]
+            if IEEE:
+                state = state * block_decay + _dot(tl.trans(kd), v.to(tl.float32), True)
+            else:
+                state = state * block_decay + tl.dot(tl.trans(kd.to(k.dtype)), v)
+            if HAS_X:
+                if kb == 0:
+                    tl.store(XS + base * DV + offs_e, xstate, mask=emask)
+                kx = tl.load(KX + bh * L + rows, mask=rmask, other=0.0).to(tl.float32)
+                xstate = xstate * block_decay + tl.sum((kx * key_decay)[:, None] * v.to(tl.float32), axis=0)
+            if HAS_RS:
+                if eb == 0:
+                    tl.store(ZS + base * DK + offs_k, zstate, mask=kmask)
+                zstate = zstate * block_decay + tl.sum(kd, axis=0)
+
+    @triton.jit
+    def _chunk_out_kernel(Q, K, V, QX, KX, LOG_DECAY, HS, XS, ZS, O, RS, L, H, DK, DV, NC,
+                          HAS_DECAY: tl.constexpr, HAS_X: tl.constexpr, HAS_RS: tl.constexpr,
+                          REVERSE: tl.constexpr, IEEE: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_E: tl.constexpr):
+        """Chunked schedule, pass 2: every block independently — the intra-block decayed product plus the
+        entering state from pass 1. Program (head, block, Dv block)."""
+        bh = tl.program_id(0)
+        c = tl.program_id(1)
+        eb = tl.program_id(2)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_k = tl.arange(0, BLOCK_DK)
+        offs_e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+        kmask = offs_k < DK
+        emask = offs_e < DV
+        if HAS_DECAY:
+            s = tl.load(LOG_DECAY + bh % H).to(tl.float32)
+        else:
+            s = 0.0
+        weight, row_decay, key_decay, block_decay = _decay_factors(s, BLOCK_C, REVERSE)
+        rows = c * BLOCK_C + offs_c
+        rmask = rows < L
+        qk_mask = rmask[:, None] & kmask[None, :]
+        v_mask = rmask[:, None] & emask[None, :]
+        q = tl.load(Q + bh * L * DK + rows[:, None] * DK + offs_k[None, :], mask=qk_mask, other=0.0)
+        k = tl.load(K + bh * L * DK + rows[:, None] * DK + offs_k[None, :], mask=qk_mask, other=0.0)
+        v = tl.load(V + bh * L * DV + rows[:, None] * DV + offs_e[None, :], mask=v_mask, other=0.0)
+        base = (bh * NC + c).to(tl.int64)
+        state = tl.load(HS + base * DK * DV + offs_k[:, None] * DV + offs_e[None, :],
+                        mask=kmask[:, None] & emask[None, :], other=0.0)
+        scores = _dot(q, tl.trans(k), IEEE)
+        if HAS_X:
+            qx = tl.load(QX + bh * L + rows, mask=rmask, other=0.0).to(tl.float32)
+            kx = tl.load(KX + bh * L + rows, mask=rmask, other=0.0).to(tl.float32)
+            scores += qx[:, None] * kx[None, :]
+        p = scores * weight
+        qd = q.to(tl.float32) * row_decay[:, None]
+        if IEEE:
+            out = _dot(p, v.to(tl.float32), True) + _dot(qd, state.to(tl.float32), True)
+        else:
+            out = tl.dot(p.to(v.dtype), v) + tl.dot(qd.to(q.dtype), state.to(q.dtype))
+        if HAS_X:
+            xstate = tl.load(XS + base * DV + offs_e, mask=emask, other=0.0)
+            out += (qx * row_decay)[:, None] * xstate[None, :]
+        tl.store(O + bh * L * DV + rows[:, None] * DV + offs_e[None, :], out.to(O.dtype.element_ty), mask=v_mask)
+        if HAS_RS:
+            if eb == 0:
+                zstate = tl.load(ZS + base * DK + offs_k, mask=kmask, other=0.0)
+                rs = tl.sum(p, axis=1) + tl.sum(qd * zstate[None, :], axis=1)
+                tl.store(RS + bh * L + rows, rs, mask=rmask)
+
+
 # launchers ----------------------------------------------------------------------------------------------
 
 def _check_inputs(*tensors: torch.Tensor) -> None:
@@ -254,23 +381,48 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+SCHEDULES = ("chunked", "sequential")
+
+
 def _causal_launch(q, k, v, log_decay, heads, qx=None, kx=None, with_rowsum=False, reverse=False,
-                   block_c=64, block_e=64):
-    """One pass of `_causal_kernel` on flat (N, L, D) tensors; returns (out (N, L, Dv), rowsum (N, L) or None)."""
+                   block_c=64, block_e=64, schedule="chunked"):
+    """One decayed causal product on flat (N, L, D) tensors; returns (out (N, L, Dv), rowsum (N, L) or None).
+
+    schedule "sequential": `_causal_kernel`, one program per (head, Dv block) walking every block (Lightning
+    Attention-2's loop: the whole product is sequential along L). "chunked": `_chunk_state_kernel` walks the
+    blocks computing only the entering states (stored: N * L/C * Dk * Dv values, in the input dtype for
+    half precision, fp32 otherwise), then `_chunk_out_kernel` computes every block in parallel."""
     n, length, dk = q.shape
     dv = v.shape[-1]
     out = torch.empty(n, length, dv, device=q.device, dtype=q.dtype)
     rowsum = torch.empty(n, length, device=q.device, dtype=torch.float32) if with_rowsum else out
     block_dk = next_power_of_2(dk)
     block_e = min(next_power_of_2(block_e), next_power_of_2(dv))
+    block_c = next_power_of_2(block_c)
     dummy = out
-    grid = (n, triton.cdiv(dv, block_e))
-    _causal_kernel[grid](
-        q, k, v, dummy if qx is None else qx, dummy if kx is None else kx,
-        dummy if log_decay is None else log_decay, out, rowsum, length, heads, dk, dv,
-        HAS_DECAY=log_decay is not None, HAS_X=qx is not None, HAS_RS=with_rowsum, REVERSE=reverse,
-        IEEE=_ieee(q.dtype), BLOCK_C=next_power_of_2(block_c), BLOCK_DK=block_dk, BLOCK_E=block_e,
-    )
+    flags = dict(HAS_DECAY=log_decay is not None, HAS_X=qx is not None, HAS_RS=with_rowsum, REVERSE=reverse,
+                 IEEE=_ieee(q.dtype))
+    decay_arg = dummy if log_decay is None else log_decay
+    qx_arg, kx_arg = (dummy if qx is None else qx), (dummy if kx is None else kx)
+    if schedule == "sequential":
+        _causal_kernel[(n, triton.cdiv(dv, block_e))](
+            q, k, v, qx_arg, kx_arg, decay_arg, out, rowsum, length, heads, dk, dv,
+            BLOCK_C=block_c, BLOCK_DK=block_dk, BLOCK_E=block_e, **flags)
+        return out, (rowsum if with_rowsum else None)
+    if schedule != "chunked":
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    blocks = triton.cdiv(length, block_c)
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    states = torch.empty(n, blocks, dk, dv, device=q.device, dtype=state_dtype)
+    xstates = torch.empty(n, blocks, dv, device=q.device, dtype=torch.float32) if qx is not None else dummy
+    zstates = torch.empty(n, blocks, dk, device=q.device, dtype=torch.float32) if with_rowsum else dummy
+    block_k = min(64, block_dk)
+    _chunk_state_kernel[(n, triton.cdiv(dk, block_k), triton.cdiv(dv, block_e))](
+        k, v, kx_arg, decay_arg, states, xstates, zstates, length, heads, dk, dv, blocks,
+        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_E=block_e, **flags)
+    _chunk_out_kernel[(n, blocks, triton.cdiv(dv, block_e))](
+        q, k, v, qx_arg, kx_arg, decay_arg, states, xstates, zstates, out, rowsum, length, heads, dk, dv, blocks,
+        BLOCK_C=block_c, BLOCK_DK=block_dk, BLOCK_E=block_e, **flags)
     return out, (rowsum if with_rowsum else None)
 
 
@@ -278,11 +430,12 @@ class _CausalLinear(torch.autograd.Function):
     """Triton forward and backward of decayed causal linear attention on flat (N, L, D) tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, heads, with_den, block_c, block_e):
+    def forward(ctx, q, k, v, log_decay, heads, with_den, block_c, block_e, schedule):
         num, den = _causal_launch(q, k, v, log_decay, heads, with_rowsum=with_den, block_c=block_c,
-                                  block_e=block_e)
+                                  block_e=block_e, schedule=schedule)
         ctx.save_for_backward(q, k, v, log_decay)
         ctx.heads, ctx.with_den, ctx.block_c, ctx.block_e = heads, with_den, block_c, block_e
+        ctx.schedule = schedule
         if with_den:
             return num, den
         return num
@@ -291,7 +444,7 @@ class _CausalLinear(torch.autograd.Function):
     def backward(ctx, dnum, dden=None):
         q, k, v, log_decay = ctx.saved_tensors
         dnum = dnum.contiguous()
-        opts = dict(block_c=ctx.block_c, block_e=ctx.block_e)
+        opts = dict(block_c=ctx.block_c, block_e=ctx.block_e, schedule=ctx.schedule)
         ones = dd = None
         if ctx.with_den and dden is not None:
             dd = dden.to(torch.float32).contiguous()
@@ -299,27 +452,31 @@ class _CausalLinear(torch.autograd.Function):
         dq, _ = _causal_launch(dnum, v, k, log_decay, ctx.heads, qx=dd, kx=ones, **opts)
         dk, _ = _causal_launch(v, dnum, q, log_decay, ctx.heads, qx=ones, kx=dd, reverse=True, **opts)
         dv, _ = _causal_launch(k, q, dnum, log_decay, ctx.heads, reverse=True, **opts)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             log_decay: "torch.Tensor | None" = None, with_normaliser: bool = False,
-                            block_c: int = 64, block_e: int = 64):
+                            block_c: int = 64, block_e: int = 64, schedule: str = "chunked"):
     """Decayed causal linear attention by the Triton kernels: num (B, H, L, Dv), and with_normaliser also
     den (B, H, L) in float32 (divide num by it for feature-map attention).
 
     q, k (B, H, L, Dk), v (B, H, L, Dv), same dtype (float16/bfloat16/float32); log_decay (H,) holds
     s_h >= 0 with lambda_h = exp(-s_h), or None for no decay (not differentiated). block_c is the tile
-    length (Lightning's block), block_e the Dv columns per program."""
+    length (Lightning's block), block_e the Dv columns per program; schedule "chunked" (states first, then
+    every block in parallel) or "sequential" (one loop over the blocks per program), forward and backward."""
     _check_inputs(q, k, v)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError("causal linear attention needs Lq == Lk (align bottom-right before the call)")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     batch, heads, length, _ = q.shape
     if log_decay is not None:
         log_decay = log_decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
         if log_decay.shape != (heads,):
             raise ValueError(f"log_decay must have shape ({heads},), got {tuple(log_decay.shape)}")
-    result = _CausalLinear.apply(_flat(q), _flat(k), _flat(v), log_decay, heads, with_normaliser, block_c, block_e)
+    result = _CausalLinear.apply(_flat(q), _flat(k), _flat(v), log_decay, heads, with_normaliser, block_c, block_e,
+                                 schedule)
     if with_normaliser:
         num, den = result
         return num.view(batch, heads, length, -1), den.view(batch, heads, length)
