@@ -83,7 +83,8 @@ class RowwiseScoreAttention(KVCacheAttention):
     def _attend(self, q, k, v, key_ok, offset: int) -> torch.Tensor:
         """Blocked attention of q (B, H, Lq, D) over k, v (B, H, Lk, D); key_ok (B, Lk) or None."""
         lq, lk = q.shape[-2], k.shape[-2]
-        use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        use_ckpt = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
+                                                or any(p.requires_grad for p in self.parameters()))
         outputs = []
         for qs in range(0, lq, self.chunk_size):
             qe = min(lq, qs + self.chunk_size)
