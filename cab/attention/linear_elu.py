@@ -14,6 +14,7 @@ from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
 BACKENDS = ("auto", "torch", "triton")
+SCHEDULES = ("chunked", "sequential")  # cab.attention.kernels.linear's schedules of the causal kernel
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,8 @@ class LinearEluAttention(Attention):
     (`cab.attention.kernels.linear`: the Lightning-2 tiled causal kernel with decay off and the normaliser
     fused, or the K^T V reduction then Q x state), on CUDA, or on CPU under TRITON_INTERPRET=1; "auto"
     (default) — triton on CUDA for float16/bfloat16/float32 inputs when triton imports, torch otherwise.
+    `kernel_schedule` picks the causal kernel's schedule ("chunked": entering states first, then all
+    blocks in parallel; "sequential": Lightning-2's loop); it does not change the math.
     An explicit "triton" where it cannot run raises. `self.backend` is the backend of the latest call
     (before any call: torch for "auto"), which the bench records. Incremental decoding (CS, CC) carries
     (S, z) and runs in PyTorch for every backend.
@@ -53,15 +56,18 @@ class LinearEluAttention(Attention):
 
     complexity = {"time": 1, "memory": 1}
 
-    def __init__(self, pattern, num_heads, head_dim, backend: str = "auto"):
+    def __init__(self, pattern, num_heads, head_dim, backend: str = "auto", kernel_schedule: str = "chunked"):
         super().__init__(pattern, num_heads, head_dim)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if kernel_schedule not in SCHEDULES:
+            raise ValueError(f"kernel_schedule must be one of {', '.join(SCHEDULES)}, got {kernel_schedule!r}")
+        self.kernel_schedule = kernel_schedule
         self.requested_backend = backend
         self.backend = "torch" if backend == "auto" else backend
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.requested_backend}"
+        return f"{super().extra_repr()}, backend={self.requested_backend}, kernel_schedule={self.kernel_schedule}"
 
     def _features(self, q, k, key_padding_mask):
         phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
@@ -85,8 +91,10 @@ class LinearEluAttention(Attention):
             work = compute_dtype(q.dtype)
             phi_q, phi_k = self._features(q.to(work), k.to(work), key_padding_mask)
             phi_q, phi_k = phi_q.to(out_dtype), phi_k.to(out_dtype)
-            kernel = causal_kernel if causal else noncausal_kernel
-            num, den = kernel(phi_q, phi_k, v, with_normaliser=True)
+            if causal:
+                num, den = causal_kernel(phi_q, phi_k, v, with_normaliser=True, schedule=self.kernel_schedule)
+            else:
+                num, den = noncausal_kernel(phi_q, phi_k, v, with_normaliser=True)
             out = num.to(den.dtype) / _safe(den).unsqueeze(-1)
         else:
             dtype = compute_dtype(q.dtype)
