@@ -1,0 +1,302 @@
+"""HyperAttention: angular-LSH sorting finds each query's heavy keys (a block of neighbouring keys in hash
+order, computed exactly), uniform key sampling estimates the rest; causal attention by the recursive
+split into two causal halves and one unmasked block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cab.attention._routing_util import gathered_attention, query_positions, real_keys
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.functional import softmax_scale
+from cab.attention.probsparse import sample_ranks
+from cab.patterns import Pattern
+from cab.registry import register_attention
+
+
+def _gray_rank(bits: torch.Tensor) -> torch.Tensor:
+    """Position of a Gray code word (bits (..., r) in {0, 1}) in the reflected Gray sequence, so that
+    neighbouring ranks differ in one hyperplane (the Hamming order of sortLSH)."""
+    r = bits.shape[-1]
+    out = torch.zeros(bits.shape[:-1], dtype=torch.long, device=bits.device)
+    acc = torch.zeros_like(out)
+    for i in range(r):  # binary from Gray: b_i = b_{i-1} xor g_i, most significant first
+        acc = acc ^ bits[..., i].long()
+        out = out * 2 + acc
+    return out
+
+
+def _combine(parts: "list[tuple[torch.Tensor, torch.Tensor]]") -> torch.Tensor:
+    """Merge partial softmax outputs (out, lse) over disjoint key sets: weights exp(lse_p - logsumexp)."""
+    lses = torch.stack([lse for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    finite = torch.isfinite(total)
+    total = torch.where(finite, total, torch.zeros_like(total))
+    out = 0
+    for o, lse in parts:
+        w = torch.where(torch.isfinite(lse), torch.exp(lse - total), torch.zeros_like(lse))
+        out = out + w[..., None] * o
+    return out
+
+
+@register_attention(
+    "hyper", patterns=("NS", "CS", "NC", "CC"), family="sparse", exact=False, mechanism="M39",
+    citation="Han et al., HyperAttention: Long-context Attention in Near-Linear Time, ICLR 2024",
+)
+class HyperAttention(Attention):
+    """HyperAttention (Han et al. 2024, Alg. 1-4).
+
+    Noncausal block (Alg. 2-3): angular LSH with `lsh_num_projs` (r) seeded hyperplanes per head hashes
+    queries and keys to r-bit codes ranked in Gray-code (Hamming) order; keys are sorted by rank. Each
+    query's heavy part is the `block_size` (b) keys around its rank in that order (computed exactly); the
+    remainder is estimated from `sample_size` (m) keys drawn uniformly (with replacement) from the real
+    keys of the block: a sampled key outside the query's heavy block enters numerator and denominator with
+    weight n/m (n real keys), so both are unbiased estimates of the full sums (Alg. 3's column sampling
+    with the normaliser estimated from the same samples). Blocks with at most b real keys are exact.
+
+    Causal (Alg. 4): the recursion splits [0, 2S) into two causal halves and the unmasked block (queries of
+    the second half x keys of the first), down to exact causal attention on blocks of `min_seq_len`
+    (s0). The recursion is laid on fixed dyadic blocks from position 0 (sizes s0 2^j), so a longer
+    sequence or appended padding never moves a boundary; each row merges its exact diagonal block and the
+    unmasked blocks of every level by log-sum-exp.
+
+    [BG] choice that keeps it leak-free: sortLSH in the paper sorts the queries too and pairs the j-th
+    query block with the j-th key block, which makes a query's heavy keys depend on the other queries'
+    hashes (a later query shifts an earlier one into another block: a leak under CS and CC). Here each
+    query's heavy block is the b keys nearest to its own rank in the sorted keys, which depends only on
+    that query and the keys; in the causal recursion the unmasked blocks only hold keys before the
+    query. Samples come from a counter-based hash of (seed, level, block) over the ranks of the real keys,
+    so they depend on no query and on no later key. Positions: CS is bottom-right aligned (query i at key
+    position i + Lk - Lq).
+
+    Defaults follow the authors' code: r = 7, b = 256, m = 256, s0 = 4096 (so causal sequences up to 4096
+    are exact). The hashing and sampling are not differentiable; gradients flow through the exact and the
+    sampled softmax terms. Cost: O(L (b + m) d) per level, O(L log(L / s0)(b + m) d + L s0 d) causal;
+    queries are processed in chunks, no L x L tensor.
+    """
+
+    def __init__(self, pattern, num_heads, head_dim, lsh_num_projs: int = 7, block_size: int = 256,
+                 sample_size: int = 256, min_seq_len: int = 4096, seed: int = 0):
+        super().__init__(pattern, num_heads, head_dim)
+        if min(lsh_num_projs, block_size, sample_size, min_seq_len) < 1:
+            raise ValueError("lsh_num_projs, block_size, sample_size and min_seq_len must be positive")
+        self.lsh_num_projs, self.block_size, self.sample_size = lsh_num_projs, block_size, sample_size
+        self.min_seq_len, self.seed = min_seq_len, seed
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("planes", torch.randn(num_heads, head_dim, lsh_num_projs, generator=gen))
+        self._counter: "list[int] | None" = None
+
+    def computed_pairs(self, q, k, v, key_padding_mask=None):
+        """Pairs entering a softmax: heavy keys, samples outside the heavy block, and (CS) the exact
+        diagonal-block pairs (counted by running forward)."""
+        self._counter = [0]
+        try:
+            with torch.no_grad():
+                self.forward(q, k, v, key_padding_mask)
+            return self._counter[0]
+        finally:
+            self._counter = None
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, lsh_num_projs={self.lsh_num_projs}, block_size={self.block_size}, "
+                f"sample_size={self.sample_size}, min_seq_len={self.min_seq_len}")
+
+    def _rank(self, x: torch.Tensor, groups: int, planes: "torch.Tensor | None" = None) -> torch.Tensor:
+        """Gray rank of the LSH code of every row of x (B, H * groups, L, D) (planes default: every head's)."""
+        planes = (self.planes if planes is None else planes).to(x.dtype).repeat_interleave(groups, dim=0)
+        return _gray_rank((torch.einsum("bgld,gdr->bglr", x, planes) > 0))
+
+    def selection(self, q, k, real, groups: int, ids: torch.Tensor, planes: "torch.Tensor | None" = None):
+        """Heavy keys (idx (B, G, n_q, w), valid) and samples (positions (B, G, m'), per-query validity
+        (B, G, n_q, m'), weight n/m (B, G, 1, 1)) of the noncausal block(s): q (B, G, n_q, D), k (B, G, n_k,
+        D), real (B, G, n_k); G = heads * groups; ids (G,) the stable sampling id of each block."""
+        b, g, nq, _ = q.shape
+        nk = k.shape[-2]
+        with torch.no_grad():
+            kr = torch.where(real, self._rank(k, groups, planes), 1 << 30)
+            qr = self._rank(q, groups, planes)
+            key_sort = torch.argsort(kr * (nk + 1) + torch.arange(nk, device=q.device), dim=-1)
+            sorted_rank = kr.gather(-1, key_sort)
+            n = real.sum(-1)  # (B, G)
+            w = min(self.block_size, nk)
+            pos = torch.searchsorted(sorted_rank.contiguous(), qr.contiguous())
+            start = (pos - w // 2).clamp(min=0)
+            start = torch.minimum(start, (n[..., None] - w).clamp(min=0))
+            slot = start[..., None] + torch.arange(w, device=q.device)
+            valid = slot < n[..., None, None]
+            idx = key_sort.gather(-1, slot.clamp(max=nk - 1).reshape(b, g, -1)).reshape(b, g, nq, w)
+            # samples: ranks among the real keys (by position), hashed from (seed, salt, block)
+            m = self.sample_size
+            ranks = sample_ranks(self.seed, ids, m, n)  # (B, G, m); ids name (level, block, head) stably
+            real_order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
+            sampled = real_order.gather(-1, ranks)
+            inverse = torch.argsort(key_sort, dim=-1)
+            where = inverse.gather(-1, sampled)  # sorted index of each sample
+            outside = (where[:, :, None, :] < start[..., None]) | (where[:, :, None, :] >= start[..., None] + w)
+            outside = outside & (n > 0)[:, :, None, None]
+            weight = (n.to(q.dtype) / m)[..., None, None]
+        return idx, valid, sampled, outside, weight
+
+    def _noncausal(self, q, k, v, real, groups: int, ids: torch.Tensor):
+        """(out, lse) of the noncausal HyperAttention of q (B, G, n_q, D) over k, v (B, G, n_k, .)."""
+        scale = softmax_scale(q.shape[-1])
+        idx, valid, sampled, outside, weight = self.selection(q.detach(), k.detach(), real, groups, ids)
+        if self._counter is not None:
+            self._counter[0] += int(valid.sum()) + int(outside.sum())
+        heavy, lse_h = gathered_attention(q[:, :, :, None], k, v, idx, valid[:, :, :, None], scale, return_lse=True)
+        heavy, lse_h = heavy[:, :, :, 0], lse_h[:, :, :, 0]
+        ks = k.gather(2, sampled[..., None].expand(-1, -1, -1, k.shape[-1]))
+        vs = v.gather(2, sampled[..., None].expand(-1, -1, -1, v.shape[-1]))
+        s = (q * scale) @ ks.transpose(-1, -2) + torch.log(weight)
+        s = s.masked_fill(~outside, float("-inf"))
+        mx = s.amax(-1, keepdim=True)
+        empty = torch.isinf(mx)
+        e = torch.exp(s - torch.where(empty, torch.zeros_like(mx), mx))
+        den = e.sum(-1, keepdim=True)
+        light = (e @ vs) / torch.where(empty, torch.ones_like(den), den)
+        lse_l = torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(torch.where(empty, torch.ones_like(den), den)))[..., 0]
+        return _combine([(heavy, lse_h), (light, lse_l)]), torch.logsumexp(torch.stack([lse_h, lse_l]), 0)
+
+    def _exact_causal_blocks(self, q, k, v, real, s0):
+        """(out, lse) of exact causal attention inside aligned blocks of s0 (L a multiple of s0)."""
+        b, h, length, d = q.shape
+        nb = length // s0
+        qb, kb, vb = (t.reshape(b, h, nb, s0, t.shape[-1]) for t in (q, k, v))
+        s = (qb * softmax_scale(d)) @ kb.transpose(-1, -2)
+        tri = torch.ones(s0, s0, dtype=torch.bool, device=q.device).tril()
+        ok = tri & real.reshape(b, 1, nb, 1, s0)
+        if self._counter is not None:
+            self._counter[0] += h * int(ok.sum())
+        s = s.masked_fill(~ok, float("-inf"))
+        mx = s.amax(-1, keepdim=True)
+        empty = torch.isinf(mx)
+        e = torch.exp(s - torch.where(empty, torch.zeros_like(mx), mx))
+        den = e.sum(-1, keepdim=True)
+        out = (e @ vb) / torch.where(empty, torch.ones_like(den), den)
+        lse = torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(torch.where(empty, torch.ones_like(den), den)))
+        return out.reshape(b, h, length, -1), lse.reshape(b, h, length)
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        b, h, lq, d = q.shape
+        lk = k.shape[-2]
+        real = real_keys(b, lk, key_padding_mask, q.device)
+        if self.pattern is not Pattern.CS:
+            out, _ = self._noncausal(q, k, v, real[:, None].expand(b, h, lk), 1, torch.arange(h, device=q.device))
+            return out
+        # causal: bottom-right alignment, then dyadic blocks from position 0
+        offset = lk - lq
+        if offset > 0:
+            q = F.pad(q, (0, 0, offset, 0))
+        elif offset < 0:
+            k, v = F.pad(k, (0, 0, -offset, 0)), F.pad(v, (0, 0, -offset, 0))
+            real = F.pad(real, (-offset, 0), value=False)
+        length = k.shape[-2]
+        s0 = self.min_seq_len
+        size = s0
+        while size < length:
+            size *= 2
+        pad = size - length if size > s0 else (-length) % s0
+        total = length + pad
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        real = F.pad(real, (0, pad), value=False)
+        parts = [self._exact_causal_blocks(q, k, v, real, min(s0, total))]
+        half, level = min(s0, total), 0
+        while 2 * half <= total:
+            pairs = total // (2 * half)
+            qh = q.reshape(b, h, pairs, 2, half, d)[:, :, :, 1].reshape(b, h * pairs, half, d)
+            kh = k.reshape(b, h, pairs, 2, half, d)[:, :, :, 0].reshape(b, h * pairs, half, d)
+            vh = v.reshape(b, h, pairs, 2, half, v.shape[-1])[:, :, :, 0].reshape(b, h * pairs, half, v.shape[-1])
+            rh = real.reshape(b, 1, pairs, 2, half)[:, :, :, 0].expand(b, h, pairs, half).reshape(b, h * pairs, half)
+            ids = (torch.arange(pairs, device=q.device)[None, :] * h + torch.arange(h, device=q.device)[:, None]).reshape(-1)
+            o, lse = self._noncausal(qh, kh, vh, rh, pairs, ids + ((level + 1) << 24))
+            o = o.reshape(b, h, pairs, half, -1)
+            full_o = torch.stack([torch.zeros_like(o), o], 3)  # only the second half of each pair has a term
+            full_l = torch.stack([torch.full_like(lse.reshape(b, h, pairs, half), float("-inf")), lse.reshape(b, h, pairs, half)], 3)
+            parts.append((full_o.reshape(b, h, total, -1), full_l.reshape(b, h, total)))
+            half, level = 2 * half, level + 1
+        out = _combine(parts)
+        start = max(offset, 0)
+        return out[:, :, start:start + lq]
+
+    def _layout(self, lq: int, lk: int) -> "tuple[int, int, int]":
+        """(offset, padded length, base block) of the causal layout."""
+        length = max(lq, lk)
+        s0 = self.min_seq_len
+        size = s0
+        while size < length:
+            size *= 2
+        total = size if size > s0 else length + (-length) % s0
+        return lk - lq, total, min(s0, total)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Row by row, one explicit softmax over every term the row gets: its exact keys (CS: its diagonal
+        block, keys <= the row), for every block it meets its heavy keys (weight 1) and its samples outside
+        them (weight n/m), with the hashed selection of each block taken from `selection` on that block
+        alone (one block at a time, not the batched layout of forward)."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        b, h, lq, d = q.shape
+        lk, scale = k.shape[-2], softmax_scale(d)
+        real = real_keys(b, lk, key_padding_mask, q.device)
+        out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
+        # terms[(bi, hi, i)] = list of (logit, value)
+        terms: dict = {}
+
+        def add_block(rows: "list[int]", keys: "list[int]", ids: int):
+            """Noncausal HyperAttention terms of query rows `rows` (original indices) over key positions
+            `keys` (original indices, -1 = padding) with sampling id `ids`."""
+            kk = torch.stack([k[:, :, j] if j >= 0 else torch.zeros_like(k[:, :, 0]) for j in keys], 2)
+            vv = torch.stack([v[:, :, j] if j >= 0 else torch.zeros_like(v[:, :, 0]) for j in keys], 2)
+            rr = torch.tensor([j >= 0 for j in keys], device=q.device)[None, None] & torch.stack(
+                [real[:, j] if j >= 0 else torch.zeros(b, dtype=torch.bool, device=q.device) for j in keys], 1)[:, None]
+            qq = torch.stack([q[:, :, i] for i in rows], 2)
+            for hi in range(h):
+                sub_real = rr[:, 0][:, None]
+                idx, valid, sampled, outside, weight = self.selection(
+                    qq[:, hi:hi + 1].detach(), kk[:, hi:hi + 1].detach(), sub_real, 1,
+                    torch.tensor([ids + hi], device=q.device), planes=self.planes[hi:hi + 1])
+                for bi in range(b):
+                    for r, i in enumerate(rows):
+                        lst = terms.setdefault((bi, hi, i), [])
+                        for n in range(idx.shape[-1]):
+                            if valid[bi, 0, r, n]:
+                                j = int(idx[bi, 0, r, n])
+                                lst.append(((q[bi, hi, i] @ kk[bi, hi, j]) * scale, vv[bi, hi, j]))
+                        for t in range(sampled.shape[-1]):
+                            if outside[bi, 0, r, t]:
+                                j = int(sampled[bi, 0, t])
+                                lst.append(((q[bi, hi, i] @ kk[bi, hi, j]) * scale + math.log(float(weight[bi, 0, 0, 0])), vv[bi, hi, j]))
+
+        if self.pattern is not Pattern.CS:
+            add_block(list(range(lq)), list(range(lk)), 0)
+        else:
+            offset, total, s0 = self._layout(lq, lk)
+            shift = max(offset, 0)  # padded coordinate of original query i is i + shift; key j is j - min(offset, 0)
+            kshift = -min(offset, 0)
+            key_at = lambda p: (p - kshift) if 0 <= p - kshift < lk else -1
+            for i in range(lq):
+                p = i + shift
+                base = (p // s0) * s0
+                for bi in range(b):
+                    for hi in range(h):
+                        lst = terms.setdefault((bi, hi, i), [])
+                        for pp in range(base, p + 1):
+                            j = key_at(pp)
+                            if j >= 0 and real[bi, j]:
+                                lst.append(((q[bi, hi, i] @ k[bi, hi, j]) * scale, v[bi, hi, j]))
+            half, level = s0, 0
+            while 2 * half <= total:
+                for pair in range(total // (2 * half)):
+                    rows = [pp - shift for pp in range(pair * 2 * half + half, (pair + 1) * 2 * half) if 0 <= pp - shift < lq]
+                    if rows:
+                        keys = [key_at(pp) for pp in range(pair * 2 * half, pair * 2 * half + half)]
+                        add_block(rows, keys, pair * h + ((level + 1) << 24))
+                half, level = 2 * half, level + 1
+        for (bi, hi, i), lst in terms.items():
+            if lst:
+                w = torch.softmax(torch.stack([t[0] for t in lst]), 0)
+                out[bi, hi, i] = w @ torch.stack([t[1] for t in lst])
+        return out
