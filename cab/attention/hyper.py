@@ -242,7 +242,7 @@ class HyperAttention(Attention):
         lk, scale = k.shape[-2], softmax_scale(d)
         real = real_keys(b, lk, key_padding_mask, q.device)
         out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
-        # terms[(bi, hi, i)] = list of (logit, value)
+        # terms[(bi, hi, i)] = list of (logits (n,), values (n, Dv))
         terms: dict = {}
 
         def add_block(rows: "list[int]", keys: "list[int]", ids: int):
@@ -261,14 +261,12 @@ class HyperAttention(Attention):
                 for bi in range(b):
                     for r, i in enumerate(rows):
                         lst = terms.setdefault((bi, hi, i), [])
-                        for n in range(idx.shape[-1]):
-                            if valid[bi, 0, r, n]:
-                                j = int(idx[bi, 0, r, n])
-                                lst.append(((q[bi, hi, i] @ kk[bi, hi, j]) * scale, vv[bi, hi, j]))
-                        for t in range(sampled.shape[-1]):
-                            if outside[bi, 0, r, t]:
-                                j = int(sampled[bi, 0, t])
-                                lst.append(((q[bi, hi, i] @ kk[bi, hi, j]) * scale + math.log(float(weight[bi, 0, 0, 0])), vv[bi, hi, j]))
+                        heavy = idx[bi, 0, r][valid[bi, 0, r]]
+                        lst.append(((kk[bi, hi, heavy] @ q[bi, hi, i]) * scale, vv[bi, hi, heavy]))
+                        light = sampled[bi, 0][outside[bi, 0, r]]
+                        if light.numel():
+                            lst.append(((kk[bi, hi, light] @ q[bi, hi, i]) * scale
+                                        + math.log(float(weight[bi, 0, 0, 0])), vv[bi, hi, light]))
 
         if self.pattern is not Pattern.CS:
             add_block(list(range(lq)), list(range(lk)), 0)
@@ -283,10 +281,10 @@ class HyperAttention(Attention):
                 for bi in range(b):
                     for hi in range(h):
                         lst = terms.setdefault((bi, hi, i), [])
-                        for pp in range(base, p + 1):
-                            j = key_at(pp)
-                            if j >= 0 and real[bi, j]:
-                                lst.append(((q[bi, hi, i] @ k[bi, hi, j]) * scale, v[bi, hi, j]))
+                        diag = [key_at(pp) for pp in range(base, p + 1)]
+                        diag = [j for j in diag if j >= 0 and real[bi, j]]
+                        if diag:
+                            lst.append(((k[bi, hi, diag] @ q[bi, hi, i]) * scale, v[bi, hi, diag]))
             half, level = s0, 0
             while 2 * half <= total:
                 for pair in range(total // (2 * half)):
@@ -296,7 +294,7 @@ class HyperAttention(Attention):
                         add_block(rows, keys, pair * h + ((level + 1) << 24))
                 half, level = 2 * half, level + 1
         for (bi, hi, i), lst in terms.items():
-            if lst:
-                w = torch.softmax(torch.stack([t[0] for t in lst]), 0)
-                out[bi, hi, i] = w @ torch.stack([t[1] for t in lst])
+            logits = torch.cat([t[0] for t in lst]) if lst else torch.zeros(0)
+            if logits.numel():
+                out[bi, hi, i] = torch.softmax(logits, 0) @ torch.cat([t[1] for t in lst])
         return out
