@@ -65,7 +65,6 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
         seen[row.attention] = rank[id(row)] + 1
     queue = sorted(rows, key=lambda r: rank[id(r)])
     start = time.perf_counter()
-    complete = True
 
     def left() -> bool:
         return time.perf_counter() - start < budget_s
@@ -75,29 +74,30 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
         a SIGALRM in the main thread; elsewhere the budget is only checked between measurements."""
         return time_limit(max(budget_s - (time.perf_counter() - start), 0.05))
 
-    for row in queue:
+    def approximate(row: FidelityRow) -> None:
         reason = registry.get_spec(row.attention).unavailable_reason("cpu")
         if reason:
             row.note = f"not run: {reason}"
-            continue
+            return
         if not left():
-            row.note, complete = "not measured: the report's fidelity time budget ran out", False
-            continue
+            row.note = "not measured: the report's fidelity time budget ran out"
+            return
         try:
             with limit():
                 random = approximation_error(row.attention, row.pattern, inputs="random", shape=shape)
                 structured = approximation_error(row.attention, row.pattern, inputs="structured", shape=shape)
             row.random, row.structured, row.ran_in = random.relative_rmse, structured.relative_rmse, random.dtype
         except CellTimeout:
-            row.note, complete = "not measured: the report's fidelity time budget ran out during it", False
+            row.note = "not measured: the report's fidelity time budget ran out during it"
         except Exception as exc:  # an attention that fails here is reported, not a broken report
             row.note = f"could not run: {_message(exc)}"
-    for row in queue:
+
+    def deviate(row: FidelityRow) -> None:
         if row.note or row.random is None:
-            continue
+            return
         if not left():
-            row.note, complete = "numeric deviation not measured: time budget ran out", False
-            continue
+            row.note = "numeric deviation not measured: time budget ran out"
+            return
         try:
             with limit():
                 deviations = numeric_deviation(row.attention, row.pattern, shape=shape, dtypes=dtypes)
@@ -105,9 +105,19 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
                 if d.tensor == "output":
                     row.deviation[d.dtype] = (d.error, d.eager_error)
         except CellTimeout:
-            row.note, complete = "numeric deviation not measured: time budget ran out during it", False
+            row.note = "numeric deviation not measured: time budget ran out during it"
         except Exception as exc:
             row.note = f"numeric deviation failed: {_message(exc)}"
+
+    # every attention's first pattern gets both measurements before any second pattern gets one
+    first = [r for r in queue if rank[id(r)] == 0]
+    rest = [r for r in queue if rank[id(r)] > 0]
+    for group in (first, rest):
+        for row in group:
+            approximate(row)
+        for row in group:
+            deviate(row)
+    complete = all("budget" not in row.note for row in rows)
     records = []
     for row in rows:
         record = {"attention": row.attention, "pattern": row.pattern, "approx_rel_rmse_random": row.random,
