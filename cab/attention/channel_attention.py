@@ -92,17 +92,22 @@ class ChannelAttention(Attention):
             qe = min(lq, qs + self.chunk_size)
             # key positions of queries qs..qe-1 are qs+offset..qe-1+offset; those below 0 see nothing new
             ks, ke = max(0, qs + offset), max(0, qe + offset)
-            grams = torch.zeros(b, q.shape[1], qe - qs, q.shape[-1], v.shape[-1], dtype=dtype, device=q.device)
-            counts = torch.zeros(b, qe - qs, dtype=count.dtype, device=q.device)
-            if ke > ks:
-                outer = k[:, :, ks:ke, :, None] * v[:, :, ks:ke, None, :]  # (B, H, n, d, d)
-                rows = slice(qe - qs - (ke - ks), qe - qs)
-                grams[:, :, rows] = gram[:, :, None] + outer.cumsum(dim=2)
-                counts[:, rows] = count[:, None] + real[:, ks:ke].long().cumsum(dim=-1)
-                gram = grams[:, :, -1]
-                count = counts[:, -1]
+            if ke - ks == qe - qs:  # every query of the chunk has a key position (the usual case)
+                outer = k[:, :, ks:ke, :, None] * v[:, :, ks:ke, None, :]  # (B, H, C, d, d)
+                grams = gram[:, :, None] + outer.cumsum(dim=2)
+                counts = count[:, None] + real[:, ks:ke].long().cumsum(dim=-1)
+            else:  # Lq > Lk: the chunk's first queries sit before the first key and see nothing
+                grams = torch.zeros(b, q.shape[1], qe - qs, q.shape[-1], v.shape[-1], dtype=dtype, device=q.device)
+                counts = torch.zeros(b, qe - qs, dtype=count.dtype, device=q.device)
+                if ke > ks:
+                    outer = k[:, :, ks:ke, :, None] * v[:, :, ks:ke, None, :]
+                    rows = slice(qe - qs - (ke - ks), qe - qs)
+                    grams[:, :, rows] = gram[:, :, None] + outer.cumsum(dim=2)
+                    counts[:, rows] = count[:, None] + real[:, ks:ke].long().cumsum(dim=-1)
+            gram, count = grams[:, :, -1], counts[:, -1]
             attn = torch.softmax(scale * grams, dim=-1)
-            out = (attn @ q[:, :, qs:qe, :, None]).squeeze(-1)
+            # A_t q_t per row as a broadcast product and a sum: one small matmul per token is slow
+            out = (attn * q[:, :, qs:qe, None, :]).sum(dim=-1)
             outputs.append(torch.where((counts > 0)[:, None, :, None], out, torch.zeros_like(out)))
         return torch.cat(outputs, dim=2).to(out_dtype)
 
@@ -119,10 +124,12 @@ class ChannelAttention(Attention):
         return out * (visible.sum(dim=-1, keepdim=True) > 0)
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
-        """Matmuls: K^T V (not CS, whose Grams are elementwise products and sums) and applying each map."""
+        """Matmuls: K^T V and applying the map. CS is undeclared (None): its prefix Grams and their
+        application are elementwise products and sums (about 6 L d^2 operations per head, plus the
+        softmax over L d^2 entries), which a matmul count does not see."""
         bh, d = batch * self.num_heads, self.head_dim
         if self.pattern is Pattern.CS:
-            return 2 * bh * (max(0, lk - lq) * d * d + lq * d * d)
+            return None
         return 2 * bh * (lk * d * d + lq * d * d)
 
     # decoding -----------------------------------------------------------------------------------------
