@@ -52,6 +52,9 @@ class BiFormerAttention(Attention):
     content-dependent per call, so a compiled block mask would be rebuilt every forward.
     """
 
+    # the routing scores are (L/R)^2 (NS, NC) or L^2/R (CS, CC) for a fixed region size
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, region_size: int = 64, topk: int = 4):
         super().__init__(pattern, num_heads, head_dim)
         if region_size < 1 or topk < 1:

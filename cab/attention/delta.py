@@ -47,6 +47,9 @@ class DeltaAttention(Attention):
     not count its pairs).
     """
 
+    # the dense anchor rows are L^2/gamma (the base's own cost comes on top)
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, base: str = "local", base_hparams: "dict | None" = None,
                  gamma: int = 64):
         super().__init__(pattern, num_heads, head_dim)

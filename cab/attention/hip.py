@@ -47,6 +47,9 @@ class HiPAttention(Attention):
     mask is content-dependent per call.
     """
 
+    # L k log L d
+    complexity = {"time": 1, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, topk: int = 64, block_size: int = 8):
         super().__init__(pattern, num_heads, head_dim)
         if topk < 1 or block_size < 1:

@@ -78,6 +78,9 @@ class HyperAttention(Attention):
     queries are processed in chunks, no L x L tensor.
     """
 
+    # L log(L/s0) (b + m) d
+    complexity = {"time": 1, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, lsh_num_projs: int = 7, block_size: int = 256,
                  sample_size: int = 256, min_seq_len: int = 4096, seed: int = 0):
         super().__init__(pattern, num_heads, head_dim)

@@ -50,6 +50,9 @@ class LandmarkAttention(Attention):
     grouped softmax is not a mask.
     """
 
+    # every landmark is scored: L^2/l; memory is chunked
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, block_size: int = 50, topk: int = 4):
         super().__init__(pattern, num_heads, head_dim)
         if block_size < 1 or topk < 1:

@@ -53,6 +53,9 @@ class RectifiedSpaAttention(Attention):
     is rescaled and pooled terms are added).
     """
 
+    # the pooled block attention is (L/b)^2 for a fixed block size
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, block_size: int = 128, topk: int = 8, rectify: bool = True):
         super().__init__(pattern, num_heads, head_dim)
         if block_size < 1 or topk < 1:

@@ -49,6 +49,9 @@ class RoutingAttention(Attention):
     mask is content-dependent per call.
     """
 
+    # L^2/C pairs and an Lq x (largest cluster) index tensor for a fixed number of clusters
+    complexity = {"time": 2, "memory": 2}
+
     def __init__(self, pattern, num_heads, head_dim, num_clusters: int = 32, ema_decay: float = 0.999,
                  update_centroids: bool = False, seed: int = 0):
         super().__init__(pattern, num_heads, head_dim)

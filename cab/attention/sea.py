@@ -76,6 +76,9 @@ class SEAAttention(Attention):
     the sparse attention gathers the topk * block_size selected keys per query in chunks; no Lq x Lk tensor.
     """
 
+    # the block estimate is L^2/block_size; memory is chunked
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, block_size: int = 8, topk: int = 8, num_features: int = 64,
                  seed: int = 0):
         super().__init__(pattern, num_heads, head_dim)

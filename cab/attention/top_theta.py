@@ -49,6 +49,9 @@ class TopThetaAttention(Attention):
     kept probabilities, the denominator and the value means.
     """
 
+    # every score is computed; memory is chunked
+    complexity = {"time": 2, "memory": 1}
+
     def __init__(self, pattern, num_heads, head_dim, theta: float = 2.0, compensation: str = "vmc",
                  calibrate_k: int = 64):
         super().__init__(pattern, num_heads, head_dim)
