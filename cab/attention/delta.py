@@ -44,7 +44,8 @@ class DeltaAttention(Attention):
 
     Cost: the base's plus O((Lq / gamma) Lk d) for the dense rows, in chunks of anchors (no Lq x Lk
     tensor). computed_pairs is the base's plus the visible pairs of the anchor rows (None if the base does
-    not count its pairs).
+    not count its pairs). No FlexAttention path of its own: the dense anchor rows are a plain
+    softmax over a few rows; the base brings its own backend.
     """
 
     # the dense anchor rows are L^2/gamma (the base's own cost comes on top)

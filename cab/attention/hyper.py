@@ -75,7 +75,8 @@ class HyperAttention(Attention):
     Defaults follow the authors' code: r = 7, b = 256, m = 256, s0 = 4096 (so causal sequences up to 4096
     are exact). The hashing and sampling are not differentiable; gradients flow through the exact and the
     sampled softmax terms. Cost: O(L (b + m) d) per level, O(L log(L / s0)(b + m) d + L s0 d) causal;
-    queries are processed in chunks, no L x L tensor.
+    queries are processed in chunks, no L x L tensor. No FlexAttention path: the sampled part is a reweighted
+    estimate, not a mask, and the heavy blocks change with every input.
     """
 
     # L log(L/s0) (b + m) d

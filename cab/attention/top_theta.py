@@ -46,7 +46,8 @@ class TopThetaAttention(Attention):
     `kept_pairs` counts the pairs kept by the threshold (the V-side sparsity the paper reports).
     Patterns: the decision of pair (i, j) reads only q_i and k_j, so every pattern is leak-free; CS query i
     sits at key position i + Lk - Lq. The threshold test is not differentiable; gradients flow through the
-    kept probabilities, the denominator and the value means.
+    kept probabilities, the denominator and the value means. No FlexAttention path: a score_mod could
+    threshold, but the compensations need the pruned mass and pruned-value means of each row.
     """
 
     # every score is computed; memory is chunked
