@@ -82,3 +82,12 @@ def test_decode_matches_forward(pattern):
 def test_conformance(pattern):
     report = run_conformance("hedgehog", pattern, hparams={"init_noise": 0.2})
     assert report.status is Status.OK, report.message
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [("CS", 70, 70), ("CS", 30, 50), ("NS", 45, 45), ("CC", 50, 33)])
+def test_sequence_chunking_matches_reference(pattern, lq, lk):
+    """The sequence-level chunk loops (state carried across chunks in CS) agree with the dense reference."""
+    attn = create_attention("hedgehog", pattern, 4, 8, init_noise=0.2).double()
+    attn.block_size, attn.seq_chunk = 8, 16
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))

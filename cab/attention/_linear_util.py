@@ -40,37 +40,42 @@ def _pad_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def _tiled_forward(q, k, v, decay, block):
+def _tiled_forward(q, k, v, decay, block, kv=None):
     """The block loop of the forward (Lightning Attention Alg. 1 / Lightning-2 Alg. 1): per block t,
-    O_t = [(Q_t K_t^T) * M] V_t + Lambda Q_t KV, then KV <- lambda^C KV + (lambda^(C-1-j) K_t)^T V_t."""
+    O_t = [(Q_t K_t^T) * M] V_t + Lambda Q_t KV, then KV <- lambda^C KV + (lambda^(C-1-j) K_t)^T V_t.
+    Starts from the state `kv` (zeros when None); returns (output, state after the last block)."""
     length = q.shape[-2]
     q, k, v = (_pad_to_blocks(t, block) for t in (q, k, v))
     mask, q_decay, k_decay, block_decay = _block_decays(decay, block, q.dtype)
     b, h, padded, dk = q.shape
-    kv = q.new_zeros(b, h, dk, v.shape[-1])
+    if kv is None:
+        kv = q.new_zeros(b, h, dk, v.shape[-1])
     outs = []
     for start in range(0, padded, block):
         qt, kt, vt = (t[:, :, start:start + block] for t in (q, k, v))
         outs.append(((qt @ kt.transpose(-1, -2)) * mask) @ vt + (qt * q_decay) @ kv)
         kv = block_decay * kv + (kt * k_decay).transpose(-1, -2) @ vt
-    return torch.cat(outs, dim=-2)[:, :, :length]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    return out[:, :, :length], kv
 
 
 class _TiledDecayedCausal(torch.autograd.Function):
     """Lightning Attention-2: tiled forward and hand-written tiled backward of the decayed causal product.
-    Saves only q, k, v and the decay; the backward recomputes the running state block by block (a forward
-    sweep for dQ with KV, a reverse sweep for dK and dV with dKV), so no per-block intermediate is stored."""
+    Saves only q, k, v, the decay and the initial state; the backward recomputes the running state block by
+    block (a forward sweep for dQ with KV, a reverse sweep for dK and dV with dKV), so no per-block
+    intermediate is stored. Takes an initial state and returns the final one too, so a long sequence can be
+    processed in chunks (each a multiple of the block size but the last) with the state carried across."""
 
     @staticmethod
-    def forward(ctx, q, k, v, decay, block):
-        ctx.save_for_backward(q, k, v, decay)
+    def forward(ctx, q, k, v, decay, block, kv0):
+        ctx.save_for_backward(q, k, v, decay, kv0)
         ctx.block = block
-        return _tiled_forward(q, k, v, decay, block)
+        return _tiled_forward(q, k, v, decay, block, kv0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, decay = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_state):
+        q, k, v, decay, kv0 = ctx.saved_tensors
         block = ctx.block
         length = q.shape[-2]
         q, k, v, do = (_pad_to_blocks(t, block) for t in (q, k, v, grad_out))
@@ -78,18 +83,22 @@ class _TiledDecayedCausal(torch.autograd.Function):
         b, h, padded, dk = q.shape
         dv_dim = v.shape[-1]
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_state = ctx.needs_input_grad[5]
         dq = torch.zeros_like(q) if need_q else None
         dk_ = torch.zeros_like(k) if need_k else None
         dv = torch.zeros_like(v) if need_v else None
         if need_q:  # forward sweep: dQ_t = [(dO_t V_t^T) * M] K_t + Lambda dO_t KV^T
-            kv = q.new_zeros(b, h, dk, dv_dim)
+            kv = kv0
             for start in range(0, padded, block):
                 sl = slice(start, start + block)
                 kt, vt, dot = k[:, :, sl], v[:, :, sl], do[:, :, sl]
                 dq[:, :, sl] = ((dot @ vt.transpose(-1, -2)) * mask) @ kt + (dot @ kv.transpose(-1, -2)) * q_decay
                 kv = block_decay * kv + (kt * k_decay).transpose(-1, -2) @ vt
-        if need_k or need_v:  # reverse sweep with dKV = sum over later queries lambda^(p_s - end_t) q_s dO_s^T
-            dkv = q.new_zeros(b, h, dk, dv_dim)
+        dkv = None
+        if need_k or need_v or need_state:
+            # reverse sweep with dKV = sum over later queries lambda^(p_s - end_t) q_s dO_s^T, plus the
+            # gradient of the final state (a "query" at the end of the last block)
+            dkv = q.new_zeros(b, h, dk, dv_dim) if grad_state is None else grad_state.clone()
             for start in range(padded - block, -1, -block):
                 sl = slice(start, start + block)
                 qt, kt, vt, dot = q[:, :, sl], k[:, :, sl], v[:, :, sl], do[:, :, sl]
@@ -101,11 +110,12 @@ class _TiledDecayedCausal(torch.autograd.Function):
                                     + (kt * k_decay) @ dkv)
                 dkv = block_decay * dkv + (qt * q_decay).transpose(-1, -2) @ dot
         trim = (lambda t: None if t is None else t[:, :, :length])
-        return trim(dq), trim(dk_), trim(dv), None, None
+        return trim(dq), trim(dk_), trim(dv), None, None, (dkv if need_state else None)
 
 
 def decayed_causal_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: "torch.Tensor | None" = None,
-                           block_size: int = DEFAULT_BLOCK, tiled_backward: bool = True) -> torch.Tensor:
+                           block_size: int = DEFAULT_BLOCK, tiled_backward: bool = True,
+                           state: "torch.Tensor | None" = None, return_state: bool = False):
     """out_i = sum_{j <= i} lambda_h^(i-j) (q_i . k_j) v_j, causal with Lq == Lk, no normaliser, no L x L tensor.
 
     q, k (B, H, L, Dk) already feature-mapped (padded keys zeroed), v (B, H, L, Dv), decay (H,) per-head
@@ -114,13 +124,21 @@ def decayed_causal_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, de
     blocks, no cumulative sum. tiled_backward=True uses Lightning Attention-2's hand-written backward
     (stores only the inputs); False lets autograd record the block loop (Lightning Attention-1, which keeps
     every block's state for the backward).
+
+    `state` (B, H, Dk, Dv) is the recurrent state entering the first block (the decayed sum over earlier
+    keys); with return_state the result is (out, state after the last block), exact when L is a multiple
+    of block_size (a padded last block would decay the state further).
     """
     if decay is None:
         decay = torch.ones(q.shape[1], dtype=q.dtype, device=q.device)
     decay = decay.to(device=q.device, dtype=q.dtype)
+    if state is None:
+        state = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
     if tiled_backward:
-        return _TiledDecayedCausal.apply(q, k, v, decay, block_size)
-    return _tiled_forward(q, k, v, decay, block_size)
+        out, final = _TiledDecayedCausal.apply(q, k, v, decay, block_size, state)
+    else:
+        out, final = _tiled_forward(q, k, v, decay, block_size, state)
+    return (out, final) if return_state else out
 
 
 def tiled_product_flops(batch: int, heads: int, length: int, dk: int, dv: int, block: int) -> int:
@@ -168,6 +186,16 @@ def dense_visible(attn: Attention, lq: int, lk: int, key_padding_mask, device, d
     return attention_mask(attn.pattern, lq, lk, key_padding_mask, device=device).to(dtype)
 
 
+SEQ_CHUNK = 4096  # tokens per chunk of the sequence-level loops (a multiple of every block size used here)
+
+
+def chunks(length: int, size: int = SEQ_CHUNK):
+    """(start, stop) ranges covering 0..length in pieces of `size`. Working per chunk keeps every temporary
+    below glibc's mmap threshold (32 MiB): one (1, 4, 32768, 64) float32 tensor is exactly that, and each
+    such allocation is a fresh mmap whose page faults made whole-sequence elementwise work superlinear."""
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
 def normalized_feature_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool,
                                  block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
     """phi(Q) phi(K)^T V row-normalised by phi(Q) phi(K)^T 1, over all keys or causally (Lq == Lk, tiled)."""
@@ -189,6 +217,7 @@ class FeatureMapAttention(Attention):
     keeps the state (phi_k^T V, phi_k^T 1), O(m Dv) per head whatever the length."""
 
     block_size: int = DEFAULT_BLOCK
+    seq_chunk: int = SEQ_CHUNK
     complexity = {"time": 1, "memory": 1}
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
@@ -203,8 +232,27 @@ class FeatureMapAttention(Attention):
 
     def forward(self, q, k, v, key_padding_mask=None):
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
-        phi_q, phi_k = self.features(q, None)[0], self._key_features(k, key_padding_mask)
-        out = normalized_feature_attention(phi_q, phi_k, v, self.pattern is Pattern.CS, self.block_size)
+        pad = (lambda a, b: None if key_padding_mask is None else key_padding_mask[:, a:b])  # noqa: E731
+        outs = []
+        if self.pattern is Pattern.CS:  # chunks of the sequence, the recurrent state carried across
+            state = None
+            for a, b in chunks(q.shape[-2], self.seq_chunk):
+                phi_q = self.features(q[:, :, a:b], None)[0]
+                phi_k = self._key_features(k[:, :, a:b], pad(a, b))
+                values = torch.cat([v[:, :, a:b], torch.ones_like(v[:, :, a:b, :1])], dim=-1)
+                both, state = decayed_causal_product(phi_q, phi_k, values, None, self.block_size, state=state,
+                                                     return_state=True)
+                outs.append(both[..., :-1] / nonzero(both[..., -1:]))
+        else:  # the key summary over key chunks, then the queries chunk by chunk
+            s = z = 0
+            for a, b in chunks(k.shape[-2], self.seq_chunk):
+                phi_k = self._key_features(k[:, :, a:b], pad(a, b))
+                s = s + phi_k.transpose(-1, -2) @ v[:, :, a:b]
+                z = z + phi_k.sum(dim=-2)
+            for a, b in chunks(q.shape[-2], self.seq_chunk):
+                phi_q = self.features(q[:, :, a:b], None)[0]
+                outs.append((phi_q @ s) / nonzero(phi_q @ z.unsqueeze(-1)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
         return out[:, :, drop:].to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
