@@ -32,14 +32,14 @@ def _dense(q, k, v, decay):
 def test_tiled_backward_matches_autograd_and_keeps_only_inputs(length, block):
     q, k, v = random_qkv(2, 3, 3, length, length, 5)
     decay = torch.tensor([0.5, 0.93, 1.0], dtype=torch.float64)
-    out = lightning_attention_torch(q, k, v, decay, block_size=block)
+    out, _ = lightning_attention_torch(q, k, v, decay, block_size=block)
     torch.testing.assert_close(out, _dense(q, k, v, decay), rtol=1e-10, atol=1e-12)
-    # the Function saved q, k, v and the decay, nothing per block
+    # the Function saved q, k, v, the decay and the (zero) initial state, nothing per block
     saved = out.grad_fn.saved_tensors
-    assert len(saved) == 4 and sum(t.numel() for t in saved) == 3 * q.numel() + 3
+    assert len(saved) == 5 and sum(t.numel() for t in saved) == 3 * q.numel() + 3 + 2 * 3 * 5 * 5
     cot = torch.randn_like(out)
     tiled = torch.autograd.grad(out, (q, k, v), cot)
-    loop = torch.autograd.grad(lightning_attention_torch(q, k, v, decay, block, tiled_backward=False), (q, k, v), cot)
+    loop = torch.autograd.grad(lightning_attention_torch(q, k, v, decay, block, tiled_backward=False)[0], (q, k, v), cot)
     dense = torch.autograd.grad(_dense(q, k, v, decay), (q, k, v), cot)
     for a, b, c in zip(tiled, loop, dense):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11)
@@ -49,7 +49,31 @@ def test_tiled_backward_matches_autograd_and_keeps_only_inputs(length, block):
 def test_tiled_function_passes_gradcheck():
     q, k, v = random_qkv(1, 2, 2, 11, 11, 3)
     decay = torch.tensor([0.7, 0.95], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b, c: lightning_attention_torch(a, b, c, decay, 4), (q, k, v))
+    state = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)  # through the state too
+    assert torch.autograd.gradcheck(lambda a, b, c, s: lightning_attention_torch(a, b, c, decay, 4, state=s), (q, k, v, state))
+
+
+def test_state_carried_across_chunks_matches_one_pass_with_gradients():
+    q, k, v = random_qkv(2, 3, 3, 40, 40, 5)
+    decay = torch.tensor([0.5, 0.93, 1.0], dtype=torch.float64)
+    whole, final = lightning_attention_torch(q, k, v, decay, 8)
+    first, state = lightning_attention_torch(q[:, :, :24], k[:, :, :24], v[:, :, :24], decay, 8)
+    second, last = lightning_attention_torch(q[:, :, 24:], k[:, :, 24:], v[:, :, 24:], decay, 8, state=state)
+    torch.testing.assert_close(torch.cat([first, second], dim=-2), whole, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(last, final, rtol=1e-12, atol=1e-13)
+    cot, cot_state = torch.randn_like(whole), torch.randn_like(final)
+    one = torch.autograd.grad((whole * cot).sum() + (final * cot_state).sum(), (q, k, v))
+    two = torch.autograd.grad((torch.cat([first, second], -2) * cot).sum() + (last * cot_state).sum(), (q, k, v))
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [("CS", 70, 70), ("CS", 30, 50), ("NS", 45, 45), ("NC", 50, 33)])
+def test_sequence_chunking_matches_reference(pattern, lq, lk):
+    attn = create_attention("lightning", pattern, 4, 8, block_size=8)
+    attn.seq_chunk = 16
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
 
 
 def test_tnl_slopes_and_decay_schedule():

@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cab.attention._linear_util import (DEFAULT_BLOCK, decayed_causal_product, prepare, repeat_kv,
-                                        tiled_product_flops, zero_padded)
+from cab.attention._linear_util import (DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, prepare,
+                                        repeat_kv, tiled_product_flops, zero_padded)
 from cab.attention.base import Attention
 from cab.attention.functional import compute_dtype
 from cab.patterns import Pattern, attention_mask
@@ -34,8 +34,9 @@ def tnl_slopes(num_heads: int) -> "list[float]":
     return power_of_two(lower) + tnl_slopes(2 * lower)[0::2][: num_heads - lower]
 
 
-def lightning_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
-                              block_size: int = DEFAULT_BLOCK, tiled_backward: bool = True) -> torch.Tensor:
+def lightning_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: "torch.Tensor | None",
+                              block_size: int = DEFAULT_BLOCK, tiled_backward: bool = True,
+                              state: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor]":
     """The inner operator of Lightning Attention, pure PyTorch: out_i = sum_{j<=i} lambda_h^(i-j) (q_i.k_j) v_j.
 
     q, k: (B, H, L, Dk), already feature-mapped, padded keys zeroed; v: (B, H, L, Dv); decay: (H,) per-head
@@ -43,8 +44,10 @@ def lightning_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     output normalisation. Intra-block: the masked, decayed (C x C) quadratic form; inter-block: the
     recurrent state KV <- lambda^C KV + (lambda^(C-1-j) K_t)^T V_t (no cumulative sum). With
     tiled_backward the gradient is Lightning Attention-2's hand-written tiled backward, which stores only
-    q, k, v. A Triton kernel with this signature can replace it (a future backend="triton")."""
-    return decayed_causal_product(q, k, v, decay, block_size, tiled_backward)
+    q, k, v. `state` (B, H, Dk, Dv, zeros when None) is the decayed sum phi(k) v^T of earlier keys; returns
+    (out, the state after the last position), L being a multiple of block_size except for a sequence's
+    last chunk. A Triton kernel with this signature can replace it (a future backend="triton")."""
+    return decayed_causal_product(q, k, v, decay, block_size, tiled_backward, state=state, return_state=True)
 
 
 @register_attention(
@@ -98,6 +101,9 @@ class LightningAttention(Attention):
         self.block_size, self.activation, self.decay_kind = block_size, activation, decay
         self.layer_fraction, self.norm, self.tiled_backward = layer_fraction, norm, tiled_backward
         self.backend = backend
+        self.seq_chunk = SEQ_CHUNK  # tokens per chunk of the sequence loop (a multiple of block_size)
+        if SEQ_CHUNK % block_size:
+            self.seq_chunk = block_size * max(1, SEQ_CHUNK // block_size)
         if decay == "tnl":
             slopes = torch.tensor(tnl_slopes(num_heads), dtype=torch.float64) * (1.0 - layer_fraction + 1e-5)
             lambdas = torch.exp(-slopes)
@@ -126,24 +132,48 @@ class LightningAttention(Attention):
         ms = out.pow(2).mean(dim=(1, 3), keepdim=True)
         return out * torch.rsqrt(ms + NORM_EPS)
 
-    def _inner(self, q, k, v, decay):
-        return lightning_attention_torch(q, k, v, decay, self.block_size, self.tiled_backward)
+    def _inner(self, q, k, v, decay, state=None):
+        return lightning_attention_torch(q, k, v, decay, self.block_size, self.tiled_backward, state)
 
     def forward(self, q, k, v, key_padding_mask=None):
+        """Over chunks of `seq_chunk` tokens (the recurrent state carried across chunks, so no temporary
+        spans the sequence): CS one causal sweep; NS with decay a forward sweep plus a reversed sweep
+        (chunks taken from the end, each flipped) minus the doubled diagonal; otherwise the key summary
+        phi(K)^T V, then the queries chunk by chunk."""
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
-        phi_q, phi_k = self._phi(q), zero_padded(self._phi(k), key_padding_mask)
         decay = self._decay(q.dtype)
-        if self.pattern is Pattern.CS:
-            out = self._inner(phi_q, phi_k, v, decay)
-        elif self.pattern is Pattern.NS:
-            if decay is None:
-                out = phi_q @ (phi_k.transpose(-1, -2) @ v)
-            else:
-                ahead = self._inner(phi_q.flip(-2), phi_k.flip(-2), v.flip(-2), decay).flip(-2)
-                diagonal = (phi_q * phi_k).sum(dim=-1, keepdim=True) * v
-                out = self._inner(phi_q, phi_k, v, decay) + ahead - diagonal
+        length, size = q.shape[-2], self.seq_chunk
+
+        def features(a, b):
+            pad = None if key_padding_mask is None else key_padding_mask[:, a:b]
+            return self._phi(q[:, :, a:b]), zero_padded(self._phi(k[:, :, a:b]), pad)
+
+        outs = []
+        if self.pattern is Pattern.CS or (self.pattern is Pattern.NS and decay is not None):
+            state = None
+            for a, b in chunks(length, size):
+                phi_q, phi_k = features(a, b)
+                out, state = self._inner(phi_q, phi_k, v[:, :, a:b], decay, state)
+                outs.append(out)
+            if self.pattern is Pattern.NS:  # the same sweep from the end; full chunks first
+                state = None
+                for index, b in enumerate(range(length, 0, -size)):
+                    a = max(0, b - size)
+                    phi_q, phi_k = features(a, b)
+                    ahead, state = self._inner(phi_q.flip(-2), phi_k.flip(-2), v[:, :, a:b].flip(-2), decay, state)
+                    diagonal = (phi_q * phi_k).sum(dim=-1, keepdim=True) * v[:, :, a:b]
+                    outs.append(ahead.flip(-2) - diagonal)
+                forward_part, backward_part = outs[:len(outs) // 2], outs[len(outs) // 2:][::-1]
+                forward_out = torch.cat(forward_part, dim=-2) if len(forward_part) > 1 else forward_part[0]
+                backward_out = torch.cat(backward_part, dim=-2) if len(backward_part) > 1 else backward_part[0]
+                return self._normalize(forward_out + backward_out).to(out_dtype)
         else:
-            out = phi_q @ (phi_k.transpose(-1, -2) @ v)
+            kv = 0
+            for a, b in chunks(k.shape[-2], size):
+                pad = None if key_padding_mask is None else key_padding_mask[:, a:b]
+                kv = kv + zero_padded(self._phi(k[:, :, a:b]), pad).transpose(-1, -2) @ v[:, :, a:b]
+            outs = [self._phi(q[:, :, a:b]) @ kv for a, b in chunks(length, size)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
         return self._normalize(out[:, :, drop:]).to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
