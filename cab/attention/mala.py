@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cab.attention._linear_util import (DEFAULT_BLOCK, decayed_causal_product, nonzero, prepare, real_keys,
-                                        tiled_product_flops, zero_padded)
+from cab.attention._linear_util import (DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, nonzero, prepare,
+                                        real_keys, tiled_product_flops, zero_padded)
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import compute_dtype
 from cab.patterns import Pattern, attention_mask
@@ -52,6 +52,7 @@ class MALAAttention(Attention):
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.scale = head_dim ** -0.5 if scale is None else float(scale)
         self.block_size = block_size
+        self.seq_chunk = block_size * max(1, SEQ_CHUNK // block_size)  # tokens per chunk of the sequence loop
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale:.4g}, block_size={self.block_size}"
@@ -65,25 +66,44 @@ class MALAAttention(Attention):
         return torch.where(seen, out, torch.zeros_like(out))
 
     def forward(self, q, k, v, key_padding_mask=None):
+        """Over chunks of `seq_chunk` tokens: CS carries the tiled product's state, sum v and the count
+        across chunks; the other patterns sum the key summaries over key chunks, then read them per query
+        chunk."""
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
-        phi_q = _phi(q)
-        phi_k = _phi(zero_padded(k, key_padding_mask))
-        real = real_keys(key_padding_mask, q)
-        if real is None:
-            real = torch.ones_like(k[..., :1])
-        phi_k, v = phi_k * real, v * real
+        heads, size = q.shape[1], self.seq_chunk
+
+        def keys(a, b):
+            pad = None if key_padding_mask is None else key_padding_mask[:, a:b]
+            real = real_keys(pad, q)
+            if real is None:
+                real = torch.ones_like(k[:, :1, a:b, :1])
+            return _phi(zero_padded(k[:, :, a:b], pad)) * real, v[:, :, a:b] * real, real
+
+        outs = []
         if self.pattern is Pattern.CS:
-            both = decayed_causal_product(phi_q, phi_k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1), None,
-                                          self.block_size)
-            qs, qk_sum = both[..., :-1], both[..., -1:]
-            v_sum = v.cumsum(dim=-2)
-            count = real.expand(-1, q.shape[1], -1, -1).cumsum(dim=-2)
+            state, v_carry, n_carry = None, 0, 0
+            for a, b in chunks(q.shape[-2], size):
+                phi_q = _phi(q[:, :, a:b])
+                phi_k, values, real = keys(a, b)
+                both, state = decayed_causal_product(
+                    phi_q, phi_k, torch.cat([values, torch.ones_like(values[..., :1])], dim=-1), None,
+                    self.block_size, state=state, return_state=True)
+                v_sum = values.cumsum(dim=-2) + v_carry
+                count = real.expand(-1, heads, -1, -1).cumsum(dim=-2) + n_carry
+                v_carry, n_carry = v_sum[:, :, -1:], count[:, :, -1:]
+                outs.append(self._combine(both[..., :-1], both[..., -1:], v_sum, count))
         else:
-            qs = phi_q @ (phi_k.transpose(-1, -2) @ v)
-            qk_sum = phi_q @ phi_k.sum(dim=-2).unsqueeze(-1)
-            v_sum = v.sum(dim=-2, keepdim=True)
-            count = real.sum(dim=-2, keepdim=True)
-        out = self._combine(qs, qk_sum, v_sum, count)
+            s = p = v_sum = count = 0
+            for a, b in chunks(k.shape[-2], size):
+                phi_k, values, real = keys(a, b)
+                s = s + phi_k.transpose(-1, -2) @ values
+                p = p + phi_k.sum(dim=-2).unsqueeze(-1)
+                v_sum = v_sum + values.sum(dim=-2, keepdim=True)
+                count = count + real.sum(dim=-2, keepdim=True)
+            for a, b in chunks(q.shape[-2], size):
+                phi_q = _phi(q[:, :, a:b])
+                outs.append(self._combine(phi_q @ s, phi_q @ p, v_sum, count))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
         return out[:, :, drop:].to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
