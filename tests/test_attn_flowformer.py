@@ -80,3 +80,11 @@ def test_causal_cross_is_refused_with_a_reason():
 def test_conformance(pattern):
     report = run_conformance("flowformer", pattern)
     assert report.status is Status.OK, report.message
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [("CS", 70, 70), ("CS", 30, 50), ("NS", 45, 45), ("NC", 50, 33)])
+def test_sequence_chunking_matches_reference(pattern, lq, lk):
+    attn = create_attention("flowformer", pattern, 4, 8, block_size=8)
+    attn.seq_chunk = 16
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._linear_util import DEFAULT_BLOCK, decayed_causal_product, nonzero, prepare, zero_padded
+from cab.attention._linear_util import (DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, nonzero, prepare,
+                                        zero_padded)
 from cab.attention.base import Attention
 from cab.attention.functional import align_bottom_right, compute_dtype
 from cab.patterns import Pattern
@@ -58,6 +59,7 @@ class FlowformerAttention(Attention):
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.eps, self.block_size = eps, block_size
+        self.seq_chunk = block_size * max(1, SEQ_CHUNK // block_size)  # tokens per chunk of the sequence loop
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}, block_size={self.block_size}"
@@ -83,12 +85,80 @@ class FlowformerAttention(Attention):
         return phi_q, phi_k, v, rq, rk, drop, out_dtype
 
     def forward(self, q, k, v, key_padding_mask=None):
-        phi_q, phi_k, v, rq, rk, drop, out_dtype = self._inputs(q, k, v, key_padding_mask)
-        if self.pattern is Pattern.CS:
-            out = self._causal(phi_q, phi_k, v, rq, rk, lambda x: x.cumsum(dim=-2), None)
-        else:
-            out = self._noncausal(phi_q, phi_k, v, rq, rk, dense=False)
+        """The flows over chunks of `seq_chunk` tokens, so no temporary spans the sequence: noncausal in
+        four sweeps (global sums; outgoing and incoming flows; competition and the key-value summary;
+        outputs), CS in one sweep with every prefix sum and the tiled product's state carried."""
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
+        rq, rk = self._real(q, k, key_padding_mask, drop)
+
+        def phi_k(a, b):
+            pad = None if key_padding_mask is None else key_padding_mask[:, a:b]
+            return torch.sigmoid(zero_padded(k[:, :, a:b], pad))
+
+        run = self._causal_chunks if self.pattern is Pattern.CS else self._noncausal_chunks
+        out = run(q, phi_k, v, rq, rk)
         return out[:, :, drop:].to(out_dtype)
+
+    def _noncausal_chunks(self, q, phi_k, v, rq, rk):
+        eps, size = self.eps, self.seq_chunk
+        key_chunks, query_chunks = chunks(rk.shape[-2], size), chunks(rq.shape[-2], size)
+        phi_q = lambda a, b: torch.sigmoid(q[:, :, a:b])  # noqa: E731
+        k_sum = sum((phi_k(a, b) * rk[:, :, a:b]).sum(dim=-2, keepdim=True) for a, b in key_chunks)
+        q_sum = sum((phi_q(a, b) * rq[:, :, a:b]).sum(dim=-2, keepdim=True) for a, b in query_chunks)
+        nk, nq = rk.sum(dim=-2, keepdim=True), rq.sum(dim=-2, keepdim=True)
+        sink_sum = source_sum = 0
+        for a, b in key_chunks:
+            fk = phi_k(a, b)
+            outgoing = 1.0 / _dot(fk + eps, q_sum + eps)
+            sink_sum = sink_sum + (fk * rk[:, :, a:b] * outgoing.unsqueeze(-1)).sum(dim=-2, keepdim=True)
+        for a, b in query_chunks:
+            fq = phi_q(a, b)
+            incoming = 1.0 / _dot(fq + eps, k_sum + eps)
+            source_sum = source_sum + (fq * rq[:, :, a:b] * incoming.unsqueeze(-1)).sum(dim=-2, keepdim=True)
+        kv = z = 0  # the softmax over keys without a maximum: its logits are clamped to [-1, 1]
+        for a, b in key_chunks:
+            fk, real = phi_k(a, b), rk[:, :, a:b]
+            source = _dot(fk + eps, source_sum + eps).clamp(-1.0, 1.0)
+            weight = torch.exp(source) * real.squeeze(-1)
+            z = z + weight.sum(dim=-1, keepdim=True)
+            kv = kv + (fk * real).transpose(-1, -2) @ (v[:, :, a:b] * weight.unsqueeze(-1))
+        kv = kv * (nk.squeeze(-1) / nonzero(z)).unsqueeze(-1)
+        outs = []
+        for a, b in query_chunks:
+            fq = phi_q(a, b)
+            incoming = 1.0 / _dot(fq + eps, k_sum + eps)
+            sink = _dot(fq + eps, sink_sum + eps)
+            allocation = torch.sigmoid(sink * (nq / nonzero(nk)).squeeze(-1))
+            outs.append(((fq * incoming.unsqueeze(-1)) @ kv) * allocation.unsqueeze(-1))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        return torch.where(nk > 0, out, torch.zeros_like(out))
+
+    def _causal_chunks(self, q, phi_k, v, rq, rk):
+        eps = self.eps
+        carry = dict(nk=0, nq=0, k_cum=0, q_cum=0, sink=0, source=0, exp=0)
+        state, outs = None, []
+
+        def prefix(name, x):
+            total = x.cumsum(dim=-2) + carry[name]
+            carry[name] = total[:, :, -1:]
+            return total
+
+        for a, b in chunks(q.shape[-2], self.seq_chunk):
+            fq, fk, real_q, real_k = torch.sigmoid(q[:, :, a:b]), phi_k(a, b), rq[:, :, a:b], rk[:, :, a:b]
+            nk, nq = prefix("nk", real_k), prefix("nq", real_q)
+            incoming = nk.squeeze(-1) / _dot(fq + eps, prefix("k_cum", fk * real_k) + eps)
+            outgoing = nq.squeeze(-1) / _dot(fk + eps, prefix("q_cum", fq * real_q) + eps)
+            sink = _dot(fq + eps, prefix("sink", fk * real_k * outgoing.unsqueeze(-1)) + eps) / nonzero(nk).squeeze(-1)
+            source = _dot(fk + eps, prefix("source", fq * real_q * incoming.unsqueeze(-1)) + eps)
+            source = (source / nonzero(nq).squeeze(-1)).clamp(-1.0, 1.0)
+            exp_source = torch.exp(source) * real_k.squeeze(-1)
+            competition = exp_source / nonzero(prefix("exp", exp_source.unsqueeze(-1)).squeeze(-1)) * nk.squeeze(-1)
+            query_side = fq * (incoming / nonzero(nk).squeeze(-1)).unsqueeze(-1)
+            out, state = decayed_causal_product(query_side, fk * real_k, v[:, :, a:b] * competition.unsqueeze(-1),
+                                                None, self.block_size, state=state, return_state=True)
+            out = out * torch.sigmoid(sink).unsqueeze(-1)
+            outs.append(torch.where(nk > 0, out, torch.zeros_like(out)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
     def reference(self, q, k, v, key_padding_mask=None):
         """The same flows with every sum written as an explicit masked (L x L) matrix product — the
