@@ -1,0 +1,239 @@
+"""Head-heterogeneous window/full softmax attention: the shared engine of the head-level mechanisms
+(AHA M47, query-adaptive head selection M48, MoA M49, DuoAttention M50).
+
+The configuration is per head h a sliding window `windows[h]` (the half-width w of cab's `local`
+convention: NS sees |p - j| <= w, CS sees p - w <= j <= p; None = the head is a full-attention head) and
+`sinks` always-visible first keys, plus optionally a per-(batch, head, query) bool `full_rows` that switches
+single query rows of window heads to full attention. For every (b, h, i) the row attends, by one softmax:
+
+    full rows / full heads:  every key the pattern and the padding let it see;
+    other rows:              the window of its head plus the sinks (intersected with pattern and padding).
+
+A row that sees no key outputs 0. Positions: query i sits at key position i (NS) or i + Lk - Lq (CS,
+bottom-right as cab's causal mask).
+
+Efficient path: window heads grouped by window size run cab's `local` torch path (query blocks against
+their strided key neighbourhood, O(L (w + s)) per head); full rows are gathered per (batch, head) and scored
+against that head's keys in chunks of rows (O(rows x Lk)); the two are merged with `torch.where`. The window
+output is computed for every row of a window head, also the rows a router switched to full (the bill of a
+router: it decides after the cheap local pass). `dense_reference` builds the explicit (B, H, Lq, Lk) mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cab.attention.base import repeat_kv
+from cab.attention.functional import softmax_scale
+from cab.attention.local import LocalAttention
+from cab.patterns import Pattern, attention_mask
+
+_ROW_CHUNK_ELEMS = 1 << 22  # scores held per chunk of full rows: rows x Lk <= 4M
+
+
+def _local_modules(cache: dict, pattern: Pattern, windows, sinks: int, head_dim: int):
+    """{window: (head indices, LocalAttention)} for the window heads (None windows left out)."""
+    groups: dict[int, list[int]] = {}
+    for h, w in enumerate(windows):
+        if w is not None:
+            groups.setdefault(int(w), []).append(h)
+    out = {}
+    for w, heads in groups.items():
+        key = (pattern, w, sinks, tuple(heads), head_dim)
+        if key not in cache:
+            cache[key] = LocalAttention(pattern, len(heads), head_dim, window=w, sinks=sinks)
+        out[w] = (heads, cache[key])
+    return out
+
+
+def _rows_mask(windows, full_rows: "torch.Tensor | None", batch: int, lq: int, device) -> torch.Tensor:
+    """(B, H, Lq) bool: rows computed by full attention (full heads entirely, plus routed rows)."""
+    static = torch.tensor([w is None for w in windows], device=device)
+    rows = static[None, :, None].expand(batch, len(windows), lq)
+    if full_rows is not None:
+        rows = rows | full_rows.to(device=device, dtype=torch.bool)
+    return rows
+
+
+def full_row_outputs(q, k, v, key_padding_mask, pattern: Pattern, rows: torch.Tensor) -> torch.Tensor:
+    """(B, H, Lq, Dv) with the full-attention output at the rows marked in `rows` (B, H, Lq), 0 elsewhere;
+    k, v already expanded to H heads."""
+    batch, heads, lq, dim = q.shape
+    lk = k.shape[-2]
+    offset = lk - lq if pattern.causal else 0
+    scale = softmax_scale(dim)
+    key_pos = torch.arange(lk, device=q.device)
+    chunk = max(1, _ROW_CHUNK_ELEMS // max(lk, 1))
+    index, values = [], []
+    for b in range(batch):
+        ok = None if key_padding_mask is None else ~key_padding_mask[b].bool()
+        for h in range(heads):
+            idx = rows[b, h].nonzero().flatten()
+            for start in range(0, idx.numel(), chunk):
+                sel = idx[start:start + chunk]
+                scores = (q[b, h, sel] * scale) @ k[b, h].transpose(-1, -2)
+                visible = torch.ones_like(scores, dtype=torch.bool)
+                if pattern.causal:
+                    visible = key_pos[None, :] <= (sel[:, None] + offset)
+                if ok is not None:
+                    visible = visible & ok[None, :]
+                seen = visible.any(-1, keepdim=True)
+                probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), -1) * seen
+                values.append(probs @ v[b, h])
+                index.append(torch.stack([torch.full_like(sel, b), torch.full_like(sel, h), sel]))
+    out = q.new_zeros(batch, heads, lq, v.shape[-1])
+    if not values:
+        return out
+    where = torch.cat(index, dim=1)
+    return out.index_put((where[0], where[1], where[2]), torch.cat(values))
+
+
+def hetero_attention(q, k, v, key_padding_mask, pattern: Pattern, windows, sinks: int,
+                     full_rows: "torch.Tensor | None" = None, cache: "dict | None" = None) -> torch.Tensor:
+    """The efficient path (see the module docstring); `windows` has one entry per query head."""
+    heads = q.shape[1]
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    cache = {} if cache is None else cache
+    batch, _, lq, _ = q.shape
+    rows = _rows_mask(windows, full_rows, batch, lq, q.device)
+    out = q.new_zeros(batch, heads, lq, v.shape[-1])
+    for heads_w, module in _local_modules(cache, pattern, windows, sinks, q.shape[-1]).values():
+        idx = torch.tensor(heads_w, device=q.device)
+        part = module._torch(q[:, idx], k[:, idx], v[:, idx], key_padding_mask)
+        out = out.index_copy(1, idx, part) if len(heads_w) < heads else part
+    if bool(rows.any()):
+        out = torch.where(rows[..., None], full_row_outputs(q, k, v, key_padding_mask, pattern, rows), out)
+    return out
+
+
+def hetero_pairs(q, k, pattern: Pattern, windows, sinks: int, full_rows=None, cache: "dict | None" = None) -> int:
+    """(batch, head, query, key) pairs the efficient path scores: `local`'s count for each window head group
+    (all its rows), plus Lk per full row."""
+    batch, heads, lq, dim = q.shape
+    cache = {} if cache is None else cache
+    total = 0
+    for heads_w, module in _local_modules(cache, pattern, windows, sinks, dim).values():
+        qs = q[:, : len(heads_w)]
+        total += module.computed_pairs(qs, k[:, :1], k[:, :1])
+    rows = _rows_mask(windows, full_rows, batch, lq, q.device)
+    return total + int(rows.sum()) * k.shape[-2]
+
+
+def visibility(pattern: Pattern, lq: int, lk: int, key_padding_mask, windows, sinks: int,
+               full_rows=None, batch: int = 1, device=None) -> torch.Tensor:
+    """(B, H, Lq, Lk) bool: the explicit per-row visibility of the configuration."""
+    base = attention_mask(pattern, lq, lk, key_padding_mask, device=device)  # (B|1, 1, Lq, Lk)
+    pos = torch.arange(lq, device=device)[:, None] + (lk - lq if pattern.causal else 0)
+    key = torch.arange(lk, device=device)[None, :]
+    heads = []
+    for w in windows:
+        if w is None:
+            heads.append(torch.ones(lq, lk, dtype=torch.bool, device=device))
+        else:
+            near = (pos - key).abs() <= w
+            heads.append(near | (key < sinks))
+    local = torch.stack(heads)[None]  # (1, H, Lq, Lk)
+    rows = _rows_mask(windows, full_rows, max(batch, base.shape[0]), lq, device)
+    return base & (local | rows[..., None])
+
+
+def dense_reference(q, k, v, key_padding_mask, pattern: Pattern, windows, sinks: int, full_rows=None):
+    """The naive form: explicit mask, one masked softmax over all keys, empty rows zeroed."""
+    heads = q.shape[1]
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    mask = visibility(pattern, q.shape[-2], k.shape[-2], key_padding_mask, windows, sinks, full_rows,
+                      q.shape[0], q.device)
+    scores = (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1])
+    probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+    probs = torch.where(mask.any(-1, keepdim=True), probs, torch.zeros_like(probs))
+    return probs @ v
+
+
+# per-row windows (MoA's elastic spans: a row's window grows with the keys it can see) ---------------------
+
+def _row_chunks(lq: int, half_widths: torch.Tensor, causal: bool, budget: int = 1 << 16):
+    """Yield (rows, wmax) chunks of consecutive query rows whose (rows x span) stays near `budget`."""
+    start = 0
+    wmax_all = half_widths.amax(dim=(0, 1)) if half_widths.dim() == 3 else half_widths
+    while start < lq:
+        wmax = int(wmax_all[start])
+        span = wmax + 1 if causal else 2 * wmax + 1
+        size = max(1, budget // max(span, 1))
+        stop = min(lq, start + size)
+        wmax = int(wmax_all[start:stop].max())
+        yield torch.arange(start, stop, device=half_widths.device), wmax
+        start = stop
+
+
+def banded_attention(q, k, v, key_padding_mask, pattern: Pattern, half_widths: torch.Tensor, sinks: int):
+    """Softmax attention where row i of head h sees the keys within `half_widths[b, h, i]` of its position
+    (CS: only behind it) plus `sinks` first keys; half_widths (B|1, H|1, Lq) int. Rows in chunks: each chunk
+    gathers the keys of its widest window from a zero-padded copy (O(rows x span) per chunk)."""
+    heads = q.shape[1]
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    batch, _, lq, dim = q.shape
+    lk = k.shape[-2]
+    causal = pattern.causal
+    offset = lk - lq if causal else 0
+    s = min(sinks, lk)
+    ok = torch.ones(batch, lk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        ok = ~key_padding_mask.bool().to(q.device)
+    hw = half_widths.to(q.device).long()
+    wtop = int(hw.max()) if hw.numel() else 0
+    extra = max(0, -offset)
+    pad_left, pad_right = wtop + extra, (0 if causal else wtop) + max(0, lq + offset - lk)
+    kp = torch.nn.functional.pad(k, (0, 0, pad_left, pad_right))
+    vp = torch.nn.functional.pad(v, (0, 0, pad_left, pad_right))
+    okp = torch.nn.functional.pad(ok, (pad_left, pad_right))
+    q = q * softmax_scale(dim)
+    sink_scores_all = q @ k[:, :, :s].transpose(-1, -2) if s else None
+    neg = torch.finfo(q.dtype).min
+    outs = []
+    for rows, wmax in _row_chunks(lq, hw.expand(batch, heads, lq), causal):
+        pos = rows + offset
+        span = wmax + 1 if causal else 2 * wmax + 1
+        idx = pos[:, None] - wmax + pad_left + torch.arange(span, device=q.device)[None, :]
+        key_pos = idx - pad_left  # (r, span)
+        scores = torch.einsum("bhrd,bhrsd->bhrs", q[:, :, rows], kp[:, :, idx])
+        within = (pos[:, None] - key_pos).abs()[None, None] <= hw.expand(batch, heads, lq)[:, :, rows, None]
+        vis = within & (okp[:, idx] & (key_pos >= s))[:, None]  # sinks are scored apart, once
+        parts, masks = [scores], [vis]
+        if s:
+            sink_pos = torch.arange(s, device=q.device)
+            sink_vis = ok[:, None, :s] & ((sink_pos[None, :] <= pos[:, None]) if causal else True)
+            parts.append(sink_scores_all[:, :, rows])
+            masks.append(sink_vis[:, None].expand(batch, heads, rows.numel(), s))
+        allsc, allvis = torch.cat(parts, -1), torch.cat(masks, -1)
+        probs = torch.softmax(allsc.masked_fill(~allvis, neg), -1) * allvis.any(-1, keepdim=True)
+        out = torch.einsum("bhrs,bhrsd->bhrd", probs[..., :span], vp[:, :, idx])
+        if s:
+            out = out + probs[..., span:] @ v[:, :, :s]
+        outs.append(out)
+    return torch.cat(outs, 2)
+
+
+def banded_pairs(batch: int, heads: int, lq: int, half_widths: torch.Tensor, causal: bool, sinks: int,
+                 lk: int) -> int:
+    """Pairs `banded_attention` scores: every row of a chunk against the chunk's widest span, plus the sinks."""
+    hw = half_widths.long().expand(batch, heads, lq)
+    total = 0
+    for rows, wmax in _row_chunks(lq, hw, causal):
+        span = wmax + 1 if causal else 2 * wmax + 1
+        total += rows.numel() * (span + min(sinks, lk))
+    return batch * heads * total
+
+
+def banded_reference(q, k, v, key_padding_mask, pattern: Pattern, half_widths: torch.Tensor, sinks: int):
+    """Explicit (B, H, Lq, Lk) mask of `banded_attention`, one masked softmax."""
+    heads = q.shape[1]
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    lq, lk = q.shape[-2], k.shape[-2]
+    base = attention_mask(pattern, lq, lk, key_padding_mask, device=q.device)
+    pos = torch.arange(lq, device=q.device)[:, None] + (lk - lq if pattern.causal else 0)
+    key = torch.arange(lk, device=q.device)[None, :]
+    near = (pos - key).abs()[None, None] <= half_widths.to(q.device)[..., None]
+    mask = base & (near | (key < sinks))
+    scores = (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1])
+    probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+    return (probs * mask.any(-1, keepdim=True)) @ v
