@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from cab.patterns import Pattern
 
@@ -79,7 +80,8 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: t
 
     q (B, H, G, gq, D); k (B, H, Lk, D), v (B, H, Lk, Dv); idx (B, H, G, N) int64 in [0, Lk); valid bool
     broadcastable to (B, H, G, gq, N). Returns (B, H, G, gq, Dv), rows with no valid key 0 (and with
-    return_lse the (B, H, G, gq) log-sum-exp of the scaled scores, -inf for such rows)."""
+    return_lse the (B, H, G, gq) log-sum-exp of the scaled scores, -inf for such rows). With autograd on, each
+    chunk is checkpointed: backward gathers its keys again, so memory stays at one chunk's gather."""
     b, h, g, gq, d = q.shape
     n = idx.shape[-1]
     lk, dv = k.shape[-2], v.shape[-1]
@@ -90,29 +92,37 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: t
     flat = idx.clamp(0, max(lk - 1, 0)) + base
     step = max(1, _GATHER_ELEMENTS // max(1, b * h * n * max(d, dv)))
     outs, lses = [], []
+    checkpointed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     for g0 in range(0, g, step):
         sl = slice(g0, g0 + step)
-        f = flat[:, :, sl].reshape(-1)
-        c = flat[:, :, sl].shape[2]
-        kg = kf.index_select(0, f).reshape(b, h, c, n, d)
-        vg = vf.index_select(0, f).reshape(b, h, c, n, dv)
-        s = (q[:, :, sl] * scale) @ kg.transpose(-1, -2)  # (B, H, c, gq, N)
-        ok = valid[:, :, sl]
-        s = s.masked_fill(~ok, float("-inf"))
-        mx = s.amax(-1, keepdim=True)
-        empty = torch.isinf(mx)
-        mx = torch.where(empty, torch.zeros_like(mx), mx)
-        e = torch.exp(s - mx)  # exactly 0 on invalid slots
-        den = e.sum(-1, keepdim=True)
-        out = (e @ vg) / torch.where(empty, torch.ones_like(den), den)
+        args = (q[:, :, sl], kf, vf, flat[:, :, sl], valid[:, :, sl])
+        if checkpointed:  # keep only the chunk's inputs for backward, not its gathered keys and values
+            out, lse = checkpoint(_gathered_chunk, *args, scale, use_reentrant=False)
+        else:
+            out, lse = _gathered_chunk(*args, scale)
         outs.append(out)
-        if return_lse:
-            lses.append(torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(
-                torch.where(empty, torch.ones_like(den), den)))[..., 0])
+        lses.append(lse)
     out = torch.cat(outs, dim=2)
     if return_lse:
         return out, torch.cat(lses, dim=2)
     return out
+
+
+def _gathered_chunk(q, kf, vf, flat, ok, scale):
+    """One chunk of gathered_attention: (out (B, H, c, gq, Dv), lse (B, H, c, gq))."""
+    b, h, c, n = flat.shape
+    kg = kf.index_select(0, flat.reshape(-1)).reshape(b, h, c, n, kf.shape[-1])
+    vg = vf.index_select(0, flat.reshape(-1)).reshape(b, h, c, n, vf.shape[-1])
+    s = (q * scale) @ kg.transpose(-1, -2)  # (B, H, c, gq, N)
+    s = s.masked_fill(~ok, float("-inf"))
+    mx = s.amax(-1, keepdim=True)
+    empty = torch.isinf(mx)
+    mx = torch.where(empty, torch.zeros_like(mx), mx)
+    e = torch.exp(s - mx)  # exactly 0 on invalid slots
+    den = e.sum(-1, keepdim=True)
+    safe = torch.where(empty, torch.ones_like(den), den)
+    lse = torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(safe))[..., 0]
+    return (e @ vg) / safe, lse
 
 
 def masked_softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
