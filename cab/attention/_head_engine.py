@@ -57,10 +57,11 @@ def _rows_mask(windows, full_rows: "torch.Tensor | None", batch: int, lq: int, d
 
 def full_row_outputs(q, k, v, key_padding_mask, pattern: Pattern, rows: torch.Tensor) -> torch.Tensor:
     """(B, H, Lq, Dv) with the full-attention output at the rows marked in `rows` (B, H, Lq), 0 elsewhere;
-    k, v already expanded to H heads."""
+    k, v already expanded to H heads. Any pattern: CS bottom-right causal, the others see every real key."""
     batch, heads, lq, dim = q.shape
     lk = k.shape[-2]
-    offset = lk - lq if pattern.causal else 0
+    causal = pattern is Pattern.CS  # CC is query-side causal only: every key is visible to every row
+    offset = lk - lq if causal else 0
     scale = softmax_scale(dim)
     key_pos = torch.arange(lk, device=q.device)
     chunk = max(1, _ROW_CHUNK_ELEMS // max(lk, 1))
@@ -73,7 +74,7 @@ def full_row_outputs(q, k, v, key_padding_mask, pattern: Pattern, rows: torch.Te
                 sel = idx[start:start + chunk]
                 scores = (q[b, h, sel] * scale) @ k[b, h].transpose(-1, -2)
                 visible = torch.ones_like(scores, dtype=torch.bool)
-                if pattern.causal:
+                if causal:
                     visible = key_pos[None, :] <= (sel[:, None] + offset)
                 if ok is not None:
                     visible = visible & ok[None, :]
