@@ -154,6 +154,16 @@ class AdaptiveFilterAttention(KVCacheAttention):
         out = self._block(q.to(dtype), keys, values, visible, tq, tk)
         return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)).to(q.dtype)
 
+    def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
+        """(B, H, C, Lk) blocks in the compute dtype — decay, variance, precision, residual, logits, weights
+        and masks, about ten per block — plus rotated q, k, v and the output; the backward recomputes one
+        checkpointed block at a time. Calibrated on cab's CPU memory probe (L = 512, CS: about 10 blocks in
+        fwd, 21 in fwdbwd), with margin."""
+        item = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        block = batch * self.num_heads * min(lq, self.chunk_size) * lk * item
+        rows = 4 * batch * self.num_heads * max(lq, lk) * self.head_dim * item
+        return int((28 if mode in ("bwd", "fwdbwd") else 14) * block + 6 * rows)
+
     def reference(self, q, k, v, key_padding_mask=None):
         """Row by row with the transport applied to each key and value directly (rotation by omega (t_i -
         t_j), decay exp(-mu |t_i - t_j|)), the residual vector formed explicitly, the Student-t log-density

@@ -133,6 +133,15 @@ class RelativeConvAttention(Attention):
         out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
         return out.to(out_dtype)
 
+    def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
+        """(B, H, C, Lk) blocks in the compute dtype (scores, relative logits, softmax, masks) and the
+        convolved q, k, v with the output; the backward recomputes one checkpointed block at a time. With
+        margin over cab's CPU memory probe."""
+        item = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        block = batch * self.num_heads * min(lq, self.chunk_size) * lk * item
+        rows = 4 * batch * self.num_heads * max(lq, lk) * self.head_dim * item
+        return int((16 if mode in ("bwd", "fwdbwd") else 8) * block + 8 * rows)
+
     def reference(self, q, k, v, key_padding_mask=None):
         """Convolutions as explicit sums over each position's window, then row by row: relative-embedding
         scores over the visible keys, softmax, values."""
