@@ -1,0 +1,119 @@
+"""Perceiver-like query compression (M65, CrossLMM's pooled-token cross-attention): pooled key tokens act
+as latent queries over the full key set, and every query then attends the few latents — O((Lq + Lk) r d)."""
+
+from __future__ import annotations
+
+import torch
+
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.functional import compute_dtype, softmax_scale
+from cab.registry import register_attention
+
+_CAUSAL_SELF = ("the latents pool segments of the whole sequence, so a query would read future tokens "
+                "through them; the causal version of a bounded latent memory is abc's prefix control")
+
+
+def latent_slots(real: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, Lk) long: the latent each real key pools into (its rank n among the row's N real keys gives
+    floor(n * r / N), r = min(count, N): contiguous near-equal groups of real keys), -1 for padding. Ranks
+    over real keys, not positions, so padding never moves a key to another latent."""
+    rank = real.long().cumsum(dim=-1) - 1
+    total = real.long().sum(dim=-1, keepdim=True)
+    slots = torch.minimum(total, torch.full_like(total, count))
+    slot = torch.div(rank * slots, total.clamp(min=1), rounding_mode="floor")
+    return torch.where(real, slot, torch.full_like(slot, -1))
+
+
+@register_attention(
+    "pooled_latent", patterns=("NS", "NC", "CC"), family="low-rank", exact=False, mechanism="M65.perceiver",
+    citation="Yan et al., CrossLMM: Decoupling Long Video Sequences from LMMs via Dual Cross-Attention "
+    "Mechanisms, arXiv 2505.17020 (2025); Jaegle et al., Perceiver IO, ICLR 2022",
+    unsupported={"CS": _CAUSAL_SELF},
+)
+class PooledLatentAttention(Attention):
+    """Two-stage attention through r pooled latents (r = `num_latents`, default 16).
+
+    1. Compression: the real keys are cut into r contiguous near-equal groups (by rank among the real keys,
+       so padding does not move them); each latent query z_m is the mean of its group's keys (CrossLMM's
+       pooled tokens as queries; r = min(num_latents, number of real keys)). Latent m attends every real key:
+       a_m = softmax_j(z_m . k_j / sqrt(d)), latent value u_m = sum_j a_mj v_j.
+    2. Read-out: query i attends the latents, keyed by the z_m: out_i = softmax_m(q_i . z_m / sqrt(d)) u_m.
+
+    There are no projections of its own (the backbone's q, k, v projections play them). A row with no
+    real key at all outputs 0. The latents depend on keys only, so
+    causal cross (CC) holds: row i uses no other query. Positions play no role (NC/CC need no alignment).
+    Causal self is unsupported (see the reason). Cost O((Lq + Lk) r d) time, O((Lq + Lk) r) memory.
+    """
+
+    complexity = {"time": 1, "memory": 1}
+
+    def __init__(self, pattern, num_heads, head_dim, num_latents: int = 16):
+        super().__init__(pattern, num_heads, head_dim)
+        if num_latents < 1:
+            raise ValueError(f"num_latents must be positive, got {num_latents}")
+        self.num_latents = num_latents
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_latents={self.num_latents}"
+
+    def _latent_queries(self, k: torch.Tensor, real: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """(z (B, H, r, D), valid (B, 1, r) bool): group means of the real keys."""
+        r = min(self.num_latents, k.shape[-2])
+        slot = latent_slots(real, r)  # (B, Lk)
+        onehot = (slot[:, :, None] == torch.arange(r, device=k.device)).to(k.dtype)  # (B, Lk, r)
+        counts = onehot.sum(dim=1)  # (B, r)
+        sums = torch.einsum("bhld,blr->bhrd", k, onehot)
+        z = sums / counts.clamp(min=1)[:, None, :, None]
+        return z, (counts > 0)[:, None, :]
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        q = q.to(dtype)
+        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        b, _, lq, d = q.shape
+        lk = k.shape[-2]
+        real = torch.ones(b, lk, dtype=torch.bool, device=q.device) if key_padding_mask is None \
+            else ~key_padding_mask.to(q.device).bool()
+        if lk == 0:
+            return q.new_zeros(*q.shape[:-1], v.shape[-1]).to(out_dtype)
+        scale = softmax_scale(d)
+        z, valid = self._latent_queries(k, real)
+        compress = (z @ k.transpose(-1, -2)) * scale  # (B, H, r, Lk)
+        compress = compress.masked_fill(~real[:, None, None, :], float("-inf"))
+        compress = torch.softmax(compress.masked_fill(~valid[..., None], 0.0), dim=-1)
+        latent_values = compress @ v  # (B, H, r, Dv)
+        read = ((q @ z.transpose(-1, -2)) * scale).masked_fill(~valid[:, :, None, :], float("-inf"))
+        any_valid = valid.any(dim=-1)  # (B, 1)
+        read = torch.softmax(read.masked_fill(~any_valid[:, :, None, None], 0.0), dim=-1)
+        out = (read @ latent_values).masked_fill(~any_valid[:, :, None, None], 0.0)
+        return out.to(out_dtype)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Latent by latent and query by query, with explicit segment means and softmaxes."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        b, h, lq, d = q.shape
+        lk = k.shape[-2]
+        out = q.new_zeros(b, h, lq, v.shape[-1])
+        for bi in range(b):
+            real = [True] * lk if key_padding_mask is None else [not bool(x) for x in key_padding_mask[bi]]
+            keys = [j for j in range(lk) if real[j]]
+            if not keys:
+                continue
+            for hi in range(h):
+                latents = []
+                slot = latent_slots(torch.tensor([real]), min(self.num_latents, lk))[0].tolist()
+                for m in range(min(self.num_latents, lk)):
+                    members = [j for j in range(lk) if slot[j] == m]
+                    if not members:
+                        continue
+                    z = torch.stack([k[bi, hi, j] for j in members]).mean(dim=0)
+                    a = torch.softmax(torch.stack([z @ k[bi, hi, j] / d ** 0.5 for j in keys]), dim=0)
+                    latents.append((z, sum(a[n] * v[bi, hi, j] for n, j in enumerate(keys))))
+                for i in range(lq):
+                    w = torch.softmax(torch.stack([q[bi, hi, i] @ z / d ** 0.5 for z, _ in latents]), dim=0)
+                    out[bi, hi, i] = sum(w[m] * u for m, (_, u) in enumerate(latents))
+        return out
+
+    def algorithmic_flops(self, batch, lq, lk, kv_heads):
+        r = min(self.num_latents, lk)  # the pooling einsum, the compression and the read-out
+        return 2 * batch * self.num_heads * r * self.head_dim * (3 * lk + 2 * lq)

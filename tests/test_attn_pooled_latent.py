@@ -1,0 +1,46 @@
+"""pooled_latent (M65.perceiver): forward vs the latent-by-latent reference (outputs and gradients), the
+exact limit with one key per latent, no leak through the latents under CC, conformance."""
+
+import pytest
+import torch
+
+from cab import create_attention
+from cab.check import run_conformance
+from cab.status import Status
+from attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [("NS", 23, 23), ("NC", 11, 29), ("CC", 29, 11)])
+@pytest.mark.parametrize("latents", [1, 4, 40])
+def test_forward_matches_reference_with_gradients(pattern, lq, lk, latents):
+    attn = create_attention("pooled_latent", pattern, 4, 8, num_latents=latents)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    pad = holey_padding(lk)
+    pad[1, :3] = True  # a whole first segment of padding when latents are many
+    assert_forward_matches_reference(attn, q, k, v, pad)
+
+
+def test_one_key_per_latent_is_a_two_hop_softmax():
+    """With r = Lk each latent query is one key: latent m's value is softmax(k_m K^T) V and the read-out
+    is softmax(q K^T) over those values."""
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 5, 7, 4))
+    out = create_attention("pooled_latent", "NC", 2, 4, num_latents=7)(q, k, v)
+    kk = torch.softmax(k @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ kk
+    torch.testing.assert_close(out, expected)
+
+
+def test_all_padding_outputs_zero_and_causal_self_is_unsupported():
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, 5, 6, 4))
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0] = True
+    out = create_attention("pooled_latent", "NC", 2, 4, num_latents=3)(q, k, v, pad)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and out[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="abc's prefix control"):
+        create_attention("pooled_latent", "CS", 2, 4)
+
+
+@pytest.mark.parametrize("pattern", ["NS", "NC", "CC"])
+def test_conformance(pattern):
+    report = run_conformance("pooled_latent", pattern)
+    assert report.status is Status.OK, report.message
