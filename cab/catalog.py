@@ -116,7 +116,16 @@ CATALOG: "tuple[Mechanism, ...]" = tuple(
 )
 
 # Entries no registered attention implements, with the reason (shown by `cab list --catalog`).
-NOT_IMPLEMENTED: "dict[str, str]" = {}
+NOT_IMPLEMENTED: "dict[str, str]" = {
+    "M64": "a probing head, not an operator: its queries are learned parameters and it returns one pooled "
+           "vector per probe, not a row per query; its cross-attention without K/V projections is exact "
+           "softmax cross-attention (vanilla/sdpa in NC)",
+    "M65.xpool": "exact scaled dot-product cross-attention (text query over frame keys): vanilla/sdpa in NC; "
+                 "its contribution is what attends to what, not the operator",
+    "M65.masks": "arbitrary block masks (modality-mutual, dual causal/bidirectional, Markovian): cab's "
+                 "operator takes a pattern, key padding and segment ids, which express none of them; they "
+                 "need a per-(query, key) block-mask input, which FlexAttention's mask_mod offers",
+}
 
 _ID_RE = re.compile(r"M\d+(?:\.[a-z]+)?")
 
