@@ -109,8 +109,9 @@ def test_computed_pairs():
     local = create_attention("local", "NS", 2, 8, window=15)
     assert duo.computed_pairs(q, k, v) == 2 * 2 * 40 * 40 + local.computed_pairs(q[:, :2], k[:, :2], v[:, :2])
     moa = create_attention("moa", "CS", 4, 8, alphas=(3, 3, 3, 3), betas=(0, 0, 0, 0), sinks=1)
-    assert moa.computed_pairs(q, k, v) == 2 * 4 * 40 * (3 + 1)
-    assert moa.computed_pairs(q, k, v) < 2 * 4 * 40 * 41 / 2
+    q, k, v = (t.detach() for t in random_qkv(2, 4, 4, 300, 300, 8))
+    # rows in chunks of 128, each scoring keys from its first row minus the half-width 2 to its last row
+    assert moa.computed_pairs(q, k, v) == 2 * 4 * (128 * (128 + 1) + 128 * (130 + 1) + 44 * (46 + 1))
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -125,3 +126,22 @@ def test_cross_patterns_refused(name):
 def test_conformance(name, pattern):
     report = run_conformance(name, pattern, hparams=SMALL[name])
     assert report.status is Status.OK, report.message
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [("CS", 300, 300), ("CS", 170, 290), ("NS", 260, 240)])
+def test_moa_multi_chunk_matches_explicit_mask(pattern, lq, lk):
+    """Lengths past one 128-row chunk, heads with windows from 2 to ~150 keys: the chunked key ranges equal
+    the explicit-mask form (outputs and gradients)."""
+    from cab.attention import _head_engine as engine
+
+    attn = create_attention("moa", pattern, 2, 4, alphas=(3, 20), betas=(0.0, 0.45), sinks=2)
+    q, k, v = random_qkv(1, 2, 1, lq, lk, 4)
+    pad = torch.zeros(1, lk, dtype=torch.bool)
+    pad[0, [1, 150]] = True
+    hw = attn.half_widths(q, k, pad)
+    out = attn(q, k, v, pad)
+    ref = engine.banded_reference(q, k, v, pad, attn.pattern, hw, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    cot = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

@@ -55,6 +55,17 @@ def _rows_mask(windows, full_rows: "torch.Tensor | None", batch: int, lq: int, d
     return rows
 
 
+def _full_row_chunks(rows_bh: torch.Tensor, lk: int, offset: int, causal: bool):
+    """Yield (row indices, keys scored) chunks of one (batch, head)'s full rows (sorted ascending): at most
+    ~4M scores per chunk; under CS a chunk scores only the keys up to its last row's position."""
+    idx = rows_bh.nonzero().flatten()
+    chunk = max(1, _ROW_CHUNK_ELEMS // max(lk, 1))
+    for start in range(0, idx.numel(), chunk):
+        sel = idx[start:start + chunk]
+        kend = min(lk, max(0, int(sel[-1]) + offset + 1)) if causal else lk
+        yield sel, kend
+
+
 def full_row_outputs(q, k, v, key_padding_mask, pattern: Pattern, rows: torch.Tensor) -> torch.Tensor:
     """(B, H, Lq, Dv) with the full-attention output at the rows marked in `rows` (B, H, Lq), 0 elsewhere;
     k, v already expanded to H heads. Any pattern: CS bottom-right causal, the others see every real key."""
@@ -64,29 +75,34 @@ def full_row_outputs(q, k, v, key_padding_mask, pattern: Pattern, rows: torch.Te
     offset = lk - lq if causal else 0
     scale = softmax_scale(dim)
     key_pos = torch.arange(lk, device=q.device)
-    chunk = max(1, _ROW_CHUNK_ELEMS // max(lk, 1))
     index, values = [], []
     for b in range(batch):
-        ok = None if key_padding_mask is None else ~key_padding_mask[b].bool()
+        ok = None if key_padding_mask is None else ~key_padding_mask[b].bool().to(q.device)
         for h in range(heads):
-            idx = rows[b, h].nonzero().flatten()
-            for start in range(0, idx.numel(), chunk):
-                sel = idx[start:start + chunk]
-                scores = (q[b, h, sel] * scale) @ k[b, h].transpose(-1, -2)
+            for sel, kend in _full_row_chunks(rows[b, h], lk, offset, causal):
+                scores = (q[b, h, sel] * scale) @ k[b, h, :kend].transpose(-1, -2)
                 visible = torch.ones_like(scores, dtype=torch.bool)
                 if causal:
-                    visible = key_pos[None, :] <= (sel[:, None] + offset)
+                    visible = key_pos[None, :kend] <= (sel[:, None] + offset)
                 if ok is not None:
-                    visible = visible & ok[None, :]
+                    visible = visible & ok[None, :kend]
                 seen = visible.any(-1, keepdim=True)
                 probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), -1) * seen
-                values.append(probs @ v[b, h])
+                values.append(probs @ v[b, h, :kend])
                 index.append(torch.stack([torch.full_like(sel, b), torch.full_like(sel, h), sel]))
     out = q.new_zeros(batch, heads, lq, v.shape[-1])
     if not values:
         return out
     where = torch.cat(index, dim=1)
     return out.index_put((where[0], where[1], where[2]), torch.cat(values))
+
+
+def full_row_pairs(rows: torch.Tensor, lq: int, lk: int, pattern: Pattern) -> int:
+    """Pairs `full_row_outputs` scores for the marked rows (B, H, Lq)."""
+    causal = pattern is Pattern.CS
+    offset = lk - lq if causal else 0
+    return sum(sel.numel() * kend for b in range(rows.shape[0]) for h in range(rows.shape[1])
+               for sel, kend in _full_row_chunks(rows[b, h], lk, offset, causal))
 
 
 def hetero_attention(q, k, v, key_padding_mask, pattern: Pattern, windows, sinks: int,
@@ -117,7 +133,7 @@ def hetero_pairs(q, k, pattern: Pattern, windows, sinks: int, full_rows=None, ca
         qs = q[:, : len(heads_w)]
         total += module.computed_pairs(qs, k[:, :1], k[:, :1])
     rows = _rows_mask(windows, full_rows, batch, lq, q.device)
-    return total + int(rows.sum()) * k.shape[-2]
+    return total + full_row_pairs(rows, lq, k.shape[-2], pattern)
 
 
 def visibility(pattern: Pattern, lq: int, lk: int, key_padding_mask, windows, sinks: int,
@@ -152,77 +168,76 @@ def dense_reference(q, k, v, key_padding_mask, pattern: Pattern, windows, sinks:
 
 # per-row windows (MoA's elastic spans: a row's window grows with the keys it can see) ---------------------
 
-def _row_chunks(lq: int, half_widths: torch.Tensor, causal: bool, budget: int = 1 << 16):
-    """Yield (rows, wmax) chunks of consecutive query rows whose (rows x span) stays near `budget`."""
+def _band_chunks(lq: int, lk: int, hw_rows: torch.Tensor, causal: bool, min_rows: int = 128):
+    """Yield (first row, stop row, first key, stop key) of the row chunks of one head: each chunk has about
+    max(min_rows, widest half-width) rows and scores the contiguous key range its rows' windows cover.
+    hw_rows: (Lq,) the head's widest half-width per row over the batch."""
+    offset = lk - lq if causal else 0
     start = 0
-    wmax_all = half_widths.amax(dim=(0, 1)) if half_widths.dim() == 3 else half_widths
     while start < lq:
-        wmax = int(wmax_all[start])
-        span = wmax + 1 if causal else 2 * wmax + 1
-        size = max(1, budget // max(span, 1))
-        stop = min(lq, start + size)
-        wmax = int(wmax_all[start:stop].max())
-        yield torch.arange(start, stop, device=half_widths.device), wmax
+        stop = min(lq, start + max(min_rows, int(hw_rows[start])))
+        wmax = int(hw_rows[start:stop].max())
+        lo = max(0, start + offset - wmax)
+        hi = min(lk, stop - 1 + offset + (0 if causal else wmax) + 1)
+        yield start, stop, lo, max(lo, hi)
         start = stop
 
 
 def banded_attention(q, k, v, key_padding_mask, pattern: Pattern, half_widths: torch.Tensor, sinks: int):
     """Softmax attention where row i of head h sees the keys within `half_widths[b, h, i]` of its position
-    (CS: only behind it) plus `sinks` first keys; half_widths (B|1, H|1, Lq) int. Rows in chunks: each chunk
-    gathers the keys of its widest window from a zero-padded copy (O(rows x span) per chunk)."""
+    (CS: only behind it) plus `sinks` first keys; half_widths (B|1, H|1, Lq) int. Per head, rows in chunks
+    of about the head's window: a chunk scores the contiguous key range its windows cover by one matmul
+    (no gathered copies; O(Lq x (chunk + span)) per head) and masks it to each row's window."""
     heads = q.shape[1]
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)
     batch, _, lq, dim = q.shape
     lk = k.shape[-2]
-    causal = pattern.causal
+    causal = pattern is Pattern.CS
     offset = lk - lq if causal else 0
     s = min(sinks, lk)
     ok = torch.ones(batch, lk, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         ok = ~key_padding_mask.bool().to(q.device)
-    hw = half_widths.to(q.device).long()
-    wtop = int(hw.max()) if hw.numel() else 0
-    extra = max(0, -offset)
-    pad_left, pad_right = wtop + extra, (0 if causal else wtop) + max(0, lq + offset - lk)
-    kp = torch.nn.functional.pad(k, (0, 0, pad_left, pad_right))
-    vp = torch.nn.functional.pad(v, (0, 0, pad_left, pad_right))
-    okp = torch.nn.functional.pad(ok, (pad_left, pad_right))
+    hw = half_widths.to(q.device).long().expand(batch, heads, lq)
+    widest = hw.amax(0).cpu()  # (H, Lq)
     q = q * softmax_scale(dim)
-    sink_scores_all = q @ k[:, :, :s].transpose(-1, -2) if s else None
     neg = torch.finfo(q.dtype).min
+    key_pos = torch.arange(lk, device=q.device)
+    sink_pos = key_pos[:s]
     outs = []
-    for rows, wmax in _row_chunks(lq, hw.expand(batch, heads, lq), causal):
-        pos = rows + offset
-        span = wmax + 1 if causal else 2 * wmax + 1
-        idx = pos[:, None] - wmax + pad_left + torch.arange(span, device=q.device)[None, :]
-        key_pos = idx - pad_left  # (r, span)
-        scores = torch.einsum("bhrd,bhrsd->bhrs", q[:, :, rows], kp[:, :, idx])
-        within = (pos[:, None] - key_pos).abs()[None, None] <= hw.expand(batch, heads, lq)[:, :, rows, None]
-        vis = within & (okp[:, idx] & (key_pos >= s))[:, None]  # sinks are scored apart, once
-        parts, masks = [scores], [vis]
-        if s:
-            sink_pos = torch.arange(s, device=q.device)
-            sink_vis = ok[:, None, :s] & ((sink_pos[None, :] <= pos[:, None]) if causal else True)
-            parts.append(sink_scores_all[:, :, rows])
-            masks.append(sink_vis[:, None].expand(batch, heads, rows.numel(), s))
-        allsc, allvis = torch.cat(parts, -1), torch.cat(masks, -1)
-        probs = torch.softmax(allsc.masked_fill(~allvis, neg), -1) * allvis.any(-1, keepdim=True)
-        out = torch.einsum("bhrs,bhrsd->bhrd", probs[..., :span], vp[:, :, idx])
-        if s:
-            out = out + probs[..., span:] @ v[:, :, :s]
-        outs.append(out)
-    return torch.cat(outs, 2)
+    for h in range(heads):
+        parts_h = []
+        for r0, r1, lo, hi in _band_chunks(lq, lk, widest[h], causal):
+            pos = torch.arange(r0, r1, device=q.device) + offset
+            kp = key_pos[lo:hi]
+            gap = (pos[:, None] - kp[None, :])
+            vis = (gap.abs()[None] <= hw[:, h, r0:r1, None]) & ok[:, None, lo:hi] & (kp >= s)[None, None]
+            if causal:
+                vis = vis & (gap >= 0)[None]
+            scores = q[:, h, r0:r1] @ k[:, h, lo:hi].transpose(-1, -2)  # (B, r, hi - lo)
+            scores_all, vis_all = scores, vis
+            if s:
+                sink_vis = ok[:, None, :s] & ((sink_pos[None, :] <= pos[:, None]) if causal else True)
+                scores_all = torch.cat([scores, q[:, h, r0:r1] @ k[:, h, :s].transpose(-1, -2)], -1)
+                vis_all = torch.cat([vis, sink_vis.expand(batch, r1 - r0, s)], -1)
+            probs = torch.softmax(scores_all.masked_fill(~vis_all, neg), -1) * vis_all.any(-1, keepdim=True)
+            out = probs[..., : hi - lo] @ v[:, h, lo:hi]
+            if s:
+                out = out + probs[..., hi - lo:] @ v[:, h, :s]
+            parts_h.append(out)
+        outs.append(torch.cat(parts_h, 1))
+    return torch.stack(outs, 1)
 
 
 def banded_pairs(batch: int, heads: int, lq: int, half_widths: torch.Tensor, causal: bool, sinks: int,
                  lk: int) -> int:
-    """Pairs `banded_attention` scores: every row of a chunk against the chunk's widest span, plus the sinks."""
-    hw = half_widths.long().expand(batch, heads, lq)
+    """Pairs `banded_attention` scores: every row of a chunk against the chunk's key range, plus the sinks."""
+    widest = half_widths.long().expand(batch, heads, lq).amax(0).cpu()
     total = 0
-    for rows, wmax in _row_chunks(lq, hw, causal):
-        span = wmax + 1 if causal else 2 * wmax + 1
-        total += rows.numel() * (span + min(sinks, lk))
-    return batch * heads * total
+    for h in range(heads):
+        for r0, r1, lo, hi in _band_chunks(lq, lk, widest[h], causal):
+            total += (r1 - r0) * (hi - lo + min(sinks, lk))
+    return batch * total
 
 
 def banded_reference(q, k, v, key_padding_mask, pattern: Pattern, half_widths: torch.Tensor, sinks: int):

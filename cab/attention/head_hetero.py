@@ -129,8 +129,9 @@ class MixtureOfSparseAttention(_HeadHetero):
     the default spreads beta linearly over [0, 0.5] across heads with alpha 64 (a stand-in calibration: some
     heads stay local, others grow with the input) and 4 sinks (StreamingLLM's default).
 
-    Efficient path: rows in chunks, each gathering the keys of its widest window (`_head_engine.
-    banded_attention`, O(Lq x span)); reference: the explicit mask.
+    Efficient path (`_head_engine.banded_attention`): per head, rows in chunks of about the head's window,
+    each scoring the contiguous key range its windows cover (O(Lq x (chunk + span)) per head); reference:
+    an explicit key set per row.
     """
 
     def __init__(self, pattern, num_heads, head_dim, alphas: "tuple | list | None" = None,
@@ -193,8 +194,8 @@ class MixtureOfSparseAttention(_HeadHetero):
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
         hw = self.half_widths(q, k, key_padding_mask)
-        return engine.banded_pairs(q.shape[0], q.shape[1], q.shape[-2], hw, self.pattern.causal, self.sinks,
-                                   k.shape[-2])
+        causal = self.pattern is Pattern.CS
+        return engine.banded_pairs(q.shape[0], q.shape[1], q.shape[-2], hw, causal, self.sinks, k.shape[-2])
 
 
 @register_attention(

@@ -113,4 +113,4 @@ class MixtureOfHeadAttention(Attention):
         return heads * self.gates(q)[..., None]
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
-        return int(self.active(q).sum()) * k.shape[-2]
+        return engine.full_row_pairs(self.active(q), q.shape[-2], k.shape[-2], self.pattern)
