@@ -168,20 +168,18 @@ class FlowformerAttention(Attention):
         if self.pattern is Pattern.CS:
             length = phi_q.shape[-2]
             tril = torch.ones(length, length, dtype=phi_q.dtype, device=phi_q.device).tril()
-            out = self._causal(phi_q, phi_k, v, rq, rk, lambda x: tril @ x, tril)
+            out = self._causal_dense(phi_q, phi_k, v, rq, rk, lambda x: tril @ x, tril)
         else:
-            out = self._noncausal(phi_q, phi_k, v, rq, rk, dense=True)
+            out = self._noncausal_dense(phi_q, phi_k, v, rq, rk)
         return out[:, :, drop:].to(out_dtype)
 
-    def _noncausal(self, phi_q, phi_k, v, rq, rk, dense: bool):
+    def _noncausal_dense(self, phi_q, phi_k, v, rq, rk):
+        """The noncausal flows for the reference: sums over keys and queries as products with the explicit
+        masks, the output as the explicit (Lq x Lk) weight matrix."""
         eps = self.eps
-        if dense:  # sums over keys / queries as products with the explicit (Lq x Lk) visibility
-            visible = rq.new_ones(rq.shape[0], 1, rq.shape[-2], 1) * rk.transpose(-1, -2)  # (B, 1, Lq, Lk)
-            over_keys = lambda x: visible @ x  # noqa: E731  (.., Lk, m) -> (.., Lq, m): same sum per row
-            over_queries = lambda x: (rq.transpose(-1, -2) @ x)  # noqa: E731
-        else:
-            over_keys = lambda x: (x * rk).sum(dim=-2, keepdim=True)  # noqa: E731
-            over_queries = lambda x: (x * rq).sum(dim=-2, keepdim=True)  # noqa: E731
+        visible = rq.new_ones(rq.shape[0], 1, rq.shape[-2], 1) * rk.transpose(-1, -2)  # (B, 1, Lq, Lk)
+        over_keys = lambda x: visible @ x  # noqa: E731  (.., Lk, m) -> (.., Lq, m): the same sum per row
+        over_queries = lambda x: (rq.transpose(-1, -2) @ x)  # noqa: E731
         nk = rk.sum(dim=-2, keepdim=True)
         nq = rq.sum(dim=-2, keepdim=True)
         k_sum = over_keys(phi_k)
@@ -197,16 +195,13 @@ class FlowformerAttention(Attention):
         competition = torch.softmax(logits, dim=-1) * nk.squeeze(-1) * rk.squeeze(-1)
         query_side = phi_q * incoming.unsqueeze(-1)
         values = v * competition.unsqueeze(-1)
-        if dense:
-            weights = (query_side @ phi_k.transpose(-1, -2)) * rk.transpose(-1, -2)
-            out = weights @ values
-        else:
-            out = query_side @ ((phi_k * rk).transpose(-1, -2) @ values)
-        out = out * allocation.unsqueeze(-1)
+        weights = (query_side @ phi_k.transpose(-1, -2)) * rk.transpose(-1, -2)
+        out = (weights @ values) * allocation.unsqueeze(-1)
         return torch.where(nk > 0, out, torch.zeros_like(out))
 
-    def _causal(self, phi_q, phi_k, v, rq, rk, prefix, tril):
-        """The causal flows; `prefix` sums over positions <= t (cumsum, or a triangular product)."""
+    def _causal_dense(self, phi_q, phi_k, v, rq, rk, prefix, tril):
+        """The causal flows for the reference: `prefix` sums over positions <= t as a product with the
+        lower-triangular matrix `tril`, the output as the explicit masked weight matrix."""
         eps = self.eps
         nk, nq = prefix(rk), prefix(rq)  # (B, 1, L, 1)
         k_cum = prefix(phi_k * rk)
@@ -221,11 +216,8 @@ class FlowformerAttention(Attention):
         competition = exp_source / nonzero(prefix(exp_source.unsqueeze(-1)).squeeze(-1)) * nk.squeeze(-1)
         query_side = phi_q * (incoming / nonzero(nk).squeeze(-1)).unsqueeze(-1)
         values = v * competition.unsqueeze(-1)
-        if tril is None:
-            out = decayed_causal_product(query_side, phi_k * rk, values, None, self.block_size)
-        else:
-            weights = (query_side @ (phi_k * rk).transpose(-1, -2)) * tril
-            out = weights @ values
+        weights = (query_side @ (phi_k * rk).transpose(-1, -2)) * tril
+        out = weights @ values
         out = out * allocation.unsqueeze(-1)
         return torch.where(nk > 0, out, torch.zeros_like(out))
 
