@@ -145,3 +145,13 @@ def test_moa_multi_chunk_matches_explicit_mask(pattern, lq, lk):
     cot = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [("CS", 300, 300), ("NS", 260, 240)])
+def test_qada_router_multi_chunk_matches_naive_loop(pattern, lq, lk):
+    attn = create_attention("qada", pattern, 2, 4, window=20, sinks=3, threshold=0.9)
+    q, k, _ = random_qkv(1, 2, 1, lq, lk, 4)
+    pad = torch.zeros(1, lk, dtype=torch.bool)
+    pad[0, [1, 150]] = True
+    fast, slow = attn.config(q, k, pad)[1], attn.reference_config(q, k, pad)[1]
+    assert torch.equal(fast, slow) and 0 < fast.double().mean() < 1

@@ -281,9 +281,9 @@ class QueryAdaptiveHeadAttention(_HeadHetero):
     def config(self, q, k, key_padding_mask):
         return [self._half_width()] * self.num_heads, self.route(q, k, key_padding_mask)
 
-    def route(self, q, k, key_padding_mask, chunk: int = 512):
-        """(B, H, Lq) bool decisions, vectorised: each chunk of query rows scores its window keys through an
-        unfolded view of the zero-padded keys (O(Lq * window) scores)."""
+    def route(self, q, k, key_padding_mask):
+        """(B, H, Lq) bool decisions, vectorised over heads: rows in chunks of about the window, each chunk
+        scoring the contiguous key range its windows cover by one matmul (O(Lq x (chunk + window)))."""
         with torch.no_grad():
             q, k = q.detach(), repeat_kv(k.detach(), q.shape[1])
             batch, heads, lq, dim = q.shape
@@ -291,38 +291,31 @@ class QueryAdaptiveHeadAttention(_HeadHetero):
             w, s = self._half_width(), min(self.sinks, lk)
             causal = self.pattern is Pattern.CS
             offset = lk - lq if causal else 0
-            ahead = 0 if causal else w
-            span = w + ahead + 1
             ok = torch.ones(batch, lk, dtype=torch.bool, device=q.device)
             if key_padding_mask is not None:
                 ok = ~key_padding_mask.bool().to(q.device)
-            extra = max(0, -offset)  # CS with Lq > Lk: the first queries sit before key 0
-            pad_left, pad_right = w + extra, ahead + max(0, lq + offset - lk)
-            kp = torch.nn.functional.pad(k, (0, 0, pad_left, pad_right))
-            okp = torch.nn.functional.pad(ok, (pad_left, pad_right))
             cum = torch.cat([ok.new_zeros(batch, 1, dtype=torch.long), ok.long().cumsum(-1)], -1)
-            scale = softmax_scale(dim)
+            q = q * softmax_scale(dim)
+            key_pos = torch.arange(lk, device=q.device)
+            neg = torch.finfo(q.dtype).min
+            widths = torch.full((lq,), w, dtype=torch.long)
             out = []
-            for start in range(0, lq, chunk):
-                rows = torch.arange(start, min(lq, start + chunk), device=q.device)
-                pos = rows + offset  # key position of each query; window keys pos-w .. pos+ahead
-                idx = pos[:, None] + extra + torch.arange(span, device=q.device)[None, :]  # index into kp
-                key_pos = idx - pad_left
-                kw = kp[:, :, idx]  # (B, H, r, span, D)
-                sw = torch.einsum("bhrd,bhrsd->bhrs", q[:, :, rows] * scale, kw)
-                vis = okp[:, idx] & (key_pos >= 0) & (key_pos < lk)  # (B, r, span)
-                win = vis & (key_pos >= s)  # window keys that are not sinks
-                sink_scores = (q[:, :, rows] * scale) @ k[:, :, :s].transpose(-1, -2)  # (B, H, r, s)
-                sink_pos = torch.arange(s, device=q.device)
-                sink_vis = ok[:, None, :s] & ((sink_pos[None, :] <= pos[:, None]) if causal else True)
-                neg = torch.finfo(sw.dtype).min
+            for r0, r1, lo, hi in engine._band_chunks(lq, lk, widths, causal):
+                pos = torch.arange(r0, r1, device=q.device) + offset
+                gap = pos[:, None] - key_pos[None, lo:hi]
+                near = (gap >= 0) & (gap <= w) if causal else gap.abs() <= w
+                win = near[None] & ok[:, None, lo:hi] & (key_pos[lo:hi] >= s)[None, None]  # (B, r, K)
+                sw = q[:, :, r0:r1] @ k[:, :, lo:hi].transpose(-1, -2)  # (B, H, r, K)
+                sink_vis = ok[:, None, :s] & ((key_pos[None, :s] <= pos[:, None]) if causal else True)
+                sink_vis = sink_vis.expand(batch, r1 - r0, s)
+                sink_scores = q[:, :, r0:r1] @ k[:, :, :s].transpose(-1, -2)  # (B, H, r, s)
                 local = torch.cat([sw.masked_fill(~win[:, None], neg),
                                    sink_scores.masked_fill(~sink_vis[:, None], neg)], -1)
                 n_local = win.sum(-1) + sink_vis.sum(-1)  # (B, r)
                 if causal:
                     n_visible = cum[:, (pos + 1).clamp(0, lk)]
                 else:
-                    n_visible = cum[:, -1:].expand(-1, rows.numel())
+                    n_visible = cum[:, -1:].expand(-1, r1 - r0)
                 n_far = (n_visible - n_local).to(sw.dtype)[:, None]  # (B, 1, r)
                 n_win = win.sum(-1).to(sw.dtype)[:, None]
                 wm = win[:, None].to(sw.dtype)
