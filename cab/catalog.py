@@ -117,6 +117,28 @@ CATALOG: "tuple[Mechanism, ...]" = tuple(
 
 # Entries no registered attention implements, with the reason (shown by `cab list --catalog`).
 NOT_IMPLEMENTED: "dict[str, str]" = {
+    "M61.optimised": "drops the value projection (values are the input's head slices, W_V folded into W_O): a "
+                     "change to the projections around softmax attention; on projected (q, k, v) the operator is "
+                     "softmax attention itself (vanilla, sdpa) — a backbone variant, not an operator",
+    "M61.efficient": "also drops the key projection (keys and values are the input's head slices): a projection "
+                     "re-parameterisation whose operator on (q, k, v) is softmax attention (vanilla, sdpa)",
+    "M61.super": "mixes the values with a learned L x L matrix shared by the heads: tied to one sequence length, so "
+                 "undefined across cab's length sweeps and the extrapolation task; its scores are plain softmax",
+    "M61.tab": "a one-head bottleneck layer inserted into a model, with its total attention bounded to [0, 1] for "
+               "interpretability: an architectural component, not a replacement operator (a bounded row total is "
+               "covered by affine_scaled_attention, M56)",
+    "M61.mhe": "one shared projection plus per-head embeddings instead of per-head projections: a parameter-sharing "
+               "scheme for the projections; the operator on projected (q, k, v) is softmax attention",
+    "M61.mlra": "factorises the multi-head projection matrices into low-rank per-head factors (to reduce embedding "
+                "gradient variance): changes the projections, not the operator on (q, k, v)",
+    "M61.mvpa": "separate content, temporal and spatial attention over the axes of a multivariate time series: a "
+                "model design needing channel/time/space structure the (q, k, v) operator does not receive",
+    "M61.stlink": "RoPE extended with spatial rotations: a positional encoding of q and k (needing spatial "
+                  "coordinates) in front of softmax attention, not an attention operator",
+    "M61.attentiondrop": "a training regulariser (top-k logit masking, Gaussian blur of logits, a consistency loss "
+                         "over two passes): identity at evaluation, and its loss is model-level",
+    "M61.latent": "attention as a latent alignment trained with a variational objective (sampling or enumeration "
+                  "in the loss): a seq2seq training formulation, not a deterministic attention operator",
     "M64": "a probing head, not an operator: its queries are learned parameters and it returns one pooled "
            "vector per probe, not a row per query; its cross-attention without K/V projections is exact "
            "softmax cross-attention (vanilla/sdpa in NC)",
