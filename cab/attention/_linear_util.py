@@ -5,14 +5,12 @@ reference and recurrent decoding. Not a mechanism module (the loader skips names
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype, linear_attention
+from cab.attention.functional import align_bottom_right, compute_dtype
 from cab.patterns import Pattern, attention_mask
 
 DEFAULT_BLOCK = 64
@@ -196,16 +194,6 @@ def chunks(length: int, size: int = SEQ_CHUNK):
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def normalized_feature_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool,
-                                 block_size: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """phi(Q) phi(K)^T V row-normalised by phi(Q) phi(K)^T 1, over all keys or causally (Lq == Lk, tiled)."""
-    if not causal:
-        return linear_attention(phi_q, phi_k, v)
-    ones = torch.ones_like(v[..., :1])
-    both = decayed_causal_product(phi_q, phi_k, torch.cat([v, ones], dim=-1), None, block_size)
-    return both[..., :-1] / nonzero(both[..., -1:])
-
-
 # --- normalised feature-map attention base ----------------------------------------------------------------
 
 class FeatureMapAttention(Attention):
@@ -305,7 +293,3 @@ class FeatureMapAttention(Attention):
     def feature_flops(self, batch: int, lq: int, lk: int) -> int:
         """Matmul FLOPs of the feature maps (0 unless they contain matmuls)."""
         return 0
-
-
-def state_bytes(state: Any) -> int:  # pragma: no cover - convenience for tests
-    return Attention.decode_state_bytes(state)

@@ -8,7 +8,6 @@ import torch
 from cab.attention._linear_util import (DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, nonzero, prepare,
                                         zero_padded)
 from cab.attention.base import Attention
-from cab.attention.functional import align_bottom_right, compute_dtype
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
