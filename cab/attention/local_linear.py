@@ -5,6 +5,7 @@ expensive than softmax attention (which is the local *constant* fit): O(Lq Lk d^
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import repeat_kv
 from cab.attention.exact import KVCacheAttention
@@ -57,7 +58,9 @@ class LocalLinearAttention(KVCacheAttention):
     solves a d x d system (O(Lq d^3)). The forward is the memory-efficient blockwise form in the spirit of
     FlashLLA: query chunks of `query_chunk_size` (memory O(C d^2) per chunk for the moments, nothing
     L x L), key chunks of `key_chunk_size` with two passes (the row log-sum-exp, then the normalised
-    moments); key chunks wholly in the future of a causal query chunk are skipped. The paper's
+    moments); key chunks wholly in the future of a causal query chunk are skipped. With gradients each query
+    chunk is checkpointed (recomputed in backward, as in memory_efficient), so nothing Lq x Lk or
+    (chunks x d^2) is kept: memory stays linear. The paper's
     conjugate-gradient matrix-free solve is replaced by a direct batched solve (d is a head dimension).
     Patterns: all four (the regression runs over whichever keys the pattern lets the query see; CS is
     bottom-right aligned when Lq != Lk, CC uses only the query's own row). A query with no visible key
@@ -108,40 +111,47 @@ class LocalLinearAttention(KVCacheAttention):
         q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
         lq, lk = q.shape[-2], k.shape[-2]
         keep = None if key_padding_mask is None else ~key_padding_mask.bool().to(q.device)
-        scale = softmax_scale(q.shape[-1])
+        use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         outputs = []
         for qs in range(0, lq, self.query_chunk_size):
             qe = min(lq, qs + self.query_chunk_size)
-            qc = q[:, :, qs:qe]
             ranges = self._key_ranges(qs, qe, lq, lk, causal)
             masks = [self._chunk_mask(qs, qe, ks, ke, lq, lk, keep, causal, q.device) for ks, ke in ranges]
-            # pass 1: the row log-sum-exp over the visible keys
-            lse = torch.full((*qc.shape[:-1], 1), float("-inf"), dtype=dtype, device=q.device)
-            for (ks, ke), mask in zip(ranges, masks):
-                scores = (qc @ k[:, :, ks:ke].transpose(-1, -2)) * scale
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
-                lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1, keepdim=True))
-            weight = torch.isfinite(lse).to(dtype)  # 1 where the row sees a key
-            safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-            # pass 2: the normalised first and second moments
-            d, dv = q.shape[-1], v.shape[-1]
-            mean_k = qc.new_zeros(*qc.shape[:-1], d)
-            mean_v = qc.new_zeros(*qc.shape[:-1], dv)
-            second_kk = qc.new_zeros(*qc.shape[:-1], d * d)
-            second_vk = qc.new_zeros(*qc.shape[:-1], dv * d)
-            for (ks, ke), mask in zip(ranges, masks):
-                kc, vc = k[:, :, ks:ke], v[:, :, ks:ke]
-                p = torch.exp((qc @ kc.transpose(-1, -2)) * scale - safe_lse)
-                if mask is not None:
-                    p = p.masked_fill(~mask, 0.0)
-                mean_k = mean_k + p @ kc
-                mean_v = mean_v + p @ vc
-                second_kk = second_kk + p @ _outer(kc, kc)
-                second_vk = second_vk + p @ _outer(vc, kc)
-            outputs.append(local_linear_finish(qc, weight, mean_k, mean_v, second_kk, second_vk, self.ridge))
+            chunk = lambda qc, k, v, ranges=ranges, masks=masks: self._query_chunk(qc, k, v, ranges, masks)  # noqa: E731
+            if use_ckpt:  # recompute the chunk in backward: its probabilities and moments are not kept
+                outputs.append(checkpoint(chunk, q[:, :, qs:qe], k, v, use_reentrant=False))
+            else:
+                outputs.append(chunk(q[:, :, qs:qe], k, v))
         out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
         return out.to(out_dtype)
+
+    def _query_chunk(self, qc, k, v, ranges, masks):
+        """The outputs of one query chunk: pass 1 the row log-sum-exp over its visible keys, pass 2 the
+        normalised first and second moments, then the regression's intercept."""
+        dtype, scale = qc.dtype, softmax_scale(qc.shape[-1])
+        lse = torch.full((*qc.shape[:-1], 1), float("-inf"), dtype=dtype, device=qc.device)
+        for (ks, ke), mask in zip(ranges, masks):
+            scores = (qc @ k[:, :, ks:ke].transpose(-1, -2)) * scale
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1, keepdim=True))
+        weight = torch.isfinite(lse).to(dtype)  # 1 where the row sees a key
+        safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        d, dv = qc.shape[-1], v.shape[-1]
+        mean_k = qc.new_zeros(*qc.shape[:-1], d)
+        mean_v = qc.new_zeros(*qc.shape[:-1], dv)
+        second_kk = qc.new_zeros(*qc.shape[:-1], d * d)
+        second_vk = qc.new_zeros(*qc.shape[:-1], dv * d)
+        for (ks, ke), mask in zip(ranges, masks):
+            kc, vc = k[:, :, ks:ke], v[:, :, ks:ke]
+            p = torch.exp((qc @ kc.transpose(-1, -2)) * scale - safe_lse)
+            if mask is not None:
+                p = p.masked_fill(~mask, 0.0)
+            mean_k = mean_k + p @ kc
+            mean_v = mean_v + p @ vc
+            second_kk = second_kk + p @ _outer(kc, kc)
+            second_vk = second_vk + p @ _outer(vc, kc)
+        return local_linear_finish(qc, weight, mean_k, mean_v, second_kk, second_vk, self.ridge)
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Each query row's weighted least-squares problem itself, all rows at once: design
