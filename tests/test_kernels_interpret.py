@@ -41,6 +41,10 @@ LINEAR_CASES = {
     "based_taylor_features_L29_d4": ("based", dict(L=29, d=4)),
     "linear_elu_CS_21x30_gqa_pad": ("attention", dict(name="linear_elu", pattern="CS", lq=21, lk=30, d=8)),
     "linear_elu_NC_19x26_gqa_pad": ("attention", dict(name="linear_elu", pattern="NC", lq=19, lk=26, d=16)),
+    "lightning_CS_21x30_gqa_pad": ("attention", dict(name="lightning", pattern="CS", lq=21, lk=30, d=16,
+                                                     hparams=dict(block_size=16))),
+    "lightning_NS_decay_29_gqa_pad": ("attention", dict(name="lightning", pattern="NS", lq=29, lk=29, d=16,
+                                                        hparams=dict(block_size=16))),
 }
 WINDOW_CASES = {
     "NS_37_d16_w5_pad": ("window", dict(lq=37, lk=37, d=16, w=5, s=0, causal=False)),

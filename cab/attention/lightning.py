@@ -12,12 +12,13 @@ from cab.attention._linear_util import (DEFAULT_BLOCK, SEQ_CHUNK, chunks, decaye
                                         repeat_kv, tiled_product_flops, zero_padded)
 from cab.attention.base import Attention
 from cab.attention.functional import compute_dtype
+from cab.attention.kernels import resolve_backend
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
 ACTIVATIONS = ("silu", "identity")
 DECAYS = ("tnl", "none")
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "triton")
 NORM_EPS = 1e-6
 
 
@@ -46,7 +47,7 @@ def lightning_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tiled_backward the gradient is Lightning Attention-2's hand-written tiled backward, which stores only
     q, k, v. `state` (B, H, Dk, Dv, zeros when None) is the decayed sum phi(k) v^T of earlier keys; returns
     (out, the state after the last position), L being a multiple of block_size except for a sequence's
-    last chunk. A Triton kernel with this signature can replace it (a future backend="triton")."""
+    last chunk. backend="triton" replaces it with cab.attention.kernels.linear.causal_linear_attention."""
     return decayed_causal_product(q, k, v, decay, block_size, tiled_backward, state=state, return_state=True)
 
 
@@ -81,12 +82,16 @@ class LightningAttention(Attention):
     another query, so CC is sound. Not included: TNL's LRPE (a positional encoding) and its output gate.
     Padded keys have zero features (they still occupy positions for the decay). A row that sees no key
     outputs 0. Incremental decoding (CS, CC): the state is the (Dk x Dv) matrix per head, updated
-    KV <- lambda KV + phi(k) v^T per token. `backend` is "torch" (a Triton kernel may be added).
+    KV <- lambda KV + phi(k) v^T per token. `backend`: "torch" (the tiled PyTorch operator above), "triton"
+    (cab's kernel, cab.attention.kernels.linear.causal_linear_attention with log-decay -log(lambda), run in
+    the input dtype over the whole sequence; CUDA, or CPU under TRITON_INTERPRET=1), "auto" (default:
+    triton on CUDA for fp16/bf16/fp32 when triton imports, torch otherwise); self.backend is the one that
+    ran.
     """
 
     def __init__(self, pattern, num_heads, head_dim, block_size: int = DEFAULT_BLOCK, activation: str = "silu",
                  decay: str = "tnl", layer_fraction: float = 0.0, norm: bool = True, tiled_backward: bool = True,
-                 backend: str = "torch"):
+                 backend: str = "auto"):
         super().__init__(pattern, num_heads, head_dim)
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -100,7 +105,8 @@ class LightningAttention(Attention):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.block_size, self.activation, self.decay_kind = block_size, activation, decay
         self.layer_fraction, self.norm, self.tiled_backward = layer_fraction, norm, tiled_backward
-        self.backend = backend
+        self.requested_backend = backend
+        self.backend = "torch" if backend == "auto" else backend
         self.seq_chunk = SEQ_CHUNK  # tokens per chunk of the sequence loop (a multiple of block_size)
         if SEQ_CHUNK % block_size:
             self.seq_chunk = block_size * max(1, SEQ_CHUNK // block_size)
@@ -114,7 +120,7 @@ class LightningAttention(Attention):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, block_size={self.block_size}, activation={self.activation}, "
                 f"decay={self.decay_kind}, layer_fraction={self.layer_fraction}, norm={self.norm}, "
-                f"tiled_backward={self.tiled_backward}, backend={self.backend}")
+                f"tiled_backward={self.tiled_backward}, backend={self.requested_backend}")
 
     def _decay(self, dtype) -> "torch.Tensor | None":
         """Per-head lambda (H,), or None where no decay applies (cross patterns or decay='none')."""
@@ -132,7 +138,14 @@ class LightningAttention(Attention):
         ms = out.pow(2).mean(dim=(1, 3), keepdim=True)
         return out * torch.rsqrt(ms + NORM_EPS)
 
-    def _inner(self, q, k, v, decay, state=None):
+    def _inner(self, q, k, v, decay, state=None, kernel_dtype=None):
+        if self.backend == "triton":  # the whole sequence in one call (no carried state), in kernel_dtype
+            from cab.attention.kernels.linear import causal_linear_attention
+
+            log_decay = None if decay is None else -torch.log(decay.to(torch.float64)).to(torch.float32)
+            dtype = kernel_dtype or q.dtype
+            out = causal_linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), log_decay, block_c=self.block_size)
+            return out.to(q.dtype), None
         return lightning_attention_torch(q, k, v, decay, self.block_size, self.tiled_backward, state)
 
     def forward(self, q, k, v, key_padding_mask=None):
@@ -140,9 +153,11 @@ class LightningAttention(Attention):
         spans the sequence): CS one causal sweep; NS with decay a forward sweep plus a reversed sweep
         (chunks taken from the end, each flipped) minus the doubled diagonal; otherwise the key summary
         phi(K)^T V, then the queries chunk by chunk."""
+        self.backend = resolve_backend(self.requested_backend, "lightning", q.device, q.dtype)
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
         decay = self._decay(q.dtype)
-        length, size = q.shape[-2], self.seq_chunk
+        length = q.shape[-2]
+        size = max(1, length) if self.backend == "triton" else self.seq_chunk
 
         def features(a, b):
             pad = None if key_padding_mask is None else key_padding_mask[:, a:b]
@@ -153,14 +168,15 @@ class LightningAttention(Attention):
             state = None
             for a, b in chunks(length, size):
                 phi_q, phi_k = features(a, b)
-                out, state = self._inner(phi_q, phi_k, v[:, :, a:b], decay, state)
+                out, state = self._inner(phi_q, phi_k, v[:, :, a:b], decay, state, out_dtype)
                 outs.append(out)
             if self.pattern is Pattern.NS:  # the same sweep from the end; full chunks first
                 state = None
                 for index, b in enumerate(range(length, 0, -size)):
                     a = max(0, b - size)
                     phi_q, phi_k = features(a, b)
-                    ahead, state = self._inner(phi_q.flip(-2), phi_k.flip(-2), v[:, :, a:b].flip(-2), decay, state)
+                    ahead, state = self._inner(phi_q.flip(-2), phi_k.flip(-2), v[:, :, a:b].flip(-2), decay, state,
+                                               out_dtype)
                     diagonal = (phi_q * phi_k).sum(dim=-1, keepdim=True) * v[:, :, a:b]
                     outs.append(ahead.flip(-2) - diagonal)
                 forward_part, backward_part = outs[:len(outs) // 2], outs[len(outs) // 2:][::-1]
