@@ -155,3 +155,31 @@ def test_qada_router_multi_chunk_matches_naive_loop(pattern, lq, lk):
     pad[0, [1, 150]] = True
     fast, slow = attn.config(q, k, pad)[1], attn.reference_config(q, k, pad)[1]
     assert torch.equal(fast, slow) and 0 < fast.double().mean() < 1
+
+
+@pytest.mark.parametrize("hkv,retrieval", [(4, (1,)), (1, (0,)), (2, (0, 1))])
+def test_duo_decoding_matches_forward(hkv, retrieval):
+    """Token by token from several prefills (GQA: a KV head shared by retrieval and streaming heads keeps
+    the whole cache, its streaming heads masked to their window)."""
+    attn = create_attention("duo", "CS", 4, 8, retrieval_heads=retrieval, sinks=2, recent=5)
+    q, k, v = (t.detach() for t in random_qkv(2, 4, hkv, 20, 20, 8))
+    pad = torch.zeros(2, 20, dtype=torch.bool)
+    pad[1, 0] = True
+    full = attn(q, k, v, pad)
+    for prefill in (1, 3, 12):
+        state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], pad[:, :prefill], capacity=20)
+        rows = []
+        for t in range(prefill, 20):
+            out, state = attn.decode_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+            rows.append(out)
+        torch.testing.assert_close(torch.cat(rows, 2), full[:, :, prefill:], rtol=1e-10, atol=1e-12)
+
+
+def test_duo_streaming_heads_hold_a_constant_cache():
+    """One retrieval KV head of four: the state holds ~1/4 of the full cache plus 3 x (sinks + recent)."""
+    q, k, v = (t.detach() for t in random_qkv(1, 4, 4, 1, 200, 8))
+    duo = create_attention("duo", "CS", 4, 8, retrieval_heads=(0,), sinks=2, recent=5)
+    everything = create_attention("duo", "CS", 4, 8, retrieval_heads=(0, 1, 2, 3), sinks=2, recent=5)
+    small = duo.decode_state_bytes(duo.decode_init(k, v, capacity=200))
+    large = everything.decode_state_bytes(everything.decode_init(k, v, capacity=200))
+    assert small < 0.3 * large

@@ -108,6 +108,80 @@ class DuoAttention(_HeadHetero):
     def config(self, q, k, key_padding_mask):
         return self.windows, None
 
+    # decoding (CS): retrieval KV heads keep the whole cache, streaming KV heads sinks + recent only -------
+
+    def _full_kv_heads(self, kv_heads: int) -> "list[bool]":
+        """Per KV head: True when one of its query heads is a retrieval head (it needs the whole cache)."""
+        group = self.num_heads // kv_heads
+        return [any(h in self.retrieval_heads for h in range(g * group, (g + 1) * group)) for g in range(kv_heads)]
+
+    def decode_init(self, k, v, key_padding_mask=None, capacity=None):
+        """State after the context k, v (B, Hkv, L0, D): a KVCache of the KV heads serving a retrieval head,
+        and for the other KV heads the sink tokens plus the last `recent` tokens (a constant-size cache:
+        DuoAttention's memory saving). Under GQA a KV head shared by a retrieval and a streaming query head
+        keeps the whole cache."""
+        if self.pattern is not Pattern.CS:
+            raise ValueError("DuoAttention decodes under CS only")
+        from cab.attention.exact import KVCache
+
+        batch, kv_heads, length, _ = k.shape
+        real = torch.ones(batch, length, dtype=torch.bool, device=k.device)
+        if key_padding_mask is not None:
+            real = ~key_padding_mask.to(device=k.device, dtype=torch.bool)
+        full = torch.tensor(self._full_kv_heads(kv_heads), device=k.device)
+        fidx, sidx = full.nonzero().flatten(), (~full).nonzero().flatten()
+        size = max(capacity or 0, length, 1)
+        keys = k.new_zeros(batch, fidx.numel(), size, k.shape[-1])
+        values = v.new_zeros(batch, fidx.numel(), size, v.shape[-1])
+        keys[:, :, :length], values[:, :, :length] = k[:, fidx], v[:, fidx]
+        cache_real = real.new_zeros(batch, size)
+        cache_real[:, :length] = real
+        cache = KVCache(keys, values, length, cache_real)
+        s = min(self.sinks, length)
+        start = max(s, length - self.recent)
+        stream = (k[:, sidx, :s], v[:, sidx, :s], real[:, :s],  # sinks
+                  k[:, sidx, start:], v[:, sidx, start:], real[:, start:])  # the recent window
+        return {"cache": cache, "stream": stream, "length": length, "full": fidx, "streaming": sidx}
+
+    def decode_step(self, state, q, k=None, v=None):
+        if k is None or v is None:
+            raise ValueError("causal self decoding needs the new token's key and value")
+        p = state["length"]  # the new token's position
+        fidx, sidx = state["full"], state["streaming"]
+        cache = state["cache"].append(k[:, fidx], v[:, fidx])
+        sk, sv, sreal, rk, rv, rreal = state["stream"]
+        one = torch.ones(k.shape[0], 1, dtype=torch.bool, device=k.device)
+        if p < self.sinks:
+            sk, sv, sreal = torch.cat([sk, k[:, sidx]], 2), torch.cat([sv, v[:, sidx]], 2), torch.cat([sreal, one], 1)
+        else:
+            drop = max(0, rreal.shape[1] - (self.recent - 1))  # the oldest tokens leave the window
+            rk, rv = torch.cat([rk[:, :, drop:], k[:, sidx]], 2), torch.cat([rv[:, :, drop:], v[:, sidx]], 2)
+            rreal = torch.cat([rreal[:, drop:], one], 1)
+        new_state = {"cache": cache, "stream": (sk, sv, sreal, rk, rv, rreal), "length": p + 1,
+                     "full": fidx, "streaming": sidx}
+        kv_heads = k.shape[1]
+        group = self.num_heads // kv_heads
+        full_keys, full_values, full_real = cache.in_use()
+        stream_keys, stream_values = torch.cat([sk, rk], 2), torch.cat([sv, rv], 2)
+        stream_real = torch.cat([sreal, rreal], 1)
+        where_full = {int(g): n for n, g in enumerate(fidx.tolist())}
+        where_stream = {int(g): n for n, g in enumerate(sidx.tolist())}
+        outs = []
+        scale = softmax_scale(q.shape[-1])
+        for h in range(self.num_heads):
+            g = h // group
+            if g in where_full:
+                keys, values, real = full_keys[:, where_full[g]], full_values[:, where_full[g]], full_real
+                if h not in self.retrieval_heads:  # a streaming head on a shared full cache: its window only
+                    pos = torch.arange(keys.shape[1], device=q.device)
+                    real = real & ((pos < self.sinks) | (pos > p - self.recent))[None]
+            else:
+                keys, values, real = stream_keys[:, where_stream[g]], stream_values[:, where_stream[g]], stream_real
+            scores = (q[:, h] * scale) @ keys.transpose(-1, -2)  # (B, 1, T)
+            probs = torch.softmax(scores.masked_fill(~real[:, None], torch.finfo(scores.dtype).min), -1)
+            outs.append((probs * real[:, None].any(-1, keepdim=True)) @ values)
+        return torch.stack(outs, 1), new_state
+
 
 @register_attention(
     "moa", patterns=("NS", "CS"), family="local", exact=False, mechanism="M49",
