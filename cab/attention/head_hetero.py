@@ -60,13 +60,6 @@ class _HeadHetero(Attention):
             windows, full_rows = self.config(q, k, key_padding_mask)
             return engine.hetero_pairs(q, k, self.pattern, windows, self.sinks, full_rows, self._local_cache)
 
-    def full_fraction(self, q, k, key_padding_mask=None) -> float:
-        """Fraction of (batch, head, query) rows that run full attention on these inputs."""
-        with torch.no_grad():
-            windows, full_rows = self.config(q, k, key_padding_mask)
-            rows = engine._rows_mask(windows, full_rows, q.shape[0], q.shape[-2], q.device)
-            return float(rows.double().mean())
-
 
 def _window_from_span(span: float) -> int:
     """cab window half-width w holding `span` keys in CS (w + 1 keys including the query's own)."""
@@ -86,6 +79,11 @@ class DuoAttention(_HeadHetero):
     heads retrieve is the hyper-parameter `retrieval_heads` (query-head indices). Default: the heads
     0, 2, 4, ... (half the heads: the paper's 50% setting for MHA models), sinks 64 and recent 256 (the
     authors' released evaluation settings). Under GQA the split is per query head.
+
+    Decoding (CS): KV heads serving a retrieval head keep a KV cache (`exact.KVCache`); the other KV heads
+    keep only the sink tokens and the last `recent` tokens, a constant-size state (the paper's memory
+    saving, visible in `decode_state_bytes`). A GQA KV head shared by a retrieval and a streaming query head
+    keeps the whole cache, its streaming heads masked to their window.
     """
 
     def __init__(self, pattern, num_heads, head_dim, retrieval_heads: "tuple | list | None" = None,
