@@ -14,7 +14,8 @@ bottom-right as cab's causal mask).
 
 Efficient path: window heads grouped by window size run cab's `local` torch path (query blocks against
 their strided key neighbourhood, O(L (w + s)) per head); full rows are gathered per (batch, head) and scored
-against that head's keys in chunks of rows (O(rows x Lk)); the two are merged with `torch.where`. The window
+against that head's keys in chunks of rows (O(rows x Lk); each chunk checkpointed when gradients are
+needed, so training keeps no Lq x Lk probabilities); the two are merged with `torch.where`. The window
 output is computed for every row of a window head, also the rows a router switched to full (the bill of a
 router: it decides after the cheap local pass). `dense_reference` builds the explicit (B, H, Lq, Lk) mask.
 """
@@ -22,6 +23,7 @@ router: it decides after the cheap local pass). `dense_reference` builds the exp
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import repeat_kv
 from cab.attention.functional import softmax_scale
@@ -66,6 +68,13 @@ def _full_row_chunks(rows_bh: torch.Tensor, lk: int, offset: int, causal: bool):
         yield sel, kend
 
 
+def _attend_rows(q_rows, keys, values, visible, scale):
+    """Softmax attention of some query rows over keys with an explicit visibility; empty rows give 0."""
+    scores = (q_rows * scale) @ keys.transpose(-1, -2)
+    probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), -1)
+    return (probs * visible.any(-1, keepdim=True)) @ values
+
+
 def full_row_outputs(q, k, v, key_padding_mask, pattern: Pattern, rows: torch.Tensor) -> torch.Tensor:
     """(B, H, Lq, Dv) with the full-attention output at the rows marked in `rows` (B, H, Lq), 0 elsewhere;
     k, v already expanded to H heads. Any pattern: CS bottom-right causal, the others see every real key."""
@@ -75,20 +84,22 @@ def full_row_outputs(q, k, v, key_padding_mask, pattern: Pattern, rows: torch.Te
     offset = lk - lq if causal else 0
     scale = softmax_scale(dim)
     key_pos = torch.arange(lk, device=q.device)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     index, values = [], []
     for b in range(batch):
         ok = None if key_padding_mask is None else ~key_padding_mask[b].bool().to(q.device)
         for h in range(heads):
             for sel, kend in _full_row_chunks(rows[b, h], lk, offset, causal):
-                scores = (q[b, h, sel] * scale) @ k[b, h, :kend].transpose(-1, -2)
-                visible = torch.ones_like(scores, dtype=torch.bool)
+                visible = torch.ones(sel.numel(), kend, dtype=torch.bool, device=q.device)
                 if causal:
                     visible = key_pos[None, :kend] <= (sel[:, None] + offset)
                 if ok is not None:
                     visible = visible & ok[None, :kend]
-                seen = visible.any(-1, keepdim=True)
-                probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), -1) * seen
-                values.append(probs @ v[b, h, :kend])
+                args = (q[b, h, sel], k[b, h, :kend], v[b, h, :kend], visible)
+                if grad:  # keep no chunk's probabilities for the backward (recomputed there)
+                    values.append(checkpoint(_attend_rows, *args, scale, use_reentrant=False))
+                else:
+                    values.append(_attend_rows(*args, scale))
                 index.append(torch.stack([torch.full_like(sel, b), torch.full_like(sel, h), sel]))
     out = q.new_zeros(batch, heads, lq, v.shape[-1])
     if not values:
