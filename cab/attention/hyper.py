@@ -203,7 +203,7 @@ class HyperAttention(Attention):
         size = s0
         while size < length:
             size *= 2
-        pad = size - length if size > s0 else (-length) % s0
+        pad = size - length if size > s0 else 0  # up to s0 a single exact causal block, unpadded
         total = length + pad
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         real = F.pad(real, (0, pad), value=False)
@@ -233,7 +233,7 @@ class HyperAttention(Attention):
         size = s0
         while size < length:
             size *= 2
-        total = size if size > s0 else length + (-length) % s0
+        total = size if size > s0 else length
         return lk - lq, total, min(s0, total)
 
     def reference(self, q, k, v, key_padding_mask=None):
