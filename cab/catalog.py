@@ -117,6 +117,9 @@ CATALOG: "tuple[Mechanism, ...]" = tuple(
 
 # Entries no registered attention implements, with the reason (shown by `cab list --catalog`).
 NOT_IMPLEMENTED: "dict[str, str]" = {
+    "M28": "CARE's contribution is block-level (an asymmetric channel split between a kernel linear-attention "
+           "branch and a depthwise-convolution branch, a cross-layer dynamic memory unit and a dual interaction "
+           "module); its linear branch is plain kernel linear attention with no distinct (q, k, v) operator",
     "M61.optimised": "drops the value projection (values are the input's head slices, W_V folded into W_O): a "
                      "change to the projections around softmax attention; on projected (q, k, v) the operator is "
                      "softmax attention itself (vanilla, sdpa) — a backbone variant, not an operator",

@@ -87,6 +87,7 @@ class AttentionSpec:
             "mechanism": self.mechanism,
             "gqa": self.supports_gqa,
             "has_reference": self.has_reference,
+            "segments": bool(getattr(self.cls, "supports_segments", False)),
             "hparams": {k: _jsonable(v) for k, v in self.hparams.items()},
             "description": self.description,
             "source": self.source,
