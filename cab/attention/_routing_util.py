@@ -151,6 +151,17 @@ def selection_mask(idx: torch.Tensor, valid: torch.Tensor, group: int, lq: int, 
     return mask[..., :lk].reshape(b, h, g * group, lk)[:, :, :lq]
 
 
+def selection_count(valid: torch.Tensor, group: int, lq: int) -> int:
+    """Number of (batch, head, query, key) pairs of a grouped selection (indices distinct per row) without
+    forming its dense mask: valid (B, H, G, 1 or group, N); rows past lq in the last group are not counted."""
+    g = valid.shape[2]
+    rows = (lq - torch.arange(g, device=valid.device) * group).clamp(0, group)  # real rows per group
+    if valid.shape[3] == 1:
+        return int((valid[:, :, :, 0].sum(-1) * rows).sum())
+    inside = torch.arange(group, device=valid.device)[None, :] < rows[:, None]  # (G, group)
+    return int((valid & inside[None, None, :, :, None]).sum())
+
+
 def group_queries(q: torch.Tensor, group: int) -> torch.Tensor:
     """(B, H, Lq, D) -> (B, H, ceil(Lq / group), group, D), zero rows appended."""
     b, h, lq, d = q.shape

@@ -8,7 +8,7 @@ import torch
 
 from cab.attention._routing_util import (
     block_tokens, gathered_attention, group_queries, masked_softmax_reference, pool_blocks, query_positions,
-    real_keys, real_queries, selection_mask, topk_valid,
+    real_keys, real_queries, selection_count, topk_valid,
 )
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
@@ -119,8 +119,7 @@ class BiFormerAttention(Attention):
         k = repeat_kv(k, q.shape[1])
         with torch.no_grad():
             group, idx, valid = self._route(q, k, key_padding_mask)
-            mask = selection_mask(idx, valid, group, q.shape[-2], k.shape[-2])
-        return int(mask.sum())
+            return selection_count(valid, group, q.shape[-2])
 
     # naive formulation ----------------------------------------------------------------------------
 

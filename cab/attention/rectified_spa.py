@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cab.attention._routing_util import (
-    block_tokens, gathered_attention, group_queries, pool_blocks, real_keys, real_queries, selection_mask,
+    block_tokens, gathered_attention, group_queries, pool_blocks, real_keys, real_queries, selection_count,
     topk_valid,
 )
 from cab.attention.base import Attention, repeat_kv
@@ -106,7 +106,7 @@ class RectifiedSpaAttention(Attention):
         with torch.no_grad():
             real_k, _, logits, _, has = self._pooled(q, k, k, key_padding_mask)
             _, _, idx, valid = self._select(logits, has, k.shape[-2], real_k)
-            return int(selection_mask(idx, valid[:, :, :, None, :], self.block_size, q.shape[-2], k.shape[-2]).sum())
+            return selection_count(valid[:, :, :, None, :], self.block_size, q.shape[-2])
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Row by row: explicit block means and counts, the pooled softmax of the row's block, an explicit
