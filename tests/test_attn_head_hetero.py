@@ -183,3 +183,15 @@ def test_duo_streaming_heads_hold_a_constant_cache():
     small = duo.decode_state_bytes(duo.decode_init(k, v, capacity=200))
     large = everything.decode_state_bytes(everything.decode_init(k, v, capacity=200))
     assert small < 0.3 * large
+
+
+def test_full_rows_in_several_causal_chunks_match_reference():
+    """CS full rows are scored in chunks of 256 rows (each up to its last row's keys): 600 rows, 3 chunks."""
+    attn = create_attention("duo", "CS", 2, 4, retrieval_heads=(0,), sinks=1, recent=3)
+    q, k, v = random_qkv(1, 2, 1, 600, 600, 4)
+    pad = torch.zeros(1, 600, dtype=torch.bool)
+    pad[0, [0, 300]] = True
+    assert_forward_matches_reference(attn, q, k, v, pad)
+    local = create_attention("local", "CS", 1, 4, window=2, sinks=1)
+    chunks = 256 * 256 + 256 * 512 + 88 * 600
+    assert attn.computed_pairs(q, k, v) == chunks + local.computed_pairs(q[:, :1], k, v)

@@ -31,6 +31,7 @@ from cab.attention.local import LocalAttention
 from cab.patterns import Pattern, attention_mask
 
 _ROW_CHUNK_ELEMS = 1 << 22  # scores held per chunk of full rows: rows x Lk <= 4M
+_CAUSAL_ROWS = 256  # CS: at most this many full rows per chunk
 
 
 def _local_modules(cache: dict, pattern: Pattern, windows, sinks: int, head_dim: int):
@@ -59,9 +60,12 @@ def _rows_mask(windows, full_rows: "torch.Tensor | None", batch: int, lq: int, d
 
 def _full_row_chunks(rows_bh: torch.Tensor, lk: int, offset: int, causal: bool):
     """Yield (row indices, keys scored) chunks of one (batch, head)'s full rows (sorted ascending): at most
-    ~4M scores per chunk; under CS a chunk scores only the keys up to its last row's position."""
+    ~4M scores per chunk; under CS at most 256 rows, each chunk scoring only the keys up to its last row's
+    position."""
     idx = rows_bh.nonzero().flatten()
     chunk = max(1, _ROW_CHUNK_ELEMS // max(lk, 1))
+    if causal:  # short chunks: the keys past a chunk's rows but before its last row stay a thin strip
+        chunk = min(chunk, _CAUSAL_ROWS)
     for start in range(0, idx.numel(), chunk):
         sel = idx[start:start + chunk]
         kend = min(lk, max(0, int(sel[-1]) + offset + 1)) if causal else lk
