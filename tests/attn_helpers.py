@@ -29,3 +29,12 @@ def assert_forward_matches_reference(attn, q, k, v, pad, wrt=None):
     wrt = (q, k, v) if wrt is None else wrt
     for a, b in zip(torch.autograd.grad(out, wrt, cot), torch.autograd.grad(ref, wrt, cot)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def assert_causal_prefixes_match(attn, length=40, stops=(1, 6, 17, 33)):
+    """Causal self attention on seeded inputs: the output of every prefix equals the full run's first rows
+    (a selection that read a future query or key would change them)."""
+    q, k, v = (t.detach() for t in random_qkv(1, attn.num_heads, 2, length, length, attn.head_dim))
+    full = attn(q, k, v)
+    for stop in stops:
+        torch.testing.assert_close(attn(q[:, :, :stop], k[:, :, :stop], v[:, :, :stop]), full[:, :, :stop])
