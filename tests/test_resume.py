@@ -143,8 +143,9 @@ def test_a_second_run_on_the_same_store_is_refused(tmp_path):
 
 
 def test_sigint_marks_the_run_interrupted_and_keeps_finished_cells(tmp_path):
-    # cells of >= 0.4 s each: the 4 left after the second cannot finish before the signal lands on a busy machine
-    config, db = _config(tmp_path, range(16, 16 + 8 * 6, 8), min_run_time_s=0.4), tmp_path / "cab.sqlite"
+    # cells that take >= 0.4 s each (lengths where 0.4 s needs fewer than the runner's 1000-sample cap, and
+    # the gate is cached after the first cell): the 4 left after the second cannot finish before the signal
+    config, db = _config(tmp_path, range(256, 256 + 64 * 6, 64), min_run_time_s=0.4), tmp_path / "cab.sqlite"
     proc = _start(config, db)
     kept, stderr = _signal_after(proc, db, 2, signal.SIGINT)
     assert proc.returncode == -signal.SIGINT  # the KeyboardInterrupt was re-raised
