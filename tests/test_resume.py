@@ -19,7 +19,10 @@ from cab.executors import procfs
 from cab.store import ResultStore, StoreBusy
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ("import sys; from cab.run import run_grid; "
+# The driver takes SIGINT as a terminal's Ctrl-C would: a shell without job control starts background
+# commands (a CI runner's, say) with SIGINT ignored, which children inherit and Python then leaves ignored.
+DRIVER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "from cab.run import run_grid; "
           "print(run_grid(sys.argv[1], db=sys.argv[2], render=False, progress=False))")
 
 
@@ -148,7 +151,7 @@ def test_sigint_marks_the_run_interrupted_and_keeps_finished_cells(tmp_path):
     config, db = _config(tmp_path, range(256, 256 + 64 * 6, 64), min_run_time_s=0.4), tmp_path / "cab.sqlite"
     proc = _start(config, db)
     kept, stderr = _signal_after(proc, db, 2, signal.SIGINT)
-    assert proc.returncode == -signal.SIGINT  # the KeyboardInterrupt was re-raised
+    assert proc.returncode == -signal.SIGINT, stderr  # the KeyboardInterrupt was re-raised
     ((run_id, state, planned, cells_run),) = _runs(db)
     assert state == "interrupted" and cells_run == len(kept) and planned == 6
     assert all(row[0] == run_id and row[3] == "ok" for row in kept.values())
