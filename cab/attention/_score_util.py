@@ -23,6 +23,14 @@ from cab.attention.functional import compute_dtype, softmax_scale
 from cab.patterns import Pattern
 
 
+def visible_keys(pattern: Pattern, lq: int, lk: int, key_padding_mask: "torch.Tensor | None", b: int,
+                 i: int) -> "list[int]":
+    """The key indices query row i of batch element b sees (the pattern, CS bottom-right aligned, and the
+    padding): the per-row references' index list."""
+    last = min(lk, i + lk - lq + 1) if pattern is Pattern.CS else lk
+    return [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
+
+
 def block_visibility(pattern: Pattern, qs: int, qe: int, kend: int, offset: int,
                      key_ok: "torch.Tensor | None", device: torch.device) -> torch.Tensor:
     """(B or 1, 1, qe - qs, kend) bool visibility of query rows qs..qe-1 over keys 0..kend-1: causal self
@@ -116,13 +124,11 @@ class RowwiseScoreAttention(KVCacheAttention):
         v = self.prepare_values(v)
         batch, heads, lq, dim = q.shape
         lk = k.shape[-2]
-        offset = lk - lq if self.pattern is Pattern.CS else 0
         rows = []
         for b in range(batch):
             per_row = []
             for i in range(lq):
-                last = min(lk, i + offset + 1) if self.pattern is Pattern.CS else lk
-                idx = [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
+                idx = visible_keys(self.pattern, lq, lk, key_padding_mask, b, i)
                 if not idx:
                     per_row.append(q.new_zeros(heads, v.shape[-1]))
                     continue

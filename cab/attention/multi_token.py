@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cab.attention._score_util import block_visibility
+from cab.attention._score_util import block_visibility, visible_keys
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import compute_dtype, softmax_scale
 from cab.patterns import Pattern
@@ -131,17 +131,15 @@ class MultiTokenAttention(Attention):
         batch, heads, lq, dim = q.shape
         lk = k.shape[-2]
         cq, ck, g = self.query_kernel, self.key_kernel, self.head_group
-        offset = lk - lq if self.pattern is Pattern.CS else 0
 
-        def visible_keys(b, i):
-            last = min(lk, i + offset + 1) if self.pattern is Pattern.CS else lk
-            return [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
+        def row_keys(b, i):
+            return visible_keys(self.pattern, lq, lk, key_padding_mask, b, i)
 
         rows = []
         for b in range(batch):
             per_row = []
             for i in range(lq):
-                keys = visible_keys(b, i)
+                keys = row_keys(b, i)
                 if not keys:
                     per_row.append(q.new_zeros(heads, v.shape[-1]))
                     continue
@@ -149,7 +147,7 @@ class MultiTokenAttention(Attention):
                 for a in range(cq):
                     row = i - (cq - 1) + a
                     if row >= 0:
-                        idx = torch.tensor(visible_keys(b, row), dtype=torch.long)
+                        idx = torch.tensor(row_keys(b, row), dtype=torch.long)
                         if len(idx):
                             s0[:, a, idx] = (q[b, :, row].unsqueeze(1) * k[b][:, idx]).sum(-1) / dim**0.5
                 # every key's window of c_k scores in each of the c_q rows: (H, c_q, Lk, c_k)

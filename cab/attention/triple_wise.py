@@ -10,7 +10,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from cab.attention._score_util import block_visibility
+from cab.attention._score_util import block_visibility, visible_keys
 from cab.attention.base import repeat_kv
 from cab.attention.exact import KVCacheAttention
 from cab.attention.functional import compute_dtype
@@ -97,13 +97,11 @@ class TripleWiseAttention(KVCacheAttention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         batch, heads, lq, d = q.shape
         lk = k.shape[-2]
-        offset = lk - lq if self.pattern is Pattern.CS else 0
         rows = []
         for b in range(batch):
             per_row = []
             for i in range(lq):
-                last = min(lk, i + offset + 1) if self.pattern is Pattern.CS else lk
-                keys = [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
+                keys = visible_keys(self.pattern, lq, lk, key_padding_mask, b, i)
                 if not keys:
                     per_row.append(q.new_zeros(heads, v.shape[-1]))
                     continue
