@@ -33,6 +33,16 @@ def _csv_ints(text: str) -> "list[int]":
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _csv(text: str) -> "list[str]":
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -224,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         summary = run_grid(args.config, force=args.force, retry_failed=args.retry_failed, executor=args.executor,
-                           address=args.address, db=args.db, report_dir=args.out, render=not args.no_report,
+                           address=args.address, workers=args.workers, db=args.db, report_dir=args.out, render=not args.no_report,
                            progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
@@ -346,10 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun cells that already have a result")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that ended in error, timeout or oom")
     p.add_argument("--executor", choices=sorted(EXECUTORS), default=None,
-                   help="how cells run: local (this process), subprocess (each cell isolated), ray (Ray tasks)")
+                   help="how cells run: local (this process), subprocess (each cell isolated), pool (warm isolated "
+                        "workers, several cells at once; timings still run alone), ray (Ray tasks)")
     p.add_argument("--address", default=None,
                    help="with --executor ray: the Ray cluster to join, 'auto' or HOST:PORT (default: a private "
                         "Ray instance on this machine, listening on loopback only)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="with --executor pool: cells run at once (default: the config's, else one per core)")
     p.add_argument("--db", default=None, help=f"results store (default: the config's, else {DEFAULT_DB})")
     p.add_argument("--out", default=None, help=f"leaderboard directory (default: the config's, else {DEFAULT_REPORT})")
     p.add_argument("--no-report", action="store_true")

@@ -240,13 +240,15 @@ class BenchSection(Section):
 
 
 class ExecutorSection(_Schema):
-    """How cells run: in this process (`local`), each in a fresh isolated process (`subprocess`), or each in
-    a fresh isolated process inside a Ray task (`ray`, on a local instance or the cluster at `address`).
+    """How cells run: in this process (`local`), each in a fresh isolated process (`subprocess`), spread over
+    `workers` warm isolated worker processes (`pool`; benchmark cells still run alone), or each in a fresh
+    isolated process inside a Ray task (`ray`, on a local instance or the cluster at `address`).
 
     `timeout_s`: per-cell time limit. `memory_limit_bytes`: an isolated cell whose processes hold more
     resident memory than this is killed and recorded as `oom` with the measured size (not enforced by
     `local`). `grace_s`: start-up time an isolated cell gets on top of its timeout before a hard kill.
-    `max_output_bytes`: an isolated cell that prints more than this is killed (`error`)."""
+    `max_output_bytes`: an isolated cell that prints more than this is killed (`error`). `workers`: how many
+    cells `pool` runs at once (default: one per usable core; with `threads: N` cells, at most cores / N)."""
 
     kind: ExecutorKind = "local"
     timeout_s: "PositiveFloat | None" = 300.0
@@ -254,6 +256,7 @@ class ExecutorSection(_Schema):
     grace_s: PositiveFloat = 10.0
     max_output_bytes: Bytes = 64 * 2**20
     address: "Name | None" = None
+    workers: "PositiveInt | None" = None
 
     @model_validator(mode="after")
     def _address_is_for_ray(self) -> "ExecutorSection":
@@ -264,7 +267,7 @@ class ExecutorSection(_Schema):
     def options(self) -> "dict[str, Any]":
         """Constructor options of the executor (cab.executors.get_executor), timeout and plugins aside."""
         return {"memory_limit_bytes": self.memory_limit_bytes, "grace_s": self.grace_s,
-                "max_output_bytes": self.max_output_bytes, "address": self.address}
+                "max_output_bytes": self.max_output_bytes, "address": self.address, "workers": self.workers}
 
 
 class OutputSection(_Schema):

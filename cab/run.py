@@ -71,14 +71,15 @@ def select_cells(cells: "list[Cell]", store: ResultStore, *, force: bool = False
 
 
 def _command(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
-             executor: "str | None" = None, address: "str | None" = None, db: "str | Path | None" = None,
-             report_dir: "str | Path | None" = None) -> str:
+             executor: "str | None" = None, address: "str | None" = None, workers: "int | None" = None,
+             db: "str | Path | None" = None, report_dir: "str | Path | None" = None) -> str:
     """The `cab run` command line equivalent to a run_grid call."""
     args = ["cab", "run", str(config_path)]
     args += ["--force"] if force else []
     args += ["--retry-failed"] if retry_failed else []
     args += ["--executor", executor] if executor else []
     args += ["--address", address] if address else []
+    args += ["--workers", str(workers)] if workers else []
     args += ["--db", str(db)] if db else []
     args += ["--out", str(report_dir)] if report_dir else []
     return shlex.join(args)
@@ -155,24 +156,27 @@ class _Progress:
         self._bar.close()
 
 
-def _executor(config: Config, kind: "str | None", address: "str | None") -> Executor:
-    """The executor of a run: the config's, or `kind` and `address` from the command line."""
+def _executor(config: Config, kind: "str | None", address: "str | None", workers: "int | None") -> Executor:
+    """The executor of a run: the config's, or `kind`, `address` and `workers` from the command line."""
     kind = kind or config.executor.kind
-    options = {**config.executor.options(), **({"address": address} if address else {})}
-    ignored = [name for name in ("memory_limit_bytes", "address")
+    options = {**config.executor.options(), **({"address": address} if address else {}),
+               **({"workers": workers} if workers else {})}
+    ignored = [name for name in ("memory_limit_bytes", "address", "workers")
                if options.get(name) is not None and name not in accepted_options(kind)]
     if ignored:
         print(f"cab: the {kind} executor does not use {' or '.join(ignored)} (set for this run); "
-              "subprocess and ray enforce memory limits, ray connects to an address", file=sys.stderr)
+              "subprocess, pool and ray enforce memory limits, pool runs `workers` cells at once, ray connects "
+              "to an address", file=sys.stderr)
     return get_executor(kind, timeout_s=config.executor.timeout_s, plugins=config.plugins, **options)
 
 
 def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
-             executor: "str | None" = None, address: "str | None" = None, db: "str | Path | None" = None,
-             report_dir: "str | Path | None" = None, render: bool = True, progress: bool = True) -> RunSummary:
+             executor: "str | None" = None, address: "str | None" = None, workers: "int | None" = None,
+             db: "str | Path | None" = None, report_dir: "str | Path | None" = None, render: bool = True,
+             progress: bool = True) -> RunSummary:
     """Run every cell of a grid file that the store does not hold yet, storing each result as it arrives.
 
-    `executor` and `address` override the config's executor kind and Ray address. One run at a time
+    `executor`, `address` and `workers` override the config's executor kind, Ray address and pool size. One run at a time
     writes a store: a second run on the same store stops with StoreBusy. On KeyboardInterrupt the run is
     recorded as 'interrupted', what is done and left and the command that resumes are printed to stderr,
     and the interrupt is re-raised (the CLI exits 130)."""
@@ -182,13 +186,13 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
     cells = expand(config)
     db_path = Path(db or config.output.store)
     command = _command(config_path, force=force, retry_failed=retry_failed, executor=executor, address=address,
-                       db=db, report_dir=report_dir)
+                       workers=workers, db=db, report_dir=report_dir)
     with ResultStore(db_path) as store, store.writer_lock():
         todo = select_cells(cells, store, force=force, retry_failed=retry_failed)
         if store.migrated_from is not None:
             print(f"cab: migrated {db_path} from store schema {store.migrated_from} to {SCHEMA_VERSION} "
                   f"(the file as it was: {store.backup})", file=sys.stderr)
-        runner = _executor(config, executor, address)
+        runner = _executor(config, executor, address, workers)
         run_id = store.start_run(str(config_path), command, len(todo), _run_config(config), executor=runner.name)
         bar, state = _Progress(len(todo), config.name, progress), "failed"
         results = runner.run(todo, on_start=bar.started)
@@ -200,8 +204,8 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
         except KeyboardInterrupt:
             state = "interrupted"
             bar.close()
-            resume = _command(config_path, retry_failed=retry_failed, executor=executor, address=address, db=db,
-                              report_dir=report_dir)
+            resume = _command(config_path, retry_failed=retry_failed, executor=executor, address=address,
+                              workers=workers, db=db, report_dir=report_dir)
             print(f"\ncab: interrupted after {bar.done} of {len(todo)} cells ({len(todo) - bar.done} left); "
                   f"every finished cell is stored in {db_path}.\ncab: resume with: {resume}", file=sys.stderr)
             raise

@@ -1,4 +1,5 @@
-"""The child side of an isolated cell: `child_main` runs in a process forked from cab's forkserver.
+"""The child side of isolated cells: `child_main` runs one cell in a process forked from cab's forkserver;
+`pool_worker_main` runs the cells a pool executor sends it, one after another, in such a process.
 
 It leaves the parent's session (so the whole tree it starts can be killed as one group), sends its
 output to two files (never to the driver's terminal: a plugin may print gigabytes), dies with its parent,
@@ -43,8 +44,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _redirect(fd: int, path: str) -> None:
-    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _redirect(fd: int, path: str, append: bool = False) -> None:
+    mode = os.O_APPEND if append else os.O_TRUNC
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
     os.dup2(target, fd)
     os.close(target)
 
@@ -55,24 +57,29 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def child_main(job: dict, result_path: str, stdout_path: str, stderr_path: str) -> None:
-    """Run the job's cell in this (fresh) process and write its Result to `result_path`.
-
-    `job`: cell (a Cell dict), plugins (specs to load), timeout_s (the soft limit), env (variables to
-    set, None to unset)."""
+def _detach(stdout_path: str, stderr_path: str, env: "dict[str, str | None]", append: bool = False) -> None:
+    """Leave the parent's session, send output to the two files, die with the parent, apply `env`."""
     os.setsid()
-    _redirect(1, stdout_path)
-    _redirect(2, stderr_path)
+    _redirect(1, stdout_path, append)
+    _redirect(2, stderr_path, append)
     stdin = os.open(os.devnull, os.O_RDONLY)
     os.dup2(stdin, 0)
     os.close(stdin)
     faulthandler.enable(file=sys.stderr)  # a segfault leaves its Python traceback in the stderr tail
     _die_with_parent()
-    for name, value in (job.get("env") or {}).items():
+    for name, value in (env or {}).items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def child_main(job: dict, result_path: str, stdout_path: str, stderr_path: str) -> None:
+    """Run the job's cell in this (fresh) process and write its Result to `result_path`.
+
+    `job`: cell (a Cell dict), plugins (specs to load), timeout_s (the soft limit), env (variables to
+    set, None to unset)."""
+    _detach(stdout_path, stderr_path, job.get("env") or {})
     try:
         _run(job, Path(result_path))
     except MemoryError:
@@ -82,16 +89,46 @@ def child_main(job: dict, result_path: str, stdout_path: str, stderr_path: str) 
         sys.stderr.flush()
 
 
-def _run(job: dict, result_path: Path) -> None:
+def _load_plugins(plugins: "list[str]") -> list:
     from cab import registry
+
+    errors = registry.discover(plugins or [])
+    for err in errors:
+        print(f"cab worker: plugin failed to load: {err.source}\n{err.traceback}", file=sys.stderr)
+    return errors
+
+
+def _run_one(cell: dict, timeout_s: "float | None", errors: list) -> dict:
+    """Run one cell (a Cell dict); a failed cell's message names the plugins that failed to load."""
     from cab.cells import Cell
     from cab.runner import run_cell
     from cab.status import Status
 
-    errors = registry.discover(job.get("plugins") or [])
-    for err in errors:
-        print(f"cab worker: plugin failed to load: {err.source}\n{err.traceback}", file=sys.stderr)
-    result = run_cell(Cell.from_dict(job["cell"]), job.get("timeout_s"))
+    result = run_cell(Cell.from_dict(cell), timeout_s)
     if errors and result.status is Status.ERROR:
         result.message += "".join(f"\n\nplugin {e.source} failed to load: {e.message}" for e in errors)
-    _write_atomically(result_path, json.dumps(result.to_dict()))
+    return result.to_dict()
+
+
+def _run(job: dict, result_path: Path) -> None:
+    errors = _load_plugins(job.get("plugins") or [])
+    _write_atomically(result_path, json.dumps(_run_one(job["cell"], job.get("timeout_s"), errors)))
+
+
+def pool_worker_main(conn, stdout_path: str, stderr_path: str, plugins: "list[str]",
+                     env: "dict[str, str | None]") -> None:
+    """A pool worker: receive jobs ({cell, timeout_s}) on `conn` and send back each Result as a dict,
+    until the parent sends None or goes away. Output is appended to the two files (the parent empties
+    them before each job); exit status EXIT_OOM after a MemoryError that escaped a cell."""
+    _detach(stdout_path, stderr_path, env, append=True)
+    errors = _load_plugins(plugins)
+    try:
+        while (job := conn.recv()) is not None:
+            payload = _run_one(job["cell"], job.get("timeout_s"), errors)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.send(payload)
+    except EOFError:
+        return
+    except MemoryError:
+        os._exit(EXIT_OOM)

@@ -1,5 +1,6 @@
 """Executors run cells and yield Results: `local` (in-process), `subprocess` (one isolated process per
-cell, with time, memory and output limits) and `ray` (isolated cells as Ray tasks on a cluster)."""
+cell, with time, memory and output limits), `pool` (warm worker processes running cells in parallel, with
+the same limits) and `ray` (isolated cells as Ray tasks on a cluster)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Any, Sequence
 
 from cab.executors.base import Executor
 from cab.executors.local import LocalExecutor
+from cab.executors.pool import PoolExecutor
 from cab.executors.ray import RayExecutor
 from cab.executors.subprocess import SubprocessExecutor
 
 EXECUTORS: "dict[str, type[Executor]]" = {"local": LocalExecutor, "subprocess": SubprocessExecutor,
-                                           "ray": RayExecutor}
+                                           "pool": PoolExecutor, "ray": RayExecutor}
 
 
 def accepted_options(kind: str) -> "set[str]":
@@ -36,5 +38,5 @@ def get_executor(kind: str, *, timeout_s: "float | None" = None, plugins: Sequen
     return cls(timeout_s=timeout_s, plugins=plugins, **{k: v for k, v in options.items() if k in accepted})
 
 
-__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RayExecutor", "SubprocessExecutor", "accepted_options",
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "PoolExecutor", "RayExecutor", "SubprocessExecutor", "accepted_options",
            "get_executor"]

@@ -1,0 +1,202 @@
+"""Pool executor: cells spread over `workers` long-lived worker processes, forked from cab's warm
+forkserver, each running cells one after another.
+
+A worker keeps what a process caches between cells (imports, a task's prepared data, the correctness gate
+of each attention), so many short cells, such as a task grid of small models, pay their start-up once per
+worker instead of once per cell. The parent watches every busy worker with the subprocess executor's
+limits: a cell that passes `timeout_s + grace_s`, whose worker holds more than `memory_limit_bytes`
+resident or prints more than `max_output_bytes`, or whose worker dies (segfault, OOM killer) gets the
+status a `subprocess` cell would get, its worker is killed and a fresh one replaces it, and the grid goes
+on. A worker's resident memory includes what earlier cells left cached in it.
+
+Benchmark cells (kind "bench") are timings: each runs alone, with every other worker idle, so that no
+concurrent cell competes for cores or memory bandwidth while it is measured.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from cab import provenance
+from cab.cells import Cell, Result
+from cab.executors import forkserver, procfs
+from cab.executors.base import CellCallback, Executor
+from cab.executors.subprocess import (DEFAULT_GRACE_S, DEFAULT_MAX_OUTPUT_BYTES, POLL_S, Limits, _failure,
+                                      _kill_tree, _now, _size, _tail, _Watch)
+from cab.worker import device_env, pool_worker_main
+
+EXCLUSIVE_KINDS = frozenset({"bench"})
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def runs_alone(cell: Cell) -> bool:
+    """True for cells that must not share the machine with another cell (timings)."""
+    return cell.kind in EXCLUSIVE_KINDS
+
+
+@dataclass
+class _Worker:
+    """One worker process, its end of the pipe, its output files and the cell it is running (if any)."""
+
+    process: object
+    conn: Connection
+    stdout: Path
+    stderr: Path
+    cell: "Cell | None" = None
+    started_at: str = ""
+    t0: float = 0.0
+    watch: _Watch = field(default_factory=_Watch)
+
+    @property
+    def outputs(self) -> "tuple[Path, Path]":
+        return self.stdout, self.stderr
+
+
+class PoolExecutor(Executor):
+    """Cells over `workers` warm worker processes (default: one per usable core), with the limits of the
+    subprocess executor; see the module docstring."""
+
+    name = "pool"
+
+    def __init__(self, *, timeout_s: "float | None" = None, plugins: Sequence[str] = (),
+                 workers: "int | None" = None, grace_s: float = DEFAULT_GRACE_S,
+                 memory_limit_bytes: "int | None" = None, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES):
+        super().__init__(timeout_s=timeout_s, plugins=plugins)
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = workers or default_workers()
+        self.limits = Limits(timeout_s=timeout_s, grace_s=grace_s, memory_limit_bytes=memory_limit_bytes,
+                             max_output_bytes=max_output_bytes)
+        self._pool: "list[_Worker]" = []
+        self._tmp: "tempfile.TemporaryDirectory | None" = None
+        self._started = 0
+
+    def run(self, cells: Iterable[Cell], on_start: "CellCallback | None" = None) -> Iterator[Result]:
+        todo, held = iter(cells), None
+        try:
+            while True:
+                held = self._assign(held, todo, on_start)
+                busy = [w for w in self._pool if w.cell is not None]
+                if not busy:
+                    return
+                yield from self._collect(busy)
+        finally:  # finished, interrupted or abandoned: no worker outlives the run
+            self._stop_all()
+
+    def _assign(self, held: "Cell | None", todo: Iterator[Cell], on_start: "CellCallback | None") -> "Cell | None":
+        """Give cells to idle workers while the rules allow; returns the cell that has to wait, if any."""
+        while True:
+            cell = held if held is not None else next(todo, None)
+            held = None
+            if cell is None:
+                return None
+            busy = [w for w in self._pool if w.cell is not None]
+            if busy and (runs_alone(cell) or any(runs_alone(w.cell) for w in busy)):
+                return cell
+            worker = self._idle_worker()
+            if worker is None:
+                return cell
+            self._submit(worker, cell)
+            if on_start is not None:
+                on_start(cell)
+
+    def _idle_worker(self) -> "_Worker | None":
+        for worker in self._pool:
+            if worker.cell is None:
+                return worker
+        return self._start_worker() if len(self._pool) < self.workers else None
+
+    def _start_worker(self) -> _Worker:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="cab-pool-")
+        self._started += 1
+        folder = Path(self._tmp.name)
+        stdout, stderr = folder / f"worker{self._started}.out", folder / f"worker{self._started}.err"
+        parent, child = forkserver.context().Pipe(duplex=True)
+        process = forkserver.start(pool_worker_main, (child, str(stdout), str(stderr), list(self.plugins),
+                                                      device_env()), name=f"cab-pool-worker-{self._started}")
+        child.close()
+        worker = _Worker(process=process, conn=parent, stdout=stdout, stderr=stderr)
+        self._pool.append(worker)
+        return worker
+
+    def _submit(self, worker: _Worker, cell: Cell) -> None:
+        for path in worker.outputs:  # the worker is idle and appends: its files now hold this cell's output
+            path.write_bytes(b"")
+        worker.cell, worker.started_at, worker.t0, worker.watch = cell, _now(), time.monotonic(), _Watch()
+        worker.conn.send({"cell": cell.to_dict(), "timeout_s": self.limits.timeout_s})
+
+    def _collect(self, busy: "list[_Worker]") -> Iterator[Result]:
+        """Wait up to POLL_S for results or dead workers, then check the limits of the others."""
+        wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL_S)
+        for worker in busy:
+            result = self._received(worker)
+            if result is None and worker.process.exitcode is None:
+                self._check_limits(worker)
+                if worker.watch.killed_for is None:
+                    continue
+            yield result if result is not None else self._lost(worker)
+
+    def _received(self, worker: _Worker) -> "Result | None":
+        try:
+            if not worker.conn.poll():
+                return None
+            payload = worker.conn.recv()
+        except (EOFError, OSError):
+            return None  # the worker died: its exit code says how
+        result = Result.from_dict(payload)
+        result.cell, worker.cell = worker.cell, None  # the exact cell submitted (same key)
+        return result
+
+    def _check_limits(self, worker: _Worker) -> None:
+        limits, watch = self.limits, worker.watch
+        rss = procfs.tree_rss_bytes(worker.process.pid)
+        watch.peak_rss_bytes = max(watch.peak_rss_bytes, rss)
+        printed = sum(_size(p) for p in worker.outputs)
+        if limits.memory_limit_bytes is not None and rss > limits.memory_limit_bytes:
+            watch.killed_for, watch.rss_at_kill = "memory", rss
+        elif printed > limits.max_output_bytes:
+            watch.killed_for, watch.output_bytes = "output", printed
+        elif limits.hard_limit_s is not None and time.monotonic() - worker.t0 > limits.hard_limit_s:
+            watch.killed_for = "timeout"
+
+    def _lost(self, worker: _Worker) -> Result:
+        """The Result of a cell whose worker died or broke a limit; the worker leaves the pool."""
+        self._pool.remove(worker)
+        _kill_tree(worker.process.pid, running=worker.process.exitcode is None)
+        worker.process.join()
+        worker.conn.close()
+        status, message, metrics = _failure(worker.process.exitcode, worker.watch, self.limits, _tail(worker.stderr))
+        return Result(cell=worker.cell, status=status, metrics=metrics, message=message,
+                      provenance=provenance.collect(worker.cell.device),
+                      wall_s=round(time.monotonic() - worker.t0, 4), started_at=worker.started_at,
+                      finished_at=_now())
+
+    def _stop_all(self) -> None:
+        for worker in self._pool:
+            _kill_tree(worker.process.pid, running=worker.process.exitcode is None)
+            worker.process.join()
+            worker.conn.close()
+        self._pool.clear()
+
+    def close(self) -> None:
+        self._stop_all()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+__all__ = ["EXCLUSIVE_KINDS", "PoolExecutor", "default_workers", "runs_alone"]
