@@ -114,10 +114,7 @@ class BasedAttention(Attention):
         else:
             flops += 2 * batch * h * (lk + lq) * features * (d + 1)
         # the window branch as cab's `local` computes it: query blocks against their key span
-        w = self.local.window
-        block, ahead = max(16, w), (0 if self.causal else w)
-        blocks = -(-lq // block) + -(-(w + ahead) // block)
-        span = block + w + ahead
+        block, blocks, span, _ = self.local._geometry(lq, lk)
         return flops + 2 * batch * h * blocks * block * span * 2 * d
 
     # decoding -------------------------------------------------------------------------------------------

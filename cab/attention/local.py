@@ -112,9 +112,15 @@ class LocalAttention(Attention):
         return bs.flex_with_fallback_backward(q, k, v, run_flex,
                                               lambda a, b, c: self._torch(a, b, c, key_padding_mask))
 
+    def _window_for(self, lq: int, lk: int) -> int:
+        """The window the torch path scores: no query is farther than max(lq, lk) - 1 from any key, so a
+        wider window sees exactly the same keys (a window of 256 at 64 tokens would score 8x the rows)."""
+        return min(self.window, max(lq, lk, 1) - 1)
+
     def _geometry(self, lq: int, lk: int) -> "tuple[int, int, int, int]":
         """(block, blocks, span, sinks scored) of the torch path for this shape."""
-        w, block = self.window, _block_size(self.window)
+        w = self._window_for(lq, lk)
+        block = _block_size(w)
         ahead = 0 if self.pattern is Pattern.CS else w
         blocks = -(-lq // block) + -(-(w + ahead) // block)
         return block, blocks, block + w + ahead, min(self.sinks, lk)
@@ -137,7 +143,7 @@ class LocalAttention(Attention):
             return bs.layout_pairs(self.block_layout(lq, lk, bs.FLEX_BLOCK), batch, heads)
         block, blocks, span, s = self._geometry(lq, lk)
         offset = lk - lq if self.pattern is Pattern.CS else 0
-        first = torch.arange(blocks) * block + offset - self.window  # key position of each span's first row
+        first = torch.arange(blocks) * block + offset - self._window_for(lq, lk)  # key position of each span's first row
         keys = (torch.minimum(first + span, torch.tensor(lk)) - first.clamp(min=0)).clamp(min=0)
         rows = (lq - torch.arange(blocks) * block).clamp(0, block)
         return batch * heads * int((rows * (keys + s)).sum())
@@ -152,7 +158,8 @@ class LocalAttention(Attention):
         batch, heads, lq, dim = q.shape
         lk = k.shape[-2]
         causal = self.pattern is Pattern.CS
-        w, block = self.window, _block_size(self.window)
+        w = self._window_for(lq, lk)
+        block = _block_size(w)
         ahead = 0 if causal else w
         span = block + w + ahead  # keys scored by one query block
         offset = lk - lq if causal else 0  # query i sits at key position i + offset
