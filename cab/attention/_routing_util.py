@@ -81,7 +81,11 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: t
     q (B, H, G, gq, D); k (B, H, Lk, D), v (B, H, Lk, Dv); idx (B, H, G, N) int64 in [0, Lk); valid bool
     broadcastable to (B, H, G, gq, N). Returns (B, H, G, gq, Dv), rows with no valid key 0 (and with
     return_lse the (B, H, G, gq) log-sum-exp of the scaled scores, -inf for such rows). With autograd on, each
-    chunk is checkpointed: backward gathers its keys again, so memory stays at one chunk's gather."""
+    chunk is checkpointed: backward gathers its keys again, so memory stays at one chunk's gather.
+
+    A selection of N >= Lk slots per row (short sequences, or a top-k wider than the keys) is run as a dense
+    masked softmax over all Lk keys instead: the same keys and weights (indices are distinct), without
+    gathering a copy of the keys per query."""
     b, h, g, gq, d = q.shape
     n = idx.shape[-1]
     lk, dv = k.shape[-2], v.shape[-1]
@@ -90,16 +94,21 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: t
     vf = v.reshape(b * h * lk, dv)
     base = (torch.arange(b * h, device=q.device) * lk).reshape(b, h, 1, 1)
     flat = idx.clamp(0, max(lk - 1, 0)) + base
-    step = max(1, _GATHER_ELEMENTS // max(1, b * h * n * max(d, dv)))
+    dense = n >= lk
+    chunk = _dense_chunk if dense else _gathered_chunk
+    step = max(1, _GATHER_ELEMENTS // max(1, b * h * max(n, 1) * max(d, dv)))
     outs, lses = [], []
     checkpointed = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     for g0 in range(0, g, step):
         sl = slice(g0, g0 + step)
-        args = (q[:, :, sl], kf, vf, flat[:, :, sl], valid[:, :, sl])
-        if checkpointed:  # keep only the chunk's inputs for backward, not its gathered keys and values
-            out, lse = checkpoint(_gathered_chunk, *args, scale, use_reentrant=False)
+        if dense:
+            args = (q[:, :, sl], k, v, _selected(idx[:, :, sl], valid[:, :, sl], lk))
         else:
-            out, lse = _gathered_chunk(*args, scale)
+            args = (q[:, :, sl], kf, vf, flat[:, :, sl], valid[:, :, sl])
+        if checkpointed:  # keep only the chunk's inputs for backward, not its gathered keys and values
+            out, lse = checkpoint(chunk, *args, scale, use_reentrant=False)
+        else:
+            out, lse = chunk(*args, scale)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=2)
@@ -108,12 +117,31 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: t
     return out
 
 
+def _selected(idx: torch.Tensor, valid: torch.Tensor, lk: int) -> torch.Tensor:
+    """The selection of idx (B, H, c, N) / valid (B, H, c, gq, N) as a (B, H, c, gq, Lk) bool key mask."""
+    b, h, c, gq, n = valid.shape
+    target = torch.where(valid, idx[:, :, :, None, :].expand(b, h, c, gq, n), lk)
+    mask = torch.zeros(b, h, c, gq, lk + 1, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, target, True)[..., :lk]
+
+
+def _dense_chunk(q, k, v, ok, scale):
+    """One chunk of gathered_attention as a masked softmax over every key: ok (B, H, c, gq, Lk)."""
+    s = (q * scale) @ k[:, :, None].transpose(-1, -2)  # (B, H, c, gq, Lk)
+    return _softmax_rows(s, ok, v[:, :, None])
+
+
 def _gathered_chunk(q, kf, vf, flat, ok, scale):
     """One chunk of gathered_attention: (out (B, H, c, gq, Dv), lse (B, H, c, gq))."""
     b, h, c, n = flat.shape
     kg = kf.index_select(0, flat.reshape(-1)).reshape(b, h, c, n, kf.shape[-1])
     vg = vf.index_select(0, flat.reshape(-1)).reshape(b, h, c, n, vf.shape[-1])
     s = (q * scale) @ kg.transpose(-1, -2)  # (B, H, c, gq, N)
+    return _softmax_rows(s, ok, vg)
+
+
+def _softmax_rows(s, ok, vg):
+    """Softmax of the scores `s` over the slots where `ok`, times `vg`: (out, lse); rows with none give 0."""
     s = s.masked_fill(~ok, float("-inf"))
     mx = s.amax(-1, keepdim=True)
     empty = torch.isinf(mx)
