@@ -2,6 +2,7 @@
 with a worker replaced after each fatal fault; workers reused between cells; cells in parallel but
 benchmark cells alone; `cab run --workers`."""
 
+import importlib
 import os
 import textwrap
 
@@ -134,3 +135,24 @@ def test_workers_option_and_command_line():
     with pytest.raises(ValueError, match="at least 1"):
         PoolExecutor(workers=0)
     assert _command("g.yaml", executor="pool", workers=4) == "cab run g.yaml --executor pool --workers 4"
+
+
+def test_workers_share_correctness_verdicts_through_the_gate_folder(tmp_path, monkeypatch):
+    """A verdict computed by one process is read by another of the same run instead of recomputed."""
+    gate_module = importlib.import_module("cab.check.gate")  # the module (cab.check exports the function)
+
+    monkeypatch.setenv(gate_module.GATE_DIR_ENV, str(tmp_path / "gates"))
+    monkeypatch.setattr(gate_module, "_REPORTS", {})
+    first = gate_module.gate("performer", "CS", {}, "cpu", "float32")
+    assert first.status is Status.OK and len(list((tmp_path / "gates").glob("*.json"))) == 1
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the shared verdict should have been read")
+
+    monkeypatch.setattr(gate_module, "_REPORTS", {})  # another process: empty in-process cache
+    monkeypatch.setattr(gate_module, "run_conformance", recompute)
+    again = gate_module.gate("performer", "CS", {}, "cpu", "float32")
+    assert again.to_metrics() == first.to_metrics() and again.pattern == first.pattern
+    monkeypatch.delenv(gate_module.GATE_DIR_ENV)
+    with pytest.raises(AssertionError, match="should have been read"):  # no folder: nothing shared
+        gate_module.gate("performer", "NS", {}, "cpu", "float32")

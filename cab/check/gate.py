@@ -1,22 +1,67 @@
-"""`gate`: the per-process cache of conformance verdicts that benchmarks consult before timing anything,
-so no speed is reported for a configuration whose correctness check failed."""
+"""`gate`: the cache of conformance verdicts that benchmarks and task cells consult before timing or training
+anything, so no speed or accuracy is reported for a configuration whose correctness check failed.
+
+Verdicts are kept per process and, when the environment names a folder in CAB_GATE_DIR, shared through it
+with the other processes of the same run (the pool and subprocess executors set it to a folder of their
+own), so that a grid's workers check each configuration once rather than once per cell. Conformance is
+seeded, so a verdict read from the folder is the one this process would compute."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 from cab.check.conformance import run_conformance
-from cab.check.outcomes import ConformanceReport
+from cab.check.outcomes import CheckOutcome, ConformanceReport
 from cab.patterns import Pattern
+from cab.status import Status
+
+GATE_DIR_ENV = "CAB_GATE_DIR"
 
 _REPORTS: "dict[tuple, ConformanceReport]" = {}
 
 
 def gate(attention: str, pattern: "Pattern | str", hparams: "dict | None", device: str, dtype: str,
          ) -> ConformanceReport:
-    """The conformance report of this configuration (seed 0), computed once per process."""
+    """The conformance report of this configuration (seed 0), computed once per process or shared run."""
     key = (attention, Pattern.parse(pattern).value, json.dumps(hparams or {}, sort_keys=True, default=repr),
            device, dtype)
     if key not in _REPORTS:
-        _REPORTS[key] = run_conformance(attention, pattern, hparams=hparams, device=device, dtype=dtype, seed=0)
+        path = _shared_path(key)
+        report = _read(path) if path is not None else None
+        if report is None:
+            report = run_conformance(attention, pattern, hparams=hparams, device=device, dtype=dtype, seed=0)
+            if path is not None:
+                _write(path, report)
+        _REPORTS[key] = report
     return _REPORTS[key]
+
+
+def _shared_path(key: tuple) -> "Path | None":
+    folder = os.environ.get(GATE_DIR_ENV)
+    if not folder:
+        return None
+    return Path(folder) / (hashlib.sha256(json.dumps(key).encode()).hexdigest() + ".json")
+
+
+def _read(path: Path) -> "ConformanceReport | None":
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # not there yet (or being written): compute it here
+    checks = [CheckOutcome(c["name"], Status(c["status"]), c["error"], c["tolerance"], c["message"])
+              for c in data["checks"]]
+    return ConformanceReport(data["attention"], Pattern.parse(data["pattern"]), checks, data["hparams"],
+                             data["device"], data["dtype"])
+
+
+def _write(path: Path, report: ConformanceReport) -> None:
+    """Write atomically (temporary file + rename): a reader sees the whole verdict or none."""
+    data = {"attention": report.attention, "pattern": report.pattern.value, "hparams": report.hparams,
+            "device": report.device, "dtype": report.dtype, **report.to_metrics()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(data, default=repr))
+    os.replace(partial, path)

@@ -2,7 +2,7 @@
 forkserver, each running cells one after another.
 
 A worker keeps what a process caches between cells (imports, a task's prepared data, the correctness gate
-of each attention), so many short cells, such as a task grid of small models, pay their start-up once per
+of each attention, whose verdicts the workers also share through a folder), so many short cells, such as a task grid of small models, pay their start-up once per
 worker instead of once per cell. The parent watches every busy worker with the subprocess executor's
 limits: a cell that passes `timeout_s + grace_s`, whose worker holds more than `memory_limit_bytes`
 resident or prints more than `max_output_bytes`, or whose worker dies (segfault, OOM killer) gets the
@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Sequence
 
 from cab import provenance
 from cab.cells import Cell, Result
+from cab.check.gate import GATE_DIR_ENV
 from cab.executors import forkserver, procfs
 from cab.executors.base import CellCallback, Executor
 from cab.executors.subprocess import (DEFAULT_GRACE_S, DEFAULT_MAX_OUTPUT_BYTES, POLL_S, Limits, _failure,
@@ -126,8 +127,9 @@ class PoolExecutor(Executor):
         folder = Path(self._tmp.name)
         stdout, stderr = folder / f"worker{self._started}.out", folder / f"worker{self._started}.err"
         parent, child = forkserver.context().Pipe(duplex=True)
-        process = forkserver.start(pool_worker_main, (child, str(stdout), str(stderr), list(self.plugins),
-                                                      device_env()), name=f"cab-pool-worker-{self._started}")
+        env = {**device_env(), GATE_DIR_ENV: str(folder / "gates")}  # workers share correctness verdicts
+        process = forkserver.start(pool_worker_main, (child, str(stdout), str(stderr), list(self.plugins), env),
+                                   name=f"cab-pool-worker-{self._started}")
         child.close()
         worker = _Worker(process=process, conn=parent, stdout=stdout, stderr=stderr)
         self._pool.append(worker)

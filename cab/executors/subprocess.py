@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Sequence
 
 from cab import provenance
 from cab.cells import Cell, Result
+from cab.check.gate import GATE_DIR_ENV
 from cab.executors import forkserver, procfs
 from cab.executors.base import CellCallback, Executor
 from cab.status import Status
@@ -123,13 +124,15 @@ def _watch(proc, limits: Limits, outputs: "tuple[Path, Path]") -> _Watch:
             return watch
 
 
-def run_isolated(cell: Cell, *, plugins: Sequence[str] = (), limits: Limits = Limits()) -> Result:
-    """Run one cell in a fresh process under `limits` and turn however it ended into a Result."""
+def run_isolated(cell: Cell, *, plugins: Sequence[str] = (), limits: Limits = Limits(),
+                 env: "dict[str, str] | None" = None) -> Result:
+    """Run one cell in a fresh process under `limits` (with `env` added to its environment) and turn however
+    it ended into a Result."""
     with tempfile.TemporaryDirectory(prefix="cab-cell-") as tmp:
         work = Path(tmp)
         result_path, stdout_path, stderr_path = work / "result.json", work / "stdout.txt", work / "stderr.txt"
         job = {"cell": cell.to_dict(), "plugins": list(plugins), "timeout_s": limits.timeout_s,
-               "env": device_env()}
+               "env": {**device_env(), **(env or {})}}
         started, t0 = _now(), time.perf_counter()
         proc = forkserver.start(child_main, (job, str(result_path), str(stdout_path), str(stderr_path)),
                                 name=f"cab-cell-{cell.key}")
@@ -187,9 +190,18 @@ class SubprocessExecutor(Executor):
         super().__init__(timeout_s=timeout_s, plugins=plugins)
         self.limits = Limits(timeout_s=timeout_s, grace_s=grace_s, memory_limit_bytes=memory_limit_bytes,
                              max_output_bytes=max_output_bytes)
+        self._gates: "tempfile.TemporaryDirectory | None" = None
 
     def run(self, cells: Iterable[Cell], on_start: "CellCallback | None" = None) -> Iterator[Result]:
+        if self._gates is None:  # the cells of this executor share correctness verdicts (cab.check.gate)
+            self._gates = tempfile.TemporaryDirectory(prefix="cab-gates-")
+        env = {GATE_DIR_ENV: self._gates.name}
         for cell in cells:
             if on_start is not None:
                 on_start(cell)
-            yield run_isolated(cell, plugins=self.plugins, limits=self.limits)
+            yield run_isolated(cell, plugins=self.plugins, limits=self.limits, env=env)
+
+    def close(self) -> None:
+        if self._gates is not None:
+            self._gates.cleanup()
+            self._gates = None
