@@ -93,10 +93,11 @@ def test_workers_are_reused_cells_run_in_parallel_and_benchmarks_alone(probe, tm
     log = str(tmp_path / "intervals.txt")
     parallel = [_check(log, f"p{i}", 0.2) for i in range(4)]
     cells = parallel[:2] + [_bench(log, "alone", 0.5)] + parallel[2:]
-    executor = PoolExecutor(timeout_s=60, plugins=[probe], workers=2)
+    executor, processes = PoolExecutor(timeout_s=60, plugins=[probe], workers=2), set()
     with executor:
-        results = list(executor.run(cells))
+        results = list(executor.run(cells, on_start=lambda _: processes.update(w.process for w in executor._pool)))
     assert [r.status for r in results] == [Status.OK] * 5, [r.message for r in results]
+    assert [p.exitcode for p in processes] == [0, 0]  # idle workers exit by themselves at the end (not killed)
     spans = _intervals(log)
     assert set(spans) == {"p0", "p1", "p2", "p3", "alone"}
     pids = {pid for pid, _, _ in spans.values()}

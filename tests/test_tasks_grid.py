@@ -159,7 +159,6 @@ def test_run_stores_task_results_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("name, seeds, tasks", [
     ("tasks-quick", 1, {"lm", "recall", "listops", "forecast", "lookup"}),
-    ("tasks-all-cpu", 1, {"lm", "recall", "listops", "forecast", "lookup"}),
     ("tasks-standard", 3, {"lm", "recall", "listops", "forecast", "lookup"}),
     ("cab-full", 3, {"lm", "pg19", "recall", "listops", "forecast", "ett", "lookup", "lra_text", "lra_retrieval"}),
 ])
@@ -170,3 +169,8 @@ def test_shipped_task_configs_expand(name, seeds, tasks):
     assert {c.kind for c in cells} == {"task"} and {c.task for c in cells} == tasks
     assert {c.seed for c in cells} == set(range(seeds))
     assert {c.pattern for c in cells} == {"NS", "CS", "NC", "CC"}
+    if name == "tasks-quick":  # every registered attention, in every pattern it declares that a task exercises
+        from cab.registry import all_specs
+
+        assert {(c.attention, c.pattern) for c in cells} == {
+            (s.name, p) for s in all_specs() for p in s.patterns if p in {"NS", "CS", "NC", "CC"}}

@@ -33,6 +33,7 @@ from cab.executors.subprocess import (DEFAULT_GRACE_S, DEFAULT_MAX_OUTPUT_BYTES,
 from cab.worker import device_env, pool_worker_main
 
 EXCLUSIVE_KINDS = frozenset({"bench"})
+STOP_WAIT_S = 5.0  # how long an idle worker gets to exit by itself at the end of a run
 
 
 def default_workers() -> int:
@@ -188,7 +189,18 @@ class PoolExecutor(Executor):
                       finished_at=_now())
 
     def _stop_all(self) -> None:
+        """Idle workers are asked to exit (so they release what they hold, e.g. tqdm's semaphore); busy
+        ones (an interrupted run) and any that does not exit in STOP_WAIT_S are killed."""
         for worker in self._pool:
+            if worker.cell is None:
+                try:
+                    worker.conn.send(None)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + STOP_WAIT_S
+        for worker in self._pool:
+            if worker.cell is None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
             _kill_tree(worker.process.pid, running=worker.process.exitcode is None)
             worker.process.join()
             worker.conn.close()
