@@ -109,7 +109,7 @@ def _gone(pids: "list[int]", within_s: float = 10.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("executor", ["local", "subprocess"])
+@pytest.mark.parametrize("executor", ["local", "subprocess", "pool"])
 def test_sigkill_mid_run_then_rerun_resumes(tmp_path, executor):
     config = _config(tmp_path, range(16, 16 + 8 * 8, 8), executor=executor)
     db = tmp_path / "cab.sqlite"
@@ -145,10 +145,12 @@ def test_a_second_run_on_the_same_store_is_refused(tmp_path):
     assert run_grid(config, db=db, render=False, progress=False).run == 1  # released with the first
 
 
-def test_sigint_marks_the_run_interrupted_and_keeps_finished_cells(tmp_path):
+@pytest.mark.parametrize("executor", ["local", "pool"])
+def test_sigint_marks_the_run_interrupted_and_keeps_finished_cells(tmp_path, executor):
     # cells that take >= 0.4 s each (lengths where 0.4 s needs fewer than the runner's 1000-sample cap, and
     # the gate is cached after the first cell): the 4 left after the second cannot finish before the signal
-    config, db = _config(tmp_path, range(256, 256 + 64 * 6, 64), min_run_time_s=0.4), tmp_path / "cab.sqlite"
+    config = _config(tmp_path, range(256, 256 + 64 * 6, 64), min_run_time_s=0.4, executor=executor)
+    db = tmp_path / "cab.sqlite"
     proc = _start(config, db)
     kept, stderr = _signal_after(proc, db, 2, signal.SIGINT)
     assert proc.returncode == -signal.SIGINT, stderr  # the KeyboardInterrupt was re-raised
