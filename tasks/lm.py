@@ -119,10 +119,25 @@ class CharLM(Task):
 
     def chance(self, data: dict) -> dict:
         """`bpc`: the unigram entropy of the training text (a model that ignores context);
-        `bpc_uniform`: log2 of the number of distinct training characters."""
+        `bpc_uniform`: log2 of the number of distinct training characters; `bpc_bigram`: bits per character
+        on the test text of a bigram model counted on the training text (add-BIGRAM_ALPHA smoothing over
+        the byte vocabulary), the bar a model has to pass to use more than the previous character."""
         counts = torch.bincount(data["train"].long(), minlength=VOCAB).double()
         probs = counts[counts > 0] / counts.sum()
-        return {"bpc": float(-(probs * probs.log2()).sum()), "bpc_uniform": math.log2(int((counts > 0).sum()))}
+        return {"bpc": float(-(probs * probs.log2()).sum()), "bpc_uniform": math.log2(int((counts > 0).sum())),
+                "bpc_bigram": bigram_bpc(data["train"], data["test"])}
+
+
+BIGRAM_ALPHA = 0.1
+
+
+def bigram_bpc(train: torch.Tensor, test: torch.Tensor) -> float:
+    """Bits per character of `test` (from its second character on) under the add-BIGRAM_ALPHA bigram model
+    of `train`."""
+    train, test = train.long(), test.long()
+    pairs = torch.bincount(train[:-1] * VOCAB + train[1:], minlength=VOCAB * VOCAB).double().view(VOCAB, VOCAB)
+    probs = (pairs + BIGRAM_ALPHA) / (pairs.sum(1, keepdim=True) + BIGRAM_ALPHA * VOCAB)
+    return float(-probs[test[:-1], test[1:]].log2().mean())
 
 
 @register_task

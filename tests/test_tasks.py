@@ -187,7 +187,12 @@ def test_lm_splits_the_works_and_scores_a_uniform_model_at_8_bits():
     counts = collections.Counter(data["train"].tolist())
     total = sum(counts.values())
     entropy = -sum(c / total * math.log2(c / total) for c in counts.values())
-    assert task.chance(data) == pytest.approx({"bpc": entropy, "bpc_uniform": math.log2(len(counts))})
+    pairs = collections.Counter(zip(data["train"][:-1].tolist(), data["train"][1:].tolist()))
+    test, last = data["test"].tolist(), int(data["train"][-1])  # the last character starts no pair
+    bigram = -sum(math.log2((pairs[a, b] + 0.1) / (counts[a] - (a == last) + 0.1 * 256))
+                  for a, b in zip(test[:-1], test[1:])) / (len(test) - 1)
+    assert task.chance(data) == pytest.approx({"bpc": entropy, "bpc_uniform": math.log2(len(counts)),
+                                               "bpc_bigram": bigram})
 
 
 def test_lm_records_an_extrapolation_length_that_runs_out_of_memory():
