@@ -159,6 +159,7 @@ def test_run_stores_task_results_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("name, seeds, tasks", [
     ("tasks-quick", 1, {"lm", "recall", "listops", "forecast", "lookup"}),
+    ("tasks-panel-cpu", 3, {"lm", "recall", "listops", "forecast", "lookup"}),
     ("tasks-standard", 3, {"lm", "recall", "listops", "forecast", "lookup"}),
     ("cab-full", 3, {"lm", "pg19", "recall", "listops", "forecast", "ett", "lookup", "lra_text", "lra_retrieval"}),
 ])
