@@ -117,13 +117,17 @@ def _run(job: dict, result_path: Path) -> None:
 
 def pool_worker_main(conn, stdout_path: str, stderr_path: str, plugins: "list[str]",
                      env: "dict[str, str | None]") -> None:
-    """A pool worker: receive jobs ({cell, timeout_s}) on `conn` and send back each Result as a dict,
-    until the parent sends None or goes away. Output is appended to the two files (the parent empties
-    them before each job); exit status EXIT_OOM after a MemoryError that escaped a cell."""
+    """A pool worker: receive jobs ({cell, timeout_s, default_threads}) on `conn` and send back each Result
+    as a dict, until the parent sends None or goes away. Output is appended to the two files (the parent
+    empties them before each job); exit status EXIT_OOM after a MemoryError that escaped a cell."""
+    import torch
+
     _detach(stdout_path, stderr_path, env, append=True)
     errors = _load_plugins(plugins)
     try:
         while (job := conn.recv()) is not None:
+            if job.get("default_threads"):  # a cell's own `threads` option wins (run_cell sets it)
+                torch.set_num_threads(int(job["default_threads"]))
             payload = _run_one(job["cell"], job.get("timeout_s"), errors)
             sys.stdout.flush()
             sys.stderr.flush()

@@ -130,6 +130,19 @@ def test_run_grid_with_a_pool_stores_what_local_stores(probe, tmp_path):
     assert rows(tmp_path / "pool.sqlite")[1] == ["pool"]
 
 
+def test_cells_without_threads_share_the_cores_and_benchmarks_get_them_all(probe, tmp_path):
+    cores = default_workers()
+    plain = [Cell(kind="check", attention="pool_probe", pattern="NS", seed=s) for s in (1, 2)]
+    bench = _bench(str(tmp_path / "log.txt"), "alone", 0.0)
+    bench = Cell(**{**bench.to_dict(), "options": {**bench.options, "threads": None}})
+    own = Cell(kind="check", attention="pool_probe", pattern="NS", seed=3, options={"threads": 1})
+    with PoolExecutor(timeout_s=60, plugins=[probe], workers=2) as executor:
+        results = {r.key: r for r in executor.run(plain + [bench, own])}
+    assert [results[c.key].provenance["threads"] for c in plain] == [max(1, cores // 2)] * 2
+    assert results[bench.key].provenance["threads"] == cores
+    assert results[own.key].provenance["threads"] == 1
+
+
 def test_workers_option_and_command_line():
     assert get_executor("pool", workers=3).workers == 3
     assert get_executor("pool").workers == default_workers() >= 1

@@ -10,7 +10,8 @@ status a `subprocess` cell would get, its worker is killed and a fresh one repla
 on. A worker's resident memory includes what earlier cells left cached in it.
 
 Benchmark cells (kind "bench") are timings: each runs alone, with every other worker idle, so that no
-concurrent cell competes for cores or memory bandwidth while it is measured.
+concurrent cell competes for cores or memory bandwidth while it is measured. A cell that does not set
+`threads` gets the usable cores shared out among the workers, or all of them when it runs alone.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ class PoolExecutor(Executor):
             if on_start is not None:
                 on_start(cell)
 
+    def default_threads(self, cell: Cell) -> int:
+        """CPU threads of a cell that does not set `threads`: every core for a cell that runs alone, else
+        the cores shared out among the workers (so N workers do not each start a thread per core)."""
+        cores = default_workers()
+        return cores if runs_alone(cell) else max(1, cores // self.workers)
+
     def _idle_worker(self) -> "_Worker | None":
         for worker in self._pool:
             if worker.cell is None:
@@ -140,7 +147,8 @@ class PoolExecutor(Executor):
         for path in worker.outputs:  # the worker is idle and appends: its files now hold this cell's output
             path.write_bytes(b"")
         worker.cell, worker.started_at, worker.t0, worker.watch = cell, _now(), time.monotonic(), _Watch()
-        worker.conn.send({"cell": cell.to_dict(), "timeout_s": self.limits.timeout_s})
+        worker.conn.send({"cell": cell.to_dict(), "timeout_s": self.limits.timeout_s,
+                          "default_threads": self.default_threads(cell)})
 
     def _collect(self, busy: "list[_Worker]") -> Iterator[Result]:
         """Wait up to POLL_S for results or dead workers, then check the limits of the others."""
