@@ -4,6 +4,7 @@ benchmark cells alone; `cab run --workers`."""
 
 import importlib
 import os
+import signal
 import textwrap
 
 import pytest
@@ -141,6 +142,21 @@ def test_cells_without_threads_share_the_cores_and_benchmarks_get_them_all(probe
     assert [results[c.key].provenance["threads"] for c in plain] == [max(1, cores // 2)] * 2
     assert results[bench.key].provenance["threads"] == cores
     assert results[own.key].provenance["threads"] == 1
+
+
+def test_an_idle_worker_killed_between_cells_is_replaced(probe):
+    executor = PoolExecutor(timeout_s=60, plugins=[probe], workers=1)
+    cells = [Cell(kind="check", attention="pool_probe", pattern="NS", seed=s, options={"threads": 1})
+             for s in (1, 2)]
+    pids = []  # the worker each cell was given to
+    with executor:
+        results = executor.run(cells, on_start=lambda _: pids.append(executor._pool[0].process.pid))
+        first = next(results)  # the only worker is idle now: kill it from outside
+        os.kill(executor._pool[0].process.pid, signal.SIGKILL)
+        executor._pool[0].process.join(10)
+        second = next(results)
+    assert (first.status, second.status) == (Status.OK, Status.OK), second.message
+    assert pids[0] != pids[1]  # the second cell went to a fresh worker
 
 
 def test_workers_option_and_command_line():

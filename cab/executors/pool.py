@@ -112,7 +112,13 @@ class PoolExecutor(Executor):
             worker = self._idle_worker()
             if worker is None:
                 return cell
-            self._submit(worker, cell)
+            try:
+                self._submit(worker, cell)
+            except OSError:  # the idle worker died since the last look: the cell goes to another
+                worker.cell = None
+                self._discard(worker)
+                held = cell
+                continue
             if on_start is not None:
                 on_start(cell)
 
@@ -123,10 +129,19 @@ class PoolExecutor(Executor):
         return cores if runs_alone(cell) else max(1, cores // self.workers)
 
     def _idle_worker(self) -> "_Worker | None":
-        for worker in self._pool:
-            if worker.cell is None:
+        """An idle live worker, a new one if the pool has room, else None; idle workers found dead (killed
+        from outside between cells) leave the pool."""
+        for worker in [w for w in self._pool if w.cell is None]:
+            if worker.process.exitcode is None:
                 return worker
+            self._discard(worker)
         return self._start_worker() if len(self._pool) < self.workers else None
+
+    def _discard(self, worker: _Worker) -> None:
+        self._pool.remove(worker)
+        _kill_tree(worker.process.pid, running=worker.process.exitcode is None)
+        worker.process.join()
+        worker.conn.close()
 
     def _start_worker(self) -> _Worker:
         if self._tmp is None:
@@ -186,10 +201,7 @@ class PoolExecutor(Executor):
 
     def _lost(self, worker: _Worker) -> Result:
         """The Result of a cell whose worker died or broke a limit; the worker leaves the pool."""
-        self._pool.remove(worker)
-        _kill_tree(worker.process.pid, running=worker.process.exitcode is None)
-        worker.process.join()
-        worker.conn.close()
+        self._discard(worker)
         status, message, metrics = _failure(worker.process.exitcode, worker.watch, self.limits, _tail(worker.stderr))
         return Result(cell=worker.cell, status=status, metrics=metrics, message=message,
                       provenance=provenance.collect(worker.cell.device),
