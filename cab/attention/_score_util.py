@@ -13,6 +13,7 @@ Incremental decoding (CS, CC) runs the same row function on the cached keys (`KV
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -42,6 +43,28 @@ def block_visibility(pattern: Pattern, qs: int, qe: int, kend: int, offset: int,
     if key_ok is not None:
         visible = visible & key_ok[:, None, None, :kend]
     return visible
+
+
+def blocked_rows(block: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+                 key_ok: "torch.Tensor | None", offset: int, chunk_size: int, checkpointed: bool,
+                 extra: "Callable[[int, int, int], tuple] | None" = None) -> torch.Tensor:
+    """`block(q rows, their visible keys, values, visibility, *extra(qs, qe, kend))` over query blocks of
+    `chunk_size` rows qs..qe-1, each against keys 0..kend-1 (causal self: up to the block's last row),
+    concatenated; rows that see no key output 0. With `checkpointed`, each block is recomputed in the
+    backward instead of stored (O(chunk x Lk) memory in forward and backward)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    outputs = []
+    for qs in range(0, lq, chunk_size):
+        qe = min(lq, qs + chunk_size)
+        kend = min(lk, qe + offset) if pattern is Pattern.CS else lk
+        if kend <= 0:
+            outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
+            continue
+        visible = block_visibility(pattern, qs, qe, kend, offset, key_ok, q.device)
+        args = (q[..., qs:qe, :], k[..., :kend, :], v[..., :kend, :], visible) + (extra(qs, qe, kend) if extra else ())
+        out = checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
+        outputs.append(torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)))
+    return torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
 
 
 class RowwiseScoreAttention(KVCacheAttention):
@@ -90,22 +113,9 @@ class RowwiseScoreAttention(KVCacheAttention):
 
     def _attend(self, q, k, v, key_ok, offset: int) -> torch.Tensor:
         """Blocked attention of q (B, H, Lq, D) over k, v (B, H, Lk, D); key_ok (B, Lk) or None."""
-        lq, lk = q.shape[-2], k.shape[-2]
         use_ckpt = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
                                                 or any(p.requires_grad for p in self.parameters()))
-        outputs = []
-        for qs in range(0, lq, self.chunk_size):
-            qe = min(lq, qs + self.chunk_size)
-            kend = min(lk, qe - 1 + offset + 1) if self.pattern is Pattern.CS else lk
-            if kend <= 0:
-                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
-                continue
-            visible = block_visibility(self.pattern, qs, qe, kend, offset, key_ok, q.device)
-            args = (q[..., qs:qe, :], k[..., :kend, :], v[..., :kend, :], visible)
-            out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
-            seen = visible.any(dim=-1, keepdim=True)
-            outputs.append(torch.where(seen, out, torch.zeros_like(out)))
-        return torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
+        return blocked_rows(self._block, q, k, v, self.pattern, key_ok, offset, self.chunk_size, use_ckpt)
 
     def forward(self, q, k, v, key_padding_mask=None):
         out_dtype, dtype = q.dtype, compute_dtype(q.dtype)

@@ -11,9 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from cab.attention._score_util import block_visibility
+from cab.attention._score_util import blocked_rows
 from cab.attention.base import repeat_kv
 from cab.attention.exact import KVCacheAttention
 from cab.attention.functional import compute_dtype
@@ -117,22 +116,12 @@ class AdaptiveFilterAttention(KVCacheAttention):
         return rotate((weights * decay) @ vr, tq[:, None] * omega[:, None, :])
 
     def _run(self, q, k, v, key_ok, offset):
-        lq, lk = q.shape[-2], k.shape[-2]
-        use_ckpt = torch.is_grad_enabled()
-        outputs = []
-        for qs in range(0, lq, self.chunk_size):
-            qe = min(lq, qs + self.chunk_size)
-            kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk
-            if kend <= 0:
-                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
-                continue
-            visible = block_visibility(self.pattern, qs, qe, kend, offset, key_ok, q.device)
-            tq = torch.arange(qs, qe, device=q.device, dtype=q.dtype) + offset
-            tk = torch.arange(kend, device=q.device, dtype=q.dtype)
-            args = (q[..., qs:qe, :], k[..., :kend, :], v[..., :kend, :], visible, tq, tk)
-            out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
-            outputs.append(torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)))
-        return torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
+        def times(qs, qe, kend):  # the query rows' and keys' positions, for the decay and the rotations
+            return (torch.arange(qs, qe, device=q.device, dtype=q.dtype) + offset,
+                    torch.arange(kend, device=q.device, dtype=q.dtype))
+
+        return blocked_rows(self._block, q, k, v, self.pattern, key_ok, offset, self.chunk_size,
+                            torch.is_grad_enabled(), times)
 
     def forward(self, q, k, v, key_padding_mask=None):
         out_dtype, dtype = q.dtype, compute_dtype(q.dtype)

@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from cab.attention._score_util import block_visibility
+from cab.attention._score_util import blocked_rows
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import compute_dtype, softmax_scale
 from cab.patterns import Pattern
@@ -114,23 +113,14 @@ class RelativeConvAttention(Attention):
         q = causal_depthwise_conv(q, self.conv_q.to(q.dtype))
         k = causal_depthwise_conv(k, self.conv_k.to(q.dtype))
         v = causal_depthwise_conv(v, self.conv_v.to(q.dtype))
-        lq, lk = q.shape[-2], k.shape[-2]
-        offset = self._offset(lq, lk)
+        offset = self._offset(q.shape[-2], k.shape[-2])
         key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
-        use_ckpt = torch.is_grad_enabled()
-        outputs = []
-        for qs in range(0, lq, self.chunk_size):
-            qe = min(lq, qs + self.chunk_size)
-            kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk
-            if kend <= 0:
-                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
-                continue
-            visible = block_visibility(self.pattern, qs, qe, kend, offset, key_ok, q.device)
-            positions = torch.arange(qs, qe, device=q.device) + offset
-            args = (q[..., qs:qe, :], k[..., :kend, :], v[..., :kend, :], visible, positions)
-            out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
-            outputs.append(torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)))
-        out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
+
+        def positions(qs, qe, kend):  # the query rows' key positions, for the relative terms
+            return (torch.arange(qs, qe, device=q.device) + offset,)
+
+        out = blocked_rows(self._block, q, k, v, self.pattern, key_ok, offset, self.chunk_size,
+                           torch.is_grad_enabled(), positions)
         return out.to(out_dtype)
 
     def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):

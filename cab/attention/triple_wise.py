@@ -8,9 +8,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from cab.attention._score_util import block_visibility, visible_keys
+from cab.attention._score_util import blocked_rows, visible_keys
 from cab.attention.base import repeat_kv
 from cab.attention.exact import KVCacheAttention
 from cab.attention.functional import compute_dtype
@@ -73,22 +72,10 @@ class TripleWiseAttention(KVCacheAttention):
         out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         q = q.to(dtype)
         k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        lq, lk = q.shape[-2], k.shape[-2]
-        offset = lk - lq if self.pattern is Pattern.CS else 0
+        offset = k.shape[-2] - q.shape[-2] if self.pattern is Pattern.CS else 0
         key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
         use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        outputs = []
-        for qs in range(0, lq, self.chunk_size):
-            qe = min(lq, qs + self.chunk_size)
-            kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk
-            if kend <= 0:
-                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
-                continue
-            visible = block_visibility(self.pattern, qs, qe, kend, offset, key_ok, q.device)
-            args = (q[..., qs:qe, :], k[..., :kend, :], v[..., :kend, :], visible)
-            out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
-            outputs.append(torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)))
-        out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
+        out = blocked_rows(self._block, q, k, v, self.pattern, key_ok, offset, self.chunk_size, use_ckpt)
         return out.to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
