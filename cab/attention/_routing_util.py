@@ -128,7 +128,7 @@ def _selected(idx: torch.Tensor, valid: torch.Tensor, lk: int) -> torch.Tensor:
 def _dense_chunk(q, k, v, ok, scale):
     """One chunk of gathered_attention as a masked softmax over every key: ok (B, H, c, gq, Lk)."""
     s = (q * scale) @ k[:, :, None].transpose(-1, -2)  # (B, H, c, gq, Lk)
-    return _softmax_rows(s, ok, v[:, :, None])
+    return masked_softmax_rows(s, ok, v[:, :, None])
 
 
 def _gathered_chunk(q, kf, vf, flat, ok, scale):
@@ -137,10 +137,10 @@ def _gathered_chunk(q, kf, vf, flat, ok, scale):
     kg = kf.index_select(0, flat.reshape(-1)).reshape(b, h, c, n, kf.shape[-1])
     vg = vf.index_select(0, flat.reshape(-1)).reshape(b, h, c, n, vf.shape[-1])
     s = (q * scale) @ kg.transpose(-1, -2)  # (B, H, c, gq, N)
-    return _softmax_rows(s, ok, vg)
+    return masked_softmax_rows(s, ok, vg)
 
 
-def _softmax_rows(s, ok, vg):
+def masked_softmax_rows(s, ok, vg):
     """Softmax of the scores `s` over the slots where `ok`, times `vg`: (out, lse); rows with none give 0."""
     s = s.masked_fill(~ok, float("-inf"))
     mx = s.amax(-1, keepdim=True)

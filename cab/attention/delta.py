@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import query_positions, real_keys, real_queries
+from cab.attention._routing_util import masked_softmax_rows, query_positions, real_keys, real_queries
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
 from cab.patterns import Pattern
@@ -84,12 +84,7 @@ class DeltaAttention(Attention):
             ok = real[:, None, None, :]
             if self.pattern is Pattern.CS:
                 ok = ok & (torch.arange(lk, device=q.device)[None, :] <= query_positions(lq, lk, q.device)[sel, None])
-            s = s.masked_fill(~ok, float("-inf"))
-            mx = s.amax(-1, keepdim=True)
-            empty = torch.isinf(mx)
-            e = torch.exp(s - torch.where(empty, torch.zeros_like(mx), mx))
-            den = e.sum(-1, keepdim=True)
-            outs.append((e @ v) / torch.where(empty, torch.ones_like(den), den))
+            outs.append(masked_softmax_rows(s, ok, v)[0])
         return torch.cat(outs, dim=2)
 
     def _correct(self, sparse, dense, key_padding_mask, lk):

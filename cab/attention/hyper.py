@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cab.attention._routing_util import gathered_attention, query_positions, real_keys
+from cab.attention._routing_util import gathered_attention, masked_softmax_rows, real_keys
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
 from cab.attention.probsparse import sample_ranks
@@ -154,14 +154,7 @@ class HyperAttention(Attention):
         heavy, lse_h = heavy[:, :, :, 0], lse_h[:, :, :, 0]
         ks = k.gather(2, sampled[..., None].expand(-1, -1, -1, k.shape[-1]))
         vs = v.gather(2, sampled[..., None].expand(-1, -1, -1, v.shape[-1]))
-        s = (q * scale) @ ks.transpose(-1, -2) + torch.log(weight)
-        s = s.masked_fill(~outside, float("-inf"))
-        mx = s.amax(-1, keepdim=True)
-        empty = torch.isinf(mx)
-        e = torch.exp(s - torch.where(empty, torch.zeros_like(mx), mx))
-        den = e.sum(-1, keepdim=True)
-        light = (e @ vs) / torch.where(empty, torch.ones_like(den), den)
-        lse_l = torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(torch.where(empty, torch.ones_like(den), den)))[..., 0]
+        light, lse_l = masked_softmax_rows((q * scale) @ ks.transpose(-1, -2) + torch.log(weight), outside, vs)
         return _combine([(heavy, lse_h), (light, lse_l)]), torch.logsumexp(torch.stack([lse_h, lse_l]), 0)
 
     def _exact_causal_blocks(self, q, k, v, real, s0):
@@ -174,13 +167,7 @@ class HyperAttention(Attention):
         ok = tri & real.reshape(b, 1, nb, 1, s0)
         if self._counter is not None:
             self._counter[0] += h * int(ok.sum())
-        s = s.masked_fill(~ok, float("-inf"))
-        mx = s.amax(-1, keepdim=True)
-        empty = torch.isinf(mx)
-        e = torch.exp(s - torch.where(empty, torch.zeros_like(mx), mx))
-        den = e.sum(-1, keepdim=True)
-        out = (e @ vb) / torch.where(empty, torch.ones_like(den), den)
-        lse = torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(torch.where(empty, torch.ones_like(den), den)))
+        out, lse = masked_softmax_rows(s, ok, vb)
         return out.reshape(b, h, length, -1), lse.reshape(b, h, length)
 
     def forward(self, q, k, v, key_padding_mask=None):
