@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention._routing_util import real_keys
 from cab.attention.functional import compute_dtype, softmax_scale
 from cab.registry import register_attention
 
@@ -96,7 +97,7 @@ class MonotonicAttention(Attention):
 
     @staticmethod
     def _real_and_last(padding: "torch.Tensor | None", batch: int, lk: int, device) -> "tuple[torch.Tensor, torch.Tensor]":
-        real = torch.ones(batch, lk, dtype=torch.bool, device=device) if padding is None else ~padding.bool()
+        real = real_keys(batch, lk, padding, device)
         index = torch.arange(lk, device=device).expand(batch, lk)
         last_index = torch.where(real, index, torch.full_like(index, -1)).amax(dim=-1, keepdim=True)
         return real[:, None, :], (index == last_index)[:, None, :]

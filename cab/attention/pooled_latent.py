@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention._routing_util import real_keys
 from cab.attention.functional import compute_dtype, softmax_scale
 from cab.registry import register_attention
 
@@ -72,8 +73,7 @@ class PooledLatentAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
         b, _, lq, d = q.shape
         lk = k.shape[-2]
-        real = torch.ones(b, lk, dtype=torch.bool, device=q.device) if key_padding_mask is None \
-            else ~key_padding_mask.to(q.device).bool()
+        real = real_keys(b, lk, key_padding_mask, q.device)
         if lk == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1]).to(out_dtype)
         scale = softmax_scale(d)
