@@ -1,5 +1,6 @@
-"""lara: forward vs its explicit-density reference, segment boundaries vs an independent rule, sampling
-seeds, exact cases, padding, the refused causal self pattern, and conformance."""
+"""lara: forward vs its explicit-density reference, segment boundaries vs an independent rule, the estimate
+from segment-mean proposals by hand, sampling seeds, exact cases, padding, the refused causal self pattern,
+and conformance."""
 
 import pytest
 import torch
@@ -41,6 +42,36 @@ def test_segments_follow_the_real_positions():
             assert (ids[b, members] == c).all() and int(counts[b, c]) == len(members)
             torch.testing.assert_close(means[b, 0, c], x[b, 0, members].mean(0))
         assert (ids[b, ~real[b]] == -1).all()
+
+
+@pytest.mark.parametrize("pattern,lq,query_groups", [
+    ("NS", 8, [[0, 3], [4, 5], [6, 7]]), ("NC", 5, [[0, 1], [2, 3], [4]]), ("CC", 5, None),
+])
+def test_estimate_from_segment_mean_proposals_by_hand(pattern, lq, query_groups):
+    """Keys 1 and 2 padded: the 6 real keys 0, 3, 4, 5, 6, 7 form the segments {0, 3}, {4, 5}, {6, 7} (by
+    position they would be {0}, {3, 4, 5}, {6, 7}); NS queries share them, NC's 5 queries form {0, 1},
+    {2, 3}, {4}, CC uses the keys' means alone. With those mu_c and w_c = mu_c + noise_c, the docstring's
+    LARA(q) = sum_c r_c f(w_c) / sum_c r_c, r_c = exp(q.mu_c) xi(q, w_c) sum_m xi(k_m, w_c) / xi(mu_c, w_c),
+    written out densely."""
+    q, k, v = (t.detach() for t in _inputs(1, 2, 2, lq, 8, 4, seed=4))
+    pad = torch.zeros(1, 8, dtype=torch.bool)
+    pad[0, [1, 2]] = True
+    attn = create_attention("lara", pattern, 2, 4, num_landmarks=3, seed=3)
+    qs, ks, vs = q[0] * 4 ** -0.25, k[0] * 4 ** -0.25, v[0]  # (H, L, D)
+    real = [0, 3, 4, 5, 6, 7]
+    mu = torch.stack([ks[:, g].mean(1) for g in [[0, 3], [4, 5], [6, 7]]], dim=1)  # (H, C, D)
+    if query_groups:
+        mu = mu + torch.stack([qs[:, g].mean(1) for g in query_groups], dim=1)
+    w = mu + attn.noise
+
+    def xi(x, w):  # (H, n, C)
+        return torch.exp(x @ w.transpose(-1, -2) - 0.5 * (x * x).sum(-1, keepdim=True))
+
+    xi_k = xi(ks[:, real], w)  # (H, M, C)
+    f = (xi_k.transpose(-1, -2) @ vs[:, real]) / xi_k.sum(1)[..., None]  # (H, C, Dv)
+    xi_mu = torch.exp((w * mu).sum(-1) - 0.5 * (mu * mu).sum(-1))  # (H, C)
+    r = torch.exp(qs @ mu.transpose(-1, -2)) * xi(qs, w) * (xi_k.sum(1) / xi_mu)[:, None, :]  # (H, Lq, C)
+    torch.testing.assert_close(attn(q, k, v, pad)[0], (r @ f) / r.sum(-1, keepdim=True))
 
 
 def test_more_landmarks_than_positions_drops_the_empty_proposals():

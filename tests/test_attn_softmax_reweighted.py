@@ -77,6 +77,28 @@ def test_selective_temperature_by_hand():
     torch.testing.assert_close(out, _combine(_softmax([(1 + 0.3 * math.log(3)) * s for s in _S])))
 
 
+def test_selective_gates_by_hand():
+    """Every gate on, causal self (n_i = i + 1): tau_i = (1 + tanh(u . q_i / sqrt(2) + c)) (1 + alpha log n_i),
+    v~_j = (1 + tanh(r . v_j / sqrt(2))) v_j, out_i = sum_{j <= i} softmax_j(tau_i s_ij) v~_j, with `math`."""
+    queries = [[1.0, 0.0], [0.5, -1.0], [-0.3, 0.8]]
+    u, c, alpha, r = [0.5, -1.0], 0.2, 0.3, [1.0, 0.5]
+    attn = create_attention("selective_attention", "CS", 1, 2).double()
+    with torch.no_grad():
+        attn.query_gate.copy_(torch.tensor([u]))
+        attn.query_bias.fill_(c)
+        attn.position_scale.fill_(alpha)
+        attn.value_gate.copy_(torch.tensor([r]))
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    gated = [[(1 + math.tanh(dot(r, v) / math.sqrt(2))) * x for x in v] for v in _V]
+    expected = []
+    for i, q in enumerate(queries):
+        tau = (1 + math.tanh(dot(u, q) / math.sqrt(2) + c)) * (1 + alpha * math.log(i + 1))
+        w = _softmax([tau * dot(q, k) / math.sqrt(2) for k in _K[:i + 1]])
+        expected.append([sum(wj * g[col] for wj, g in zip(w, gated)) for col in range(2)])
+    out = attn(_t(queries), _t(_K), _t(_V))[0, 0]
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64))
+
+
 def test_affine_by_hand():
     """Gates zero, f = 0.7: alpha = 2 sigmoid(0) = 1, beta = tanh(0.7): w = softmax(s) + tanh(0.7) / 3."""
     attn = _zeroed(create_attention("affine_scaled_attention", "NS", 1, 2).double())

@@ -6,7 +6,8 @@ keys it can see (causal self: keys up to the block's last row), turns the (B, H,
 into weights with the subclass's `row_weights`, and multiplies by V. No L x L tensor is held: the peak is
 one block, and when gradients are needed each block is checkpointed so the backward recomputes it
 instead of storing it (O(C L) memory in forward and backward). The naive `reference()` is a per-row
-loop over each row's visible key indices calling the subclass's independently written `reference_row`.
+loop over each row's visible key indices calling the subclass's independently written `reference_row` (and
+`reference_values`, never the forward's `prepare_values`).
 Incremental decoding (CS, CC) runs the same row function on the cached keys (`KVCache`).
 """
 
@@ -76,7 +77,8 @@ class RowwiseScoreAttention(KVCacheAttention):
     that see nothing are opened up and zeroed afterwards), q (B, H, R, D) the rows' queries; it returns
     weights that are exactly 0 on invisible keys. And `reference_row(scores, q)`: the same weights written
     plainly for one row's (H, n) scores over its n visible keys. Optional hooks: `prepare_values(v)`
-    (per-key value transforms) and `extra_flops`.
+    (per-key value transforms of the forward) with `reference_values(v)` (the same transform written
+    plainly, key by key, for the reference) and `extra_flops`.
     """
 
     complexity = {"time": 2, "memory": 1}
@@ -97,6 +99,11 @@ class RowwiseScoreAttention(KVCacheAttention):
         raise NotImplementedError
 
     def prepare_values(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def reference_values(self, v: torch.Tensor) -> torch.Tensor:
+        """The values (H, n, Dv) of one row's visible keys as the weights apply to them (`prepare_values`
+        written independently, so that a bug in it is not shared by the reference)."""
         return v
 
     def param(self, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -129,9 +136,8 @@ class RowwiseScoreAttention(KVCacheAttention):
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Row by row: the indices of the keys row i sees (pattern and padding), its scores over them,
-        `reference_row`'s weights, times those values; a row that sees no key outputs 0."""
+        `reference_row`'s weights, times `reference_values` of those values; a row that sees no key outputs 0."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        v = self.prepare_values(v)
         batch, heads, lq, dim = q.shape
         lk = k.shape[-2]
         rows = []
@@ -145,7 +151,7 @@ class RowwiseScoreAttention(KVCacheAttention):
                 index = torch.tensor(idx, device=q.device)
                 scores = (k[b][:, index] @ q[b, :, i].unsqueeze(-1)).squeeze(-1) / math.sqrt(dim)  # (H, n)
                 weights = self.reference_row(scores, q[b, :, i])
-                per_row.append((weights.unsqueeze(-2) @ v[b][:, index]).squeeze(-2))
+                per_row.append((weights.unsqueeze(-2) @ self.reference_values(v[b][:, index])).squeeze(-2))
             rows.append(torch.stack(per_row, dim=1))
         return torch.stack(rows)
 

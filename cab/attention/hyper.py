@@ -108,20 +108,20 @@ class HyperAttention(Attention):
         return (f"{super().extra_repr()}, lsh_num_projs={self.lsh_num_projs}, block_size={self.block_size}, "
                 f"sample_size={self.sample_size}, min_seq_len={self.min_seq_len}")
 
-    def _rank(self, x: torch.Tensor, groups: int, planes: "torch.Tensor | None" = None) -> torch.Tensor:
-        """Gray rank of the LSH code of every row of x (B, H * groups, L, D) (planes default: every head's)."""
-        planes = (self.planes if planes is None else planes).to(x.dtype).repeat_interleave(groups, dim=0)
+    def _rank(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """Gray rank of the LSH code of every row of x (B, H * groups, L, D)."""
+        planes = self.planes.to(x.dtype).repeat_interleave(groups, dim=0)
         return _gray_rank((torch.einsum("bgld,gdr->bglr", x, planes) > 0))
 
-    def selection(self, q, k, real, groups: int, ids: torch.Tensor, planes: "torch.Tensor | None" = None):
+    def selection(self, q, k, real, groups: int, ids: torch.Tensor):
         """Heavy keys (idx (B, G, n_q, w), valid) and samples (positions (B, G, m'), per-query validity
         (B, G, n_q, m'), weight n/m (B, G, 1, 1)) of the noncausal block(s): q (B, G, n_q, D), k (B, G, n_k,
         D), real (B, G, n_k); G = heads * groups; ids (G,) the stable sampling id of each block."""
         b, g, nq, _ = q.shape
         nk = k.shape[-2]
         with torch.no_grad():
-            kr = torch.where(real, self._rank(k, groups, planes), 1 << 30)
-            qr = self._rank(q, groups, planes)
+            kr = torch.where(real, self._rank(k, groups), 1 << 30)
+            qr = self._rank(q, groups)
             key_sort = torch.argsort(kr * (nk + 1) + torch.arange(nk, device=q.device), dim=-1)
             sorted_rank = kr.gather(-1, key_sort)
             n = real.sum(-1)  # (B, G)
@@ -225,67 +225,76 @@ class HyperAttention(Attention):
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Row by row, one explicit softmax over every term the row gets: its exact keys (CS: its diagonal
-        block, keys <= the row), for every block it meets its heavy keys (weight 1) and its samples outside
-        them (weight n/m), with the hashed selection of each block taken from `selection` on that block
-        alone (one block at a time, not the batched layout of forward)."""
+        block, keys <= the row) and, for every block it meets, its heavy keys (weight 1) and its samples
+        outside them (weight n/m). The selection is re-derived here, vector by vector and row by row (not
+        taken from `selection`): a vector's code has bit t = [x . plane_t > 0] (plane 0 most significant)
+        and its rank is the code's index n in the reflected Gray sequence n ^ (n >> 1); a block's n real keys
+        are sorted by (rank, position); a query's heavy keys are the w = min(b, block slots) sorted keys
+        from start = #(real keys ranked below the query) - w // 2, clamped to [0, max(n - w, 0)]; its samples
+        are the real keys (in position order) at the m ranks `sample_ranks` draws for the block's id."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
-        lk, scale = k.shape[-2], softmax_scale(d)
-        real = real_keys(b, lk, key_padding_mask, q.device)
-        out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
-        # terms[(bi, hi, i)] = list of (logits (n,), values (n, Dv))
-        terms: dict = {}
+        lk, scale, m = k.shape[-2], softmax_scale(d), self.sample_size
+        real = [[key_padding_mask is None or not key_padding_mask[bi, j] for j in range(lk)] for bi in range(b)]
+        gray_index = {n ^ (n >> 1): n for n in range(1 << self.lsh_num_projs)}
 
-        def add_block(rows: "list[int]", keys: "list[int]", ids: int):
-            """Noncausal HyperAttention terms of query rows `rows` (original indices) over key positions
-            `keys` (original indices, -1 = padding) with sampling id `ids`."""
-            kk = torch.stack([k[:, :, j] if j >= 0 else torch.zeros_like(k[:, :, 0]) for j in keys], 2)
-            vv = torch.stack([v[:, :, j] if j >= 0 else torch.zeros_like(v[:, :, 0]) for j in keys], 2)
-            rr = torch.tensor([j >= 0 for j in keys], device=q.device)[None, None] & torch.stack(
-                [real[:, j] if j >= 0 else torch.zeros(b, dtype=torch.bool, device=q.device) for j in keys], 1)[:, None]
-            qq = torch.stack([q[:, :, i] for i in rows], 2)
-            for hi in range(h):
-                sub_real = rr[:, 0][:, None]
-                idx, valid, sampled, outside, weight = self.selection(
-                    qq[:, hi:hi + 1].detach(), kk[:, hi:hi + 1].detach(), sub_real, 1,
-                    torch.tensor([ids + hi], device=q.device), planes=self.planes[hi:hi + 1])
-                for bi in range(b):
-                    for r, i in enumerate(rows):
-                        lst = terms.setdefault((bi, hi, i), [])
-                        heavy = idx[bi, 0, r][valid[bi, 0, r]]
-                        lst.append(((kk[bi, hi, heavy] @ q[bi, hi, i]) * scale, vv[bi, hi, heavy]))
-                        light = sampled[bi, 0][outside[bi, 0, r]]
-                        if light.numel():
-                            lst.append(((kk[bi, hi, light] @ q[bi, hi, i]) * scale
-                                        + math.log(float(weight[bi, 0, 0, 0])), vv[bi, hi, light]))
+        def rank(x: torch.Tensor, hi: int) -> int:
+            code = 0
+            for t in range(self.lsh_num_projs):
+                code = 2 * code + int(float(x.detach() @ self.planes[hi, :, t].to(x.dtype)) > 0)
+            return gray_index[code]
+
+        q_rank = [[[rank(q[bi, hi, i], hi) for i in range(lq)] for hi in range(h)] for bi in range(b)]
+        k_rank = [[[rank(k[bi, hi, j], hi) for j in range(lk)] for hi in range(h)] for bi in range(b)]
+        terms: dict = {}  # (bi, hi, i) -> [(logits (n,), values (n, Dv))]
+
+        def add(bi: int, hi: int, i: int, keys: "list[int]", bias: float = 0.0):
+            if keys:
+                logits = (k[bi, hi, keys] @ q[bi, hi, i]) * scale + bias
+                terms.setdefault((bi, hi, i), []).append((logits, v[bi, hi, keys]))
+
+        def add_block(rows: "list[int]", keys: "list[int]", ident: int):
+            """Noncausal HyperAttention terms of query rows `rows` (original indices) over the key slots `keys`
+            (original indices, -1 = a padding slot); head hi samples with id ident + hi."""
+            w = min(self.block_size, len(keys))
+            for bi in range(b):
+                members = [j for j in keys if j >= 0 and real[bi][j]]  # the block's real keys, by position
+                n = len(members)
+                if n == 0:
+                    continue
+                for hi in range(h):
+                    order = sorted(members, key=lambda j: (k_rank[bi][hi][j], j))
+                    draws = sample_ranks(self.seed, torch.tensor([ident + hi]), m, torch.tensor([[n]]))[0, 0]
+                    sampled = [members[int(r)] for r in draws]
+                    for i in rows:
+                        below = sum(1 for j in members if k_rank[bi][hi][j] < q_rank[bi][hi][i])
+                        start = min(max(below - w // 2, 0), max(n - w, 0))
+                        heavy = order[start:start + w]
+                        add(bi, hi, i, heavy)
+                        add(bi, hi, i, [j for j in sampled if j not in heavy], math.log(n / m))
 
         if self.pattern is not Pattern.CS:
             add_block(list(range(lq)), list(range(lk)), 0)
         else:
             offset, total, s0 = self._layout(lq, lk)
-            shift = max(offset, 0)  # padded coordinate of original query i is i + shift; key j is j - min(offset, 0)
-            kshift = -min(offset, 0)
+            shift, kshift = max(offset, 0), -min(offset, 0)  # padded coordinates: query i + shift, key j + kshift
             key_at = lambda p: (p - kshift) if 0 <= p - kshift < lk else -1
             for i in range(lq):
                 p = i + shift
-                base = (p // s0) * s0
+                diag = [key_at(pp) for pp in range((p // s0) * s0, p + 1)]
                 for bi in range(b):
                     for hi in range(h):
-                        lst = terms.setdefault((bi, hi, i), [])
-                        diag = [key_at(pp) for pp in range(base, p + 1)]
-                        diag = [j for j in diag if j >= 0 and real[bi, j]]
-                        if diag:
-                            lst.append(((k[bi, hi, diag] @ q[bi, hi, i]) * scale, v[bi, hi, diag]))
+                        add(bi, hi, i, [j for j in diag if j >= 0 and real[bi][j]])
             half, level = s0, 0
             while 2 * half <= total:
                 for pair in range(total // (2 * half)):
-                    rows = [pp - shift for pp in range(pair * 2 * half + half, (pair + 1) * 2 * half) if 0 <= pp - shift < lq]
+                    first = pair * 2 * half  # queries: the pair's second half, keys: its first half
+                    rows = [pp - shift for pp in range(first + half, first + 2 * half) if 0 <= pp - shift < lq]
                     if rows:
-                        keys = [key_at(pp) for pp in range(pair * 2 * half, pair * 2 * half + half)]
+                        keys = [key_at(pp) for pp in range(first, first + half)]
                         add_block(rows, keys, pair * h + ((level + 1) << 24))
                 half, level = 2 * half, level + 1
+        out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
         for (bi, hi, i), lst in terms.items():
-            logits = torch.cat([t[0] for t in lst]) if lst else torch.zeros(0)
-            if logits.numel():
-                out[bi, hi, i] = torch.softmax(logits, 0) @ torch.cat([t[1] for t in lst])
+            out[bi, hi, i] = torch.softmax(torch.cat([t[0] for t in lst]), 0) @ torch.cat([t[1] for t in lst])
         return out

@@ -125,27 +125,38 @@ class LaraAttention(Attention):
         """The importance weights from the explicit densities, sample by sample: the mixture
         p_n(w_c) = sum_m pi_nm N(w_c; q_n + k_m, I) over the real keys (an Lq x Lk x D tensor per sample)
         and the proposal N(w_c; mu_c, I), with f_n(w_c) = sum_m xi(q_n, w_c) xi(k_m, w_c) v_m /
-        sum_m xi(q_n, w_c) xi(k_m, w_c)."""
+        sum_m xi(q_n, w_c) xi(k_m, w_c). The proposals are re-derived here, not taken from `proposals`:
+        segment c of n real positions (listed in order) is the slice ceil(c n / C) .. ceil((c + 1) n / C) - 1,
+        mu_c = mean of its keys + (NS, NC) mean of its queries, w_c = mu_c + noise_c."""
         scale = q.shape[-1] ** -0.25
         q = q * scale
         k, v = repeat_kv(k, q.shape[1]) * scale, repeat_kv(v, q.shape[1])
-        mu, w, valid = self.proposals(q, k, key_padding_mask)
-        dim = q.shape[-1]
+        dim, segments = q.shape[-1], self.num_landmarks
+
+        def segment(positions: "list[int]", c: int) -> "list[int]":
+            n = len(positions)
+            return positions[-(-c * n // segments):-(-(c + 1) * n // segments)]
 
         def log_normal(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
             return -0.5 * ((x - mean) ** 2).sum(-1) - 0.5 * dim * math.log(2 * math.pi)
 
+        self_padded = self.pattern is Pattern.NS and q.shape[-2] == k.shape[-2]  # padded keys mark padded queries
         out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
         for b in range(q.shape[0]):
-            real = torch.ones(k.shape[-2], dtype=torch.bool, device=q.device)
-            if key_padding_mask is not None:
-                real = ~key_padding_mask[b].bool()
-            kb, vb, qb = k[b][:, real], v[b][:, real], q[b]  # (H, M, D), (H, M, Dv), (H, Lq, D)
+            real_keys = [j for j in range(k.shape[-2]) if key_padding_mask is None or not key_padding_mask[b, j]]
+            real_queries = real_keys if self_padded else list(range(q.shape[-2]))
+            kb, vb, qb = k[b][:, real_keys], v[b][:, real_keys], q[b]  # (H, M, D), (H, M, Dv), (H, Lq, D)
             log_pi = torch.log_softmax(qb @ kb.transpose(-1, -2), dim=-1)  # (H, Lq, M)
             centres = qb.unsqueeze(-2) + kb.unsqueeze(-3)  # (H, Lq, M, D): the mixture components' means
             log_ratios, estimates = [], []
-            for c in torch.nonzero(valid[b, 0, 0]).flatten().tolist():
-                wc, muc = w[b, :, c], mu[b, :, c]  # (H, D)
+            for c in range(segments):
+                key_members, query_members = segment(real_keys, c), segment(real_queries, c)
+                if not key_members or (self.pattern is not Pattern.CC and not query_members):
+                    continue  # an empty segment: no proposal
+                muc = torch.stack([k[b, :, j] for j in key_members]).mean(dim=0)  # (H, D)
+                if self.pattern is not Pattern.CC:
+                    muc = muc + torch.stack([q[b, :, i] for i in query_members]).mean(dim=0)
+                wc = muc + self.noise[:, c].to(muc.dtype)
                 log_p = torch.logsumexp(log_pi + log_normal(wc[:, None, None, :], centres), dim=-1)  # (H, Lq)
                 log_proposal = log_normal(wc, muc).unsqueeze(-1)  # (H, 1)
                 log_alpha = qb @ muc.unsqueeze(-1)  # (H, Lq, 1): alpha_nc up to a per-query constant

@@ -89,26 +89,26 @@ class PooledLatentAttention(Attention):
         return out.to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
-        """Latent by latent and query by query, with explicit segment means and softmaxes."""
+        """Latent by latent and query by query, with explicit segment means and softmaxes; the groups are
+        re-derived here as slices of the real keys' index list (group m holds the real keys of rank
+        ceil(m N / r) .. ceil((m + 1) N / r) - 1), not taken from `latent_slots`."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk = k.shape[-2]
         out = q.new_zeros(b, h, lq, v.shape[-1])
         for bi in range(b):
-            real = [True] * lk if key_padding_mask is None else [not bool(x) for x in key_padding_mask[bi]]
-            keys = [j for j in range(lk) if real[j]]
+            keys = [j for j in range(lk) if key_padding_mask is None or not bool(key_padding_mask[bi, j])]
             if not keys:
                 continue
+            n = len(keys)
+            r = min(self.num_latents, n)
+            groups = [keys[-(-m * n // r):-(-(m + 1) * n // r)] for m in range(r)]
             for hi in range(h):
                 latents = []
-                slot = latent_slots(torch.tensor([real]), min(self.num_latents, lk))[0].tolist()
-                for m in range(min(self.num_latents, lk)):
-                    members = [j for j in range(lk) if slot[j] == m]
-                    if not members:
-                        continue
+                for members in groups:
                     z = torch.stack([k[bi, hi, j] for j in members]).mean(dim=0)
                     a = torch.softmax(torch.stack([z @ k[bi, hi, j] / d ** 0.5 for j in keys]), dim=0)
-                    latents.append((z, sum(a[n] * v[bi, hi, j] for n, j in enumerate(keys))))
+                    latents.append((z, sum(a[t] * v[bi, hi, j] for t, j in enumerate(keys))))
                 for i in range(lq):
                     w = torch.softmax(torch.stack([q[bi, hi, i] @ z / d ** 0.5 for z, _ in latents]), dim=0)
                     out[bi, hi, i] = sum(w[m] * u for m, (_, u) in enumerate(latents))

@@ -8,8 +8,7 @@ import math
 import torch
 
 from cab.attention._routing_util import (
-    block_tokens, gathered_attention, masked_softmax_reference, query_positions, real_keys, selection_mask,
-    topk_valid,
+    block_tokens, gathered_attention, masked_softmax_reference, query_positions, real_keys, topk_valid,
 )
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.functional import softmax_scale
@@ -168,13 +167,23 @@ class SEAAttention(Attention):
 
     def reference(self, q, k, v, key_padding_mask=None):
         """The estimate as an explicit dense sum of feature products per (row, block) in float64 without any
-        shift, an explicit sort per row, then a dense softmax per row over the kept keys."""
+        shift, an explicit sort per row, then a dense softmax per row over the kept keys. The FAVOR+ features
+        phi(x) = exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x d^(-1/4), are formed here head by head (not by
+        `_log_features`)."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk, bs = k.shape[-2], self.block_size
         real_k = real_keys(b, lk, key_padding_mask, q.device).cpu()
-        phi_q = torch.exp(self._log_features(q.detach().double())).cpu()
-        phi_k = torch.exp(self._log_features(k.detach().double())).cpu()
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            heads = []
+            for hi in range(h):
+                xs = x[:, hi].detach().double().cpu() * d ** -0.25  # (B, L, D)
+                w = self.projection[hi].double().cpu()  # (D, m)
+                heads.append(torch.exp(xs @ w - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(self.num_features))
+            return torch.stack(heads, dim=1)  # (B, H, L, m)
+
+        phi_q, phi_k = features(q), features(k)
         nb = -(-lk // bs)
         allowed = torch.zeros(b, h, lq, lk, dtype=torch.bool)
         for bi in range(b):

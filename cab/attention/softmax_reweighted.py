@@ -88,6 +88,15 @@ class SelectiveAttention(RowwiseScoreAttention):
         tau = token * (1 + self.position_scale * math.log(n))
         return torch.softmax(tau[:, None] * scores, dim=-1)
 
+    def reference_values(self, v):
+        """Value selectivity key by key, every head at once: (1 + tanh(r_h . v_j / sqrt(d))) v_j."""
+        if self.value_gate is None:
+            return v
+        d = v.shape[-1]
+        gated = [(1 + torch.tanh((self.value_gate * v[:, j]).sum(-1) / math.sqrt(d)))[:, None] * v[:, j]
+                 for j in range(v.shape[1])]
+        return torch.stack(gated, dim=1)
+
 
 @register_attention(
     "cog_attention", patterns=ALL_PATTERNS, family="softmax-variant", exact=False, mechanism="M55",

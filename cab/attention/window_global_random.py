@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 
 from cab.attention._blocksparse import BlockSparseAttention, Layout, layout_from_block_mask
+from cab.attention._routing_util import masked_softmax_reference
+from cab.attention.base import repeat_kv
+from cab.attention.functional import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -51,7 +54,8 @@ class WindowGlobalRandomAttention(BlockSparseAttention):
 
     Efficient path: cab's block-sparse engine (per-head block lists; global query blocks list every block,
     the others O(window + global + random) blocks); `backend="flex"`: the same in FlexAttention.
-    reference(): the dense mask and an eager softmax. Padded keys are never seen.
+    reference(): every row's visible keys enumerated from the rule above (not from `mask_fn` or the layout)
+    and a softmax per row. Padded keys are never seen.
     """
 
     heads_vary = True
@@ -130,3 +134,30 @@ class WindowGlobalRandomAttention(BlockSparseAttention):
             for draw in self._random(heads, m[None], blocks):
                 add(draw * self.block, torch.where(draw >= 0, draw * self.block + self.block - 1, -1))
         return layout_from_block_mask(tiles, block_q, block_k, lq, lk)
+
+    def reference(self, q, k, v, key_padding_mask=None):
+        """Row by row from the docstring's rule: row i at position p (CS: i + Lk - Lq) in block m = p // block
+        sees the real keys (CS: <= p) of the blocks n with |m - n| <= window // 2, n < global_blocks, every
+        block when m < global_blocks, and the blocks drawn by the counter hash for (head, m, draw) over
+        [0, blocks of the element's extent) (NS) or [0, m) (CS); then a softmax over those keys."""
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        b, h, lq, d = q.shape
+        lk, size = k.shape[-2], self.block
+        causal = self.pattern is Pattern.CS
+        allowed = torch.zeros(b, h, lq, lk, dtype=torch.bool)
+        for bi in range(b):
+            real = [key_padding_mask is None or not bool(key_padding_mask[bi, j]) for j in range(lk)]
+            extent = max((j + 1 for j in range(lk) if real[j]), default=0)  # last real key + 1
+            for hi in range(h):
+                for i in range(lq):
+                    p = i + (lk - lq if causal else 0)
+                    m = p // size
+                    blocks = {n for n in range(-(-lk // size)) if abs(m - n) <= self.window // 2
+                              or n < self.global_blocks or m < self.global_blocks}
+                    choices = m if causal else -(-extent // size)
+                    if choices >= 1:
+                        blocks |= {int(_hash_uniform_index(self.seed, torch.tensor(hi), torch.tensor(m), t,
+                                                           torch.tensor(choices))) for t in range(self.random_blocks)}
+                    keys = [j for j in range(lk) if real[j] and j // size in blocks and (not causal or j <= p)]
+                    allowed[bi, hi, i, keys] = True
+        return masked_softmax_reference(q, k, v, allowed.to(q.device), softmax_scale(d))
