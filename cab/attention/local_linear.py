@@ -144,9 +144,12 @@ class LocalLinearAttention(KVCacheAttention):
         second_vk = qc.new_zeros(*qc.shape[:-1], dv * d)
         for (ks, ke), mask in zip(ranges, masks):
             kc, vc = k[:, :, ks:ke], v[:, :, ks:ke]
-            p = torch.exp((qc @ kc.transpose(-1, -2)) * scale - safe_lse)
-            if mask is not None:
-                p = p.masked_fill(~mask, 0.0)
+            scores = (qc @ kc.transpose(-1, -2)) * scale
+            if mask is not None:  # before the exp: an invisible score (a padded key's garbage, a future key
+                # under CS) may exceed the row's log-sum-exp by more than the exp range, and exp(inf) masked
+                # afterwards still sends 0 * inf = NaN back; exp(-inf) = 0 has a zero derivative
+                scores = scores.masked_fill(~mask, float("-inf"))
+            p = torch.exp(scores - safe_lse)
             mean_k = mean_k + p @ kc
             mean_v = mean_v + p @ vc
             second_kk = second_kk + p @ _outer(kc, kc)

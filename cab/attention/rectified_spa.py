@@ -76,7 +76,13 @@ class RectifiedSpaAttention(Attention):
         has = (counts > 0)[:, None, None, :]
         logits = (q_reg @ k_reg.transpose(-1, -2)) * softmax_scale(d) + torch.log(counts.clamp_min(1).to(q.dtype))[:, None, None, :]
         logits = logits.masked_fill(~has, float("-inf"))
-        return real_k, torch.softmax(logits, dim=-1), logits, v_reg, has
+        # a batch element without real keys has no key block at all: its rows' logits are all -inf and a
+        # plain softmax would give 0/0 = NaN (in the forward and the backward). Such rows get finite logits
+        # (the untaken -inf branch of the where receives no gradient) and zero probabilities, so P~ = 0,
+        # alpha = 0, no rectification and, with the sparse part empty too, an exact zero output.
+        any_block = has.any(dim=-1, keepdim=True)
+        probs = torch.softmax(torch.where(any_block, logits, torch.zeros_like(logits)), dim=-1) * any_block
+        return real_k, probs, logits, v_reg, has
 
     def _select(self, logits, has, lk, real_k):
         b = logits.shape[0]

@@ -98,9 +98,13 @@ class TopThetaAttention(Attention):
         for rows in self._chunks(q, k.shape[-2]):
             s, visible, kept = self._rows(q, k, v, real, rows)
             norm = kept if self.compensation == "none" else visible
-            mx = s.masked_fill(~norm, float("-inf")).amax(-1, keepdim=True)
+            # mask before the exp: a score outside `norm` (a padded key holding garbage, a future key under CS)
+            # may exceed the row's max by more than the dtype's exp range; exp(inf) masked to 0 afterwards
+            # would still send 0 * inf = NaN back through the exp's derivative. exp(-inf) = 0 has a zero one.
+            s_norm = s.masked_fill(~norm, float("-inf"))
+            mx = s_norm.amax(-1, keepdim=True)
             empty = torch.isinf(mx)
-            e = torch.exp(s - torch.where(empty, torch.zeros_like(mx), mx)).masked_fill(~norm, 0.0)
+            e = torch.exp(s_norm - torch.where(empty, torch.zeros_like(mx), mx))
             den = e.sum(-1, keepdim=True)
             p = e.masked_fill(~kept, 0.0) / torch.where(empty, torch.ones_like(den), den)
             out = p @ v
