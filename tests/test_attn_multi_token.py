@@ -1,6 +1,7 @@
 """multi_token_attention (M57): blocked forward (halo rows, grouped conv2d) vs the per-row reference
 (outputs and gradients, every pattern, odd and unequal lengths, holey padding, GQA); the identity kernel is
 softmax attention; delta kernels shift the score map by one key or one query exactly as the formula says;
+real rows ignore the garbage at left/interior padded positions (padded queries are absent rows of the conv);
 conformance (causality of the conv under CS and CC included)."""
 
 import pytest
@@ -27,7 +28,11 @@ def test_identity_kernel_is_softmax_attention(pattern):
     attn = create_attention("multi_token_attention", pattern, 4, 8, init_std=0.0, chunk_size=8).double()
     q, k, v = (t.detach() for t in random_qkv(2, 4, 4, 19, 19 if pattern == "CS" else 11, 8))
     pad = holey_padding(k.shape[-2])
-    torch.testing.assert_close(attn(q, k, v, pad), create_attention("vanilla", pattern, 4, 8)(q, k, v, pad))
+    out, expected = attn(q, k, v, pad), create_attention("vanilla", pattern, 4, 8)(q, k, v, pad)
+    if pattern == "CS":  # a padded position is a padded query, its score row zeroed: compare real rows
+        real = ~pad[:, None, k.shape[-2] - q.shape[-2]:, None].expand_as(out)
+        out, expected = out[real], expected[real]
+    torch.testing.assert_close(out, expected)
 
 
 def _delta(pattern, a, b, heads=2):
@@ -71,6 +76,47 @@ def test_head_mixing_combines_the_group_weights():
         attn.mixing.copy_(torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]))
     weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
     torch.testing.assert_close(attn(q, k, v), weights.flip(1) @ v)
+
+
+def _left_and_interior_padding(length=48):
+    """Element 0: the first 8 positions padded; element 1: positions [9, 19)."""
+    pad = torch.zeros(2, length, dtype=torch.bool)
+    pad[0, :8] = True
+    pad[1, 9:19] = True
+    return pad
+
+
+def _with_garbage(x, pad, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.where(pad[:, None, :, None], 10.0 * torch.randn(x.shape, generator=gen, dtype=x.dtype), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_real_rows_ignore_garbage_at_left_and_interior_padding(pattern, dtype):
+    """Self patterns: a padded position is a padded query too, and its garbage q must not reach the later real
+    rows through the query taps of the conv (right padding hid this: it follows every real row)."""
+    attn = create_attention("multi_token_attention", pattern, 4, 32, chunk_size=16).to(dtype)
+    q, k, v = (t.detach() for t in random_qkv(2, 4, 4, 48, 48, 32, dtype=dtype, seed=3))
+    pad = _left_and_interior_padding()
+    outs = [attn(*(_with_garbage(t, pad, seed + i) for i, t in enumerate((q, k, v))), pad) for seed in (10, 20)]
+    real = ~pad[:, None, :, None].expand_as(outs[0])
+    tol = 1e-12 if dtype is torch.float64 else 1e-5
+    torch.testing.assert_close(outs[0][real], outs[1][real], rtol=tol, atol=tol)
+    if dtype is torch.float64:  # the reference treats a padded query row the same way
+        ref = attn.reference(*(_with_garbage(t, pad, 10 + i) for i, t in enumerate((q, k, v))), pad)
+        torch.testing.assert_close(outs[0], ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_right_padding_leaves_the_real_rows_as_the_element_alone(pattern):
+    attn = create_attention("multi_token_attention", pattern, 4, 16, chunk_size=8).double()
+    q, k, v = (t.detach() for t in random_qkv(1, 4, 4, 30, 30, 16, seed=5))
+    alone = attn(q[:, :, :23], k[:, :, :23], v[:, :, :23])
+    pad = torch.zeros(1, 30, dtype=torch.bool)
+    pad[0, 23:] = True
+    padded = attn(*(_with_garbage(t, pad, 7 + i) for i, t in enumerate((q, k, v))), pad)
+    torch.testing.assert_close(padded[:, :, :23], alone, rtol=1e-12, atol=1e-12)
 
 
 def test_parameters_and_head_groups():

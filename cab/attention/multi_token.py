@@ -39,7 +39,11 @@ class MultiTokenAttention(Attention):
     between i' and i). Causal cross (CC): the query kernel looks only backwards, so row i depends on
     queries <= i. Noncausal patterns use the same kernel geometry. Key padding: padded keys' scores are
     zeroed before the conv and masked after, so a padded key is never seen; a trailing pad is the same as
-    the conv's zero boundary.
+    the conv's zero boundary. In the self patterns a padded position is also a padded query (its q is
+    garbage; query i sits at key position i + Lk - Lq under CS, NS only with Lq == Lk): Mask_0 zeroes
+    that query's whole score row, so it is an absent (zero) row for the query taps of the rows after it,
+    wherever the padding is (left, interior or right; a right pad follows every real row and changes
+    nothing). The padded row's own output is unconstrained (a softmax over its visible keys).
 
     Paper defaults: c_q = 6, c_k = 11, head groups of 2. [EJ] The group normalisation the paper applies to
     each head's output (with depth-dependent scaling) belongs to the layer around the operator and is not
@@ -51,6 +55,8 @@ class MultiTokenAttention(Attention):
     checkpointed in training. No incremental decoding: a step needs the previous c_q - 1 queries' score
     rows, and the decode API's prefill carries only keys and values. Differentiable everywhere.
     """
+
+    mixes_heads = True  # head-group mixing of the attention maps
 
     complexity = {"time": 2, "memory": 1}
 
@@ -84,16 +90,29 @@ class MultiTokenAttention(Attention):
         grouped = weights.reshape(b, h // g, g, r * k)
         return (mixing.unsqueeze(0) @ grouped).reshape(b, h, r, k)
 
-    def _block(self, q_ext, k, v, visible_ext, top: int, halo: int):
+    def _block(self, q_ext, k, v, scored, visible, top: int):
+        """q_ext: the block's rows with their halo rows above; scored (B|1, 1, halo + R, K): the scores kept
+        before the conv (Mask_0); visible (B|1, 1, R, K): the keys each of the block's R rows attends."""
         scores = (q_ext @ k.transpose(-1, -2)) * softmax_scale(q_ext.shape[-1])
-        scores = torch.where(visible_ext, scores, torch.zeros_like(scores))
+        scores = torch.where(scored, scores, torch.zeros_like(scores))
         left = self.key_kernel // 2
         padded = F.pad(scores, (left, self.key_kernel - 1 - left, top, 0))
         conv = F.conv2d(padded, self.kernel.to(scores.dtype), groups=self.num_heads)  # (B, H, R, K)
-        visible = visible_ext[..., halo:, :]
         opened = visible | ~visible.any(dim=-1, keepdim=True)
         weights = torch.softmax(conv.masked_fill(~opened, float("-inf")), dim=-1)
         return self._mix(weights) @ v
+
+    def _query_padding(self, key_padding_mask, lq: int, lk: int) -> "torch.Tensor | None":
+        """(B, Lq) bool, self patterns only: the query rows at padded positions (query i sits at key position
+        i + Lk - Lq under CS; NS only with Lq == Lk; rows at positions before the first key count as real,
+        they see no key). None for the cross patterns (their queries are never padded), for NS with
+        Lq != Lk (no query-key correspondence) and without a mask."""
+        if key_padding_mask is None or self.pattern.cross or (self.pattern is Pattern.NS and lq != lk):
+            return None
+        pad = key_padding_mask.to(dtype=torch.bool)
+        positions = torch.arange(lq, device=pad.device) + (lk - lq)
+        inside = (positions >= 0) & (positions < lk)
+        return pad[:, positions.clamp(0, max(lk - 1, 0))] & inside
 
     def forward(self, q, k, v, key_padding_mask=None):
         out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
@@ -103,6 +122,7 @@ class MultiTokenAttention(Attention):
         causal = self.pattern is Pattern.CS
         offset = lk - lq if causal else 0
         key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
+        query_pad = self._query_padding(None if key_ok is None else ~key_ok, lq, lk)
         use_ckpt = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v))
                                                 or any(p.requires_grad for p in self.parameters()))
         outputs = []
@@ -115,8 +135,11 @@ class MultiTokenAttention(Attention):
             rs = max(0, qs - (self.query_kernel - 1))
             halo = qs - rs
             visible_ext = block_visibility(self.pattern, rs, qe, kend, offset, key_ok, q.device)
-            args = (q[..., rs:qe, :], k[..., :kend, :], v[..., :kend, :], visible_ext,
-                    self.query_kernel - 1 - halo, halo)
+            # Mask_0 also zeroes the score rows of padded queries (self patterns): their garbage q never
+            # reaches a later row through the query taps; the softmax mask (`visible`) stays per key
+            scored = visible_ext if query_pad is None else visible_ext & ~query_pad[:, None, rs:qe, None]
+            args = (q[..., rs:qe, :], k[..., :kend, :], v[..., :kend, :], scored, visible_ext[..., halo:, :],
+                    self.query_kernel - 1 - halo)
             out = checkpoint(self._block, *args, use_reentrant=False) if use_ckpt else self._block(*args)
             seen = visible_ext[..., halo:, :].any(dim=-1, keepdim=True)
             outputs.append(torch.where(seen, out, torch.zeros_like(out)))
@@ -125,8 +148,9 @@ class MultiTokenAttention(Attention):
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Row by row: the c_q score rows ending at row i (Mask_0 per their own visibility, zero rows before
-        the start), each key's logit as the kernel-weighted sum of its c_q x c_k window (zeros outside),
-        softmax over the visible keys, then the explicit head-mixing sum."""
+        the start and, in self patterns, for padded queries), each key's logit as the kernel-weighted sum of
+        its c_q x c_k window (zeros outside), softmax over the visible keys, then the explicit head-mixing
+        sum."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         batch, heads, lq, dim = q.shape
         lk = k.shape[-2]
@@ -134,6 +158,12 @@ class MultiTokenAttention(Attention):
 
         def row_keys(b, i):
             return visible_keys(self.pattern, lq, lk, key_padding_mask, b, i)
+
+        def query_padded(b, i):  # self patterns: query i sits at key position i + Lk - Lq (NS: Lq == Lk only)
+            if key_padding_mask is None or self.pattern.cross or (self.pattern is Pattern.NS and lq != lk):
+                return False
+            position = i + lk - lq
+            return 0 <= position < lk and bool(key_padding_mask[b, position])
 
         rows = []
         for b in range(batch):
@@ -146,7 +176,7 @@ class MultiTokenAttention(Attention):
                 s0 = q.new_zeros(heads, cq, lk)
                 for a in range(cq):
                     row = i - (cq - 1) + a
-                    if row >= 0:
+                    if row >= 0 and not query_padded(b, row):
                         idx = torch.tensor(row_keys(b, row), dtype=torch.long)
                         if len(idx):
                             s0[:, a, idx] = (q[b, :, row].unsqueeze(1) * k[b][:, idx]).sum(-1) / dim**0.5
