@@ -352,6 +352,11 @@ def flex_block_mask(layout: Layout, mask_fn: MaskFn, batch: int, heads: int,
     idx[..., :layout.kv_idx.shape[-1]] = layout.kv_idx.to(torch.int32)
     num = layout.kv_num.to(torch.int32)
     pad = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
+    if pad is not None:
+        from cab.attention.flash import static_batch
+
+        pad = pad.clone()  # the mask_mod's own copy, its batch kept static (see flash.static_batch)
+        static_batch(pad)
     if pad is None:
         def mask_mod(b, h, i, j):
             return mask_fn(b, h, i, j)
@@ -422,6 +427,7 @@ class BlockSparseAttention(Attention):
             raise ValueError(f"{type(self).name or type(self).__name__}: backend='flex' needs softmax "
                              f"normalisation; this attention normalises by {self.normalize}")
         self.backend = backend
+        self.compiles_per_shape = backend == "flex"
 
     # subclass hooks ---------------------------------------------------------------------------------
     def mask_fn(self, lq: int, lk: int, extent: "torch.Tensor | None" = None) -> MaskFn:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import shutil
+import sys
 import warnings
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
@@ -160,16 +162,121 @@ def _outside_user_dispatch_modes():
     return _disable_current_modes()
 
 
+# The CPU kernel's micro-GEMM for q k^T (inductor's CppMicroGemmFP32Vec with GemmBlocking(1, 16, 1), torch
+# 2.5 to at least 2.13) walks a key block 16 columns at a time; for the last, narrower group of columns it
+# takes its "transpose first" implementation whenever the width and the head dim are multiples of the float
+# vector width and the head dim is below 24, and that implementation computes and stores all 16 columns.
+# With 16 float lanes (AVX-512) a group narrower than 16 is never a multiple of 16, so nothing happens; with
+# 8 lanes (AVX2, or inductor's cpp.simdlen=256) a key block whose length is 8 (mod 16), with head dim 8 or
+# 16, makes it read 8 keys past the block (past the tensor at its end: garbage, NaN) and write 8 scores past
+# the row, the last row's landing on the running row maxima: wrong rows, zero rows or NaN, varying run to
+# run. The q k^T product does not change when q and k gain zero columns, so such calls pad the head dim of
+# q and k to 24 (the kernel's other, correct implementation) and pass the original 1/sqrt(d) scale.
+_MICRO_GEMM_BLOCK_N = 16
+_MICRO_GEMM_SAFE_QK_DIM = 24
+_DEFAULT_FLEX_BLOCK = 128  # FlexAttention's block size when no block mask is given
+
+
+def cpu_flex_unsupported_reason() -> "str | None":
+    """Why inductor cannot compile FlexAttention for this CPU (its own test: AVX2, not macOS), or None."""
+    if sys.platform == "darwin":
+        return "FlexAttention's compiled CPU kernel is not supported on macOS"
+    if not getattr(torch.cpu, "_is_avx2_supported", lambda: False)():
+        return "FlexAttention's compiled CPU kernel needs an x86 CPU with AVX2, which this CPU lacks"
+    if os.getenv("ATEN_CPU_CAPABILITY") == "default":
+        return "FlexAttention's compiled CPU kernel needs AVX2, and ATEN_CPU_CAPABILITY=default turns it off"
+    return None
+
+
+def _cpu_float_lanes() -> int:
+    """Floats per vector in the code inductor generates for this CPU now (0 if it vectorises nothing); it
+    follows ATEN_CPU_CAPABILITY and inductor's cpp.simdlen, so the answer is cached per their values."""
+    from torch._inductor import config
+
+    return _float_lanes(config.cpp.simdlen, os.getenv("ATEN_CPU_CAPABILITY"))
+
+
+@functools.cache
+def _float_lanes(simdlen: "int | None", capability: "str | None") -> int:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    return int(isa.nelements(torch.float)) if isa else 0
+
+
+def cpu_flex_qk_dim(head_dim: int, lk: int, kv_block: int = _DEFAULT_FLEX_BLOCK) -> int:
+    """The head dim the compiled CPU kernel must see for q and k so that its q k^T micro-GEMM is correct:
+    `head_dim` itself, or 24 where a key block of `lk` keys cut at `kv_block` hits the micro-GEMM bug above."""
+    if head_dim >= _MICRO_GEMM_SAFE_QK_DIM or lk < 1:
+        return head_dim
+    lanes = _cpu_float_lanes()
+    if not lanes or lanes >= _MICRO_GEMM_BLOCK_N or head_dim % lanes:
+        return head_dim
+    split = min(kv_block, lk)
+    widths = (split % _MICRO_GEMM_BLOCK_N, ((lk - 1) % split + 1) % _MICRO_GEMM_BLOCK_N)  # full block, last block
+    if any(w and w % lanes == 0 for w in widths):
+        return _MICRO_GEMM_SAFE_QK_DIM
+    return head_dim
+
+
+def flex_variant(q: torch.Tensor, k: torch.Tensor, block_mask: "BlockMask | None") -> str:
+    """What `flex_call` runs for these inputs, as a backend label: "flex" (the compiled fused kernel),
+    "flex-qkpad24" (the same kernel on q and k zero-padded to head dim 24, see above) or "flex-unfused"
+    (FlexAttention's unfused path, for float64)."""
+    if q.dtype not in FLEX_KERNEL_DTYPES:
+        return "flex-unfused"
+    if q.device.type == "cpu" and _flex_qk_dim(q, k, block_mask) != q.shape[-1]:
+        return f"flex-qkpad{_MICRO_GEMM_SAFE_QK_DIM}"
+    return "flex"
+
+
+def _flex_qk_dim(q: torch.Tensor, k: torch.Tensor, block_mask: "BlockMask | None") -> int:
+    """`cpu_flex_qk_dim` for these inputs and block mask (whose key block size cuts the keys)."""
+    kv_block = _DEFAULT_FLEX_BLOCK if block_mask is None else int(block_mask.BLOCK_SIZE[1])
+    return cpu_flex_qk_dim(q.shape[-1], k.shape[-2], kv_block)
+
+
+# A per-batch block mask (key padding) with a batch size that varies between calls makes dynamo compile the
+# CPU kernel with a symbolic batch, and inductor (torch 2.13) then emits C++ that does not compile
+# ("cur_qSplitSize8 was not declared"). Such calls keep the batch static: each batch size compiles its own
+# kernel (lengths still go symbolic after the first change, which compiles fine).
+def static_batch(*tensors: torch.Tensor) -> None:
+    """Mark dim 0 of each tensor static for torch.compile (see above)."""
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.dim():
+            torch._dynamo.mark_static(tensor, 0)
+
+
+def block_mask_tensors(block_mask: "BlockMask") -> "list[torch.Tensor]":
+    """The tensors of a BlockMask that carry its batch dimension."""
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+             "full_q_num_blocks", "full_q_indices")
+    return [t for t in (getattr(block_mask, n, None) for n in names) if isinstance(t, torch.Tensor)]
+
+
 def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: "BlockMask | None") -> torch.Tensor:
     """One FlexAttention forward: the compiled fused kernel, or FlexAttention's own unfused path for
-    float64 (its compiled kernels take float32/16 only). Inputs must not require grad on CPU."""
+    float64 (its compiled kernels take float32/16 only). Inputs must not require grad on CPU. On CPU,
+    where the kernel's q k^T micro-GEMM would go wrong (`cpu_flex_qk_dim`), q and k are zero-padded in the
+    head dim first (`flex_variant` names what runs); a CPU the kernel cannot be compiled for raises."""
     from torch.nn.attention.flex_attention import flex_attention
 
     gqa = q.shape[1] != k.shape[1]
     with _outside_user_dispatch_modes():
         if q.dtype in FLEX_KERNEL_DTYPES:
+            scale = None
+            if q.device.type == "cpu":
+                reason = cpu_flex_unsupported_reason()
+                if reason:
+                    raise RuntimeError(f"flex: {reason}")
+                qk_dim = _flex_qk_dim(q, k, block_mask)
+                if qk_dim != q.shape[-1]:
+                    scale = softmax_scale(q.shape[-1])
+                    q, k = (F.pad(t, (0, qk_dim - t.shape[-1])) for t in (q, k))
+            if q.device.type == "cpu" and block_mask is not None and block_mask.kv_num_blocks.shape[0] > 1:
+                static_batch(q, k, v, *block_mask_tensors(block_mask))
             with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
-                return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+                return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*without torch.compile.*")
             return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
@@ -247,9 +354,19 @@ class FlexAttention(Attention):
     the caller's is active: torch.compile cannot run under one, so the FlexAttention call itself steps
     outside such modes (its kernel's allocations are invisible to them anyway). float64 runs
     FlexAttention's unfused path (its compiled kernels take float32/16 only).
+
+    On CPU the compiled kernel's q k^T micro-GEMM is wrong (garbage, zero or NaN rows, varying run to run)
+    when inductor vectorises with 8 floats (AVX2) and a key block is 8 (mod 16) long with head dim 8 or 16;
+    those calls zero-pad q and k to head dim 24, which leaves q k^T unchanged and takes the kernel's correct
+    implementation (see `cpu_flex_qk_dim`). `backend` records what the latest forward ran: "flex",
+    "flex-qkpad24" (that padding) or "flex-unfused" (float64). A CPU inductor cannot compile the kernel for
+    (no AVX2) is refused with the reason, by `unavailable_reason` and by the call.
     """
 
     complexity = {"time": 2, "memory": 1}
+    compiles_per_shape = True
+    # what the latest forward ran (`flex_variant`): "flex", "flex-qkpad24" or "flex-unfused"
+    backend = "flex"
 
     def __init__(self, pattern, num_heads, head_dim):
         super().__init__(pattern, num_heads, head_dim)
@@ -262,6 +379,8 @@ class FlexAttention(Attention):
             return f"torch {torch.__version__} has no FlexAttention (torch >= 2.5 needed)"
         if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
             return "torch.compile on CPU needs a C++ compiler and none is on PATH"
+        if device.type == "cpu" and cpu_flex_unsupported_reason():
+            return cpu_flex_unsupported_reason()
         if device.type == "cuda" and importlib.util.find_spec("triton") is None:
             return "torch.compile on CUDA needs triton, which is not installed"
         if device.type not in ("cpu", "cuda"):
@@ -270,12 +389,20 @@ class FlexAttention(Attention):
 
     def block_mask(self, batch: int, lq: int, lk: int, key_padding_mask: "torch.Tensor | None",
                    device: "torch.device | str") -> "BlockMask | None":
-        """The cached BlockMask for this shape and padding (None when every key is visible to every row)."""
+        """The cached BlockMask for this shape and padding (None when every key is visible to every row).
+        The cache key holds everything the mask depends on: the batch size (a padding mask is per batch
+        element; without padding the mask broadcasts over the batch), Lq, Lk, the device and the padding
+        itself (its bytes)."""
         causal = self.pattern is Pattern.CS
         if key_padding_mask is None and not causal:
             return None
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, lk):
+            raise ValueError(f"flex: key_padding_mask must have shape (batch, Lk) = ({batch}, {lk}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        device = torch.device(device)
         pad = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
-        key = (lq, lk, str(device), None if pad is None else (tuple(pad.shape), pad.cpu().numpy().tobytes()))
+        key = (None if pad is None else batch, lq, lk, str(device),
+               None if pad is None else pad.cpu().numpy().tobytes())
         if key in self._block_masks:
             self._block_masks.move_to_end(key)
             return self._block_masks[key]
@@ -291,6 +418,9 @@ class FlexAttention(Attention):
         else:
             def mask_mod(b, h, i, j):
                 return ~pad[b, j]
+        if pad is not None:
+            pad = pad.clone()  # the mask_mod's own copy, its batch kept static (see static_batch)
+            static_batch(pad)
         block_mask = create_block_mask(mask_mod, None if pad is None else batch, None, lq, lk, device=device)
         self._block_masks[key] = block_mask
         if len(self._block_masks) > _BLOCK_MASK_CACHE:
@@ -299,6 +429,7 @@ class FlexAttention(Attention):
 
     def forward(self, q, k, v, key_padding_mask=None):
         block_mask = self.block_mask(q.shape[0], q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        self.backend = flex_variant(q, k, block_mask)
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         if wants_grad and (q.device.type == "cpu" or in_user_dispatch_mode()):
             return _FlexWithTorchBackward.apply(q, k, v, block_mask, key_padding_mask, self.pattern)

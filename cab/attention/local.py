@@ -60,6 +60,7 @@ class LocalAttention(Attention):
         self.window = window
         self.sinks = sinks
         self.backend = backend
+        self.compiles_per_shape = backend == "flex"
         self._flex_masks: dict = {}
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ from collections import OrderedDict
 import torch
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.flash import static_batch
 from cab.attention.kernels import resolve_backend
 from cab.attention.kernels.window import window_attention_reference
 from cab.attention.local import LocalAttention
@@ -78,6 +79,7 @@ class SlidingWindowAttention(Attention):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.window, self.sinks = window, sinks
         self.requested_backend = backend
+        self.compiles_per_shape = backend == "flex"
         self.backend = "torch" if backend == "auto" else backend
         self._torch = LocalAttention(pattern, num_heads, head_dim, window=window, sinks=sinks)
         self._block_masks: OrderedDict = OrderedDict()
@@ -104,6 +106,9 @@ class SlidingWindowAttention(Attention):
         from torch.nn.attention.flex_attention import create_block_mask
 
         pad = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
+        if pad is not None:
+            pad = pad.clone()  # the mask_mod's own copy, its batch kept static (see flash.static_batch)
+            static_batch(pad)
         key = (lq, lk, str(device), None if pad is None else (tuple(pad.shape), pad.cpu().numpy().tobytes()))
         if key in self._block_masks:
             self._block_masks.move_to_end(key)
