@@ -55,6 +55,15 @@ class Attention(nn.Module):
     complexity: ClassVar[dict[str, float]] = {}
     # whether forward accepts segment_ids (packed variable-length self attention, see the class docstring)
     supports_segments: ClassVar[bool] = False
+    # whether a head's output may read other heads' inputs by design (a norm over all heads, head routing or
+    # mixing); conformance otherwise holds every head to be computed from its own inputs alone
+    mixes_heads: ClassVar[bool] = False
+    # whether each new input shape compiles a kernel (torch.compile): conformance then runs variants of an
+    # input one call each instead of stacking them along the batch, which would compile one per batch size
+    compiles_per_shape: ClassVar[bool] = False
+    # the largest |q.k| / sqrt(D) the attention's math takes (None: any); conformance's large_logits check
+    # probes scores of that size instead of its default, and says so
+    max_logit: ClassVar["float | None"] = None
     # the implementation that runs (e.g. "torch", "triton", "flex"); an attention with several backends
     # sets it per instance. Recorded in every bench result row.
     backend: str = "torch"

@@ -89,6 +89,8 @@ class LightningAttention(Attention):
     ran.
     """
 
+    mixes_heads = True  # the output norm (SimpleRMSNorm) runs per token over all heads together
+
     def __init__(self, pattern, num_heads, head_dim, block_size: int = DEFAULT_BLOCK, activation: str = "silu",
                  decay: str = "tnl", layer_fraction: float = 0.0, norm: bool = True, tiled_backward: bool = True,
                  backend: str = "auto"):

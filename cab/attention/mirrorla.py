@@ -42,6 +42,8 @@ class MirrorLAAttention(Attention):
     outputs 0. Decoding keeps (sum phi(k) v^T, sum phi(k)), O(d d_v) per head.
     """
 
+    mixes_heads = True  # the cross-head Householder reflections mix the heads' features
+
     complexity = {"time": 1, "memory": 1}
 
     def __init__(self, pattern, num_heads, head_dim, block_size: int = 16, seed: int = 0):

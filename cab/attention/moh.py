@@ -45,6 +45,8 @@ class MixtureOfHeadAttention(Attention):
     `computed_pairs` = active rows x Lk. Reference: every head densely, times the gates.
     """
 
+    mixes_heads = True  # heads are routed and weighted per token from all heads' queries
+
     def __init__(self, pattern, num_heads, head_dim, shared_heads: "int | None" = None,
                  top_k: "int | None" = None, seed: int = 0):
         super().__init__(pattern, num_heads, head_dim)

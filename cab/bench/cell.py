@@ -13,7 +13,7 @@ from cab.bench.flops import dense_flops
 from cab.bench.inputs import make_inputs
 from cab.bench.memory import measure_memory
 from cab.bench.timer import TimingStats, time_callable
-from cab.bench.workload import build_attention, failed_gate, needs_grad, prepare_mode
+from cab.bench.workload import build_attention, failed_gate, gate_report, needs_grad, prepare_mode
 from cab.cells import BENCH_MODES, Cell, Outcome
 from cab.patterns import visible_pairs
 from cab.registry import get_spec
@@ -79,7 +79,8 @@ def bench_cell(cell: Cell) -> Outcome:
         return skipped
 
     gated = cell.options.get("gate", True) is not False
-    failed = failed_gate(cell) if gated else None
+    verdict = gate_report(cell) if gated else None
+    failed = failed_gate(verdict) if gated else None
     if failed is not None:
         return failed
 
@@ -103,6 +104,7 @@ def bench_cell(cell: Cell) -> Outcome:
     metrics = {
         **stats.to_metrics(),
         "gate": "ok" if gated else "off",
+        **({"gate_coverage": verdict.coverage} if gated else {}),
         "setup_ms": setup_ms,
         "flops": flops,
         "flops_convention": convention,

@@ -21,7 +21,7 @@ from cab.attention.base import Attention, UnsupportedPattern
 from cab.devices import device_unavailable
 from cab.bench.inputs import make_inputs
 from cab.bench.timer import TimingStats, time_callable
-from cab.bench.workload import build_attention, failed_gate
+from cab.bench.workload import build_attention, failed_gate, gate_report
 from cab.cells import Cell, Outcome
 from cab.patterns import Pattern
 from cab.registry import get_spec
@@ -81,7 +81,8 @@ def decode_cell(cell: Cell) -> Outcome:
     except UnsupportedPattern as exc:
         return Outcome(Status.UNSUPPORTED, message=str(exc))
     gated = cell.options.get("gate", True) is not False
-    failed = failed_gate(cell) if gated else None
+    verdict = gate_report(cell) if gated else None
+    failed = failed_gate(verdict) if gated else None
     if failed is not None:
         return failed
     options = cell.options
@@ -104,6 +105,7 @@ def decode_cell(cell: Cell) -> Outcome:
     metrics = {
         **stats.to_metrics(),
         "gate": "ok" if gated else "off",
+        **({"gate_coverage": verdict.coverage} if gated else {}),
         "setup_ms": setup_ms,
         "context": cell.lk,
         "trial_medians_ms": [trial.median_ms for trial in trials],

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from cab.cells import Result
+from cab.coverage import coverage_summary
 from cab.status import Status
 
-HEADERS = ("attention", "pattern", "mode", "L", "median ms [p20-p80]", "cv", "peak MiB", "TFLOP/s", "status")
+HEADERS = ("attention", "pattern", "mode", "L", "median ms [p20-p80]", "cv", "peak MiB", "TFLOP/s", "status", "gate")
 _MIB = 1024 * 1024
 
 
@@ -48,12 +49,21 @@ def _status(result: Result) -> str:
     return f"{result.status.value}: {first_line}" if first_line else result.status.value
 
 
+def _gate(metrics: dict) -> str:
+    gate = metrics.get("gate")
+    if gate is None:
+        return "-"
+    summary = coverage_summary(metrics.get("gate_coverage"))
+    return f"{gate}: {summary}" if summary else str(gate)
+
+
 def bench_table(results: "list[Result]") -> str:
     """One row per result: attention, pattern, mode, length, median time with p20-p80, CV (flagged with
-    "!" above 5%), peak memory in MiB ("<=" when an upper bound), effective TFLOP/s, status or message."""
+    "!" above 5%), peak memory in MiB ("<=" when an upper bound), effective TFLOP/s, status or message, and
+    what the correctness gate that let the timing through covered."""
     rows = [
         (r.cell.display_name, str(r.cell.pattern), r.cell.mode, _length(r), _timing(r.metrics), _cv(r.metrics),
-         _memory(r.metrics), _throughput(r.metrics), _status(r))
+         _memory(r.metrics), _throughput(r.metrics), _status(r), _gate(r.metrics))
         for r in results
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(HEADERS)]

@@ -66,13 +66,20 @@ def prepare_mode(
     return (lambda: attn(q, k, v).backward(dout)), reset_grads
 
 
-def failed_gate(cell: Cell) -> "Outcome | None":
-    """The cell's outcome when the correctness gate (cab.check.gate) fails, None when it passes: no speed is
-    reported for a configuration whose conformance checks fail."""
-    from cab.check import gate
+def gate_report(cell: Cell):
+    """The correctness gate's report for the cell (cab.check.gate): the fixed suite of its configuration and
+    the shape probe at the cell's own shape (decode cells: the probe of one decoding step at their context)."""
+    from cab.check import gate, published_shape
 
-    report = gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype)
+    decode = cell.mode == "decode"
+    shape = published_shape(cell.batch, cell.heads, cell.kv_heads, 1 if decode else cell.lq, cell.lk, cell.head_dim)
+    return gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype, shape, decode=decode)
+
+
+def failed_gate(report) -> "Outcome | None":
+    """The cell's outcome when the gate's report failed, None when it passed: no speed is reported for a
+    configuration whose conformance checks fail."""
     if report.status is Status.OK:
         return None
-    return Outcome(report.status, metrics={"gate": report.status.value},
+    return Outcome(report.status, metrics={"gate": report.status.value, "gate_coverage": report.coverage},
                    message=f"correctness gate failed: {report.message}")

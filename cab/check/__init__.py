@@ -3,12 +3,12 @@
 
 from cab.check.cell import check_cell
 from cab.check.conformance import run_conformance
-from cab.check.gate import gate
+from cab.check.gate import gate, published_shape
 from cab.check.oracle import eager_attention, oracle_attention
 from cab.check.outcomes import CheckOutcome, ConformanceReport
 from cab.check.table import verdict_table
 
 __all__ = [
     "CheckOutcome", "ConformanceReport", "check_cell", "eager_attention", "gate", "oracle_attention",
-    "run_conformance", "verdict_table",
+    "published_shape", "run_conformance", "verdict_table",
 ]

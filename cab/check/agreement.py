@@ -28,15 +28,26 @@ def _output_and_grads(attend: Attend, q, k, v, cotangent: torch.Tensor, dtype: t
     return {"output": out, **{f"d{name}": g for name, g in grads.items()}}
 
 
-def reference_agreement(subject: Subject, shape: Shape, salt: str) -> CheckOutcome:
-    """forward vs reference() on the same module and inputs: outputs and gradients of q, k, v, parameters."""
-    dtype, note = subject.structural()
-    module = subject.module(shape.head_dim, dtype)
+def reference_agreement(subject: Subject, shape: Shape, salt: str, dtype: "torch.dtype | None" = None,
+                        ) -> CheckOutcome:
+    """forward vs reference() on the same module and inputs: outputs and gradients of q, k, v, parameters.
+
+    In the structural dtype both run in it (the tight check). In another dtype, forward runs in that dtype
+    and reference() in the structural one on the same (rounded) inputs and cotangent, and the relative error
+    is held to that dtype's tolerance: the check then asks whether the fast path in the published dtype
+    computes the naive formulation, to that dtype's precision."""
+    structural, note = subject.structural()
+    dtype = dtype or structural
+    truth = structural if dtype != structural else dtype
+    module = subject.module_for(shape, dtype)
+    reference_module = subject.module_for(shape, truth)
     q, k, v = subject.inputs(shape, dtype, salt)
     cotangent = subject.randn((shape.batch, shape.heads, shape.lq, shape.head_dim), dtype, f"{salt}:dout")
     params = trainable_parameters(module)
+    reference_params = trainable_parameters(reference_module)
     forward = _output_and_grads(lambda *a: subject.run(module, *a), q, k, v, cotangent, dtype, params)
-    reference = _output_and_grads(lambda *a: subject.run_reference(module, *a), q, k, v, cotangent, dtype, params)
+    reference = _output_and_grads(lambda *a: subject.run_reference(reference_module, *a), q, k, v, cotangent, truth,
+                                  reference_params)
     found: list[Finding] = []
     for name, expected in reference.items():
         actual = forward[name]
@@ -46,16 +57,19 @@ def reference_agreement(subject: Subject, shape: Shape, salt: str) -> CheckOutco
             found.append((math.inf, f"{name} exists only in {'reference()' if actual is None else 'forward'}"))
         else:
             found.append((relative_error(actual, expected), f"{name} of forward vs reference()"))
-    return judged("reference", found, structural_tolerance(dtype), dtype_name(dtype), note)
+    context = dtype_name(dtype) if truth == dtype else f"forward in {dtype_name(dtype)}, reference() in {dtype_name(truth)}"
+    return judged("reference", found, structural_tolerance(dtype), context, note if dtype == structural else "")
 
 
-def oracle_agreement(subject: Subject, shape: Shape, salt: str) -> CheckOutcome:
-    """An exact attention in the requested dtype vs the float64 oracle: the max-abs error of the output and
-    of dq, dk, dv may be at most 2x plain eager attention's error in that dtype plus a few ulps (the
-    exact_oracle outcome reports the tensor closest to, or furthest over, its allowance)."""
-    dtype = subject.dtype
-    module = subject.module(shape.head_dim, dtype)
-    q, k, v = subject.inputs(shape, dtype, salt)
+def oracle_agreement_on(subject: Subject, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, salt: str,
+                        max_logit: float = 0.0) -> CheckOutcome:
+    """An exact attention in the inputs' dtype vs the float64 oracle on these inputs: the max-abs error of the
+    output and of dq, dk, dv may be at most 2x plain eager attention's error in that dtype plus a few ulps
+    (the outcome reports the tensor closest to, or furthest over, its allowance). `max_logit`: the largest
+    |score| of these inputs when it is far beyond unit scale (see oracle_allowance)."""
+    dtype = q.dtype
+    shape = Shape(q.shape[0], q.shape[1], k.shape[1], q.shape[-2], k.shape[-2], q.shape[-1])
+    module = subject.module_for(shape, dtype)
     cotangent = subject.randn((shape.batch, shape.heads, shape.lq, shape.head_dim), dtype, f"{salt}:dout")
     pattern = subject.pattern
     got = _output_and_grads(lambda *a: subject.run(module, *a), q, k, v, cotangent, dtype)
@@ -67,19 +81,25 @@ def oracle_agreement(subject: Subject, shape: Shape, salt: str) -> CheckOutcome:
             return CheckOutcome("exact_oracle", Status.INCORRECT, message=f"no gradient reaches {name[1:]}")
         error = abs_error(got[name], expected)
         baseline = abs_error(eager[name], expected)
-        allowed = oracle_allowance(baseline, max_abs(expected), dtype)
+        allowed = oracle_allowance(baseline, max_abs(expected), dtype, max_logit)
         ratio = error / allowed if allowed > 0 else math.inf
         detail = (f"{name}: max abs error vs the float64 oracle in {dtype_name(dtype)} "
                   f"(plain eager attention: {baseline:.2e})")
         if worst is None or not ratio <= worst[0]:
             worst = (ratio, error, allowed, detail)
     _, error, allowed, detail = worst
-    return measured("exact_oracle", error, allowed, detail)
+    return measured("exact_oracle", error, allowed, detail, kind="absolute")
 
 
-def check_reference(subject: Subject) -> CheckOutcome:
+def oracle_agreement(subject: Subject, shape: Shape, salt: str) -> CheckOutcome:
+    """`oracle_agreement_on` the subject's inputs of `shape` in the requested dtype."""
+    q, k, v = subject.inputs(shape, subject.dtype, salt)
+    return oracle_agreement_on(subject, q, k, v, salt)
+
+
+def check_reference(subject: Subject, dtype: "torch.dtype | None" = None) -> CheckOutcome:
     """forward agrees with the attention's own reference() on the main shape."""
-    return reference_agreement(subject, subject.main, "reference")
+    return reference_agreement(subject, subject.main, "reference", dtype)
 
 
 def check_exact_oracle(subject: Subject) -> CheckOutcome:

@@ -65,15 +65,15 @@ def check_finite(subject: Subject) -> CheckOutcome:
     fraction, where = nonfinite_summary({"output": out})
     if fraction:
         return CheckOutcome("finite", Status.INCORRECT, fraction, 0.0,
-                            f"non-finite outputs with torch.empty* poisoned by NaN ({where})")
-    return CheckOutcome("finite", Status.OK, 0.0, 0.0, "outputs finite with torch.empty* poisoned by NaN")
+                            f"non-finite outputs with torch.empty* poisoned by NaN ({where})", "fraction")
+    return CheckOutcome("finite", Status.OK, 0.0, 0.0, "outputs finite with torch.empty* poisoned by NaN", "fraction")
 
 
 def poisoned_gradients(subject: Subject, shape: Shape, dtype: torch.dtype, salt: str,
                        ) -> "tuple[torch.Tensor, dict[str, torch.Tensor | None]]":
     """Forward and backward (random cotangent) with torch.empty* poisoned: the output and the gradients
     of q, k, v and every trainable parameter."""
-    module = subject.module(shape.head_dim, dtype)
+    module = subject.module_for(shape, dtype)
     q, k, v = subject.inputs(shape, dtype, salt, requires_grad=True)
     inputs = {"q": q, "k": k, "v": v, **trainable_parameters(module)}
     with PoisonEmpty():
@@ -102,7 +102,7 @@ def check_backward(subject: Subject) -> CheckOutcome:
     problem = gradient_problem(grads)
     if problem:
         error, message = problem
-        return CheckOutcome("backward", Status.INCORRECT, error, None if error is None else 0.0, message)
+        return CheckOutcome("backward", Status.INCORRECT, error, None if error is None else 0.0, message, "fraction")
     reached = [n for n in ("q", "k", "v") if grads[n] is not None]
     params = [n for n in grads if n not in ("q", "k", "v")]
     unused = [n for n in params if grads[n] is None]
@@ -111,4 +111,4 @@ def check_backward(subject: Subject) -> CheckOutcome:
         message += f"; the output does not depend on {', '.join(n for n in 'qkv' if n not in reached)}"
     if unused:
         message += f"; parameters without a gradient in this pattern: {', '.join(unused)}"
-    return CheckOutcome("backward", Status.OK, 0.0, 0.0, message)
+    return CheckOutcome("backward", Status.OK, 0.0, 0.0, message, "fraction")

@@ -34,11 +34,20 @@ def _padding(shape: Shape, upto: int, device: torch.device) -> "torch.Tensor | N
     return mask
 
 
-def self_decode_errors(subject: Subject, module, shape: Shape, prefill: int, salt: str) -> "list[Finding]":
-    """CS: rows prefill..L-1 decoded one by one after prefilling [:prefill] vs forward()."""
-    q, k, v = subject.inputs(shape, subject.structural()[0], salt)
+def _forward(subject: Subject, truth, q, k, v, padding) -> torch.Tensor:
+    """forward() of the `truth` module (the structural dtype's) on the inputs cast to that dtype."""
+    dtype = subject.structural()[0]
+    return subject.run(truth, q.to(dtype), k.to(dtype), v.to(dtype), key_padding_mask=padding)
+
+
+def self_decode_errors(subject: Subject, module, shape: Shape, prefill: int, salt: str,
+                       dtype: "torch.dtype | None" = None, truth=None) -> "list[Finding]":
+    """CS: rows prefill..L-1 decoded one by one after prefilling [:prefill] vs forward() (of `truth`, the
+    module in the structural dtype, when decoding runs in another dtype)."""
+    q, k, v = subject.inputs(shape, dtype or subject.structural()[0], salt)
     padding = _padding(shape, min(2, prefill), q.device)
-    full = subject.run(module, q, k, v, key_padding_mask=padding)
+    full = subject.run(module, q, k, v, key_padding_mask=padding) if truth is None else \
+        _forward(subject, truth, q, k, v, padding)
     scale = max_abs(full)
     subject.reseed()
     state = module.decode_init(_rows(k, 0, prefill), _rows(v, 0, prefill),
@@ -56,11 +65,13 @@ def self_decode_errors(subject: Subject, module, shape: Shape, prefill: int, sal
     return found
 
 
-def cross_decode_errors(subject: Subject, module, shape: Shape, salt: str) -> "list[Finding]":
-    """CC: every query decoded alone against the whole memory vs forward()."""
-    q, k, v = subject.inputs(shape, subject.structural()[0], salt)
+def cross_decode_errors(subject: Subject, module, shape: Shape, salt: str, dtype: "torch.dtype | None" = None,
+                        truth=None) -> "list[Finding]":
+    """CC: every query decoded alone against the whole memory vs forward() (of `truth`, see above)."""
+    q, k, v = subject.inputs(shape, dtype or subject.structural()[0], salt)
     padding = _padding(shape, max(1, shape.lk // 4), q.device)
-    full = subject.run(module, q, k, v, key_padding_mask=padding)
+    full = subject.run(module, q, k, v, key_padding_mask=padding) if truth is None else \
+        _forward(subject, truth, q, k, v, padding)
     scale = max_abs(full)
     subject.reseed()
     state = module.decode_init(k, v, key_padding_mask=padding)
@@ -74,9 +85,13 @@ def cross_decode_errors(subject: Subject, module, shape: Shape, salt: str) -> "l
     return found
 
 
-def check_decode(subject: Subject) -> CheckOutcome:
-    """Token-by-token decoding reproduces forward() on the subject's causal pattern."""
-    dtype, note = subject.structural()
+def check_decode(subject: Subject, dtype: "torch.dtype | None" = None) -> CheckOutcome:
+    """Token-by-token decoding reproduces forward() on the subject's causal pattern (in a dtype other than the
+    structural one, decoding in that dtype is compared with forward() in the structural dtype)."""
+    structural, note = subject.structural()
+    dtype = dtype or structural
+    if dtype != structural:
+        note = f"decoded in {dtype_name(dtype)}, forward() in {dtype_name(structural)}"
     main = subject.main
     shapes = [main]
     if subject.spec.supports_gqa and main.heads % 2 == 0:
@@ -85,9 +100,11 @@ def check_decode(subject: Subject) -> CheckOutcome:
     with torch.no_grad():
         for shape in shapes:
             module = subject.module(shape.head_dim, dtype)
+            truth = None if dtype == structural else subject.module(shape.head_dim, structural)
             if subject.pattern is Pattern.CS:
                 for prefill in (0, shape.lq // 2):
-                    found += self_decode_errors(subject, module, shape, prefill, f"decode:{shape.label}:{prefill}")
+                    found += self_decode_errors(subject, module, shape, prefill, f"decode:{shape.label}:{prefill}",
+                                                dtype, truth)
             else:
-                found += cross_decode_errors(subject, module, shape, f"decode:{shape.label}")
+                found += cross_decode_errors(subject, module, shape, f"decode:{shape.label}", dtype, truth)
     return judged("decode", found, structural_tolerance(dtype), dtype_name(dtype), note)

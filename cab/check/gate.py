@@ -1,6 +1,12 @@
 """`gate`: the cache of conformance verdicts that benchmarks and task cells consult before timing or training
 anything, so no speed or accuracy is reported for a configuration whose correctness check failed.
 
+A verdict has two parts: the fixed suite (cab.check.conformance, per attention, pattern, hyper-parameters,
+device and dtype) and, when the caller names the shape it publishes, the shape probe at that shape
+(cab.check.probe, per configuration and shape: what a kernel that dispatches on length, tile or head
+dimension does at exactly the benchmarked size). The probe runs only when the suite passed; the report the
+gate returns holds both, and its coverage names every shape, dtype and backend the verdict covers.
+
 Verdicts are kept per process and, when the environment names a folder in CAB_GATE_DIR, shared through it
 with the other processes of the same run (the pool and subprocess executors set it to a folder of their
 own), so that a grid's workers check each configuration once rather than once per cell. Conformance is
@@ -13,8 +19,9 @@ import json
 import os
 from pathlib import Path
 
-from cab.check.conformance import run_conformance
+from cab.check.conformance import run_conformance, run_probe
 from cab.check.outcomes import CheckOutcome, ConformanceReport
+from cab.check.subject import Shape
 from cab.patterns import Pattern
 from cab.status import Status
 
@@ -24,15 +31,33 @@ _REPORTS: "dict[tuple, ConformanceReport]" = {}
 
 
 def gate(attention: str, pattern: "Pattern | str", hparams: "dict | None", device: str, dtype: str,
-         ) -> ConformanceReport:
-    """The conformance report of this configuration (seed 0), computed once per process or shared run."""
+         shape: "Shape | None" = None, decode: bool = False) -> ConformanceReport:
+    """The conformance report of this configuration (seed 0), computed once per process or shared run; with
+    `shape`, the suite's report combined with the probe of that shape (the probe only when the suite passed;
+    `decode`: the probe of one decoding step at context shape.lk)."""
     key = (attention, Pattern.parse(pattern).value, json.dumps(hparams or {}, sort_keys=True, default=repr),
            device, dtype)
+    suite = _cached(key, lambda: run_conformance(attention, pattern, hparams=hparams, device=device, dtype=dtype,
+                                                 seed=0))
+    if shape is None or suite.status is not Status.OK:
+        return suite
+    size = (shape.batch, shape.heads, shape.kv_heads, shape.lq, shape.lk, shape.head_dim, decode)
+    probe = _cached(key + size, lambda: run_probe(attention, pattern, shape, hparams=hparams, device=device,
+                                                  dtype=dtype, decode=decode))
+    return suite.combined(probe)
+
+
+def published_shape(batch: int, heads: int, kv_heads: int, lq: int, lk: int, head_dim: int) -> Shape:
+    """The Shape a cell publishes (the probe's input sizes)."""
+    return Shape(batch, heads, kv_heads, lq, lk, head_dim, "published")
+
+
+def _cached(key: tuple, compute) -> ConformanceReport:
     if key not in _REPORTS:
         path = _shared_path(key)
         report = _read(path) if path is not None else None
         if report is None:
-            report = run_conformance(attention, pattern, hparams=hparams, device=device, dtype=dtype, seed=0)
+            report = compute()
             if path is not None:
                 _write(path, report)
         _REPORTS[key] = report
@@ -51,10 +76,9 @@ def _read(path: Path) -> "ConformanceReport | None":
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # not there yet (or being written): compute it here
-    checks = [CheckOutcome(c["name"], Status(c["status"]), c["error"], c["tolerance"], c["message"])
-              for c in data["checks"]]
+    checks = [CheckOutcome.from_dict(c) for c in data["checks"]]
     return ConformanceReport(data["attention"], Pattern.parse(data["pattern"]), checks, data["hparams"],
-                             data["device"], data["dtype"])
+                             data["device"], data["dtype"], data.get("coverage") or {})
 
 
 def _write(path: Path, report: ConformanceReport) -> None:

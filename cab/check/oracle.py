@@ -8,6 +8,8 @@ against the oracle is the yardstick for how much numeric error an exact kernel m
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from cab.patterns import Pattern
@@ -44,6 +46,20 @@ def oracle_attention(
     Shapes follow cab's contract: q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), key_padding_mask
     (B, Lk) bool with True = padding. The score scale defaults to 1/sqrt(D). A row that sees no key
     outputs zero. Returns float64 (B, Hq, Lq, Dv)."""
+    return oracle_attention_rows(q, k, v, pattern, range(q.shape[-2]), key_padding_mask, scale)
+
+
+def oracle_attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: "Pattern | str",
+    rows: "Iterable[int]",
+    key_padding_mask: "torch.Tensor | None" = None,
+    scale: "float | None" = None,
+) -> torch.Tensor:
+    """`oracle_attention`'s output rows `rows` only (B, Hq, len(rows), Dv), each against every key it sees:
+    what a probe of a long sequence compares a few rows of an exact attention with."""
     pattern = Pattern.parse(pattern)
     q, k, v = q.to(torch.float64), k.to(torch.float64), v.to(torch.float64)
     batch, heads, lq, dim = q.shape
@@ -51,8 +67,8 @@ def oracle_attention(
     k, v = _kv_for_query_heads(k, heads), _kv_for_query_heads(v, heads)
     scale = dim ** -0.5 if scale is None else scale
     real_keys = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
-    rows = []
-    for i in range(lq):
+    out = []
+    for i in rows:
         visible = _row_visibility(pattern, i, lq, lk, q.device).expand(batch, lk)
         if real_keys is not None:
             visible = visible & real_keys
@@ -64,8 +80,10 @@ def oracle_attention(
         weights = torch.exp(scores - top)  # exactly 0 where masked
         total = weights.sum(dim=-1, keepdim=True)  # (B, H, 1)
         row = (weights[:, :, None, :] @ v).squeeze(-2) / total.clamp_min(torch.finfo(torch.float64).tiny)
-        rows.append(torch.where(total > 0, row, torch.zeros_like(row)))
-    return torch.stack(rows, dim=2)
+        out.append(torch.where(total > 0, row, torch.zeros_like(row)))
+    if not out:
+        return q.new_zeros(batch, heads, 0, v.shape[-1])
+    return torch.stack(out, dim=2)
 
 
 def eager_attention(
@@ -92,3 +110,18 @@ def eager_attention(
     seen = visible.any(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1)
     return torch.where(seen, probs @ v, torch.zeros((), dtype=q.dtype, device=q.device))
+
+
+def eager_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: "Pattern | str",
+                         rows: "list[int]", scale: "float | None" = None) -> torch.Tensor:
+    """`eager_attention`'s output rows `rows` in the inputs' dtype (no padding): the numeric yardstick for a
+    probe's sampled rows."""
+    pattern = Pattern.parse(pattern)
+    heads, lq, dim = q.shape[1], q.shape[-2], q.shape[-1]
+    lk = k.shape[-2]
+    k, v = _kv_for_query_heads(k, heads), _kv_for_query_heads(v, heads)
+    scale = dim ** -0.5 if scale is None else scale
+    visible = torch.stack([_row_visibility(pattern, i, lq, lk, q.device) for i in rows])[None, None]
+    scores = (q[..., rows, :] @ k.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return probs @ v

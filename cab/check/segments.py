@@ -37,9 +37,11 @@ def segment_layout(length: int, device: torch.device) -> "tuple[torch.Tensor, li
     return torch.tensor(ids, dtype=torch.long, device=device), spans
 
 
-def check_segments(subject: Subject) -> CheckOutcome:
+def check_segments(subject: Subject, dtype: "torch.dtype | None" = None) -> CheckOutcome:
     """Packed segments match each segment run alone, and no gradient crosses a segment boundary."""
-    dtype, note = subject.structural()
+    structural, note = subject.structural()
+    dtype = dtype or structural
+    note = note if dtype == structural else ""
     shape = subject.main
     if shape.batch != len(SEGMENTS) or shape.lq != shape.lk:
         raise ValueError(f"the segments check needs a self-pattern main shape with batch {len(SEGMENTS)}")

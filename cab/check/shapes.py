@@ -1,9 +1,12 @@
-"""`odd_shapes`: the checks that shape-dependent code gets wrong, on shapes no block size divides.
+"""Shape checks: `odd_shapes`, the checks that shape-dependent code gets wrong, on shapes no block size
+divides, and `large_shapes`, the shape probe (cab.check.probe) on the fixed suite's long and wide shapes.
 
-Each shape (length 63, or Lq=37 vs Lk=63 for cross patterns; head dim 60; grouped-query heads Hq=4,
+Each odd shape (length 63, or Lq=37 vs Lk=63 for cross patterns; head dim 60; grouped-query heads Hq=4,
 Hkv=2 when the attention declares GQA) runs forward and backward with torch.empty* poisoned and must give
 the right shape and dtype and finite values; then, where they apply, the oracle agreement (exact
 attentions), the reference agreement (attentions with a reference()) and a causality probe (CS, CC).
+The large shapes (cab.check.subject.large_shapes: L=1536 with head dim 64; 8 heads with head dim 128) run
+the probe in the requested dtype: where a kernel dispatches on length, tile or head dim, it is checked there.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from cab.check.basic import gradient_problem, nonfinite_summary, poisoned_gradie
 from cab.check.causality import future_independence
 from cab.check.isolation import isolated
 from cab.check.outcomes import CheckOutcome
-from cab.check.subject import Shape, Subject, main_shape
+from cab.check.probe import probe_shape
+from cab.check.subject import Shape, Subject, large_shapes, main_shape
 from cab.patterns import Pattern
 from cab.status import Status
 
@@ -75,3 +79,43 @@ def check_odd_shapes(subject: Subject) -> CheckOutcome:
     decisive = next(p for p in failing if p.status is status)
     message = "; ".join(f"{p.name} [{described[p.name]}]: {p.message}" for p in failing) + note
     return CheckOutcome("odd_shapes", status, decisive.error, decisive.tolerance, message)
+
+
+# The large shapes are skipped for an attention whose declared cost there (algorithmic_flops,
+# peak_memory_estimate) is beyond what the suite affords; a benchmark at such a size would be skipped by the
+# same declarations under the default budgets (configs/quick.yaml), and its own probe covers it when it runs.
+LARGE_MAX_FLOPS = 5e9
+LARGE_MAX_BYTES = 2 * 2 ** 30
+
+
+def too_costly(subject: Subject, shape: Shape) -> "str | None":
+    """Why `shape` is beyond the suite's budget for this attention (None when it is affordable)."""
+    module = subject.module_for(shape, subject.dtype)
+    flops = module.algorithmic_flops(shape.batch, shape.lq, shape.lk, shape.kv_heads)
+    if flops is not None and flops > LARGE_MAX_FLOPS:
+        return f"declared forward cost {flops:.2g} FLOPs > {LARGE_MAX_FLOPS:.0g}"
+    memory = module.peak_memory_estimate(shape.batch, shape.lq, shape.lk, shape.kv_heads, "fwd", subject.dtype)
+    if memory is not None and memory > LARGE_MAX_BYTES:
+        return f"declared peak memory {memory / 2 ** 30:.1f} GiB > {LARGE_MAX_BYTES / 2 ** 30:.0f} GiB"
+    return None
+
+
+def check_large_shapes(subject: Subject) -> CheckOutcome:
+    """The shape probe on each of the suite's affordable large shapes (each isolated); every failing shape is
+    named, every skipped one with the reason (also in the verdict's coverage, as not run)."""
+    parts, skipped = [], []
+    for shape in large_shapes(subject.pattern, subject.spec.supports_gqa):
+        reason = too_costly(subject, shape)
+        if reason:
+            skipped.append(f"{shape.label} [{shape.describe()}] skipped: {reason}")
+            subject.not_run[f"large_shapes:{shape.label}"] = reason
+            continue
+        parts.append(isolated(shape.label, lambda s=shape: probe_shape(subject, s, subject.dtype, s.label, "large", light=True)))
+    status = Status.worst([p.status for p in parts])
+    if status is Status.OK:
+        return CheckOutcome("large_shapes", Status.OK,
+                            message="; ".join([f"{p.name} ({p.message})" for p in parts] + skipped))
+    failing = [p for p in parts if p.status is not Status.OK]
+    decisive = next(p for p in failing if p.status is status)
+    return CheckOutcome("large_shapes", status, decisive.error, decisive.tolerance,
+                        "; ".join(f"{p.name}: {p.message}" for p in failing), decisive.kind)

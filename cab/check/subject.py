@@ -1,11 +1,16 @@
-"""The attention under test: its spec, the modules built from it, the inputs it is fed and the dtype the
-structural checks run in.
+"""The attention under test: its spec, the modules built from it, the inputs it is fed, the dtypes the checks
+run in, and batched calls that stack several variants of an input into one forward.
 
-A module is built once per head dimension, right after seeding the device's generator with `seed`, and
-every forward call is preceded by the same reseed, so random-feature or sampling attentions see the same
-randomness in every call of a check (randomness must therefore not depend on the batch size or length of
-a call: the padding check compares batches of 2 with single elements, the causal checks prefixes).
-Copies in other dtypes are deep copies of that one module (same parameters and buffers).
+A module is built once per (heads, head dimension), right after seeding the device's generator with `seed`,
+and every forward call is preceded by the same reseed, so random-feature or sampling attentions see the same
+randomness in every call of a check (randomness must therefore not depend on the batch size or length of a
+call: the padding check compares batches of 2 with single elements, the causal checks prefixes, and the
+batched checks stack copies of the inputs along the batch). Copies in other dtypes are deep copies of that
+one module (same parameters and buffers).
+
+Two dtypes matter: the structural dtype (float64 when the attention runs in it: the tight check) and the
+requested dtype (the one a benchmark or a task would run). Checks that compare a computation with itself on
+other inputs run in both; `check_dtypes()` lists them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from cab.registry import AttentionSpec, create_attention
 from cab.runner import CellTimeout
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Batched checks stack copies of an input along the batch; a call holds at most this many (batch x head x
+# token) rows, so a copy of a long sequence runs alone and the stacking never multiplies a large footprint.
+COPY_ROWS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,27 @@ class Shape:
     def describe(self) -> str:
         return f"B={self.batch} Hq={self.heads} Hkv={self.kv_heads} Lq={self.lq} Lk={self.lk} D={self.head_dim}"
 
+    def to_dict(self) -> dict:
+        return {"label": self.label, "batch": self.batch, "heads": self.heads, "kv_heads": self.kv_heads,
+                "lq": self.lq, "lk": self.lk, "head_dim": self.head_dim}
+
 
 def main_shape(pattern: Pattern) -> Shape:
     """The small shape most checks use; cross patterns get Lq > Lk (odd_shapes covers Lq < Lk)."""
     return Shape(2, 4, 4, 48, 32 if pattern.cross else 48, 32)
+
+
+def large_shapes(pattern: Pattern, gqa: bool) -> "list[Shape]":
+    """The fixed suite's large shapes, probed like a published configuration: a long one (a length past 1,024
+    that 64, 128, 256 and 512 divide, so rows past 512 and second tiles exist; head dim 64; one element, its
+    cost being the length) and a wide one
+    (8 heads, grouped 8/2 when the attention declares grouped-query heads; head dim 128; batch 3)."""
+    lq, lk = (1536, 1088) if pattern.cross else (1536, 1536)
+    wide_lq, wide_lk = (256, 320) if pattern.cross else (256, 256)
+    return [
+        Shape(1, 2, 2, lq, lk, 64, "long"),
+        Shape(3, 8, 2 if gqa else 8, wide_lq, wide_lk, 128, "wide"),
+    ]
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -56,6 +81,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+Inputs = "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]"  # q, k, v, key_padding_mask
+
+
 class Subject:
     """One registered attention under test for one pattern, device, dtype and seed."""
 
@@ -65,9 +93,12 @@ class Subject:
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
         self.main = main_shape(pattern)
         self.main_output: "torch.Tensor | None" = None  # set by the forward check
-        self._built: dict[int, Attention] = {}
-        self._cast: dict[tuple[int, torch.dtype], Attention] = {}
+        self._built: dict[tuple[int, int], Attention] = {}
+        self._cast: dict[tuple[int, int, torch.dtype], Attention] = {}
         self._structural: "tuple[torch.dtype, str] | None" = None
+        self.backends: dict[str, str] = {}  # dtype name -> the backend the module reported after a call
+        self.stochastic = ""  # set by the determinism check when outputs vary between unreseeded calls
+        self.not_run: dict[str, str] = {}  # checks (or parts) a check could not run here, and why
 
     # modules ----------------------------------------------------------------------------------------
 
@@ -79,16 +110,22 @@ class Subject:
             with torch.cuda.device(self.device):
                 torch.cuda.manual_seed(self.seed)
 
-    def module(self, head_dim: int, dtype: torch.dtype) -> Attention:
-        """The module for `head_dim` in `dtype` (built once per head dim, seeded; cast copies cached)."""
-        if head_dim not in self._built:
+    def module(self, head_dim: int, dtype: torch.dtype, heads: "int | None" = None) -> Attention:
+        """The module for (`heads`, `head_dim`) in `dtype` (built once per size, seeded; cast copies cached).
+        `heads` defaults to the main shape's."""
+        heads = heads or self.main.heads
+        size = (heads, head_dim)
+        if size not in self._built:
             self.reseed()
-            module = create_attention(self.spec.name, self.pattern, self.main.heads, head_dim, **self.hparams)
-            self._built[head_dim] = module.to(self.device)
-        key = (head_dim, dtype)
+            module = create_attention(self.spec.name, self.pattern, heads, head_dim, **self.hparams)
+            self._built[size] = module.to(self.device)
+        key = (heads, head_dim, dtype)
         if key not in self._cast:
-            self._cast[key] = copy.deepcopy(self._built[head_dim]).to(dtype)
+            self._cast[key] = copy.deepcopy(self._built[size]).to(dtype)
         return self._cast[key]
+
+    def module_for(self, shape: Shape, dtype: torch.dtype) -> Attention:
+        return self.module(shape.head_dim, dtype, shape.heads)
 
     def run(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             key_padding_mask: "torch.Tensor | None" = None, segment_ids: "torch.Tensor | None" = None,
@@ -101,12 +138,40 @@ class Subject:
             kwargs["key_padding_mask"] = key_padding_mask
         if segment_ids is not None:
             kwargs["segment_ids"] = segment_ids
-        return module(q, k, v, **kwargs)
+        out = module(q, k, v, **kwargs)
+        self.backends.setdefault(dtype_name(q.dtype), str(getattr(module, "backend", "torch")))
+        return out
 
-    def run_reference(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run_reference(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_padding_mask: "torch.Tensor | None" = None) -> torch.Tensor:
         """The module's own naive formulation on the same inputs, reseeded like `run`."""
         self.reseed()
-        return module.reference(q, k, v)
+        if key_padding_mask is None:
+            return module.reference(q, k, v)
+        return module.reference(q, k, v, key_padding_mask=key_padding_mask)
+
+    def run_copies(self, module: Attention, copies: "list[tuple]") -> "list[torch.Tensor]":
+        """The outputs of several (q, k, v, key_padding_mask) variants of one shape, stacked along the batch
+        into as few calls as COPY_ROWS allows (the attention's batch elements are independent: the
+        independence check holds it to that before any batched check runs), one call each for an attention
+        that compiles per shape. Every copy must have a mask or none must, so all of them take the same path
+        through the attention."""
+        if not copies:
+            return []
+        masked = {c[3] is not None for c in copies}
+        if len(masked) != 1:
+            raise ValueError("run_copies needs every copy with a key padding mask or none with one")
+        q0 = copies[0][0]
+        rows = q0.shape[0] * q0.shape[1] * max(q0.shape[-2], copies[0][1].shape[-2])
+        per_call = 1 if getattr(module, "compiles_per_shape", False) else max(1, COPY_ROWS // max(1, rows))
+        outs: list[torch.Tensor] = []
+        for start in range(0, len(copies), per_call):
+            group = copies[start:start + per_call]
+            stacked = [torch.cat([c[i] for c in group]) for i in range(3)]
+            mask = torch.cat([c[3] for c in group]) if masked == {True} else None
+            out = self.run(module, *stacked, key_padding_mask=mask)
+            outs += list(out.split([c[0].shape[0] for c in group]))
+        return outs
 
     # inputs -----------------------------------------------------------------------------------------
 
@@ -124,14 +189,19 @@ class Subject:
         v = self.randn((shape.batch, shape.kv_heads, shape.lk, shape.head_dim), dtype, f"{salt}:v")
         return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
 
-    # structural dtype -------------------------------------------------------------------------------
+    # dtypes -----------------------------------------------------------------------------------------
 
     def structural(self) -> "tuple[torch.dtype, str]":
-        """(dtype, note) for the structural checks: float64 when the attention runs in it, else float32,
-        else the requested dtype; the note says why a fallback was taken and what tolerance it implies."""
+        """(dtype, note) for the tight structural checks: float64 when the attention runs in it, else
+        float32, else the requested dtype; the note says why a fallback was taken and what tolerance it
+        implies (it appears in every check message and in the verdict's coverage)."""
         if self._structural is None:
             self._structural = self._probe_structural()
         return self._structural
+
+    def check_dtypes(self) -> "list[torch.dtype]":
+        """The dtypes the structural checks run in: the structural one, then the requested one."""
+        return list(dict.fromkeys([self.structural()[0], self.dtype]))
 
     def _probe_structural(self) -> "tuple[torch.dtype, str]":
         candidates = list(dict.fromkeys([torch.float64, torch.float32, self.dtype]))
@@ -161,3 +231,24 @@ class Subject:
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             return f"returned {got}"
         return None
+
+
+def rows_after(x: torch.Tensor, split: int, other: torch.Tensor) -> torch.Tensor:
+    """x with its rows (sequence dim -2) after `split` taken from `other`."""
+    return torch.cat([x[..., : split + 1, :], other[..., split + 1:, :]], dim=-2)
+
+
+def sample_splits(length: int, count: int, salt: int = 0) -> "list[int]":
+    """Up to `count` split points for a sequence of `length` rows (rows <= split are compared, later ones
+    perturbed): the one before the last row, one just past 512 (inside a 64-row tile, off its edge) when the
+    length allows, the rest drawn from a generator seeded by the length; distinct, sorted, in [0, length-2]."""
+    if length < 2:
+        return []
+    chosen = [length - 2] + ([517] if length > 520 else [])
+    generator = torch.Generator().manual_seed(length * 7919 + salt)
+    for index in torch.randperm(length - 1, generator=generator).tolist():
+        if len(chosen) >= count:
+            break
+        if index not in chosen:
+            chosen.append(index)
+    return sorted(chosen[:max(count, 1)])

@@ -13,6 +13,7 @@ from typing import Mapping
 import pandas as pd
 
 from cab.cells import BENCH_MODES
+from cab.coverage import coverage_summary
 from cab.report.fields import anchor, compact_json, integer, label, mapping, number, shape, slug, status, text
 from cab.report.support import PATTERNS
 from cab.status import Status
@@ -37,6 +38,7 @@ class EfficiencyCell:
     high_cv: bool = False
     note: str = ""
     link: str = ""
+    gate: str = ""  # what the correctness gate that let this timing through covered
 
     @property
     def sort_value(self) -> "float | None":
@@ -127,7 +129,18 @@ def efficiency_cell(row: Mapping, gated: bool) -> EfficiencyCell:
         mem_status=text(metrics.get("mem_status")) if mem_failed else "",
         note=text(metrics.get("mem_message")) if mem_failed else "",
         tflops=_tflops(metrics, median), cv=number(metrics.get("cv")), high_cv=metrics.get("high_cv") is True,
+        gate=_gate_text(metrics),
     )
+
+
+def _gate_text(metrics: Mapping) -> str:
+    """"gate ok: <coverage>", "gate off", or "" for rows stored before the gate recorded its coverage."""
+    gate = text(metrics.get("gate"))
+    if not gate:
+        return ""
+    coverage = metrics.get("gate_coverage")
+    summary = coverage_summary(coverage if isinstance(coverage, dict) else None)
+    return f"gate {gate}: {summary}" if summary else f"gate {gate}"
 
 
 def _row_names(identities: "list[tuple]") -> "dict[tuple, str]":

@@ -41,19 +41,46 @@ def _unavailable(names: "list[str]", device: str) -> "str | None":
     return reason
 
 
-def _gate(model: nn.Module, hparams: dict, device: str) -> "Outcome | None":
+def _gate(model: nn.Module, hparams: dict, device: str, shapes: "dict | None" = None) -> "Outcome | None":
     """The failed gate of any attention the model uses (the tested one with the cell's hyper-parameters,
-    the base one with its defaults), or None when all pass."""
+    the base one with its defaults), or None when all pass. With `shapes` (from `attention_calls`), each
+    attention is also probed at every shape the model calls it with."""
     from cab.check import gate
 
     for name, pattern, tested in slot_attentions(model):
-        report = gate(name, pattern, hparams if tested else {}, device, TRAIN_DTYPE)
-        if report.status is not Status.OK:
-            role = "attention under test" if tested else "base attention"
-            return Outcome(report.status, metrics={"gate": report.status.value, "gate_attention": name},
-                           message=f"correctness gate failed for the {role} {name} ({pattern.value}): "
-                                   f"{report.message}")
+        for shape in (shapes or {}).get((name, pattern, tested), [None]):
+            report = gate(name, pattern, hparams if tested else {}, device, TRAIN_DTYPE, shape)
+            if report.status is not Status.OK:
+                role = "attention under test" if tested else "base attention"
+                return Outcome(report.status, metrics={"gate": report.status.value, "gate_attention": name,
+                                                       "gate_coverage": report.coverage},
+                               message=f"correctness gate failed for the {role} {name} ({pattern.value}): "
+                                       f"{report.message}")
     return None
+
+
+def attention_calls(task: Task, model: nn.Module, data: Any, device: torch.device, seed: int) -> dict:
+    """{(attention, pattern, under test): [Shape, ...]}: the input shapes the model's attention slots are
+    called with on one training batch (what the task publishes), recorded by forward hooks."""
+    from cab.check import published_shape
+
+    calls: dict = {}
+
+    def record(module: Attention, args: tuple) -> None:
+        q, k = args[0], args[1]
+        shape = published_shape(q.shape[0], q.shape[1], k.shape[1], q.shape[-2], k.shape[-2], q.shape[-1])
+        key = (type(module).name, module.pattern, bool(getattr(module, "cab_tested", False)))
+        if shape not in calls.setdefault(key, []):
+            calls[key].append(shape)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, Attention)]
+    try:
+        with torch.no_grad():
+            task.loss(model, task.batch(data, torch.Generator().manual_seed(seed), device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 def run_task(task: "Task | str", attention: str, pattern: "Pattern | str", *, hparams: "dict | None" = None,
@@ -86,6 +113,12 @@ def run_task(task: "Task | str", attention: str, pattern: "Pattern | str", *, hp
         data = task.prepare()
     except MissingData as exc:
         return Outcome(Status.ERROR, message=f"{type(exc).__name__}: {exc}")
+    probed: dict = {}
+    if gate:  # the suite passed: now probe every attention at the shapes the task calls it with
+        probed = attention_calls(task, model, data, torch_device, seed)
+        failed = _gate(model, hparams, device, probed)
+        if failed is not None:
+            return failed
     torch.manual_seed(seed)  # the gate above may have drawn from the global generator
     generator = torch.Generator().manual_seed(seed)
     counts = count_parameters(model)
@@ -101,6 +134,9 @@ def run_task(task: "Task | str", attention: str, pattern: "Pattern | str", *, hp
     eval_s = time.perf_counter() - start
     return Outcome(Status.OK, metrics={
         **metrics, "chance": task.chance(data), **counts.metrics(), "steps": log.steps,
+        "gate": "ok" if gate else "off",
+        "gate_shapes": {f"{name} {pattern.value}": [s.describe() for s in shapes]
+                        for (name, pattern, _), shapes in probed.items()},
         "final_loss": log.final_loss, "loss_curve": log.loss_curve, "train_s": log.train_s, "eval_s": eval_s,
     })
 

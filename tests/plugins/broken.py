@@ -27,8 +27,10 @@ def _softmax(attn: cab.Attention, q, k, v, key_padding_mask=None, scale=None, ca
         if key_padding_mask is not None:
             mask = mask & ~key_padding_mask[:, None, None, :]
     else:
-        mask, _ = attn.visible(q.shape[-2], k.shape[-2], key_padding_mask, q.device)
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+        mask = cab.patterns.attention_mask(attn.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+    seen = mask.any(dim=-1, keepdim=True)  # rows that see no key give zeros, as the contract says
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).masked_fill(~seen, 0.0), dim=-1)
+    return torch.where(seen, probs @ v, torch.zeros((), dtype=v.dtype, device=v.device))
 
 
 def _next_row(x: torch.Tensor) -> torch.Tensor:
