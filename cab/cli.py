@@ -43,6 +43,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probe_shape(text: str) -> "tuple[int, ...]":
+    """B,H,L,D[,HKV[,LK]] as (batch, heads, kv_heads, lq, lk, head_dim)."""
+    values = _csv_ints(text)
+    if len(values) not in (4, 5, 6):
+        raise argparse.ArgumentTypeError(f"expected B,H,L,D[,HKV[,LK]], got {text!r}")
+    batch, heads, length, dim = values[:4]
+    kv_heads = values[4] if len(values) > 4 else heads
+    if heads % kv_heads:
+        raise argparse.ArgumentTypeError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    return batch, heads, kv_heads, length, values[5] if len(values) > 5 else length, dim
+
+
 def _csv(text: str) -> "list[str]":
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -142,7 +154,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cab.check import CheckOutcome, ConformanceReport, run_conformance, verdict_table
+    from cab.check import CheckOutcome, ConformanceReport, published_shape, run_conformance, run_probe, verdict_table
     from cab.runner import CellTimeout, time_limit
     from cab.status import Status
 
@@ -160,6 +172,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                 with time_limit(args.timeout):
                     report = run_conformance(name, pattern, hparams=hparams, device=args.device, dtype=args.dtype,
                                              seed=args.seed)
+                    for batch, heads, kv_heads, lq, lk, dim in args.shape if pattern in spec.patterns else ():
+                        if report.status is not Status.OK:
+                            break
+                        lk = lk if pattern.cross else lq
+                        shape = published_shape(batch, heads, kv_heads, lq, lk, dim)
+                        report = report.combined(run_probe(name, pattern, shape, hparams=hparams, device=args.device,
+                                                           dtype=args.dtype, seed=args.seed))
             except CellTimeout as exc:
                 report = ConformanceReport(name, pattern, [CheckOutcome("timeout", Status.TIMEOUT, message=str(exc))],
                                            hparams, args.device, args.dtype)
@@ -323,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME", help="attention names, or a plugin .py file")
     p.add_argument("--all", action="store_true", help="check every registered attention")
     p.add_argument("--pattern", default=None, help="comma-separated patterns (default NS,CS,NC,CC)")
+    p.add_argument("--shape", action="append", default=[], type=_probe_shape, metavar="B,H,L,D[,HKV[,LK]]",
+                   help="also probe this published shape, as a benchmark's gate would (repeatable): batch, "
+                        "query heads, query length, head dim, and optionally key/value heads and key length")
     p.add_argument("--json", action="store_true")
     _add_plugin(p)
     _add_shape(p)

@@ -37,7 +37,10 @@ class ResidualProjection(nn.Module):
         self.b2 = nn.Parameter(_uniform((dim,), mid ** -0.5, generator).to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.leaky_relu(self.norm(F.linear(x, self.w1.to(x.dtype), self.b1.to(x.dtype))))
+        hidden = F.linear(x, self.w1.to(x.dtype), self.b1.to(x.dtype))
+        norm = self.norm  # its parameters in the compute dtype (a bfloat16 module computes in float32)
+        hidden = F.leaky_relu(F.layer_norm(hidden, norm.normalized_shape, norm.weight.to(x.dtype),
+                                           norm.bias.to(x.dtype), norm.eps))
         return x + F.linear(hidden, self.w2.to(x.dtype), self.b2.to(x.dtype))
 
 

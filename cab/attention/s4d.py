@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from cab.attention.functional import compute_dtype
 from cab.attention.base import Attention, repeat_kv
 from cab.registry import register_attention
 
@@ -108,8 +109,8 @@ class S4DAttention(Attention):
         return v
 
     def forward(self, q, k, v, key_padding_mask=None):
-        lq = q.shape[-2]
-        v = self._values(q, v, key_padding_mask)
+        lq, out_dtype = q.shape[-2], v.dtype
+        v = self._values(q, v, key_padding_mask).to(compute_dtype(v.dtype))  # no half-precision FFT on CPU
         b, h, length, d = v.shape
         u = v.permute(0, 1, 3, 2).reshape(b, h * d, length)  # channel (head, feature) along dim 1
         kernels = []
@@ -122,7 +123,7 @@ class S4DAttention(Attention):
             kernel = torch.cat([kernels[0], kernels[1].flip(-1)], dim=-1)
         y = torch.fft.irfft(torch.fft.rfft(u, n=2 * length) * torch.fft.rfft(kernel, n=2 * length), n=2 * length)
         y = y[..., :length] + u * self.d_skip.to(v.dtype)[:, None]
-        return y.reshape(b, h, d, length).permute(0, 1, 3, 2)[:, :, length - lq:]
+        return y.reshape(b, h, d, length).permute(0, 1, 3, 2)[:, :, length - lq:].to(out_dtype)
 
     def _recurrence(self, dtype: torch.dtype) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
         """(exp(dt A), (exp(dt A) - 1) / A, C (directions, channels, N/2)): the discrete recurrence."""

@@ -2,7 +2,7 @@
 (ok, unsupported, incorrect with the measured error, error with the exception, oom) and a verdict."""
 
 from cab.check.cell import check_cell
-from cab.check.conformance import run_conformance
+from cab.check.conformance import run_conformance, run_probe
 from cab.check.gate import gate, published_shape
 from cab.check.oracle import eager_attention, oracle_attention
 from cab.check.outcomes import CheckOutcome, ConformanceReport
@@ -10,5 +10,5 @@ from cab.check.table import verdict_table
 
 __all__ = [
     "CheckOutcome", "ConformanceReport", "check_cell", "eager_attention", "gate", "oracle_attention",
-    "published_shape", "run_conformance", "verdict_table",
+    "published_shape", "run_conformance", "run_probe", "verdict_table",
 ]

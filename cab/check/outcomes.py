@@ -129,3 +129,4 @@ class ConformanceReport:
                 coverage.setdefault(key, value)
         return ConformanceReport(self.attention, self.pattern, self.checks + other.checks, self.hparams,
                                  self.device, self.dtype, coverage)
+

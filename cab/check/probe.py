@@ -10,8 +10,8 @@ At that shape, in that dtype, with the module the cell would build (same hparams
 - `gradient` (CS, CC): no gradient from a row to a later row, at two sampled rows (one backward);
 - `padding`: a right-padded element matches the element alone; real rows do not move when left- and
   interior-padded positions hold other garbage;
-- `oracle` (exact attentions): sampled query rows, at the full key length, agree with the float64 oracle
-  within twice plain eager attention's error in the dtype.
+- `oracle` (exact attentions): sampled query rows, at the full key length, and the gradients of q, k, v
+  through them agree with the float64 oracle within twice plain eager attention's error in the dtype.
 
 Each part is isolated; the outcome names every failing part and the seconds the probe took.
 """
@@ -22,9 +22,10 @@ import time
 
 import torch
 
+from cab.check.agreement import held_to_oracle, output_and_grads
 from cab.check.basic import nonfinite_summary, shape_problem
 from cab.check.causality import gradient_leaks, perturbation_errors
-from cab.check.compare import abs_error, max_abs, oracle_allowance, relative_error, structural_tolerance
+from cab.check.compare import relative_error, structural_tolerance
 from cab.check.isolation import isolated
 from cab.check.oracle import eager_attention_rows, oracle_attention_rows
 from cab.check.outcomes import CheckOutcome, Finding, judged, measured
@@ -85,23 +86,23 @@ def _padding(subject: Subject, module, shape: Shape, dtype: torch.dtype, salt: s
     return judged("padding", found, structural_tolerance(dtype), dtype_name(dtype))
 
 
-def _oracle(subject: Subject, q, k, v, full: torch.Tensor, shape: Shape, dtype: torch.dtype) -> CheckOutcome:
+def _oracle(subject: Subject, module, q, k, v, shape: Shape, dtype: torch.dtype, salt: str) -> CheckOutcome:
     rows = sorted(set(sample_splits(shape.lq + 1, ORACLE_ROWS, salt=2) + [0]))
-    out = full[..., rows, :]
-    expected = oracle_attention_rows(q, k, v, subject.pattern, rows)
-    eager = eager_attention_rows(q, k, v, subject.pattern, rows)
-    error, baseline = abs_error(out, expected), abs_error(eager, expected)
-    allowed = oracle_allowance(baseline, max_abs(expected), dtype)
-    return measured("oracle", error, allowed, f"rows {rows} at the full key length vs the float64 oracle "
-                    f"(plain eager attention: {baseline:.2e})", kind="absolute")
+    pattern = subject.pattern
+    cotangent = subject.randn((shape.batch, shape.heads, len(rows), shape.head_dim), dtype, f"{salt}:oracle:dout")
+    got = output_and_grads(lambda *a: subject.run(module, *a)[..., rows, :], q, k, v, cotangent, dtype)
+    oracle = output_and_grads(lambda *a: oracle_attention_rows(*a, pattern, rows), q, k, v, cotangent, torch.float64)
+    eager = output_and_grads(lambda *a: eager_attention_rows(*a, pattern, rows), q, k, v, cotangent, dtype)
+    return held_to_oracle("oracle", got, oracle, eager, dtype,
+                          where=f" (rows {rows} at the full key length, and their gradients)")
 
 
 def probe_shape(subject: Subject, shape: Shape, dtype: "torch.dtype | None" = None, name: str = "",
                 salt: str = "probe", light: bool = False) -> CheckOutcome:
     """Every part of the probe on `shape` in `dtype` (the requested one by default), as one outcome named
     `name` (default: the shape's label) whose message lists each part. `light` (the fixed suite's large
-    shapes, whose gradients and right padding the small shapes cover) leaves out the gradient part and the
-    right-padded comparison with the element alone."""
+    shapes, whose right padding the small shapes cover) leaves out the right-padded comparison with the
+    element alone."""
     dtype = dtype or subject.dtype
     name = name or shape.label
     start = time.perf_counter()
@@ -121,11 +122,10 @@ def probe_shape(subject: Subject, shape: Shape, dtype: "torch.dtype | None" = No
             parts.append(isolated("batch", lambda: _batch(subject, module, q, k, v, dtype, salt)))
         if subject.pattern.causal:
             parts.append(isolated("causality", lambda: _causality(subject, module, q, k, v, out, shape, dtype, salt)))
-            if not light:
-                parts.append(isolated("gradient", lambda: _gradient(subject, module, q, k, v, shape, dtype, salt)))
+            parts.append(isolated("gradient", lambda: _gradient(subject, module, q, k, v, shape, dtype, salt)))
         parts.append(isolated("padding", lambda: _padding(subject, module, shape, dtype, salt, light)))
         if subject.spec.exact:
-            parts.append(isolated("oracle", lambda: _oracle(subject, q, k, v, out, shape, dtype)))
+            parts.append(isolated("oracle", lambda: _oracle(subject, module, q, k, v, shape, dtype, salt)))
     seconds = time.perf_counter() - start
     where = f"{shape.describe()} {dtype_name(dtype)}, backend {getattr(module, 'backend', 'torch')}"
     status = Status.worst([p.status for p in parts])

@@ -95,6 +95,7 @@ class Subject:
         self.main_output: "torch.Tensor | None" = None  # set by the forward check
         self._built: dict[tuple[int, int], Attention] = {}
         self._cast: dict[tuple[int, int, torch.dtype], Attention] = {}
+        self._truth: dict[tuple, Attention] = {}
         self._structural: "tuple[torch.dtype, str] | None" = None
         self.backends: dict[str, str] = {}  # dtype name -> the backend the module reported after a call
         self.stochastic = ""  # set by the determinism check when outputs vary between unreseeded calls
@@ -126,6 +127,15 @@ class Subject:
 
     def module_for(self, shape: Shape, dtype: torch.dtype) -> Attention:
         return self.module(shape.head_dim, dtype, shape.heads)
+
+    def truth_for(self, shape: Shape, dtype: torch.dtype, truth: torch.dtype) -> Attention:
+        """The module of `shape` in `truth`, with the parameters and buffers of its `dtype` copy (rounded to
+        `dtype`, then converted exactly): what a check compares a lower-precision run with, so that only the
+        arithmetic differs, not the parameter values."""
+        key = (shape.heads, shape.head_dim, dtype, truth)
+        if key not in self._truth:
+            self._truth[key] = copy.deepcopy(self.module_for(shape, dtype)).to(truth)
+        return self._truth[key]
 
     def run(self, module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             key_padding_mask: "torch.Tensor | None" = None, segment_ids: "torch.Tensor | None" = None,

@@ -16,7 +16,7 @@ HEADER = ("attention", "pattern", "status", "check", "error", "tolerance", "mess
 def _number(value: "float | None", kind: str = "") -> str:
     if value is None:
         return "-"
-    suffix = {"relative": " rel", "absolute": " abs", "fraction": " frac"}.get(kind, "")
+    suffix = {"relative": " rel", "relative L2": " relL2", "absolute": " abs", "fraction": " frac"}.get(kind, "")
     return f"{value:.1e}{suffix}"
 
 
