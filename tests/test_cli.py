@@ -34,6 +34,38 @@ def test_check_json_and_failure_exit_status(capsys):
     assert rows["NS"]["status"] == "unsupported"  # not declared: reported, but does not fail the command
 
 
+ZOO = ROOT / "tests" / "plugins" / "zoo.py"
+
+
+def test_check_lists_every_failing_check_and_what_each_verdict_covers(capsys):
+    assert main(["check", "zoo_dropout_in_eval", "--plugin", str(ZOO), "--pattern", "CS"]) == 1
+    out = capsys.readouterr().out
+    assert "zoo_dropout_in_eval CS: incorrect" in out
+    failing = [line for line in out.splitlines() if line.startswith("  - ")]
+    assert len(failing) > 3 and failing[0].startswith("  - independence: incorrect [relative error")
+    assert "random from call to call" in failing[0]
+    assert "  dtypes: structural checks in float64, again in float32" in out
+    assert "not run: reference (the attention has no reference())" in out and "shapes: main: " in out
+
+
+def test_check_probes_a_shape_to_publish(capsys):
+    assert main(["check", "zoo_long_path_leak", "--plugin", str(ZOO), "--pattern", "CS"]) == 0
+    capsys.readouterr()
+    assert main(["check", "zoo_long_path_leak", "--plugin", str(ZOO), "--pattern", "CS",
+                 "--shape", "1,2,2048,16"]) == 1
+    out = capsys.readouterr().out
+    assert "  - published: incorrect" in out and "published: B=1 Hq=2 Hkv=2 Lq=2048 Lk=2048 D=16 float32" in out
+
+
+def test_bench_table_shows_the_gate_coverage(capsys):
+    assert main(["bench", "vanilla", "--lengths", "64", "--pattern", "CS", "--heads", "2", "--head-dim", "16",
+                 "--min-run-time", "0.01", "--no-memory", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    header, _, row = out.splitlines()[:3]
+    assert header.split()[-1] == "gate"
+    assert "ok: float64+float32 suite (6 shapes); published B=1 Hq=2 Hkv=2 Lq=64 Lk=64 D=16 float32" in row
+
+
 def test_check_unknown_name_suggests(capsys):
     assert main(["check", "vanila"]) == 2
     assert "did you mean 'vanilla'" in capsys.readouterr().err

@@ -117,6 +117,45 @@ def test_the_gate_refuses_a_leaking_attention(leaking_attention):
     assert run_task("recall", leaking_attention, "CS", params=TINY, gate=False).status is Status.OK
 
 
+def test_the_gate_probes_the_shapes_the_task_calls_its_attention_with():
+    outcome = run_task("recall", "vanilla", "CS", params=TINY, gate=True)
+    assert outcome.status is Status.OK and outcome.metrics["gate"] == "ok"
+    # TINY: d_model 16 over 2 heads, batch 16, 24 tokens: the attention is called at exactly that shape
+    assert outcome.metrics["gate_shapes"] == {"vanilla CS": ["B=16 Hq=2 Hkv=2 Lq=24 Lk=24 D=8"]}
+
+
+@pytest.fixture
+def long_path_leak():
+    @register_attention("train_test_long_leak", patterns=("CS",), family="test", exact=False)
+    class LongLeak(Attention):
+        """Causal, except that for sequences of exactly 24 tokens (the task's length, never a suite shape)
+        every row also sees the next key."""
+
+        def __init__(self, pattern, num_heads, head_dim):
+            super().__init__(pattern, num_heads, head_dim)
+
+        def forward(self, q, k, v, key_padding_mask=None):
+            k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+            lq, lk = q.shape[-2], k.shape[-2]
+            ahead = 1 if lq == 24 else 0
+            visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + ahead
+            if key_padding_mask is not None:
+                visible = visible[None, None] & ~key_padding_mask[:, None, None, :]
+            seen = visible.any(dim=-1, keepdim=True)
+            scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~visible, float("-inf"))
+            probs = torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1)
+            return torch.where(seen, probs @ v, torch.zeros((), dtype=v.dtype))
+
+    yield "train_test_long_leak"
+    unregister_attention("train_test_long_leak")
+
+
+def test_the_gate_refuses_a_flaw_only_the_tasks_shape_shows(long_path_leak):
+    outcome = run_task("recall", long_path_leak, "CS", params=TINY, gate=True)
+    assert outcome.status is Status.INCORRECT, outcome.message
+    assert "published" in outcome.message and "Lq=24" in str(outcome.metrics["gate_coverage"])
+
+
 class Constant(Task):
     """A one-parameter regression whose loss can be made to misbehave at a chosen step."""
 

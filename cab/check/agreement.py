@@ -22,9 +22,13 @@ from cab.status import Status
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def output_and_grads(attend: Attend, q, k, v, cotangent: torch.Tensor, dtype: torch.dtype,
+def output_and_grads(attend: Attend, q, k, v, cotangent: "torch.Tensor | None", dtype: torch.dtype,
                       params: "dict[str, torch.Tensor] | None" = None) -> "dict[str, torch.Tensor | None]":
-    """{"output", "dq", "dk", "dv", "d<param>"...} of `attend` on fresh leaf copies of q, k, v in `dtype`."""
+    """{"output", "dq", "dk", "dv", "d<param>"...} of `attend` on fresh leaf copies of q, k, v in `dtype`
+    ({"output"} alone, computed without autograd, when `cotangent` is None)."""
+    if cotangent is None:
+        with torch.no_grad():
+            return {"output": attend(*(t.detach().to(dtype) for t in (q, k, v)))}
     leaves = {n: t.detach().to(dtype).requires_grad_() for n, t in zip("qkv", (q, k, v))}
     out = attend(leaves["q"], leaves["k"], leaves["v"])
     grads = vjp(out, {**leaves, **(params or {})}, cotangent.to(dtype))
@@ -32,8 +36,9 @@ def output_and_grads(attend: Attend, q, k, v, cotangent: torch.Tensor, dtype: to
 
 
 def reference_agreement(subject: Subject, shape: Shape, salt: str, dtype: "torch.dtype | None" = None,
-                        ) -> CheckOutcome:
-    """forward vs reference() on the same module and inputs: outputs and gradients of q, k, v, parameters.
+                        gradients: bool = True) -> CheckOutcome:
+    """forward vs reference() on the same module and inputs: outputs and gradients of q, k, v, parameters
+    (outputs only with gradients=False).
 
     In the structural dtype both run in it (the tight check). In another dtype, forward runs in that dtype
     and reference() in the structural one on the same (rounded) inputs and cotangent, and the relative error
@@ -41,16 +46,22 @@ def reference_agreement(subject: Subject, shape: Shape, salt: str, dtype: "torch
     computes the naive formulation, to that dtype's precision."""
     structural, note = subject.structural()
     dtype = dtype or structural
-    truth = structural if dtype != structural else dtype
-    module = subject.module_for(shape, dtype)
-    reference_module = module if truth == dtype else subject.truth_for(shape, dtype, truth)
-    q, k, v = subject.inputs(shape, dtype, salt)
-    cotangent = subject.randn((shape.batch, shape.heads, shape.lq, shape.head_dim), dtype, f"{salt}:dout")
+    truth = structural
+    reference_module = subject.truth_for(shape, subject.dtype, truth)
+    module = reference_module if dtype == truth else subject.module_for(shape, dtype)
+    # inputs and cotangent in the requested dtype (exactly representable in the structural one), so that both
+    # comparisons share one run of the (slow, naive) reference()
+    q, k, v = subject.inputs(shape, subject.dtype, salt)
+    cotangent = None
+    if gradients:
+        cotangent = subject.randn((shape.batch, shape.heads, shape.lq, shape.head_dim), subject.dtype, f"{salt}:dout")
     params = trainable_parameters(module)
-    reference_params = trainable_parameters(reference_module)
     forward = output_and_grads(lambda *a: subject.run(module, *a), q, k, v, cotangent, dtype, params)
-    reference = output_and_grads(lambda *a: subject.run_reference(reference_module, *a), q, k, v, cotangent, truth,
-                                  reference_params)
+    key = ("reference", shape, salt, id(reference_module), gradients)
+    if key not in subject.memo:
+        subject.memo[key] = output_and_grads(lambda *a: subject.run_reference(reference_module, *a), q, k, v,
+                                             cotangent, truth, trainable_parameters(reference_module))
+    reference = subject.memo[key]
     half = dtype in HALF_PRECISION and truth != dtype
     compare = relative_l2 if half else relative_error
     found: list[Finding] = []

@@ -8,8 +8,8 @@ perturbation probes measure each row against its own scale (`rowwise_error`), so
 outputs of rows that average many keys is not diluted by the largest row.
 
 In the structural dtype (float64 when the attention runs in it) every row is checked; in the requested
-dtype the perturbation and gradient probes still cover every row (they are batched: one copy of the input
-per split, stacked along the batch) and the prefix and removal probes, one call per row, cover a sample.
+dtype a sample of SAMPLED_ROWS rows (one just past 512 and the last ones when the length allows). The
+perturbation and gradient probes run one copy of the input per row, stacked along the batch.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cab.check.subject import Shape, Subject, dtype_name, rows_after, sample_spl
 from cab.patterns import Pattern
 from cab.status import Status
 
-SAMPLED_ROWS = 8  # prefix and removal probes in a dtype other than the structural one
+SAMPLED_ROWS = 12  # rows probed in a dtype other than the structural one
 
 
 def _rows(x: torch.Tensor, stop: int) -> torch.Tensor:
@@ -132,6 +132,7 @@ def _setup(subject: Subject, dtype: "torch.dtype | None", salt: str, shape: "Sha
 
 
 def _every_row_or_sample(subject: Subject, dtype: torch.dtype, length: int) -> "list[int]":
+    """Rows 0..length-1 in the structural dtype, else a sample of them."""
     if dtype == subject.structural()[0]:
         return list(range(length))
     return sample_splits(length + 1, SAMPLED_ROWS)
@@ -153,7 +154,8 @@ def check_causal_prefix(subject: Subject, dtype: "torch.dtype | None" = None) ->
 def check_causal_grad(subject: Subject, dtype: "torch.dtype | None" = None) -> CheckOutcome:
     """CS: the gradient of every output row with respect to every later row of q, k and v is zero."""
     dtype, note, module, q, k, v = _setup(subject, dtype, "causal_grad")
-    found = gradient_leaks(subject, module, q, k, v, ("q", "k", "v"), list(range(q.shape[-2] - 1)), "causal_grad")
+    found = gradient_leaks(subject, module, q, k, v, ("q", "k", "v"), _every_row_or_sample(subject, dtype, q.shape[-2] - 1),
+                           "causal_grad")
     if not found:
         return CheckOutcome("causal_grad", Status.SKIPPED, message="the output has no gradient (see backward)")
     return _verdict("causal_grad", found, dtype, note)
@@ -167,8 +169,10 @@ def check_query_causal(subject: Subject, dtype: "torch.dtype | None" = None) -> 
     with torch.no_grad():
         full = subject.run(module, q, k, v)
         found = query_removal_errors(subject, module, q, k, v, full, _every_row_or_sample(subject, dtype, length))
-        found += perturbation_errors(subject, module, q, k, v, full, list(range(length - 1)), "query_causal:other")
-    found += gradient_leaks(subject, module, q, k, v, ("q",), list(range(length - 1)), "query_causal")
+        found += perturbation_errors(subject, module, q, k, v, full, _every_row_or_sample(subject, dtype, length - 1),
+                                     "query_causal:other")
+    found += gradient_leaks(subject, module, q, k, v, ("q",), _every_row_or_sample(subject, dtype, length - 1),
+                            "query_causal")
     return _verdict("query_causal", found, dtype, note)
 
 
