@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -311,6 +311,7 @@ def test_other_failures_propagate_to_the_runner_as_errors(test_attentions):
 class FakeReport:
     status: Status
     message: str
+    coverage: dict = field(default_factory=lambda: {"shapes": ["published: the cell's"]})
 
 
 @pytest.fixture
@@ -319,11 +320,14 @@ def fake_gate(monkeypatch):
     seen = []
     module = types.ModuleType("cab.check")
 
-    def gate(attention, pattern, hparams, device, dtype):
+    def gate(attention, pattern, hparams, device, dtype, shape=None, decode=False):
         seen.append((attention, pattern, hparams, device, dtype))
+        module.shapes.append(shape)
         return module.report
 
     module.gate = gate
+    module.shapes = []
+    module.published_shape = lambda *sizes: sizes
     module.report = FakeReport(Status.OK, "")
     monkeypatch.setitem(sys.modules, "cab.check", module)
     return module, seen
@@ -345,6 +349,9 @@ def test_passing_gate_lets_the_timing_run(test_attentions, fake_gate):
     outcome = bench_cell(tiny_cell("bench_test_ns_only", options={"gate": True}))
     assert outcome.status is Status.OK and outcome.metrics["gate"] == "ok" and outcome.metrics["n"] >= 5
     assert len(fake_gate[1]) == 1 and test_attentions
+    cell = tiny_cell("bench_test_ns_only")  # the gate is asked about the cell's own shape, and its coverage kept
+    assert fake_gate[0].shapes == [(cell.batch, cell.heads, cell.kv_heads, cell.lq, cell.lk, cell.head_dim)]
+    assert outcome.metrics["gate_coverage"] == {"shapes": ["published: the cell's"]}
 
 
 def test_real_correctness_gate_passes_vanilla():
@@ -372,12 +379,12 @@ def test_bench_table_rows():
     assert lines[0].split()[:4] == ["attention", "pattern", "mode", "L"] and set(lines[1]) <= {"-", " "}
     assert len(lines) == 6
     assert lines[2].split() == ["sdpa", "NC", "fwd", "16x32", "1.235", "[1.100-1.400]", "8.0%", "!", "3.0",
-                                "0.0123", "ok"]
+                                "0.0123", "ok", "-"]
     assert lines[3].split() == ["vanilla", "NS", "fwd", "64", "2.000", "[2.000-2.000]", "0.0%", "<=1.0",
-                                "0.5000", "ok"]
+                                "0.5000", "ok", "-"]
     assert lines[4].split()[7] == "oom"
     assert lines[5].split() == ["bench_test_ns_only", "CS", "fwd", "16", "-", "-", "-", "-", "unsupported:",
-                                "does", "not", "support", "CS"]
+                                "does", "not", "support", "CS", "-"]
 
 
 # --- CUDA -------------------------------------------------------------------------------------------------

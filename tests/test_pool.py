@@ -15,7 +15,9 @@ from cab.executors.pool import default_workers
 from cab.run import _command, run_grid
 from cab.status import Status
 from cab.store import ResultStore
-from tests.test_faults import FAULTY, MATRIX, MEMORY_LIMIT, OUTPUT_LIMIT, assert_matrix_column, fault_cell
+from tests.test_faults import (
+    FAULTY, MATRIX, MEMORY_LIMIT, OUTPUT_LIMIT, TIMEOUT_S, assert_matrix_column, fault_cell,
+)
 
 # Loaded only inside worker processes. Each forward logs "pid start end" after a nap, so the test can see
 # which process ran a cell and which cells overlapped in time.
@@ -77,7 +79,7 @@ def _intervals(log) -> "dict[str, tuple[int, float, float]]":
 def test_fault_statuses_match_the_subprocess_executor_and_workers_are_replaced():
     cells = [fault_cell(b) for b in MATRIX if "subprocess" in MATRIX[b]]
     cells.append(Cell(kind="check", attention="vanilla", pattern="NS", options={"threads": 1}))
-    executor = PoolExecutor(timeout_s=2, grace_s=1, plugins=[FAULTY], workers=2, memory_limit_bytes=MEMORY_LIMIT,
+    executor = PoolExecutor(timeout_s=TIMEOUT_S, grace_s=1, plugins=[FAULTY], workers=2, memory_limit_bytes=MEMORY_LIMIT,
                             max_output_bytes=OUTPUT_LIMIT)
     with executor:
         results = {r.cell.attention.removeprefix("faulty_"): r for r in executor.run(cells)}

@@ -16,7 +16,9 @@ from cab.executors import RayExecutor, procfs
 from cab.run import run_grid
 from cab.status import Status
 from cab.store import ResultStore
-from test_faults import FAULTY, MATRIX, MEMORY_LIMIT, OUTPUT_LIMIT, assert_matrix_column, fault_cell
+from test_faults import (
+    FAULTY, MATRIX, MEMORY_LIMIT, OUTPUT_LIMIT, TIMEOUT_S, assert_matrix_column, fault_cell,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -123,7 +125,7 @@ def test_same_keys_and_statuses_as_the_local_executor(ray_instance, tmp_path):
 
 def test_fault_matrix_ray(ray_instance):
     cells = [fault_cell(b) for b in MATRIX if "subprocess" in MATRIX[b]]
-    executor = RayExecutor(timeout_s=2, grace_s=1, plugins=[FAULTY], memory_limit_bytes=MEMORY_LIMIT,
+    executor = RayExecutor(timeout_s=TIMEOUT_S, grace_s=1, plugins=[FAULTY], memory_limit_bytes=MEMORY_LIMIT,
                            max_output_bytes=OUTPUT_LIMIT)
     results = {r.cell.attention.removeprefix("faulty_"): r for r in executor.run(cells)}
     assert set(results) == {c.attention.removeprefix("faulty_") for c in cells}

@@ -21,6 +21,7 @@ from cab.check.outcomes import CheckOutcome
 from cab.check.probe import probe_shape
 from cab.check.subject import Shape, Subject, large_shapes, main_shape, sample_splits
 from cab.patterns import Pattern
+from cab.runner import CellTimeout
 from cab.status import Status
 
 ODD_SPLITS = 12  # causality splits probed on each odd shape (the main shape's checks cover every row)
@@ -97,6 +98,20 @@ LARGE_MAX_FLOPS = 5e9
 LARGE_MAX_BYTES = 2 * 2 ** 30
 
 
+def unbuildable(subject: Subject, shape: Shape) -> "str | None":
+    """Why the cell's hyper-parameters cannot build the attention for `shape`'s head count (per-head values
+    fix it), or None. With default hyper-parameters every head count must build: a failure is then raised."""
+    try:
+        subject.module_for(shape, subject.dtype)
+    except CellTimeout:
+        raise
+    except Exception as exc:
+        if not subject.hparams:
+            raise
+        return f"the hyper-parameters {sorted(subject.hparams)} do not build {shape.heads} heads ({exc})"
+    return None
+
+
 def too_costly(subject: Subject, shape: Shape) -> "str | None":
     """Why `shape` is beyond the suite's budget for this attention (None when it is affordable)."""
     module = subject.module_for(shape, subject.dtype)
@@ -124,7 +139,7 @@ def check_large_shapes(subject: Subject) -> CheckOutcome:
     torch.set_num_threads(max(1, subject.threads))
     try:
         for shape in large_shapes(subject.pattern, subject.spec.supports_gqa):
-            reason = too_costly(subject, shape)
+            reason = unbuildable(subject, shape) or too_costly(subject, shape)
             if reason:
                 skipped.append(f"{shape.label} [{shape.describe()}] skipped: {reason}")
                 subject.not_run[f"large_shapes:{shape.label}"] = reason

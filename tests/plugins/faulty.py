@@ -26,9 +26,10 @@ PRINT_BYTES = 4 * 2**20  # printed by each forward of faulty_print
 
 def _softmax(attn: cab.Attention, q, k, v, key_padding_mask=None):
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    mask, _ = attn.visible(q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+    mask, empty = attn.visible(q.shape[-2], k.shape[-2], key_padding_mask, q.device)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0) @ v
+    out = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    return out if empty is None else out.masked_fill(empty, 0.0)  # rows that see no key: zeros
 
 
 def _faulty(name: str):
