@@ -60,22 +60,35 @@ def perturbed_names(pattern: Pattern) -> str:
     return "qkv" if pattern is Pattern.CS else "q"
 
 
-def perturbation_errors(subject: Subject, module, q, k, v, full: torch.Tensor, splits: "list[int]", salt: str,
-                        key_padding_mask: "torch.Tensor | None" = None) -> "list[Finding]":
-    """For every split i, rows <= i must not change when the rows after i are replaced by other values (the
-    queries for CC; the queries, keys and values for CS). The perturbed copies run stacked along the batch."""
-    scale = max_abs(full)
+def perturbed_copies(subject: Subject, q, k, v, splits: "list[int]", salt: str,
+                     key_padding_mask: "torch.Tensor | None" = None) -> "list[tuple]":
+    """(q, k, v, mask) per split i with the rows after i replaced by other values: the queries for CC; the
+    queries, keys and values for CS."""
     names = perturbed_names(subject.pattern)
-    touched = "queries, keys and values" if names == "qkv" else "queries"
     tensors = {"q": q, "k": k, "v": v}
     others = {n: subject.randn(tuple(tensors[n].shape), tensors[n].dtype, f"{salt}:{n}") for n in names}
     copies = []
     for i in splits:
         swapped = {n: rows_after(tensors[n], i, others[n]) for n in names}
         copies.append(tuple(swapped.get(n, tensors[n]) for n in "qkv") + (key_padding_mask,))
-    outs = subject.run_copies(module, copies)
+    return copies
+
+
+def perturbation_findings(subject: Subject, outs: "list[torch.Tensor]", full: torch.Tensor, splits: "list[int]",
+                          ) -> "list[Finding]":
+    """Rows <= i of each perturbed copy's output vs the unperturbed `full` output, each row on its own scale."""
+    scale = max_abs(full)
+    touched = "queries, keys and values" if perturbed_names(subject.pattern) == "qkv" else "queries"
     return [(rowwise_error(out[..., : i + 1, :], full[..., : i + 1, :], scale),
              f"rows <= {i} with the {touched} after {i} perturbed") for i, out in zip(splits, outs)]
+
+
+def perturbation_errors(subject: Subject, module, q, k, v, full: torch.Tensor, splits: "list[int]", salt: str,
+                        key_padding_mask: "torch.Tensor | None" = None) -> "list[Finding]":
+    """For every split i, rows <= i must not change when the rows after i are replaced by other values (the
+    queries for CC; the queries, keys and values for CS). The perturbed copies run stacked along the batch."""
+    outs = subject.run_copies(module, perturbed_copies(subject, q, k, v, splits, salt, key_padding_mask))
+    return perturbation_findings(subject, outs, full, splits)
 
 
 ROW_FLOOR = 1e-2  # a row's own scale counts down to this fraction of the whole output's

@@ -71,17 +71,21 @@ def empty_rows(pattern: Pattern, mask: torch.Tensor, lq: int) -> torch.Tensor:
     return (~real.any(dim=-1))[:, None].expand(mask.shape[0], lq)
 
 
-def right_padding_errors(subject: Subject, module, shape: Shape, dtype: torch.dtype, salt: str,
-                         pads: "tuple[int, ...]") -> "list[Finding]":
-    """Each element, padded by pads[b] garbage keys at the end, vs the element alone without padding."""
-    cross = subject.pattern.cross
+def right_padded(subject: Subject, shape: Shape, dtype: torch.dtype, salt: str, pads: "tuple[int, ...]"):
+    """(q, k, v, mask): element b padded by pads[b] garbage keys at the end."""
     real = [shape.lk - pad for pad in pads]
     mask = torch.arange(shape.lk, device=subject.device)[None, :] >= torch.tensor(real, device=subject.device)[:, None]
-    q, k, v = padded_inputs(subject, shape, dtype, mask, salt, f"{salt}:garbage")
-    out = subject.run(module, q, k, v, key_padding_mask=mask)
+    return (*padded_inputs(subject, shape, dtype, mask, salt, f"{salt}:garbage"), mask)
+
+
+def alone_errors(subject: Subject, module, shape: Shape, padded: tuple, out: torch.Tensor,
+                 pads: "tuple[int, ...]") -> "list[Finding]":
+    """Each element of a right-`padded` call's output `out` vs the element run alone, unpadded, unmasked."""
+    q, k, v, _ = padded
     found = []
-    for b, (n, pad) in enumerate(zip(real, pads)):
-        lq = shape.lq if cross else n
+    for b, pad in enumerate(pads):
+        n = shape.lk - pad
+        lq = shape.lq if subject.pattern.cross else n
         alone = subject.run(module, q[b:b + 1, :, :lq].contiguous(), k[b:b + 1, :, :n].contiguous(),
                             v[b:b + 1, :, :n].contiguous())
         found.append((relative_error(out[b:b + 1, :, :lq], alone),
@@ -89,19 +93,36 @@ def right_padding_errors(subject: Subject, module, shape: Shape, dtype: torch.dt
     return found
 
 
-def garbage_errors(subject: Subject, module, shape: Shape, dtype: torch.dtype, mask: torch.Tensor, salt: str,
-                   what: str) -> "list[Finding]":
-    """Real rows with the padded positions holding one garbage vs another (one batched call)."""
-    first = padded_inputs(subject, shape, dtype, mask, salt, f"{salt}:garbage:a")
-    second = padded_inputs(subject, shape, dtype, mask, salt, f"{salt}:garbage:b")
-    a, b = subject.run_copies(module, [(*first, mask), (*second, mask)])
+def right_padding_errors(subject: Subject, module, shape: Shape, dtype: torch.dtype, salt: str,
+                         pads: "tuple[int, ...]") -> "list[Finding]":
+    """Each element, padded by pads[b] garbage keys at the end, vs the element alone without padding."""
+    padded = right_padded(subject, shape, dtype, salt, pads)
+    out = subject.run(module, *padded[:3], key_padding_mask=padded[3])
+    return alone_errors(subject, module, shape, padded, out, pads)
+
+
+def garbage_pair(subject: Subject, shape: Shape, dtype: torch.dtype, mask: torch.Tensor, salt: str) -> "list[tuple]":
+    """Two (q, k, v, mask) with the same real values and different garbage at the positions `mask` pads."""
+    return [(*padded_inputs(subject, shape, dtype, mask, salt, f"{salt}:garbage:{x}"), mask) for x in "ab"]
+
+
+def garbage_finding(subject: Subject, shape: Shape, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    what: str) -> Finding:
+    """The real rows of the outputs `a` and `b` of a garbage pair, compared."""
     rows = torch.ones(shape.batch, shape.lq, dtype=torch.bool, device=mask.device)
     if not subject.pattern.cross:
         rows = ~mask[:, : shape.lq]
     keep = rows[:, None, :, None]
     scale = max_abs(a.masked_fill(~keep, 0.0))
-    error = relative_error(b.masked_fill(~keep, 0.0), a.masked_fill(~keep, 0.0), scale)
-    return [(error, f"real rows with other garbage at the {what}")]
+    return relative_error(b.masked_fill(~keep, 0.0), a.masked_fill(~keep, 0.0), scale), \
+        f"real rows with other garbage at the {what}"
+
+
+def garbage_errors(subject: Subject, module, shape: Shape, dtype: torch.dtype, mask: torch.Tensor, salt: str,
+                   what: str) -> "list[Finding]":
+    """Real rows with the padded positions holding one garbage vs another (one batched call)."""
+    a, b = subject.run_copies(module, garbage_pair(subject, shape, dtype, mask, salt))
+    return [garbage_finding(subject, shape, mask, a, b, what)]
 
 
 def empty_row_findings(subject: Subject, module, shape: Shape, dtype: torch.dtype, mask: torch.Tensor,

@@ -16,9 +16,9 @@ At that shape, in that dtype, with the module the cell would build (same hparams
   interior-padded positions hold other garbage.
 
 Variants of the input run stacked along the batch, so the probe costs few calls: one forward and backward
-serves finite, gradient and oracle (one copy per gradient row, one for the oracle rows), one forward the
-causality copies, one the padding garbage. Each part is isolated; the outcome names every failing part and
-the seconds the probe took.
+serves finite, gradient, oracle and causality (one copy per gradient row, one for the oracle rows, one per
+split), one masked forward the padding copies, and the right-padded elements run alone once each. Each part
+is isolated; the outcome names every failing part and the seconds the probe took.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import torch
 
 from cab.check.agreement import held_to_oracle, output_and_grads
 from cab.check.basic import nonfinite_summary, shape_problem
-from cab.check.causality import perturbation_errors
+from cab.check.causality import perturbation_findings, perturbed_copies
 from cab.check.compare import max_abs, relative_error, structural_tolerance
 from cab.check.gradients import vjp
 from cab.check.isolation import isolated
 from cab.check.oracle import eager_attention_rows, oracle_attention_rows
 from cab.check.outcomes import CheckOutcome, Finding, judged, measured
-from cab.check.padding import garbage_errors, left_and_interior, right_padding_errors
+from cab.check.padding import alone_errors, garbage_finding, garbage_pair, left_and_interior, right_padded
 from cab.check.subject import Shape, Subject, dtype_name, sample_splits
 from cab.status import Status
 
@@ -55,6 +55,7 @@ class _Pass:
     leaks: "list[Finding]" = field(default_factory=list)
     oracle: "CheckOutcome | None" = None
     no_gradient: bool = False
+    causal: "list[Finding]" = field(default_factory=list)
 
 
 def _finite(out: torch.Tensor, shape: Shape, dtype: torch.dtype) -> CheckOutcome:
@@ -68,19 +69,28 @@ def _finite(out: torch.Tensor, shape: Shape, dtype: torch.dtype) -> CheckOutcome
 
 
 def _forward_backward(subject: Subject, module, q, k, v, shape: Shape, dtype: torch.dtype, salt: str,
-                      leak_rows: "list[int]", oracle_rows: "list[int]") -> _Pass:
-    """One stacked call: a copy of the inputs per gradient row (cotangent on that row alone) and one for the
-    oracle rows (cotangent on those rows), then one backward; without either, a plain forward."""
+                      leak_rows: "list[int]", oracle_rows: "list[int]", splits: "list[int]") -> _Pass:
+    """One stacked call: a copy of the inputs per gradient row (cotangent on that row alone), one for the
+    oracle rows (cotangent on those rows) and one per causality split (perturbed after it, zero cotangent),
+    then one backward; without gradient rows or oracle rows, a plain forward of the inputs and the splits."""
     found = _Pass()
     copies = len(leak_rows) + (1 if oracle_rows else 0)
+    perturbed = perturbed_copies(subject, q, k, v, splits, f"{salt}:causal")
     if not copies:
         with torch.no_grad():
-            found.output = subject.run(module, q, k, v).detach().clone()
+            outs = subject.run_copies(module, [(q, k, v, None)] + perturbed)
+        found.output = outs[0].detach().clone()
+        if not shape_problem(found.output, shape, dtype):
+            found.causal = perturbation_findings(subject, outs[1:], found.output, splits)
         return found
     leaves = [{n: t.detach().clone().requires_grad_() for n, t in zip("qkv", (q, k, v))} for _ in range(copies)]
-    outs = subject.run_copies(module, [(leaf["q"], leaf["k"], leaf["v"], None) for leaf in leaves])
+    outs = subject.run_copies(module, [(leaf["q"], leaf["k"], leaf["v"], None) for leaf in leaves] + perturbed)
     found.output = outs[0].detach().clone()
-    if shape_problem(found.output, shape, dtype) or nonfinite_summary({"o": found.output})[0]:
+    if shape_problem(found.output, shape, dtype):
+        return found
+    found.causal = perturbation_findings(subject, [o.detach() for o in outs[copies:]], found.output, splits)
+    outs = outs[:copies]
+    if nonfinite_summary({"o": found.output})[0]:
         return found
     if not outs[0].requires_grad:
         found.no_gradient = True
@@ -96,7 +106,7 @@ def _forward_backward(subject: Subject, module, q, k, v, shape: Shape, dtype: to
         cotangent[..., oracle_rows, :] = dout[..., oracle_rows, :]
         cotangents.append(cotangent)
     flat = {f"{c}:{n}": leaf[n] for c, leaf in enumerate(leaves) for n in "qkv"}
-    grads = vjp(torch.cat(outs), flat, torch.cat(cotangents))
+    grads = vjp(torch.cat(outs), flat, torch.cat(cotangents))  # the perturbed copies get no cotangent
     inputs = "qkv" if subject.pattern.value == "CS" else "q"
     for c, row in enumerate(leak_rows):
         present = {n: grads[f"{c}:{n}"] for n in inputs if grads[f"{c}:{n}"] is not None}
@@ -128,14 +138,6 @@ def _oracle_outputs(subject: Subject, q, k, v, full: torch.Tensor, rows: "list[i
                           where=f" (rows {rows} at the full key length)")
 
 
-def _causality(subject: Subject, module, q, k, v, full: torch.Tensor, shape: Shape, dtype: torch.dtype,
-               salt: str) -> CheckOutcome:
-    splits = sample_splits(shape.lq, CAUSAL_SPLITS)
-    with torch.no_grad():
-        found = perturbation_errors(subject, module, q, k, v, full, splits, f"{salt}:causal")
-    return judged("causality", found, structural_tolerance(dtype), f"splits {splits}")
-
-
 def _batch(subject: Subject, module, q, k, v, full: torch.Tensor, dtype: torch.dtype, salt: str) -> CheckOutcome:
     others = [subject.randn(tuple(t.shape), dtype, f"{salt}:batch:{n}") for n, t in zip("qkv", (q, k, v))]
     moved = [torch.cat([t[:1], o[1:]]) for t, o in zip((q, k, v), others)]
@@ -146,13 +148,17 @@ def _batch(subject: Subject, module, q, k, v, full: torch.Tensor, dtype: torch.d
 
 
 def _padding(subject: Subject, module, shape: Shape, dtype: torch.dtype, salt: str, right: bool) -> CheckOutcome:
+    """The right-padded copy and the garbage pair in one masked call, then each right-padded element alone."""
     pads = tuple(max(1, shape.lk // (3 + 2 * b)) for b in range(shape.batch))
-    found: list[Finding] = []
+    inner = left_and_interior(shape, subject.device)
+    copies = garbage_pair(subject, shape, dtype, inner, f"{salt}:inner")
+    if right:
+        copies.append(right_padded(subject, shape, dtype, f"{salt}:right", pads))
     with torch.no_grad():
+        outs = subject.run_copies(module, copies)
+        found = [garbage_finding(subject, shape, inner, outs[0], outs[1], "left and interior padded positions")]
         if right:
-            found += right_padding_errors(subject, module, shape, dtype, f"{salt}:right", pads)
-        found += garbage_errors(subject, module, shape, dtype, left_and_interior(shape, subject.device),
-                                f"{salt}:inner", "left and interior padded positions")
+            found += alone_errors(subject, module, shape, copies[2], outs[2], pads)
     return judged("padding", found, structural_tolerance(dtype), dtype_name(dtype))
 
 
@@ -171,10 +177,12 @@ def probe_shape(subject: Subject, shape: Shape, dtype: "torch.dtype | None" = No
     if subject.spec.exact and ("oracle" in parts or "oracle_rows" in parts):
         rows = sorted(set(sample_splits(shape.lq + 1, ORACLE_ROWS, salt=2) + [0]))
         oracle_rows, output_rows = (rows, []) if "oracle" in parts else ([], rows)
+    splits = sample_splits(shape.lq, CAUSAL_SPLITS) if causal and "causality" in parts else []
     passed: list[_Pass] = []
 
     def forward() -> CheckOutcome:
-        passed.append(_forward_backward(subject, module, q, k, v, shape, dtype, salt, leak_rows, oracle_rows))
+        passed.append(_forward_backward(subject, module, q, k, v, shape, dtype, salt, leak_rows, oracle_rows,
+                                        splits))
         return _finite(passed[0].output, shape, dtype)
 
     results = [isolated("finite", forward)]
@@ -191,9 +199,8 @@ def probe_shape(subject: Subject, shape: Shape, dtype: "torch.dtype | None" = No
                                                                       dtype)))
         elif oracle_rows and found.no_gradient:
             results.append(CheckOutcome("oracle", Status.INCORRECT, message="no gradient reaches q, k or v"))
-        if causal and "causality" in parts:
-            results.append(isolated("causality", lambda: _causality(subject, module, q, k, v, found.output, shape,
-                                                                    dtype, salt)))
+        if splits:
+            results.append(judged("causality", found.causal, structural_tolerance(dtype), f"splits {splits}"))
         if shape.batch >= 2 and "batch" in parts:
             results.append(isolated("batch", lambda: _batch(subject, module, q, k, v, found.output, dtype, salt)))
         if "padding" in parts:
