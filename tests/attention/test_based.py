@@ -1,0 +1,72 @@
+"""based: forward vs its dense reference (outputs and gradients), the Taylor feature-map identity, the
+window reach, decoding with an honest state size (Taylor state + window ring buffer), conformance."""
+
+import pytest
+import torch
+
+from cab import UnsupportedPattern, create_attention
+from cab.attention.based import taylor_features
+from cab.check import run_conformance
+from cab.status import Status
+from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+
+
+@pytest.mark.parametrize("pattern,lq,lk,window", [
+    ("NS", 37, 37, 8), ("CS", 70, 70, 8), ("CS", 70, 70, 64), ("CS", 5, 12, 4), ("CS", 12, 5, 4),
+])
+def test_forward_matches_reference_with_gradients(pattern, lq, lk, window):
+    attn = create_attention("based", pattern, 4, 8, feature_dim=4, window=window, seed=1)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+
+
+def test_taylor_feature_map_identity():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    s = (x * y).sum(-1) / 4.0
+    assert taylor_features(x).shape[-1] == 1 + 16 + 256
+    torch.testing.assert_close((taylor_features(x) * taylor_features(y)).sum(-1), 1 + s + s * s / 2)
+
+
+def test_window_reach_in_causal_self():
+    """Row 15 with window 4 depends on every key up to 15 (the Taylor branch) and none after; the window
+    branch alone (2 x output minus the Taylor branch) depends on keys 12..15 only."""
+    q, k, v = random_qkv(1, 1, 1, 20, 20, 8)
+    narrow = create_attention("based", "CS", 1, 8, feature_dim=4, window=4)
+    (grad,) = torch.autograd.grad(narrow(q, k, v)[0, 0, 15].sum(), v)
+    assert (grad[0, 0, :16].abs().sum(-1) > 0).all() and not grad[0, 0, 16:].any()
+    taylor = narrow._taylor(q, k, v, None)
+    (grad,) = torch.autograd.grad((narrow(q, k, v) * 2 - taylor)[0, 0, 15].sum(), v)
+    used = (grad[0, 0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert used == [12, 13, 14, 15]
+
+
+def test_cross_patterns_are_refused():
+    for pattern in ("NC", "CC"):
+        with pytest.raises(UnsupportedPattern, match="position"):
+            create_attention("based", pattern, 2, 8)
+
+
+def test_decode_matches_forward_and_state_is_taylor_plus_window():
+    window, f, d = 6, 4, 8
+    attn = create_attention("based", "CS", 4, d, feature_dim=f, window=window, seed=2)
+    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 30, 30, d))
+    pad = torch.zeros(2, 30, dtype=torch.bool)
+    pad[1, :2] = True
+    for prefill in (0, 3, 11):
+        mask = pad if prefill >= 2 else torch.zeros_like(pad)
+        full = attn(q, k, v, mask)
+        state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], mask[:, :prefill])
+        for t in range(prefill, 30):
+            out, state = attn.decode_step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+            torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
+        features = 1 + f + f * f
+        taylor = 8 * 2 * 4 * features * (d + 1)
+        ring = 8 * 2 * 2 * window * d * 2 + 2 * window  # keys and values at the 2 kv heads, bool flags
+        assert attn.decode_state_bytes(state) == taylor + ring
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS"])
+def test_conformance(pattern):
+    report = run_conformance("based", pattern)
+    assert report.status is Status.OK, report.message

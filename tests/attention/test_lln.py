@@ -1,0 +1,65 @@
+"""lln (M14): forward vs reference (outputs and gradients), the feature maps, moment matching checked on fresh
+Gaussian samples, decoding, conformance."""
+
+import math
+
+import pytest
+import torch
+
+from cab import create_attention
+from cab.attention.lln import log_weight_spread, moment_matched_scale
+from cab.check import run_conformance
+from cab.status import Status
+from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [
+    ("NS", 37, 37), ("CS", 70, 70), ("CS", 5, 12), ("CS", 12, 5), ("NC", 23, 41), ("CC", 41, 23),
+])
+def test_forward_matches_reference_with_gradients(pattern, lq, lk):
+    attn = create_attention("lln", pattern, 4, 8)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+
+
+def test_weights_are_exponential_kernels():
+    attn = create_attention("lln", "NS", 1, 4, alpha=0.7, beta=0.4)
+    q, k, v = (t.detach() for t in random_qkv(1, 1, 1, 5, 5, 4))
+    weights = torch.exp(0.7 * q[0, 0][:, None, :] + 0.4 * k[0, 0][None, :, :]).sum(-1)
+    expected = (weights / weights.sum(-1, keepdim=True)) @ v[0, 0]
+    torch.testing.assert_close(attn(q, k, v)[0, 0], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("d,qv,kv", [(16, 1.0, 1.0), (8, 2.0, 0.5)])
+def test_moment_matching_gives_softmax_log_weight_variance_on_fresh_samples(d, qv, kv):
+    scale = moment_matched_scale(d, qv, kv)
+    attn = create_attention("lln", "NS", 1, d, query_variance=qv, key_variance=kv)
+    assert attn.alpha == attn.beta == scale
+    gen = torch.Generator().manual_seed(123)
+    q = torch.randn(300, d, generator=gen, dtype=torch.float64) * math.sqrt(qv)
+    k = torch.randn(300, d, generator=gen, dtype=torch.float64) * math.sqrt(kv)
+    softmax_spread = float((q @ k.T / math.sqrt(d)).var(dim=1).mean())
+    assert abs(softmax_spread - qv * kv) < 0.15 * qv * kv
+    assert abs(log_weight_spread(scale, q, k) - qv * kv) < 0.15 * qv * kv
+    # the naive scale 1/sqrt(2) (matching alpha^2 (s_q^2 + s_k^2) to s_q^2 s_k^2) is far too flat
+    assert log_weight_spread(1 / math.sqrt(2), q, k) < 0.5 * qv * kv
+
+
+@pytest.mark.parametrize("pattern", ["CS", "CC"])
+def test_decode_matches_forward(pattern):
+    attn = create_attention("lln", pattern, 4, 8)
+    lk = 19 if pattern == "CS" else 11
+    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 19, lk, 8))
+    full = attn(q, k, v)
+    prefill = 6 if pattern == "CS" else lk
+    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill])
+    for t in range(prefill if pattern == "CS" else 0, 19):
+        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
+        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
+        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
+def test_conformance(pattern):
+    report = run_conformance("lln", pattern)
+    assert report.status is Status.OK, report.message

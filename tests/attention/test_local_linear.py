@@ -1,0 +1,130 @@
+"""local_linear (Local Linear Attention, M26): the blockwise moment form vs the per-row weighted least-squares
+reference (outputs and gradients), its two limits (huge ridge -> softmax attention; values linear in the keys
+are reproduced as ridge -> 0), decoding, conformance."""
+
+import pytest
+import torch
+
+from cab import create_attention
+from cab.check import run_conformance
+from cab.patterns import Pattern, attention_mask
+from cab.status import Status
+from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+
+SMALL = {"query_chunk_size": 8, "key_chunk_size": 6}
+
+
+@pytest.mark.parametrize("pattern,lq,lk", [
+    ("NS", 37, 37), ("CS", 37, 37), ("CS", 9, 20), ("CS", 20, 9), ("NC", 23, 41), ("CC", 41, 23),
+])
+def test_forward_matches_reference_with_gradients(pattern, lq, lk):
+    attn = create_attention("local_linear", pattern, 4, 8, **SMALL)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC"])
+def test_huge_ridge_is_softmax_attention(pattern):
+    """The slope is shrunk to 0: the local constant fit, i.e. softmax attention."""
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, 13, 13 if pattern != "NC" else 17, 8, seed=1))
+    lla = create_attention("local_linear", pattern, 2, 8, ridge=1e12, **SMALL)
+    torch.testing.assert_close(lla(q, k, v), create_attention("vanilla", pattern, 2, 8)(q, k, v), rtol=1e-8, atol=1e-9)
+
+
+def test_values_linear_in_the_keys_are_reproduced_at_the_query():
+    """v = A k + c exactly: the local linear fit is exact, so the output is A q + c for every query (softmax
+    attention, a local average, is not)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 9, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, 40, 4, generator=gen, dtype=torch.float64)
+    a, c = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64), torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    v = (k @ a.transpose(-1, -2)[None]) + c[None, :, None]
+    want = (q @ a.transpose(-1, -2)[None]) + c[None, :, None]
+    out = create_attention("local_linear", "NC", 2, 4, ridge=1e-12, **SMALL)(q, k, v)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert (create_attention("vanilla", "NC", 2, 4)(q, k, v) - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("pattern", ["CS", "CC"])
+def test_decode_matches_forward(pattern):
+    attn = create_attention("local_linear", pattern, 2, 8, **SMALL)
+    lk = 13 if pattern == "CS" else 9
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 1, 13, lk, 8, seed=6))
+    pad = torch.zeros(2, lk, dtype=torch.bool)
+    pad[1, 1] = True
+    full = attn(q, k, v, pad)
+    prefill = 5 if pattern == "CS" else lk
+    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], pad[:, :prefill])
+    for t in range(5 if pattern == "CS" else 0, 13):
+        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
+        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
+        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-10, atol=1e-12)
+
+
+def _padded_garbage_inputs(pattern, dtype, seed=0):
+    """B=3, H=4, L=48, D=32 keys with left (element 0: keys 0..7), interior (element 1: keys 9..18) and full
+    (element 2) padding; padded keys and values (and the queries at padded positions of self patterns) hold
+    N(0, 10^2) garbage, so masked scores run far outside float32's exp range."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, length, d = 3, 4, 48, 32
+    pad = torch.zeros(b, length, dtype=torch.bool)
+    pad[0, :8], pad[1, 9:19], pad[2] = True, True, True
+    q, k, v = (torch.randn(b, h, length, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    garbage = lambda t: torch.where(pad[:, None, :, None], 10 * torch.randn(t.shape, generator=gen, dtype=t.dtype), t)  # noqa: E731
+    k, v = garbage(k), garbage(v)
+    if not Pattern.parse(pattern).cross:
+        q = garbage(q)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], pad
+
+
+def _large_logit_inputs(dtype, seed=3, logit=200.0):
+    """q, k, v (2, 4, 48, 32) with q and k scaled so that max |q.k| / sqrt(D) = logit."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 4, 48, 32, generator=gen, dtype=torch.float64) for _ in range(3))
+    scale = (logit / ((q @ k.transpose(-1, -2)).abs().max() / 32 ** 0.5)).sqrt()
+    return [t.to(dtype).requires_grad_() for t in (q * scale, k * scale, v)]
+
+
+def _assert_padding_safe(attn, pattern, dtype):
+    (q, k, v), pad = _padded_garbage_inputs(pattern, dtype)
+    out = attn(q, k, v, pad)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
+    assert torch.isfinite(out).all()
+    blind = ~attention_mask(pattern, q.shape[-2], k.shape[-2], pad).any(-1)  # (B, 1, Lq): rows that see no key
+    assert blind.any()
+    assert (out.detach() * blind[..., None] == 0).all(), "rows that see no key must output exact zeros"
+    for name, t in zip("qkv", (q, k, v)):
+        assert torch.isfinite(t.grad).all(), f"non-finite d{name}"
+    padded = pad[:, None, :, None].expand_as(k.grad)
+    assert (k.grad[padded] == 0).all() and (v.grad[padded] == 0).all(), "gradient reached a padded key or value"
+
+
+def _assert_large_logits_finite(attn, dtype):
+    q, k, v = _large_logit_inputs(dtype)
+    out = attn(q, k, v)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
+    assert torch.isfinite(out).all()
+    for name, t in zip("qkv", (q, k, v)):
+        assert torch.isfinite(t.grad).all(), f"non-finite d{name} at |logit| 200 in {dtype}"
+
+
+@pytest.mark.parametrize("hparams", [{}, SMALL])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
+def test_padding_rows_without_keys_and_padded_gradients(pattern, dtype, hparams):
+    """Regression (conformance key_padding[float32], NS/CS): the second pass took exp of unmasked scores and masked
+    afterwards, so a padded key's garbage score above the row lse overflowed and 0 * inf = NaN reached dq, dk."""
+    _assert_padding_safe(create_attention("local_linear", pattern, 4, 32, **hparams), pattern, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
+def test_large_logits_finite(pattern, dtype):
+    """max |q.k| / sqrt(D) = 200: outputs and gradients stay finite (CS in float32 gave non-finite dq, dk)."""
+    _assert_large_logits_finite(create_attention("local_linear", pattern, 4, 32), dtype)
+
+
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
+def test_conformance(pattern):
+    report = run_conformance("local_linear", pattern)
+    assert report.status is Status.OK, report.message

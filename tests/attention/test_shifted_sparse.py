@@ -1,0 +1,85 @@
+"""s2_attn (LongLoRA S2-Attn) and sf_attn (SinkLoRA SF-Attn), M46: forward vs the dense-mask reference, the
+per-head groups against LongLoRA's roll-and-chunk procedure, the causal repair of the wrap-around group,
+the sinks, conformance."""
+
+import pytest
+import torch
+
+from cab import UnsupportedPattern, create_attention
+from cab.attention.engine.blocksparse import check_layout_covers
+from cab.check import run_conformance
+from cab.status import Status
+from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+
+
+@pytest.mark.parametrize("name,pattern,hparams,lq,lk", [
+    ("s2_attn", "NS", {"group_size": 8}, 45, 45), ("s2_attn", "CS", {"group_size": 8}, 50, 50),
+    ("s2_attn", "CS", {"group_size": 6}, 20, 33), ("s2_attn", "NS", {"group_size": 30}, 45, 45),
+    ("sf_attn", "NS", {"group_size": 8}, 45, 45), ("sf_attn", "CS", {"group_size": 10, "sinks": 2}, 37, 37),
+])
+def test_forward_matches_reference(name, pattern, hparams, lq, lk):
+    attn = create_attention(name, pattern, 4, 8, **hparams)
+    attn.block_size = 8
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
+    pad = holey_padding(lk)
+    assert_forward_matches_reference(attn, q, k, v, pad)
+    ext = attn.extent(2, lk, pad, "cpu")
+    assert check_layout_covers(attn.layout(lq, lk, None, ext), attn.mask_fn(lq, lk, ext), 4, batch=2)
+
+
+def _longlora_groups(length, group, shifted, wrap):
+    """LongLoRA's procedure: roll the positions by -G/2 (shifted heads), chunk into groups of G; without the
+    wrap the rolled-in tail goes back to the start (SF-Attn's reassembly)."""
+    positions = list(range(length))
+    if shifted:
+        half = group // 2
+        if wrap:
+            positions = positions[half:] + positions[:half]
+        else:
+            return [positions[:half]] + [positions[s:s + group] for s in range(half, length, group)]
+    return [positions[s:s + group] for s in range(0, length, group)]
+
+
+@pytest.mark.parametrize("name,pattern", [("s2_attn", "NS"), ("s2_attn", "CS"), ("sf_attn", "NS"), ("sf_attn", "CS")])
+def test_groups_match_longlora_procedure(name, pattern):
+    length, group, sinks = 40, 8, (2 if name == "sf_attn" else 0)
+    attn = create_attention(name, pattern, 4, 4, group_size=group, sinks=sinks)
+    mask = attn.visible_mask(length, length)[0]
+    wrap = name == "s2_attn" and pattern == "NS"
+    for h in range(4):
+        groups = _longlora_groups(length, group, shifted=h >= 2, wrap=wrap)
+        expected = torch.zeros(length, length, dtype=torch.bool)
+        for members in groups:
+            idx = torch.tensor(members)
+            expected[idx[:, None], idx[None, :]] = True
+        expected[:, :sinks] = True
+        if pattern == "CS":
+            expected &= torch.ones(length, length, dtype=torch.bool).tril()
+        assert torch.equal(mask[h], expected), h
+
+
+def test_the_causal_variant_does_not_wrap():
+    """LongLoRA's rolled last group (last G/2 and first G/2 tokens) with its causal mask applied after the
+    roll would let token 0 see tokens 36..39; cab's CS groups keep the first G/2 tokens apart."""
+    mask = create_attention("s2_attn", "CS", 2, 4, group_size=8).visible_mask(40, 40)[0, 1]
+    assert not bool(mask.triu(1).any())
+    assert torch.equal(torch.nonzero(mask[3]).flatten(), torch.arange(4))
+
+
+def test_defaults():
+    s2 = create_attention("s2_attn", "CS", 4, 8)
+    sf = create_attention("sf_attn", "CS", 4, 8)
+    assert (s2.group_size, s2.sinks, sf.group_size, sf.sinks) == (2048, 0, 2048, 4)
+
+
+def test_cross_patterns_are_refused():
+    for name in ("s2_attn", "sf_attn"):
+        for pattern in ("NC", "CC"):
+            with pytest.raises(UnsupportedPattern, match="position"):
+                create_attention(name, pattern, 2, 8)
+
+
+@pytest.mark.parametrize("name,pattern", [("s2_attn", "NS"), ("s2_attn", "CS"), ("sf_attn", "NS"), ("sf_attn", "CS")])
+def test_conformance(name, pattern):
+    report = run_conformance(name, pattern, hparams={"group_size": 16})
+    assert report.status is Status.OK, report.message

@@ -1,0 +1,120 @@
+"""The leaderboard in a real headless browser: Debian's Chromium (/usr/bin/chromium, installed by
+scripts/setup.sh) driven by Playwright, never a browser Playwright downloads itself. The page opens from
+file:// with no console errors and no network request, a click on a header sorts its table, links to the
+per-attention pages resolve, and a screenshot is taken (into pytest's tmp dir).
+
+Without Chromium the test is skipped with the reason, except in CI (CI=true), where it fails: set-up
+installs Chromium there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cab.report import render_report
+from tests.report.test_report import HOSTILE, RESULTS, write_store
+from tests.report.test_report_tasks import task_results
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _missing_browser() -> "str | None":
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)) and shutil.which("chromium") is None:
+        return f"Chromium is not installed at {CHROMIUM} (scripts/setup.sh installs Debian's chromium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory):
+    reason = _missing_browser()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"browser test cannot run in CI: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path_factory.mktemp("browser")
+    db = write_store(root / "cab.sqlite", [r for r in RESULTS if r.cell.attention != "evil_attn"] + task_results())
+    index = render_report(db, root / "site", fidelity_budget_s=0)
+    executable = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(root / "profile"), executable_path=executable, args=FLAGS, headless=True,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            page = context.new_page()
+            problems, requests = [], []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+            page.goto(index.as_uri())
+            page.wait_for_load_state("load")
+            yield page, index, problems, requests, root
+        finally:
+            context.close()
+
+
+def test_page_loads_from_file_without_console_errors_or_network(browser_page):
+    page, index, problems, requests, root = browser_page
+    assert page.title() == "cab leaderboard"
+    assert problems == []  # no console errors, no script errors, and the hostile name raised no alert
+    assert all(url.startswith(("file://", "data:")) for url in requests), requests
+    assert page.locator("#support-matrix").is_visible()
+    assert HOSTILE in page.locator("#support-matrix").inner_text()
+    # figures are decoded by the browser (a broken data URI has naturalWidth 0)
+    widths = page.eval_on_selector_all("figure.plot img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert widths and all(w > 0 for w in widths)
+    shot = root / "overview.png"
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
+
+
+def test_clicking_a_header_sorts_the_table(browser_page):
+    page, *_ = browser_page
+    table = page.locator("#board-CS")
+    header = table.locator("thead th", has_text="recall · accuracy")
+    column = table.locator("thead th").all_inner_texts().index(header.inner_text())
+
+    def values():
+        cells = table.locator("tbody tr").evaluate_all(
+            f"rows => rows.map(r => r.cells[{column}].getAttribute('data-sort'))")
+        return [float(v) if v else None for v in cells]
+
+    header.click()
+    up = values()
+    assert header.get_attribute("aria-sort") == "ascending"
+    numbers = [v for v in up if v is not None]
+    assert numbers == sorted(numbers) and len(numbers) >= 3
+    header.click()
+    down = [v for v in values() if v is not None]
+    assert header.get_attribute("aria-sort") == "descending" and down == sorted(down, reverse=True)
+
+
+def test_links_to_attention_pages_resolve(browser_page):
+    page, index, problems, _, root = browser_page
+    hrefs = page.eval_on_selector_all("a.attn", "links => links.map(a => a.href)")
+    assert hrefs and all(h.startswith("file://") for h in hrefs)
+    performer = page.locator("#board-CS a.attn", has_text="performer").first
+    performer.click()
+    page.wait_for_load_state("load")
+    assert page.locator("#attention-name").inner_text() == "performer"
+    assert page.locator("#attention-results tbody tr").count() >= 3
+    page.screenshot(path=str(root / "performer.png"))
+    page.locator("#back-to-index").click()
+    page.wait_for_load_state("load")
+    assert page.url == index.as_uri()
+    hostile = page.locator("#support-matrix a.attn", has_text=HOSTILE)
+    hostile.click()
+    page.wait_for_load_state("load")
+    assert page.locator("#attention-name").inner_text() == HOSTILE
+    assert problems == []
