@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
-from cab.attention.functional import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -4,15 +4,16 @@ a depthwise convolution of the values; causal patterns with learned agents and p
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
-from cab.attention._linear2_util import (causal_products, causal_products_flops, depthwise_conv, depthwise_conv_reference, nonzero,
-                                         real_keys, seeded_normal)
+from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
+from cab.attention.engine.prepare import nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype, softmax_scale
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -99,7 +100,7 @@ class AgentAttention(Attention):
         return pooling_matrix(q.shape[-2], self.num_agents, real, q.device, q.dtype).unsqueeze(1) @ q  # (B, H, n_a, d)
 
     def _local(self, v, key_padding_mask, lq, reference=False):
-        real = real_keys(key_padding_mask, v.shape[0], v.shape[-2], v.device, v.dtype)
+        real = key_weights(key_padding_mask, v.shape[0], v.shape[-2], v.device, v.dtype)
         conv = depthwise_conv_reference if reference else depthwise_conv
         out = conv(v * real, self.dwc, causal=self.causal)[:, :, :lq]
         if out.shape[-2] < lq:
@@ -155,7 +156,7 @@ class AgentAttention(Attention):
         out = (weights.unsqueeze(-2) @ values).squeeze(-2)
         if self.dwc is not None:
             if self.pattern is Pattern.CS and lq != lk:
-                real = real_keys(key_padding_mask, v.shape[0], lk, v.device, v.dtype)
+                real = key_weights(key_padding_mask, v.shape[0], lk, v.device, v.dtype)
                 local = depthwise_conv_reference(v * real, self.dwc, causal=True)
                 local = local[:, :, lk - lq:] if lq <= lk else torch.nn.functional.pad(local, (0, 0, lq - lk, 0))
             else:
@@ -199,7 +200,7 @@ class AgentAttention(Attention):
         state = {"num": e.transpose(-1, -2) @ v, "den": e.sum(dim=-2), "m": m}
         if self.dwc is not None:
             taps = self.dwc_kernel - 1
-            vr = v * real_keys(key_padding_mask, v.shape[0], v.shape[-2], v.device, dtype)
+            vr = v * key_weights(key_padding_mask, v.shape[0], v.shape[-2], v.device, dtype)
             tail = vr[:, :, max(0, vr.shape[-2] - taps):]
             state["tail"] = torch.nn.functional.pad(tail, (0, 0, taps - tail.shape[-2], 0))
         return state

@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cab.attention._linear2_util import causal_products, causal_products_flops, full_products, nonzero, real_keys, seeded_normal, with_ones
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.prefix_sums import causal_products, causal_products_flops, full_products, with_ones
+from cab.attention.engine.prepare import nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype, softmax_scale
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale
 from cab.attention.local import LocalAttention
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
@@ -77,7 +79,7 @@ class BasedAttention(Attention):
     def _taylor(self, q, k, v, key_padding_mask):
         """The normalised Taylor linear branch (q, k, v at the query heads, CS already aligned)."""
         phi_q = taylor_features(self._project(q))
-        phi_k = taylor_features(self._project(k)) * real_keys(key_padding_mask, k.shape[0], k.shape[-2], k.device, k.dtype)
+        phi_k = taylor_features(self._project(k)) * key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, k.dtype)
         if self.pattern is Pattern.CS:
             both = causal_products(phi_q, phi_k, with_ones(v))
         else:
@@ -128,7 +130,7 @@ class BasedAttention(Attention):
         dtype = compute_dtype(k.dtype)
         k, v = k.to(dtype), v.to(dtype)
         batch, kv_heads, length, dim = k.shape
-        real = real_keys(key_padding_mask, batch, length, k.device, dtype)
+        real = key_weights(key_padding_mask, batch, length, k.device, dtype)
         kh, vh = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
         phi_k = taylor_features(self._project(kh)) * real
         kv = phi_k.transpose(-1, -2) @ with_ones(vh)

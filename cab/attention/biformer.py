@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import (
-    block_tokens, gathered_attention, group_queries, masked_softmax_reference, pool_blocks, query_positions,
-    real_keys, real_queries, selection_count, topk_valid,
+from cab.attention.engine.prepare import query_positions, real_keys, real_queries
+from cab.attention.engine.routing import (
+    block_tokens, gathered_attention, group_queries, pool_blocks, selection_count, topk_valid
 )
+from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -70,7 +71,7 @@ class BiFormerAttention(Attention):
         """(group, idx (B, H, G, N), valid (B, H, G, group|1, N)) token selection of every query group."""
         b, h, lq, _ = q.shape
         lk, r = k.shape[-2], self.region_size
-        real_k = real_keys(b, lk, key_padding_mask, q.device)
+        real_k = real_keys(key_padding_mask, b, lk, q.device)
         k_reg, k_count = pool_blocks(k, real_k, r)  # (B, H, nk, D)
         nk = k_reg.shape[2]
         has_keys = (k_count > 0)[:, None]  # (B, 1, nk)
@@ -129,7 +130,7 @@ class BiFormerAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, _ = q.shape
         lk, r = k.shape[-2], self.region_size
-        real_k = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real_k = real_keys(key_padding_mask, b, lk, q.device).cpu()
         real_q = real_queries(self.pattern, real_k, lq)
         qd, kd = q.detach(), k.detach()
         nk = -(-lk // r)

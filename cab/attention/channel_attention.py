@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention._routing_util import real_keys
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import real_keys
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -75,7 +75,7 @@ class ChannelAttention(Attention):
         scale = softmax_scale(q.shape[-1])
         b, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
         k = self._masked_keys(k, key_padding_mask)
-        real = real_keys(b, lk, key_padding_mask, q.device)
+        real = real_keys(key_padding_mask, b, lk, q.device)
         if self.pattern is not Pattern.CS:
             attn = torch.softmax(scale * (k.transpose(-1, -2) @ v), dim=-1)  # (B, H, d, d)
             out = q @ attn.transpose(-1, -2)

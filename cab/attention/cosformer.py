@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, causal_linear_attention, compute_dtype, linear_attention
+from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import masked_softmax_rows, query_positions, real_keys, real_queries
+from cab.attention.engine.prepare import query_positions, real_keys, real_queries
+from cab.attention.engine.scores import masked_softmax_rows
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -75,7 +76,7 @@ class DeltaAttention(Attention):
         """Exact softmax attention of the query rows `rows` (B, H, n, Dv), rows seeing no key 0."""
         b, h, lq, d = q.shape
         lk = k.shape[-2]
-        real = real_keys(b, lk, key_padding_mask, q.device)
+        real = real_keys(key_padding_mask, b, lk, q.device)
         step = max(1, _ELEMENTS // max(1, b * h * lk))
         outs = []
         for r0 in range(0, rows.numel(), step):
@@ -92,7 +93,7 @@ class DeltaAttention(Attention):
         anchors = self._anchors(lq, sparse.device)
         delta = dense - sparse[:, :, anchors]
         if key_padding_mask is not None:
-            real_q = real_queries(self.pattern, real_keys(b, lk, key_padding_mask, sparse.device), lq)
+            real_q = real_queries(self.pattern, real_keys(key_padding_mask, b, lk, sparse.device), lq)
             delta = delta * real_q[:, anchors].to(delta.dtype)[:, None, :, None]
         group = torch.arange(lq, device=sparse.device) // self.gamma
         return sparse + delta[:, :, group]

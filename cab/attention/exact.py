@@ -6,132 +6,17 @@ value to a buffer allocated once; causal cross keeps the memory as it is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale, zero_empty_rows
+from cab.attention.engine.kv_cache import KVCacheAttention, grouped_queries, no_real_key
+from cab.attention.engine.scores import dense_matmul_flops, masked_softmax_attention
+from cab.attention.engine.prepare import softmax_scale, zero_empty_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
 ALL_PATTERNS = ("NS", "CS", "NC", "CC")
-
-
-@dataclass(frozen=True)
-class KVCache:
-    """The decoding state of an exact attention: keys and values (B, Hkv, capacity, D) of which the first
-    `length` are in use, and `real` (B, capacity) bool marking real keys (None when none is padding)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    length: int
-    real: "torch.Tensor | None" = None
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[-2]
-
-    def in_use(self) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]":
-        """(keys, values, real) of the `length` tokens in use."""
-        n = self.length
-        real = None if self.real is None else self.real[:, :n]
-        return self.keys[:, :, :n], self.values[:, :, :n], real
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
-        """The cache with one more (real) token, k and v (B, Hkv, 1, D); writes in place past `length`,
-        doubling the buffers when they are full, so this cache keeps describing its own tokens."""
-        n, cache = self.length, self
-        if n == self.capacity:
-            cache = self._grown(max(16, 2 * n))
-        cache.keys[:, :, n] = k[:, :, 0]
-        cache.values[:, :, n] = v[:, :, 0]
-        if cache.real is not None:
-            cache.real[:, n] = True
-        return KVCache(cache.keys, cache.values, n + 1, cache.real)
-
-    def _grown(self, capacity: int) -> "KVCache":
-        keys, values = (x.new_empty(*x.shape[:2], capacity, x.shape[-1]) for x in (self.keys, self.values))
-        keys[:, :, : self.length] = self.keys[:, :, : self.length]
-        values[:, :, : self.length] = self.values[:, :, : self.length]
-        real = None
-        if self.real is not None:
-            real = self.real.new_zeros(self.real.shape[0], capacity)
-            real[:, : self.length] = self.real[:, : self.length]
-        return KVCache(keys, values, self.length, real)
-
-
-class KVCacheAttention(Attention):
-    """Incremental decoding for exact attentions over a KV cache; subclasses attend one query step."""
-
-    def decode_init(self, k, v, key_padding_mask=None, capacity=None):
-        if not self.causal:
-            raise ValueError(f"incremental decoding applies to the causal patterns CS and CC, not {self.pattern.value}")
-        real = None if key_padding_mask is None else ~key_padding_mask.to(device=k.device, dtype=torch.bool)
-        if self.cross:
-            return KVCache(k, v, k.shape[-2], real)
-        context = k.shape[-2]
-        size = max(capacity or 0, context)
-        keys, values = (x.new_empty(*x.shape[:2], size, x.shape[-1]) for x in (k, v))
-        keys[:, :, :context], values[:, :, :context] = k, v
-        cache_real = None
-        if real is not None:
-            cache_real = real.new_zeros(real.shape[0], size)
-            cache_real[:, :context] = real
-        return KVCache(keys, values, context, cache_real)
-
-    def decode_step(self, state, q, k=None, v=None):
-        if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
-            cache = state
-        else:
-            if k is None or v is None:
-                raise ValueError("causal self decoding needs the new token's key and value")
-            cache = state.append(k, v)
-        keys, values, real = cache.in_use()
-        return self.attend_cached(q, keys, values, real), cache
-
-    def attend_cached(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      real: "torch.Tensor | None") -> torch.Tensor:
-        """Output (B, Hq, 1, Dv) of one query step q (B, Hq, 1, Dk) over every cached key."""
-        raise NotImplementedError
-
-
-def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(B, Hq, L, D) -> (B, Hkv, G, L, D): the query heads sharing one key/value head (no copy)."""
-    b, hq, lq, d = q.shape
-    if hq % kv_heads:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({kv_heads})")
-    return q.reshape(b, kv_heads, hq // kv_heads, lq, d)
-
-
-def _no_real_key(real: "torch.Tensor | None") -> "torch.Tensor | None":
-    """(B,) bool: batch rows whose cache holds no real key (their output is zero), or None."""
-    if real is None:
-        return None
-    empty = ~real.any(dim=-1)
-    return empty if bool(empty.any()) else None
-
-
-def dense_matmul_flops(batch: int, heads: int, lq: int, lk: int, dk: int, dv: int) -> int:
-    """FLOPs of QK^T and PV over the full Lq x Lk score matrix."""
-    return 2 * batch * heads * lq * lk * (dk + dv)
-
-
-def eager_attention(
-    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None",
-    segment_ids: "torch.Tensor | None" = None,
-) -> torch.Tensor:
-    """softmax(QK^T / sqrt(d) + M) V with the full score matrix materialised (M also masks other segments
-    when segment_ids is given)."""
-    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    mask, empty = attn.visible(q.shape[-2], k.shape[-2], key_padding_mask, q.device, segment_ids)
-    scores = (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1])
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return zero_empty_rows(torch.softmax(scores, dim=-1) @ v, empty)
 
 
 @register_attention(
@@ -152,7 +37,7 @@ class VanillaAttention(KVCacheAttention):
         super().__init__(pattern, num_heads, head_dim)
 
     def forward(self, q, k, v, key_padding_mask=None, *, segment_ids=None):
-        return eager_attention(self, q, k, v, key_padding_mask, self.segments(segment_ids, q, k))
+        return masked_softmax_attention(self, q, k, v, key_padding_mask, self.segments(segment_ids, q, k))
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         return dense_matmul_flops(batch, self.num_heads, lq, lk, self.head_dim, self.head_dim)
@@ -165,8 +50,8 @@ class VanillaAttention(KVCacheAttention):
 
     def attend_cached(self, q, keys, values, real):
         b, hq, _, d = q.shape
-        scores = (_grouped(q, keys.shape[1]) @ keys.unsqueeze(2).transpose(-1, -2)) * softmax_scale(d)
-        empty = _no_real_key(real)
+        scores = (grouped_queries(q, keys.shape[1]) @ keys.unsqueeze(2).transpose(-1, -2)) * softmax_scale(d)
+        empty = no_real_key(real)
         if real is not None:
             visible = real if empty is None else real | empty[:, None]
             scores = scores.masked_fill(~visible[:, None, None, None, :], float("-inf"))
@@ -200,7 +85,7 @@ class SDPAttention(KVCacheAttention):
 
     def attend_cached(self, q, keys, values, real):
         gqa = keys.shape[1] != q.shape[1]
-        empty = _no_real_key(real)
+        empty = no_real_key(real)
         if real is None:
             return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
         visible = real if empty is None else real | empty[:, None]
@@ -301,7 +186,7 @@ class MemoryEfficientAttention(KVCacheAttention):
         return out.reshape(b, hq, lq, v.shape[-1]).to(q.dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
-        return eager_attention(self, q, k, v, key_padding_mask)
+        return masked_softmax_attention(self, q, k, v, key_padding_mask)
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         """QK^T and PV of every (query chunk, key chunk) pair the forward visits."""
@@ -317,7 +202,7 @@ class MemoryEfficientAttention(KVCacheAttention):
 
     def attend_cached(self, q, keys, values, real):
         b, hq, _, d = q.shape
-        qg, acc_dtype = _grouped(q, keys.shape[1]), torch.promote_types(q.dtype, torch.float32)
+        qg, acc_dtype = grouped_queries(q, keys.shape[1]), torch.promote_types(q.dtype, torch.float32)
         acc = torch.zeros(*qg.shape[:-1], values.shape[-1], dtype=acc_dtype, device=q.device)
         total = torch.zeros(*qg.shape[:-1], 1, dtype=acc_dtype, device=q.device)
         run_max = torch.full_like(total, float("-inf"))

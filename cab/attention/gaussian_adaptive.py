@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cab.attention._score_util import RowwiseScoreAttention
+from cab.attention.engine.scores import RowwiseScoreAttention
 from cab.registry import register_attention
 
 

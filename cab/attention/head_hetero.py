@@ -1,4 +1,4 @@
-"""Head-level window/full mechanisms on one head-heterogeneous engine (`_head_engine`): every head is a
+"""Head-level window/full mechanisms on one head-heterogeneous engine (`engine.head_windows`): every head is a
 sliding window (cab's `local` convention, plus attention-sink keys) or full softmax attention, statically
 per head (MoA M49, DuoAttention M50) or per query token by a router (AHA M47, query-adaptive head selection
 M48). Each row runs ONE softmax over its visible set; rows that see no key output 0.
@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from cab.attention import _head_engine as engine
+from cab.attention.engine import head_windows
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -48,17 +48,17 @@ class _HeadHetero(Attention):
 
     def forward(self, q, k, v, key_padding_mask=None):
         windows, full_rows = self.config(q, k, key_padding_mask)
-        return engine.hetero_attention(q, k, v, key_padding_mask, self.pattern, windows, self.sinks, full_rows,
+        return head_windows.hetero_attention(q, k, v, key_padding_mask, self.pattern, windows, self.sinks, full_rows,
                                        self._local_cache)
 
     def reference(self, q, k, v, key_padding_mask=None):
         windows, full_rows = self.reference_config(q, k, key_padding_mask)
-        return engine.dense_reference(q, k, v, key_padding_mask, self.pattern, windows, self.sinks, full_rows)
+        return head_windows.dense_reference(q, k, v, key_padding_mask, self.pattern, windows, self.sinks, full_rows)
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
         with torch.no_grad():
             windows, full_rows = self.config(q, k, key_padding_mask)
-            return engine.hetero_pairs(q, k, self.pattern, windows, self.sinks, full_rows, self._local_cache)
+            return head_windows.hetero_pairs(q, k, self.pattern, windows, self.sinks, full_rows, self._local_cache)
 
 
 def _window_from_span(span: float) -> int:
@@ -120,7 +120,7 @@ class DuoAttention(_HeadHetero):
         keeps the whole cache."""
         if self.pattern is not Pattern.CS:
             raise ValueError("DuoAttention decodes under CS only")
-        from cab.attention.exact import KVCache
+        from cab.attention.engine.kv_cache import KVCache
 
         batch, kv_heads, length, _ = k.shape
         real = torch.ones(batch, length, dtype=torch.bool, device=k.device)
@@ -201,7 +201,7 @@ class MixtureOfSparseAttention(_HeadHetero):
     the default spreads beta linearly over [0, 0.5] across heads with alpha 64 (a stand-in calibration: some
     heads stay local, others grow with the input) and 4 sinks (StreamingLLM's default).
 
-    Efficient path (`_head_engine.banded_attention`): per head, rows in chunks of about the head's window,
+    Efficient path (`head_windows.banded_attention`): per head, rows in chunks of about the head's window,
     each scoring the contiguous key range its windows cover (O(Lq x (chunk + span)) per head); reference:
     an explicit key set per row.
     """
@@ -239,7 +239,7 @@ class MixtureOfSparseAttention(_HeadHetero):
         return (torch.ceil(alphas + betas * n[:, None].double()) - 1).clamp(min=0).long()
 
     def forward(self, q, k, v, key_padding_mask=None):
-        return engine.banded_attention(q, k, v, key_padding_mask, self.pattern,
+        return head_windows.banded_attention(q, k, v, key_padding_mask, self.pattern,
                                        self.half_widths(q, k, key_padding_mask), self.sinks)
 
     def reference(self, q, k, v, key_padding_mask=None):
@@ -267,7 +267,7 @@ class MixtureOfSparseAttention(_HeadHetero):
     def computed_pairs(self, q, k, v, key_padding_mask=None):
         hw = self.half_widths(q, k, key_padding_mask)
         causal = self.pattern is Pattern.CS
-        return engine.banded_pairs(q.shape[0], q.shape[1], q.shape[-2], hw, causal, self.sinks, k.shape[-2])
+        return head_windows.banded_pairs(q.shape[0], q.shape[1], q.shape[-2], hw, causal, self.sinks, k.shape[-2])
 
 
 @register_attention(
@@ -372,7 +372,7 @@ class QueryAdaptiveHeadAttention(_HeadHetero):
             neg = torch.finfo(q.dtype).min
             widths = torch.full((lq,), w, dtype=torch.long)
             out = []
-            for r0, r1, lo, hi in engine._band_chunks(lq, lk, widths, causal):
+            for r0, r1, lo, hi in head_windows.band_chunks(lq, lk, widths, causal):
                 pos = torch.arange(r0, r1, device=q.device) + offset
                 gap = pos[:, None] - key_pos[None, lo:hi]
                 near = (gap >= 0) & (gap <= w) if causal else gap.abs() <= w

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import (
-    gathered_attention, masked_softmax_reference, query_positions, real_keys,
-)
+from cab.attention.engine.prepare import query_positions, real_keys
+from cab.attention.engine.routing import gathered_attention
+from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -61,7 +61,7 @@ class HiPAttention(Attention):
 
     def _layout(self, b, lq, lk, key_padding_mask, device):
         """(position of the r-th real key (B, Lk), visible real keys per row (B, Lq))."""
-        real = real_keys(b, lk, key_padding_mask, device)
+        real = real_keys(key_padding_mask, b, lk, device)
         order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
         if self.pattern is Pattern.CS:
             pos = query_positions(lq, lk, device)
@@ -134,7 +134,7 @@ class HiPAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk = k.shape[-2]
-        real = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real = real_keys(key_padding_mask, b, lk, q.device).cpu()
         qd, kd = q.detach(), k.detach()
         allowed = torch.zeros(b, h, lq, lk, dtype=torch.bool)
         kk, bk, scale = self.topk, self.block_size, softmax_scale(d)

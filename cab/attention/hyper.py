@@ -9,10 +9,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cab.attention._routing_util import gathered_attention, masked_softmax_rows, real_keys
+from cab.attention.engine.prepare import real_keys
+from cab.attention.engine.routing import gathered_attention
+from cab.attention.engine.scores import masked_softmax_rows
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
-from cab.attention.probsparse import sample_ranks
+from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.routing import sample_ranks
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -174,7 +176,7 @@ class HyperAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk = k.shape[-2]
-        real = real_keys(b, lk, key_padding_mask, q.device)
+        real = real_keys(key_padding_mask, b, lk, q.device)
         if self.pattern is not Pattern.CS:
             out, _ = self._noncausal(q, k, v, real[:, None].expand(b, h, lk), 1, torch.arange(h, device=q.device))
             return out

@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cab.attention._linear2_util import (causal_products, causal_products_flops, depthwise_conv,
-                                         depthwise_conv_reference, nonzero, real_keys, seeded_normal)
+from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
+from cab.attention.engine.prepare import nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype, softmax_scale
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -73,7 +75,7 @@ class InLineAttention(Attention):
             q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
         scale = softmax_scale(q.shape[-1])
         lq, lk = q.shape[-2], k.shape[-2]
-        real = real_keys(key_padding_mask, q.shape[0], lk, q.device, dtype)
+        real = key_weights(key_padding_mask, q.shape[0], lk, q.device, dtype)
         kr, vr = k * real, v * real
         if self.pattern is Pattern.CS:
             count = real.cumsum(dim=-2)  # (B|1, 1, L, 1)
@@ -103,7 +105,7 @@ class InLineAttention(Attention):
         weights = ((scores - mean) * inv + inv) * visible
         out = weights @ v
         if self.local is not None:
-            real = real_keys(key_padding_mask, q.shape[0], lk, q.device, q.dtype)
+            real = key_weights(key_padding_mask, q.shape[0], lk, q.device, q.dtype)
             if self.pattern is Pattern.CS and lq != lk:  # bottom-right: query i at key position i + lk - lq
                 local = depthwise_conv_reference(v * real, self.local, causal=True)
                 if lq <= lk:
@@ -137,7 +139,7 @@ class InLineAttention(Attention):
             raise ValueError(f"incremental decoding applies to CS and CC, not {self.pattern.value}")
         dtype = compute_dtype(k.dtype)
         k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
-        real = real_keys(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
+        real = key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
         kr, vr = k * real, v * real
         state = {"S": kr.transpose(-1, -2) @ v, "K": kr.sum(dim=-2), "V": vr.sum(dim=-2),
                  "N": real.sum(dim=-2).expand(k.shape[0], 1, 1).clone(memory_format=torch.contiguous_format)}

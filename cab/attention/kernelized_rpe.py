@@ -9,10 +9,12 @@ import math
 import torch
 from torch import nn
 
-from cab.attention._linear2_util import nonzero, real_keys, toeplitz_products, with_ones
+from cab.attention.engine.convolution import toeplitz_products
+from cab.attention.engine.prefix_sums import with_ones
+from cab.attention.engine.prepare import nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype
-from cab.attention.performer import _projections, orthogonal_gaussian_features
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.feature_map import projections, orthogonal_gaussian_features
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -91,7 +93,7 @@ class KernelizedRPEAttention(Attention):
 
     def _log_features(self, x: torch.Tensor, query: bool) -> torch.Tensor:
         """log phi(x) up to a per-row constant for queries: w^T x' (- |x'|^2 / 2 for keys), x' = x / d^(1/4)."""
-        log = _projections(x, self.omega.to(x.dtype))
+        log = projections(x, self.omega.to(x.dtype))
         if query:
             return log
         return log - (0.5 / x.shape[-1] ** 0.5) * (x * x).sum(dim=-1, keepdim=True)
@@ -139,7 +141,7 @@ class KernelizedRPEAttention(Attention):
             both = part if both is None else both + part
         out = both[..., :-1] / nonzero(both[..., -1:])
         # rows that see no real key: the FFT leaves round-off (not exact zeros) in their sums
-        real = real_keys(key_padding_mask, q.shape[0], lk, q.device, dtype)[..., 0]  # (B|1, 1, Lk)
+        real = key_weights(key_padding_mask, q.shape[0], lk, q.device, dtype)[..., 0]  # (B|1, 1, Lk)
         seen = real.cumsum(dim=-1)[..., :lq] if self.causal else real.sum(dim=-1, keepdim=True)
         out = out * (seen > 0).unsqueeze(-1).to(dtype)
         return out[:, :, drop:].to(out_dtype)

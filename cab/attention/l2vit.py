@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cab.attention._linear2_util import (depthwise_conv, depthwise_conv_reference, full_products, real_keys,
-                                         seeded_normal, with_ones)
+from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.prefix_sums import full_products, with_ones
+from cab.attention.engine.prepare import key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import attention_mask
 from cab.registry import register_attention
 
@@ -122,7 +124,7 @@ class L2ViTAttention(Attention):
             key_padding_mask = F.pad(key_padding_mask.bool(), (0, length - lk), value=True)
             k, v = F.pad(k, (0, 0, 0, length - lk)), F.pad(v, (0, 0, 0, length - lk))
         q = F.pad(q, (0, 0, 0, length - lq))
-        real = real_keys(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
+        real = key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
         a = self._global(q, k, v, real)
         a = a[:, :, :lq]
         out = 0.5 * (self._windows(q, k, v, key_padding_mask)[:, :, :lq] + a + self._lcm(a, rows))

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import (
-    block_tokens, pool_blocks, query_positions, real_keys, topk_valid,
-)
+from cab.attention.engine.prepare import query_positions, real_keys
+from cab.attention.engine.routing import block_tokens, pool_blocks, topk_valid
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
-from cab.patterns import Pattern
+from cab.attention.engine.prepare import softmax_scale
 from cab.registry import register_attention
 
 _ELEMENTS = 1 << 24
@@ -64,7 +62,7 @@ class LandmarkAttention(Attention):
 
     def _landmarks(self, k, key_padding_mask):
         b, _, lk, _ = k.shape
-        real = real_keys(b, lk, key_padding_mask, k.device)
+        real = real_keys(key_padding_mask, b, lk, k.device)
         marks, counts = pool_blocks(k, real, self.block_size)
         return real, marks, counts > 0
 
@@ -167,7 +165,7 @@ class LandmarkAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk, bs, scale = k.shape[-2], self.block_size, softmax_scale(d)
-        real = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real = real_keys(key_padding_mask, b, lk, q.device).cpu()
         nb = -(-lk // bs)
         out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
         for bi in range(b):

@@ -8,7 +8,7 @@ import math
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import compute_dtype
+from cab.attention.engine.prepare import compute_dtype
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

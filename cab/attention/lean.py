@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from cab.attention.base import repeat_kv
-from cab.attention.exact import KVCacheAttention, dense_matmul_flops, eager_attention
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.kv_cache import KVCacheAttention
+from cab.attention.engine.scores import dense_matmul_flops, masked_softmax_attention
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import attention_mask
 from cab.registry import register_attention
 
@@ -109,7 +110,7 @@ class LeanAttention(KVCacheAttention):
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Softmax attention with the full score matrix (cab's eager oracle)."""
-        return eager_attention(self, q, k, v, key_padding_mask)
+        return masked_softmax_attention(self, q, k, v, key_padding_mask)
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         return dense_matmul_flops(batch, self.num_heads, lq, lk, self.head_dim, self.head_dim)

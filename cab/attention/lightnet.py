@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cab.attention._linear2_util import causal_products, causal_products_flops, nonzero
+from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
+from cab.attention.engine.prepare import nonzero
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -4,22 +4,17 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import (align_bottom_right, causal_linear_attention, compute_dtype,
-                                      linear_attention)
+from cab.attention.engine.feature_map import elu_feature_map
+from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.attention.kernels import resolve_backend
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
 BACKENDS = ("auto", "torch", "triton")
 SCHEDULES = ("chunked", "sequential")  # cab.attention.kernels.linear's schedules of the causal kernel
-
-
-def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """phi(x) = elu(x) + 1 (paper Sec. 3.2, Eq. 7): positive, so every normaliser of real keys is > 0."""
-    return F.elu(x) + 1.0
 
 
 def _safe(den: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ normalization") so that outputs keep their scale at any resolution / length."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.attention.scattered_linear import segmented_linear_parts
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from cab.attention._linear_util import FeatureMapAttention
+from cab.attention.engine.feature_map import FeatureMapAttention
 from cab.registry import register_attention
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention import _blocksparse as bs
+from cab.attention.engine import blocksparse as bs
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -45,7 +45,7 @@ class LocalAttention(Attention):
     copy per window.
 
     `backend="flex"`: the same window and sinks as a FlexAttention mask_mod over a BlockMask listing, per 128
-    query rows, the key blocks of the window interval and the sink block(s) (cab's `_blocksparse` engine);
+    query rows, the key blocks of the window interval and the sink block(s) (cab's `engine.blocksparse` engine);
     on CPU its backward is autograd through the torch path (FlexAttention has no CPU backward).
     `computed_pairs` counts the scored (query, key) pairs of the running backend, `algorithmic_flops` the
     torch path's matmuls.

@@ -8,8 +8,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import repeat_kv
-from cab.attention.exact import KVCacheAttention
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.kv_cache import KVCacheAttention
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

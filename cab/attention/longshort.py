@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.registry import register_attention
 
 # CAB's defaults: AttentionLS (noncausal) uses windows of 15, CausalLS windows of 256

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import (
-    align_bottom_right, causal_linear_attention, compute_dtype, linear_attention, softmax_scale, zero_empty_rows,
-)
+from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale, zero_empty_rows
 from cab.registry import register_attention
 from cab.patterns import Pattern
 

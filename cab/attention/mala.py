@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cab.attention._linear_util import (DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, nonzero, prepare,
-                                        real_keys, tiled_product_flops, zero_padded)
+from cab.attention.engine.prefix_sums import (
+    DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, tiled_product_flops
+)
+from cab.attention.engine.prepare import nonzero, prepare, key_weights, zero_padded
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import compute_dtype
+from cab.attention.engine.prepare import compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -74,9 +76,7 @@ class MALAAttention(Attention):
 
         def keys(a, b):
             pad = None if key_padding_mask is None else key_padding_mask[:, a:b]
-            real = real_keys(pad, q)
-            if real is None:
-                real = torch.ones_like(k[:, :1, a:b, :1])
+            real = key_weights(pad, k.shape[0], b - a, k.device, k.dtype)
             return _phi(zero_padded(k[:, :, a:b], pad)) * real, v[:, :, a:b] * real, real
 
         outs = []
@@ -128,9 +128,7 @@ class MALAAttention(Attention):
         k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.to(device=k.device, dtype=torch.bool)
-        real = real_keys(key_padding_mask, k)
-        if real is None:
-            real = torch.ones_like(k[..., :1])
+        real = key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, k.dtype)
         phi_k, v = _phi(zero_padded(k, key_padding_mask)) * real, v * real
         count = real.expand(-1, self.num_heads, -1, -1).sum(dim=-2, keepdim=True)
         return phi_k.transpose(-1, -2) @ v, phi_k.sum(dim=-2, keepdim=True), v.sum(dim=-2, keepdim=True), count

@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cab.attention._linear2_util import real_keys, seeded_normal
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.prepare import key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, causal_linear_attention, compute_dtype, linear_attention
+from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -81,7 +83,7 @@ class MirrorLAAttention(Attention):
         if self.pattern is Pattern.CS:
             q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
         phi_q = self.features(q)
-        phi_k = self.features(k) * real_keys(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
+        phi_k = self.features(k) * key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
         if self.pattern is Pattern.CS:
             out = causal_linear_attention(phi_q, phi_k, v)
         else:
@@ -135,7 +137,7 @@ class MirrorLAAttention(Attention):
             raise ValueError(f"incremental decoding applies to CS and CC, not {self.pattern.value}")
         dtype = compute_dtype(k.dtype)
         k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
-        phi_k = self.features(k) * real_keys(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
+        phi_k = self.features(k) * key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
         return {"S": phi_k.transpose(-1, -2) @ v, "z": phi_k.sum(dim=-2)}
 
     def decode_step(self, state, q, k=None, v=None):

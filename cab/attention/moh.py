@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from cab.attention import _head_engine as engine
+from cab.attention.engine import head_windows
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.exact import eager_attention
+from cab.attention.engine.scores import masked_softmax_attention
 from cab.registry import register_attention
 
 
@@ -41,7 +41,7 @@ class MixtureOfHeadAttention(Attention):
     are (through the softmaxes), so W_s, W_r, W_h and q get gradients.
 
     Efficient path: per (batch, head) only the rows that activate the head are gathered and scored against
-    that head's keys (`_head_engine.full_row_outputs`), so an inactive (token, head) pair costs nothing;
+    that head's keys (`head_windows.full_row_outputs`), so an inactive (token, head) pair costs nothing;
     `computed_pairs` = active rows x Lk. Reference: every head densely, times the gates.
     """
 
@@ -106,13 +106,13 @@ class MixtureOfHeadAttention(Attention):
     def forward(self, q, k, v, key_padding_mask=None):
         heads = q.shape[1]
         k, v = repeat_kv(k, heads), repeat_kv(v, heads)
-        out = engine.full_row_outputs(q, k, v, key_padding_mask, self.pattern, self.active(q))
+        out = head_windows.full_row_outputs(q, k, v, key_padding_mask, self.pattern, self.active(q))
         return out * self.gates(q)[..., None]
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Every head densely (eager masked softmax), times the gates."""
-        heads = eager_attention(self, q, k, v, key_padding_mask)
+        heads = masked_softmax_attention(self, q, k, v, key_padding_mask)
         return heads * self.gates(q)[..., None]
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
-        return engine.full_row_pairs(self.active(q), q.shape[-2], k.shape[-2], self.pattern)
+        return head_windows.full_row_pairs(self.active(q), q.shape[-2], k.shape[-2], self.pattern)

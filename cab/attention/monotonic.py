@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention._routing_util import real_keys
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import real_keys
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.registry import register_attention
 
 _SELF = ("monotonic alignment aligns a target sequence to a separate source read left to right; on one "
@@ -134,7 +134,7 @@ class MonotonicAttention(Attention):
 
     @staticmethod
     def _real_and_last(padding: "torch.Tensor | None", batch: int, lk: int, device) -> "tuple[torch.Tensor, torch.Tensor]":
-        real = real_keys(batch, lk, padding, device)
+        real = real_keys(padding, batch, lk, device)
         index = torch.arange(lk, device=device).expand(batch, lk)
         last_index = torch.where(real, index, torch.full_like(index, -1)).amax(dim=-1, keepdim=True)
         return real[:, None, :], (index == last_index)[:, None, :]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._linear_util import FeatureMapAttention
+from cab.attention.engine.feature_map import FeatureMapAttention
 from cab.registry import register_attention
 
 NORM_FLOOR = 1e-12  # a zero query (e.g. an alignment row) has no direction: its features are 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._blocksparse import BlockSparseAttention, Layout, layout_from_boxes
+from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -123,7 +123,7 @@ _DOC_COMMON = """
     when that query lies past the end, so a row never depends on the sequence length), intersected with
     key <= query on every axis, so no key after the query is ever visible.
 
-    Efficient path: cab's block-sparse engine (`_blocksparse`): per query block, only the key blocks that
+    Efficient path: cab's block-sparse engine (`engine.blocksparse`): per query block, only the key blocks that
     intersect its neighbourhoods' bounding boxes are gathered and scored, masked to the exact neighbourhood
     (dilation gaps inside a box are scored and masked: a gathered-block implementation without NATTEN's
     token permutation pays them). `backend="flex"` runs the same block list and mask as a FlexAttention

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.registry import register_attention
 
 

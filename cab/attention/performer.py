@@ -8,27 +8,11 @@ import math
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, causal_linear_attention, compute_dtype, linear_attention
+from cab.attention.engine.feature_map import orthogonal_gaussian_features, projections
+from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
-
-
-def orthogonal_gaussian_features(num_features: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """(num_features, dim) block-orthogonal Gaussian directions with chi-distributed row norms (FAVOR+,
-    Choromanski et al. 2021 Sec. 2.4): each block of `dim` rows is the Q factor of a Gaussian matrix,
-    each row rescaled by the norm of an independent Gaussian vector so its marginal stays N(0, I)."""
-    blocks = []
-    for start in range(0, num_features, dim):
-        gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        ortho, _ = torch.linalg.qr(gaussian)
-        blocks.append(ortho.T[: min(dim, num_features - start)])
-    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=1)
-    return norms.unsqueeze(1) * torch.cat(blocks)
-
-
-def _projections(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """w_f^T x' for x' = x / d^(1/4) (the scaling folded into the (H, m, d) directions): (B, H, L, m)."""
-    return x @ (omega * x.shape[-1] ** -0.25).transpose(-1, -2)
 
 
 @register_attention(
@@ -76,10 +60,10 @@ class PerformerAttention(Attention):
         """Stabilised (phi(q), phi(k)) of shape (B, H, L, m), up to factors that cancel: a query's
         exp(-|q'|^2/2) and its row shift, the keys' common shift, 1/sqrt(m). Padded keys are zero."""
         omega = self._omega(q.dtype)
-        log_q = _projections(q, omega)
+        log_q = projections(q, omega)
         phi_q = torch.exp(log_q - log_q.amax(dim=-1, keepdim=True).detach())
         half_norm = (0.5 / k.shape[-1] ** 0.5) * torch.linalg.vector_norm(k, dim=-1, keepdim=True) ** 2
-        log_k = _projections(k, omega) - half_norm
+        log_k = projections(k, omega) - half_norm
         if key_padding_mask is not None:
             log_k = log_k.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
         shift = log_k.detach().amax(dim=(-2, -1), keepdim=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention._routing_util import real_keys
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import real_keys
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.registry import register_attention
 
 _CAUSAL_SELF = ("the latents pool segments of the whole sequence, so a query would read future tokens "
@@ -73,7 +73,7 @@ class PooledLatentAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
         b, _, lq, d = q.shape
         lk = k.shape[-2]
-        real = real_keys(b, lk, key_padding_mask, q.device)
+        real = real_keys(key_padding_mask, b, lk, q.device)
         if lk == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1]).to(out_dtype)
         scale = softmax_scale(d)

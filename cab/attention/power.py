@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._blocksparse import BlockSparseAttention, Layout, layout_from_boxes
+from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

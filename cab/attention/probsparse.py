@@ -9,38 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.routing import sample_ranks
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
-_MASK32 = 0xFFFFFFFF
 _SCORE_CHUNK = 1 << 18  # elements of gathered keys held at once while measuring sparsity
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32), split in 16-bit halves so nothing overflows int64."""
-    low, high = c & 0xFFFF, c >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (C. Wellons' lowbias32) on int64 tensors."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def sample_ranks(seed: int, rows: torch.Tensor, samples: int, counts: torch.Tensor) -> torch.Tensor:
-    """(B, Lq, samples) int64: for query row i and sample s, a key rank uniform in [0, counts[b, i]).
-
-    A counter-based hash of (seed, i, s), so the sample of a row depends on nothing but the seed, the row
-    index and how many keys it may see: appending padding or removing later rows leaves it unchanged."""
-    row_hash = _mix32(_mix32(torch.full_like(rows, (seed & _MASK32) ^ 0x9E3779B9)) ^ rows)
-    draws = torch.arange(samples, device=rows.device, dtype=torch.int64)
-    hashed = _mix32(row_hash[:, None] ^ _mix32(draws + 0x7F4A7C15)[None, :])  # (Lq, S)
-    return hashed[None] % counts.clamp_min(1)[..., None]
 
 
 def log_budget(factor: int, n: torch.Tensor) -> torch.Tensor:

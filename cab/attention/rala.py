@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cab.attention._linear2_util import nonzero, real_keys, seeded_normal
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.prepare import nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import attention_mask
 from cab.registry import register_attention
 
@@ -62,7 +63,7 @@ class RALAAttention(Attention):
         positions of the one sequence, queries included, and those are left out."""
         if self.cross or key_padding_mask is None or key_padding_mask.shape[-1] != phi_q.shape[-2]:
             return phi_q.mean(dim=-2, keepdim=True)
-        real = real_keys(key_padding_mask, phi_q.shape[0], phi_q.shape[-2], phi_q.device, phi_q.dtype)
+        real = key_weights(key_padding_mask, phi_q.shape[0], phi_q.shape[-2], phi_q.device, phi_q.dtype)
         return (phi_q * real).sum(dim=-2, keepdim=True) / nonzero(real.sum(dim=-2, keepdim=True))
 
     def _key_weights(self, phi_q: torch.Tensor, phi_k: torch.Tensor, key_padding_mask) -> torch.Tensor:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import (
-    block_tokens, gathered_attention, group_queries, pool_blocks, real_keys, real_queries, selection_count,
-    topk_valid,
+from cab.attention.engine.prepare import real_keys, real_queries
+from cab.attention.engine.routing import (
+    block_tokens, gathered_attention, group_queries, pool_blocks, selection_count, topk_valid
 )
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
-from cab.patterns import Pattern
+from cab.attention.engine.prepare import softmax_scale
 from cab.registry import register_attention
 
 _CAUSAL = ("the pooled query and key blocks that select and rectify mix every token of a block, so a "
@@ -68,7 +67,7 @@ class RectifiedSpaAttention(Attention):
     def _pooled(self, q, k, v, key_padding_mask):
         b, h, lq, d = q.shape
         lk, bs = k.shape[-2], self.block_size
-        real_k = real_keys(b, lk, key_padding_mask, q.device)
+        real_k = real_keys(key_padding_mask, b, lk, q.device)
         real_q = real_queries(self.pattern, real_k, lq)
         q_reg, _ = pool_blocks(q, real_q, bs)
         k_reg, counts = pool_blocks(k, real_k, bs)
@@ -120,7 +119,7 @@ class RectifiedSpaAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk, bs, scale = k.shape[-2], self.block_size, softmax_scale(d)
-        real_k = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real_k = real_keys(key_padding_mask, b, lk, q.device).cpu()
         real_q = real_queries(self.pattern, real_k, lq)
         out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
         for bi in range(b):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cab.attention._score_util import blocked_rows
+from cab.attention.engine.scores import blocked_rows
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

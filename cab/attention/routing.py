@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import gathered_attention, masked_softmax_reference, query_positions, real_keys
+from cab.attention.engine.prepare import query_positions, real_keys
+from cab.attention.engine.routing import gathered_attention
+from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -75,7 +77,7 @@ class RoutingAttention(Attention):
         """(idx (B, H, Lq, M), valid) keys of each query's cluster."""
         b, h, lq, _ = q.shape
         lk, c = k.shape[-2], self.num_clusters
-        real = real_keys(b, lk, key_padding_mask, q.device)
+        real = real_keys(key_padding_mask, b, lk, q.device)
         kc = torch.where(real[:, None, :], self.assign(k), c)  # padded keys in an extra cluster c
         qc = self.assign(q)
         order = torch.argsort(kc * lk + torch.arange(lk, device=q.device), dim=-1)  # by (cluster, position)
@@ -96,7 +98,7 @@ class RoutingAttention(Attention):
     def ema_update(self, q, k, key_padding_mask=None) -> None:
         """One EMA step of the centroids from the real queries and keys of a call (Eq. 12)."""
         k = repeat_kv(k, q.shape[1])
-        real = real_keys(k.shape[0], k.shape[-2], key_padding_mask, k.device)
+        real = real_keys(key_padding_mask, k.shape[0], k.shape[-2], k.device)
         xs = [(q, torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)), (k, real)]
         if not self.cross and q.shape[-2] == k.shape[-2]:
             xs[0] = (q, real)
@@ -133,7 +135,7 @@ class RoutingAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk = k.shape[-2]
-        real = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real = real_keys(key_padding_mask, b, lk, q.device).cpu()
 
         def cluster(x):
             x = x.detach() / x.detach().norm().clamp_min(1e-12)

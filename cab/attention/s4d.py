@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from cab.attention.functional import compute_dtype
+from cab.attention.engine.prepare import compute_dtype
 from cab.attention.base import Attention, repeat_kv
 from cab.registry import register_attention
 

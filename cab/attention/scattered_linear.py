@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern, attention_mask, segment_runs
 from cab.registry import register_attention
 

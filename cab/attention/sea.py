@@ -7,11 +7,11 @@ import math
 
 import torch
 
-from cab.attention._routing_util import (
-    block_tokens, gathered_attention, masked_softmax_reference, query_positions, real_keys, topk_valid,
-)
+from cab.attention.engine.prepare import query_positions, real_keys
+from cab.attention.engine.routing import block_tokens, gathered_attention, topk_valid
+from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -101,7 +101,7 @@ class SEAAttention(Attention):
         """(log A_hat (B, H, n, nb), allowed (B, H, n, nb)) for the query rows `rows` (default all)."""
         b, h, lq, _ = q.shape
         lk, bs = k.shape[-2], self.block_size
-        real_k = real_keys(b, lk, key_padding_mask, q.device)
+        real_k = real_keys(key_padding_mask, b, lk, q.device)
         rows = rows or slice(0, lq)
         with torch.no_grad():
             lk_feat = self._log_features(k)
@@ -133,7 +133,7 @@ class SEAAttention(Attention):
         scores, allowed = self.estimate(q, k, key_padding_mask, rows)
         blocks, ok = topk_valid(scores, allowed, self.topk)
         idx = block_tokens(blocks, bs)
-        real_k = real_keys(q.shape[0], lk, key_padding_mask, q.device)
+        real_k = real_keys(key_padding_mask, q.shape[0], lk, q.device)
         valid = ok.repeat_interleave(bs, dim=-1) & (idx < lk)
         valid = valid & real_k.gather(1, idx.clamp(max=lk - 1).reshape(q.shape[0], -1)).reshape(idx.shape)
         if self.pattern is Pattern.CS:
@@ -173,7 +173,7 @@ class SEAAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk, bs = k.shape[-2], self.block_size
-        real_k = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real_k = real_keys(key_padding_mask, b, lk, q.device).cpu()
 
         def features(x: torch.Tensor) -> torch.Tensor:
             heads = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cab.attention._score_util import RowwiseScoreAttention
+from cab.attention.engine.scores import RowwiseScoreAttention
 from cab.registry import register_attention
 
 ALL_PATTERNS = ("NS", "CS", "NC", "CC")

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from cab.attention._score_util import RowwiseScoreAttention
+from cab.attention.engine.scores import RowwiseScoreAttention
 from cab.registry import register_attention
 
 ALL_PATTERNS = ("NS", "CS", "NC", "CC")

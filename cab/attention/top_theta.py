@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention._routing_util import query_positions, real_keys
+from cab.attention.engine.prepare import query_positions, real_keys
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -93,7 +93,7 @@ class TopThetaAttention(Attention):
 
     def forward(self, q, k, v, key_padding_mask=None):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        real = real_keys(q.shape[0], k.shape[-2], key_padding_mask, q.device)
+        real = real_keys(key_padding_mask, q.shape[0], k.shape[-2], q.device)
         outs = []
         for rows in self._chunks(q, k.shape[-2]):
             s, visible, kept = self._rows(q, k, v, real, rows)
@@ -124,7 +124,7 @@ class TopThetaAttention(Attention):
     def kept_pairs(self, q, k, v, key_padding_mask=None) -> int:
         """(batch, head, query, key) pairs kept by the thresholds (those whose values are multiplied)."""
         k = repeat_kv(k, q.shape[1])
-        real = real_keys(q.shape[0], k.shape[-2], key_padding_mask, q.device)
+        real = real_keys(key_padding_mask, q.shape[0], k.shape[-2], q.device)
         with torch.no_grad():
             return sum(int(self._rows(q, k, k, real, rows)[2].sum()) for rows in self._chunks(q, k.shape[-2]))
 
@@ -133,7 +133,7 @@ class TopThetaAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk = k.shape[-2]
-        real = real_keys(b, lk, key_padding_mask, q.device).cpu()
+        real = real_keys(key_padding_mask, b, lk, q.device).cpu()
         out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
         for bi in range(b):
             for hi in range(h):

@@ -8,7 +8,7 @@ import math
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.registry import register_attention
 
 _SELF = ("Tree Cross Attention is defined for a query set retrieving from a separate context set (the tree is "

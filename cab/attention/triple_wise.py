@@ -9,10 +9,10 @@ import math
 
 import torch
 
-from cab.attention._score_util import blocked_rows, visible_keys
+from cab.attention.engine.scores import blocked_rows, visible_keys
 from cab.attention.base import repeat_kv
-from cab.attention.exact import KVCacheAttention
-from cab.attention.functional import compute_dtype
+from cab.attention.engine.kv_cache import KVCacheAttention
+from cab.attention.engine.prepare import compute_dtype
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -132,7 +132,7 @@ def test_conformance(name, pattern):
 def test_moa_multi_chunk_matches_explicit_mask(pattern, lq, lk):
     """Lengths past one 128-row chunk, heads with windows from 2 to ~150 keys: the chunked key ranges equal
     the explicit-mask form (outputs and gradients)."""
-    from cab.attention.engine import head_windows as engine
+    from cab.attention.engine import head_windows
 
     attn = create_attention("moa", pattern, 2, 4, alphas=(3, 20), betas=(0.0, 0.45), sinks=2)
     q, k, v = random_qkv(1, 2, 1, lq, lk, 4)
@@ -140,7 +140,7 @@ def test_moa_multi_chunk_matches_explicit_mask(pattern, lq, lk):
     pad[0, [1, 150]] = True
     hw = attn.half_widths(q, k, pad)
     out = attn(q, k, v, pad)
-    ref = engine.banded_reference(q, k, v, pad, attn.pattern, hw, 2)
+    ref = head_windows.banded_reference(q, k, v, pad, attn.pattern, hw, 2)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
     cot = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):

@@ -75,13 +75,13 @@ def test_check_plugin_file_positional(tmp_path, capsys):
     plugin = tmp_path / "my_submission.py"
     plugin.write_text(
         "import cab\n"
-        "from cab.attention.exact import eager_attention\n"
+        "from cab.attention.engine.scores import masked_softmax_attention\n"
         "@cab.register_attention('cli_submission', patterns=('NS', 'CS'), family='exact', exact=True)\n"
         "class Sub(cab.Attention):\n"
         "    def __init__(self, pattern, num_heads, head_dim):\n"
         "        super().__init__(pattern, num_heads, head_dim)\n"
         "    def forward(self, q, k, v, key_padding_mask=None):\n"
-        "        return eager_attention(self, q, k, v, key_padding_mask)\n"
+        "        return masked_softmax_attention(self, q, k, v, key_padding_mask)\n"
     )
     try:
         assert main(["check", str(plugin), "--pattern", "NS,CS,NC"]) == 0

@@ -22,7 +22,7 @@ import signal
 import sys
 
 import cab
-from cab.attention.exact import eager_attention
+from cab.attention.engine.scores import masked_softmax_attention
 
 
 @cab.register_attention("exec_misbehave", patterns=("NS",), family="test", exact=True)
@@ -40,7 +40,7 @@ class Misbehave(cab.Attention):
             raise RuntimeError(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
 
     def forward(self, q, k, v, key_padding_mask=None):
-        return eager_attention(self, q, k, v, key_padding_mask)
+        return masked_softmax_attention(self, q, k, v, key_padding_mask)
 '''
 
 

@@ -27,7 +27,7 @@ import os
 import time
 
 import cab
-from cab.attention.exact import eager_attention
+from cab.attention.engine.scores import masked_softmax_attention
 
 
 @cab.register_attention("pool_probe", patterns=("NS",), family="test", exact=True)
@@ -45,7 +45,7 @@ class Probe(cab.Attention):
             with open(self.log, "a") as f:
                 f.write(f"{self.tag} {os.getpid()} {start} {time.time()}\\n")
             self.logged = True
-        return eager_attention(self, q, k, v, key_padding_mask)
+        return masked_softmax_attention(self, q, k, v, key_padding_mask)
 '''
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 from cab.attention.local import LocalAttention
 from cab.patterns import Pattern, attention_mask
 
@@ -183,7 +183,7 @@ def dense_reference(q, k, v, key_padding_mask, pattern: Pattern, windows, sinks:
 
 # per-row windows (MoA's elastic spans: a row's window grows with the keys it can see) ---------------------
 
-def _band_chunks(lq: int, lk: int, hw_rows: torch.Tensor, causal: bool, min_rows: int = 128):
+def band_chunks(lq: int, lk: int, hw_rows: torch.Tensor, causal: bool, min_rows: int = 128):
     """Yield (first row, stop row, first key, stop key) of the row chunks of one head: each chunk has about
     max(min_rows, widest half-width) rows and scores the contiguous key range its rows' windows cover.
     hw_rows: (Lq,) the head's widest half-width per row over the batch."""
@@ -222,7 +222,7 @@ def banded_attention(q, k, v, key_padding_mask, pattern: Pattern, half_widths: t
     outs = []
     for h in range(heads):
         parts_h = []
-        for r0, r1, lo, hi in _band_chunks(lq, lk, widest[h], causal):
+        for r0, r1, lo, hi in band_chunks(lq, lk, widest[h], causal):
             pos = torch.arange(r0, r1, device=q.device) + offset
             kp = key_pos[lo:hi]
             gap = (pos[:, None] - kp[None, :])
@@ -250,7 +250,7 @@ def banded_pairs(batch: int, heads: int, lq: int, half_widths: torch.Tensor, cau
     widest = half_widths.long().expand(batch, heads, lq).amax(0).cpu()
     total = 0
     for h in range(heads):
-        for r0, r1, lo, hi in _band_chunks(lq, lk, widest[h], causal):
+        for r0, r1, lo, hi in band_chunks(lq, lk, widest[h], causal):
             total += (r1 - r0) * (hi - lo + min(sinks, lk))
     return batch * total
 

@@ -19,10 +19,58 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from cab.attention.base import repeat_kv
-from cab.attention.exact import KVCacheAttention
-from cab.attention.functional import compute_dtype, softmax_scale
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.kv_cache import KVCacheAttention
+from cab.attention.engine.prepare import compute_dtype, softmax_scale, zero_empty_rows
 from cab.patterns import Pattern
+
+
+def dense_matmul_flops(batch: int, heads: int, lq: int, lk: int, dk: int, dv: int) -> int:
+    """FLOPs of QK^T and PV over the full Lq x Lk score matrix."""
+    return 2 * batch * heads * lq * lk * (dk + dv)
+
+
+def masked_softmax_attention(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None",
+    segment_ids: "torch.Tensor | None" = None,
+) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d) + M) V with the full score matrix materialised (M also masks other segments
+    when segment_ids is given)."""
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    mask, empty = attn.visible(q.shape[-2], k.shape[-2], key_padding_mask, q.device, segment_ids)
+    scores = (q @ k.transpose(-1, -2)) * softmax_scale(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return zero_empty_rows(torch.softmax(scores, dim=-1) @ v, empty)
+
+
+
+def masked_softmax_rows(s, ok, vg):
+    """Softmax of the scores `s` over the slots where `ok`, times `vg`: (out, lse); rows with none give 0."""
+    s = s.masked_fill(~ok, float("-inf"))
+    mx = s.amax(-1, keepdim=True)
+    empty = torch.isinf(mx)
+    mx = torch.where(empty, torch.zeros_like(mx), mx)
+    e = torch.exp(s - mx)  # exactly 0 on invalid slots
+    den = e.sum(-1, keepdim=True)
+    safe = torch.where(empty, torch.ones_like(den), den)
+    lse = torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(safe))[..., 0]
+    return (e @ vg) / safe, lse
+
+
+def masked_softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Row by row: softmax over the allowed keys (allowed (B, H, Lq, Lk) bool), rows with none give 0."""
+    b, h, lq, _ = q.shape
+    out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(lq):
+                keys = allowed[bi, hi, i].nonzero().flatten()
+                if keys.numel() == 0:
+                    continue
+                w = torch.softmax((k[bi, hi, keys] @ q[bi, hi, i]) * scale, dim=0)
+                out[bi, hi, i] = w @ v[bi, hi, keys]
+    return out
 
 
 def visible_keys(pattern: Pattern, lq: int, lk: int, key_padding_mask: "torch.Tensor | None", b: int,

@@ -15,32 +15,10 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from cab.patterns import Pattern
+from cab.attention.engine.scores import masked_softmax_rows
 
+_MASK32 = 0xFFFFFFFF
 _GATHER_ELEMENTS = 1 << 24  # gathered key elements held at once by gathered_attention
-
-
-def real_keys(batch: int, lk: int, key_padding_mask, device) -> torch.Tensor:
-    """(B, Lk) bool, True = a real (not padded) key."""
-    if key_padding_mask is None:
-        return torch.ones(batch, lk, dtype=torch.bool, device=device)
-    return ~key_padding_mask.to(device=device, dtype=torch.bool)
-
-
-def query_positions(lq: int, lk: int, device) -> torch.Tensor:
-    """(Lq,) key position of each query in self patterns, bottom-right aligned: i + Lk - Lq."""
-    return torch.arange(lq, device=device) + (lk - lq)
-
-
-def real_queries(pattern: Pattern, real_k: torch.Tensor, lq: int) -> torch.Tensor:
-    """(B, Lq) bool: in self patterns a query is padding iff the key at its position is; cross queries are
-    all real."""
-    b, lk = real_k.shape
-    if pattern.cross:
-        return torch.ones(b, lq, dtype=torch.bool, device=real_k.device)
-    pos = query_positions(lq, lk, real_k.device)
-    inside = (pos >= 0) & (pos < lk)
-    return torch.where(inside, real_k[:, pos.clamp(0, lk - 1)], torch.ones_like(inside))
 
 
 def pool_blocks(x: torch.Tensor, real: torch.Tensor, block: int) -> "tuple[torch.Tensor, torch.Tensor]":
@@ -140,35 +118,6 @@ def _gathered_chunk(q, kf, vf, flat, ok, scale):
     return masked_softmax_rows(s, ok, vg)
 
 
-def masked_softmax_rows(s, ok, vg):
-    """Softmax of the scores `s` over the slots where `ok`, times `vg`: (out, lse); rows with none give 0."""
-    s = s.masked_fill(~ok, float("-inf"))
-    mx = s.amax(-1, keepdim=True)
-    empty = torch.isinf(mx)
-    mx = torch.where(empty, torch.zeros_like(mx), mx)
-    e = torch.exp(s - mx)  # exactly 0 on invalid slots
-    den = e.sum(-1, keepdim=True)
-    safe = torch.where(empty, torch.ones_like(den), den)
-    lse = torch.where(empty, torch.full_like(mx, float("-inf")), mx + torch.log(safe))[..., 0]
-    return (e @ vg) / safe, lse
-
-
-def masked_softmax_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """Row by row: softmax over the allowed keys (allowed (B, H, Lq, Lk) bool), rows with none give 0."""
-    b, h, lq, _ = q.shape
-    out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
-    for bi in range(b):
-        for hi in range(h):
-            for i in range(lq):
-                keys = allowed[bi, hi, i].nonzero().flatten()
-                if keys.numel() == 0:
-                    continue
-                w = torch.softmax((k[bi, hi, keys] @ q[bi, hi, i]) * scale, dim=0)
-                out[bi, hi, i] = w @ v[bi, hi, keys]
-    return out
-
-
 def selection_mask(idx: torch.Tensor, valid: torch.Tensor, group: int, lq: int, lk: int) -> torch.Tensor:
     """The dense (B, H, Lq, Lk) bool mask of a grouped selection (see gathered_attention)."""
     b, h, g, n = idx.shape
@@ -203,3 +152,29 @@ def ceil_div(a: int, b: int) -> int:
 
 def log2_ceil(n: int) -> int:
     return max(0, math.ceil(math.log2(max(1, n))))
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), split in 16-bit halves so nothing overflows int64."""
+    low, high = c & 0xFFFF, c >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (C. Wellons' lowbias32) on int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sample_ranks(seed: int, rows: torch.Tensor, samples: int, counts: torch.Tensor) -> torch.Tensor:
+    """(B, Lq, samples) int64: for query row i and sample s, a key rank uniform in [0, counts[b, i]).
+
+    A counter-based hash of (seed, i, s), so the sample of a row depends on nothing but the seed, the row
+    index and how many keys it may see: appending padding or removing later rows leaves it unchanged."""
+    row_hash = _mix32(_mix32(torch.full_like(rows, (seed & _MASK32) ^ 0x9E3779B9)) ^ rows)
+    draws = torch.arange(samples, device=rows.device, dtype=torch.int64)
+    hashed = _mix32(row_hash[:, None] ^ _mix32(draws + 0x7F4A7C15)[None, :])  # (Lq, S)
+    return hashed[None] % counts.clamp_min(1)[..., None]

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.functional import softmax_scale
+from cab.attention.engine.prepare import softmax_scale
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
