@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.prepare import nonzero, softmax_scale
 from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -24,11 +24,6 @@ def _shifted_exp(logits: torch.Tensor, key_padding_mask: "torch.Tensor | None") 
     shift = logits.detach().amax(dim=-2, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     return torch.exp(logits - shift)
-
-
-def _nonzero(x: torch.Tensor) -> torch.Tensor:
-    """x with zeros replaced by 1 (normalisers of rows that see no key; their numerators are 0 too)."""
-    return torch.where(x > 0, x, torch.ones_like(x))
 
 
 @register_attention(
@@ -72,8 +67,8 @@ class ABCAttention(Attention):
         """Noncausal (K~, V~), each (B, H, r, D), from all real keys."""
         ek = _shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)
         ev = _shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
-        keys = ek.transpose(-1, -2) @ k / _nonzero(ek.sum(dim=-2)).unsqueeze(-1)
-        values = ev.transpose(-1, -2) @ v / _nonzero(ev.sum(dim=-2)).unsqueeze(-1)
+        keys = ek.transpose(-1, -2) @ k / nonzero(ek.sum(dim=-2)).unsqueeze(-1)
+        values = ev.transpose(-1, -2) @ v / nonzero(ev.sum(dim=-2)).unsqueeze(-1)
         return keys, values
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> torch.Tensor:
@@ -82,7 +77,7 @@ class ABCAttention(Attention):
         c = CHUNK
         ek = _shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)  # (B, H, L, r)
         ev = _shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
-        zk, zv = _nonzero(ek.cumsum(dim=-2)), _nonzero(ev.cumsum(dim=-2))  # normalisers of the prefix
+        zk, zv = nonzero(ek.cumsum(dim=-2)), nonzero(ev.cumsum(dim=-2))  # normalisers of the prefix
         pad = (-length) % c
         n = (length + pad) // c
 

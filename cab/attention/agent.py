@@ -11,9 +11,9 @@ from torch import nn
 from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
 from cab.attention.engine.feature_map import seeded_normal
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
-from cab.attention.engine.prepare import nonzero, key_weights
+from cab.attention.engine.prepare import prepare, nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -108,13 +108,9 @@ class AgentAttention(Attention):
         return out
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
+        dtype = q.dtype
         scale = softmax_scale(q.shape[-1])
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
         agents = self.agents.to(dtype).unsqueeze(0) if self.causal else self._pooled_agents(q, key_padding_mask)
         e = _shifted_exp(k @ agents.transpose(-1, -2) * scale, key_padding_mask)  # (B, H, Lk, n_a)
         broadcast = torch.softmax(q @ agents.transpose(-1, -2) * scale, dim=-1)  # (B, H, Lq, n_a)

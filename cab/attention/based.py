@@ -104,7 +104,7 @@ class BasedAttention(Attention):
         s = self._project(q) @ self._project(k).transpose(-1, -2) / self.feature_dim ** 0.5
         kernel = (1 + s + 0.5 * s * s) * attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
         den = kernel.sum(dim=-1, keepdim=True)
-        linear = (kernel @ v) / torch.where(den > 0, den, torch.ones_like(den))
+        linear = (kernel @ v) / nonzero(den)
         return 0.5 * (linear + self.local.reference(q, k, v, key_padding_mask))
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -77,13 +77,9 @@ class CosformerAttention(Attention):
         return torch.cat([relu * torch.sin(angle), relu * torch.cos(angle)], dim=-1)
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        horizon = self.horizon(q.shape[-2], k.shape[-2], key_padding_mask, q.device).to(dtype)
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        horizon = self.horizon(q.shape[-2], k.shape[-2], key_padding_mask, q.device).to(compute_dtype(q.dtype))
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
+        dtype = q.dtype
         positions_q = torch.arange(q.shape[-2], device=q.device, dtype=dtype)
         positions_k = torch.arange(k.shape[-2], device=q.device, dtype=dtype)
         phi_q = self._features(q, positions_q, horizon)
@@ -109,4 +105,4 @@ class CosformerAttention(Attention):
         weights = (F.relu(q) @ F.relu(k).transpose(-1, -2)) * reweight
         weights = weights * attention_mask(self.pattern, lq, lk, key_padding_mask, q.device)
         den = weights.sum(dim=-1, keepdim=True)
-        return (weights @ v) / torch.where(den > 0, den, torch.ones_like(den))
+        return (weights @ v) / nonzero(den)

@@ -10,9 +10,9 @@ from torch import nn
 from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
 from cab.attention.engine.feature_map import seeded_normal
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
-from cab.attention.engine.prepare import nonzero, key_weights
+from cab.attention.engine.prepare import prepare, nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -67,12 +67,8 @@ class InLineAttention(Attention):
         return out
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
+        dtype = q.dtype
         scale = softmax_scale(q.shape[-1])
         lq, lk = q.shape[-2], k.shape[-2]
         real = key_weights(key_padding_mask, q.shape[0], lk, q.device, dtype)

@@ -11,9 +11,9 @@ from torch import nn
 
 from cab.attention.engine.convolution import toeplitz_products
 from cab.attention.engine.prefix_sums import with_ones
-from cab.attention.engine.prepare import nonzero, key_weights
+from cab.attention.engine.prepare import prepare, nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import compute_dtype
 from cab.attention.engine.feature_map import projections, orthogonal_gaussian_features
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
@@ -119,12 +119,8 @@ class KernelizedRPEAttention(Attention):
         return phi_q, torch.exp(log_k - shift)
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype = q.dtype
         dtype = _FFT_DTYPE  # float64 whatever the inputs: see the class docstring
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask, dtype)
         lq, lk = q.shape[-2], k.shape[-2]
         phi_q, phi_k = self._features(q, k, key_padding_mask)
         # kernel over offsets i - j = -(lk-1) .. lq-1, i.e. r = j - i = lk-1 .. -(lq-1)
@@ -162,7 +158,7 @@ class KernelizedRPEAttention(Attention):
         kernel = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(bias)
         kernel = kernel * attention_mask(self.pattern, lq, lk, key_padding_mask, q.device)
         den = kernel.sum(dim=-1, keepdim=True)
-        return (kernel @ v) / torch.where(den > 0, den, torch.ones_like(den))
+        return (kernel @ v) / nonzero(den)
 
     # decoding -------------------------------------------------------------------------------------------
 

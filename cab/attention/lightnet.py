@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
-from cab.attention.engine.prepare import nonzero
+from cab.attention.engine.prepare import prepare, nonzero
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -52,11 +52,8 @@ class LightNetAttention(Attention):
     complexity = {"time": 1, "memory": 1}
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
         if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
             e = _shifted_exp(k, key_padding_mask)
             phi_q = F.silu(q) / nonzero(e.cumsum(dim=-2))
             return causal_products(phi_q, e, v)[:, :, drop:].to(out_dtype)

@@ -8,18 +8,13 @@ import torch
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import elu_feature_map
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
 from cab.attention.kernels import resolve_backend
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
 BACKENDS = ("auto", "torch", "triton")
 SCHEDULES = ("chunked", "sequential")  # cab.attention.kernels.linear's schedules of the causal kernel
-
-
-def _safe(den: torch.Tensor) -> torch.Tensor:
-    """A normaliser with zeros replaced by 1 (a row whose only keys are padding has a zero numerator)."""
-    return torch.where(den > 0, den, torch.ones_like(den))
 
 
 @register_attention(
@@ -73,12 +68,8 @@ class LinearEluAttention(Attention):
     def forward(self, q, k, v, key_padding_mask=None):
         backend = resolve_backend(self.requested_backend, "linear_elu", q.device, q.dtype)
         self.backend = backend
-        out_dtype = q.dtype
-        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        drop = 0
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask, q.dtype)
         causal = self.pattern is Pattern.CS
-        if causal:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
         if backend == "triton":
             from cab.attention.kernels.linear import causal_linear_attention as causal_kernel
             from cab.attention.kernels.linear import noncausal_linear_attention as noncausal_kernel
@@ -90,7 +81,7 @@ class LinearEluAttention(Attention):
                 num, den = causal_kernel(phi_q, phi_k, v, with_normaliser=True, schedule=self.kernel_schedule)
             else:
                 num, den = noncausal_kernel(phi_q, phi_k, v, with_normaliser=True)
-            out = num.to(den.dtype) / _safe(den).unsqueeze(-1)
+            out = num.to(den.dtype) / nonzero(den).unsqueeze(-1)
         else:
             dtype = compute_dtype(q.dtype)
             phi_q, phi_k = self._features(q.to(dtype), k.to(dtype), key_padding_mask)
@@ -103,7 +94,7 @@ class LinearEluAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         weights = elu_feature_map(q) @ elu_feature_map(k).transpose(-1, -2)
         weights = weights * attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
-        return (weights @ v) / _safe(weights.sum(dim=-1, keepdim=True))
+        return (weights @ v) / nonzero(weights.sum(dim=-1, keepdim=True))
 
     # incremental decoding ----------------------------------------------------------------------------------
 
@@ -121,5 +112,5 @@ class LinearEluAttention(Attention):
             phi_k = elu_feature_map(k)
             kv, z = kv + phi_k.transpose(-1, -2) @ v, z + phi_k.sum(dim=-2)
         phi_q = elu_feature_map(q.to(kv.dtype))
-        out = (phi_q @ kv) / _safe(phi_q @ z.unsqueeze(-1))
+        out = (phi_q @ kv) / nonzero(phi_q @ z.unsqueeze(-1))
         return out.to(q.dtype), (kv, z)

@@ -11,7 +11,7 @@ from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale, zero_empty_rows
+from cab.attention.engine.prepare import nonzero, prepare, compute_dtype, softmax_scale, zero_empty_rows
 from cab.registry import register_attention
 from cab.patterns import Pattern
 
@@ -75,11 +75,8 @@ class LongVQAttention(Attention):
             return distance.argmin(dim=-1)
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
+        dtype = q.dtype
         codes = self.codebook.to(dtype)
         logits = (q @ codes.transpose(-1, -2)) * softmax_scale(q.shape[-1])  # (B, H, Lq, S)
         phi_q = torch.exp(logits - logits.detach().amax(dim=-1, keepdim=True))
@@ -142,5 +139,5 @@ class LongVQAttention(Attention):
         logits = (q @ self.codebook.to(dtype).transpose(-1, -2)) * softmax_scale(q.shape[-1])
         phi_q = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
         den = phi_q @ new.counts.unsqueeze(-1)
-        out = (phi_q @ new.values) / torch.where(den > 0, den, torch.ones_like(den))
+        out = (phi_q @ new.values) / nonzero(den)
         return out.to(q.dtype), new

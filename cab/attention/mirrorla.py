@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from cab.attention.engine.feature_map import seeded_normal
-from cab.attention.engine.prepare import key_weights
+from cab.attention.engine.prepare import nonzero, prepare, key_weights
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -76,12 +76,8 @@ class MirrorLAAttention(Attention):
         return torch.relu(self.reflect(x))
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
+        dtype = q.dtype
         phi_q = self.features(q)
         phi_k = self.features(k) * key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
         if self.pattern is Pattern.CS:
@@ -119,7 +115,7 @@ class MirrorLAAttention(Attention):
         kernel = phi(q) @ phi(k).transpose(-1, -2)
         kernel = kernel * attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
         den = kernel.sum(dim=-1, keepdim=True)
-        return (kernel @ v) / torch.where(den > 0, den, torch.ones_like(den))
+        return (kernel @ v) / nonzero(den)
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         h, d = self.num_heads, self.head_dim
@@ -156,5 +152,5 @@ class MirrorLAAttention(Attention):
         phi_q = self.features(q)
         num = phi_q @ state["S"]
         den = phi_q @ state["z"].unsqueeze(-1)
-        out = num / torch.where(den > 0, den, torch.ones_like(den))
+        out = num / nonzero(den)
         return out.to(out_dtype), state

@@ -10,7 +10,7 @@ import torch
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import orthogonal_gaussian_features, projections
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -71,12 +71,7 @@ class PerformerAttention(Attention):
         return phi_q, torch.exp(log_k - shift)
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
         phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)
         if self.pattern is Pattern.CS:
             out = causal_linear_attention(phi_q, phi_k, v)
@@ -100,5 +95,5 @@ class PerformerAttention(Attention):
             visible = attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)[:, 0]
             kernel = kernel * visible
             den = kernel.sum(dim=-1, keepdim=True)
-            outputs.append((kernel @ v[:, h]) / torch.where(den > 0, den, torch.ones_like(den)))
+            outputs.append((kernel @ v[:, h]) / nonzero(den))
         return torch.stack(outputs, dim=1)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
 from cab.attention.engine.feature_map import elu_feature_map
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
@@ -72,9 +72,7 @@ class _FlaLinear(Attention):
         if reason:
             raise RuntimeError(f"{self.name}: {reason}")
         op = fla_operator(self.fla_kind)
-        out_dtype = q.dtype
-        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask, q.dtype)
         phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
         if key_padding_mask is not None:
             phi_k = phi_k.masked_fill(key_padding_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None], 0.0)
@@ -85,7 +83,7 @@ class _FlaLinear(Attention):
         work = compute_dtype(out_dtype)
         num = num.transpose(1, 2).to(work)
         den = (phi_q.to(work) * phi_k.to(work).cumsum(dim=-2)).sum(dim=-1, keepdim=True)
-        out = num / torch.where(den > 0, den, torch.ones_like(den))
+        out = num / nonzero(den)
         return out[:, :, drop:].to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
@@ -94,7 +92,7 @@ class _FlaLinear(Attention):
         weights = elu_feature_map(q) @ elu_feature_map(k).transpose(-1, -2)
         weights = weights * attention_mask(Pattern.CS, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
         den = weights.sum(dim=-1, keepdim=True)
-        return (weights @ v) / torch.where(den > 0, den, torch.ones_like(den))
+        return (weights @ v) / nonzero(den)
 
 
 @register_attention("fla_chunk_linear", patterns=("CS",), family="linear", exact=False, citation=_CITATION,

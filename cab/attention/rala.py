@@ -105,7 +105,7 @@ class RALAAttention(Attention):
         alpha = raw / torch.where(raw.sum(-1, keepdim=True) > 0, raw.sum(-1, keepdim=True), torch.ones_like(raw[..., :1]))
         weights = (phi_q @ phi_k.transpose(-1, -2)) * alpha * visible
         den = weights.sum(dim=-1, keepdim=True)
-        out = (weights @ v) / torch.where(den > 0, den, torch.ones_like(den))
+        out = (weights @ v) / nonzero(den)
         return self._gate(q, out)
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):

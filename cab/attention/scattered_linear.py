@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
 from cab.patterns import Pattern, attention_mask, segment_runs
 from cab.registry import register_attention
 
@@ -19,7 +19,7 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
     """num / (den + eps); with eps == 0 a zero normaliser (no visible key, or phi(q) = 0) gives 0."""
     if eps > 0:
         return num / (den + eps)
-    return num / torch.where(den > 0, den, torch.ones_like(den))
+    return num / nonzero(den)
 
 
 def _carried(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rc: torch.Tensor,
@@ -173,11 +173,7 @@ class ScatteredLinearAttention(Attention):
 
     def forward(self, q, k, v, key_padding_mask=None, *, segment_ids=None):
         segment_ids = self.segments(segment_ids, q, k)
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        drop = 0
-        if self.pattern is Pattern.CS:
-            q, k, v, key_padding_mask, drop = align_bottom_right(q, k, v, key_padding_mask)
+        q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
         phi_q, phi_k = self._features(q, k, key_padding_mask)
         if segment_ids is None and self.pattern is Pattern.NS:
             num = phi_q @ (phi_k.transpose(-1, -2) @ v)
