@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -57,17 +58,12 @@ class ClearAttention(BlockSparseAttention):
         return _div(p, self.width), torch.remainder(p, self.width)
 
     def mask_fn(self, lq, lk, extent=None):
-        causal = self.pattern is Pattern.CS
-        offset = lk - lq if causal else 0
-
-        def mask(b, h, i, j):
-            p = i + offset
+        def circle(b, h, p, j):
             r, c = self._coords(p)
             rj, cj = self._coords(j)
-            vis = (r - rj) ** 2 + (c - cj) ** 2 <= self.radius ** 2
-            return vis & (j <= p) if causal else vis
+            return (r - rj) ** 2 + (c - cj) ** 2 <= self.radius ** 2
 
-        return mask
+        return aligned(self.pattern, lq, lk, circle)
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS

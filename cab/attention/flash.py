@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.masks import and_masks, causal_mask, padding_mask
 from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -408,19 +409,15 @@ class FlexAttention(Attention):
             return self._block_masks[key]
         from torch.nn.attention.flex_attention import create_block_mask
 
-        offset = lk - lq
-        if pad is None:
-            def mask_mod(b, h, i, j):
-                return j <= i + offset
-        elif causal:
-            def mask_mod(b, h, i, j):
-                return ~pad[b, j] & (j <= i + offset)
-        else:
-            def mask_mod(b, h, i, j):
-                return ~pad[b, j]
         if pad is not None:
             pad = pad.clone()  # the mask_mod's own copy, its batch kept static (see static_batch)
             static_batch(pad)
+        if pad is None:
+            mask_mod = causal_mask(lq, lk)
+        elif causal:
+            mask_mod = and_masks(padding_mask(pad), causal_mask(lq, lk))
+        else:
+            mask_mod = padding_mask(pad)
         block_mask = create_block_mask(mask_mod, None if pad is None else batch, None, lq, lk, device=device)
         self._block_masks[key] = block_mask
         if len(self._block_masks) > _BLOCK_MASK_CACHE:

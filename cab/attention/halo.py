@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -65,11 +66,9 @@ class HaloAttention(BlockSparseAttention):
         return start - self.halo, start + self.block - 1 + self.halo
 
     def mask_fn(self, lq, lk, extent=None):
-        causal = self.pattern is Pattern.CS
-        offset = lk - lq if causal else 0
+        causal = self.causal
 
-        def mask(b, h, i, j):
-            p = i + offset
+        def mask(b, h, p, j):
             r, c = self._coords(p, lk)
             rj, cj = self._coords(j, lk)
             c_lo, c_hi = self._range(c)
@@ -81,7 +80,7 @@ class HaloAttention(BlockSparseAttention):
                 vis = vis & (cj <= c) & (rj <= r)
             return vis
 
-        return mask
+        return aligned(self.pattern, lq, lk, mask)
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS

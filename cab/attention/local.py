@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned, key_prefix, or_masks, sliding_window
 from cab.attention.engine import blocksparse as bs
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import softmax_scale
@@ -70,17 +71,7 @@ class LocalAttention(Attention):
 
     def mask_fn(self, lq: int, lk: int):
         """visible(b, h, i, j) of the window and the sinks (no padding), as index-tensor ops (a mask_mod)."""
-        causal = self.pattern is Pattern.CS
-        offset = lk - lq if causal else 0
-        w, s = self.window, self.sinks
-
-        def mask(b, h, i, j):
-            gap = i + offset - j
-            if causal:
-                return (gap >= 0) & ((gap <= w) | (j < s))
-            return (gap.abs() <= w) | (j < s)
-
-        return mask
+        return aligned(self.pattern, lq, lk, or_masks(sliding_window(self.window), key_prefix(self.sinks)))
 
     def block_layout(self, lq: int, lk: int, block: int) -> "bs.Layout":
         """Key blocks per query block of `block` rows: the window's interval plus the sink keys."""

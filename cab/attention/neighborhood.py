@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -65,13 +66,10 @@ class _Neighborhood(BlockSparseAttention):
         return (n + self.width - 1) // self.width, self.width
 
     def mask_fn(self, lq, lk, extent=None):
-        causal = self.pattern is Pattern.CS
-        offset = lk - lq if causal else 0
-        kw = dict(kernel=self.kernel_size, dilation=self.dilation, stride=self.stride, causal=causal)
+        kw = dict(kernel=self.kernel_size, dilation=self.dilation, stride=self.stride, causal=self.causal)
         ext = torch.tensor([lk]) if extent is None else extent
 
-        def mask(b, h, i, j):
-            p = i + offset
+        def mask(b, h, p, j):
             n = ext.to(p.device)[b] if extent is not None else lk
             if self.width == 0:
                 return _axis_visible(p, j, n, **kw)
@@ -80,7 +78,7 @@ class _Neighborhood(BlockSparseAttention):
             rj, cj = torch.div(j, cols, rounding_mode="floor"), torch.remainder(j, cols)
             return _axis_visible(r, rj, rows, **kw) & _axis_visible(c, cj, cols, **kw)
 
-        return mask
+        return aligned(self.pattern, lq, lk, mask)
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -60,20 +61,12 @@ class PowerAttention(BlockSparseAttention):
                 f"backend={self.backend}")
 
     def mask_fn(self, lq, lk, extent=None):
-        causal = self.pattern is Pattern.CS
-        offset = lk - lq if causal else 0
-
-        def mask(b, h, i, j):
-            p = i + offset
+        def blocks(b, h, p, j):
             kb = _div(j, self.block)
-            d = _div(p, self.block) - kb
-            dist = d if causal else d.abs()
-            vis = (dist >= 0) & ((dist <= self.window) | _is_power_of_two(dist) | (kb < self.sinks))
-            if not causal:
-                vis = vis | (kb < self.sinks)
-            return vis & (j <= p) if causal else vis
+            dist = (_div(p, self.block) - kb).abs()  # causal rows only see dist = d >= 0
+            return (dist <= self.window) | _is_power_of_two(dist) | (kb < self.sinks)
 
-        return mask
+        return aligned(self.pattern, lq, lk, blocks)
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS

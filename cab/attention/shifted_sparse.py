@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -39,8 +40,6 @@ class _Shifted(BlockSparseAttention):
         return h >= self.num_heads // 2 if self.num_heads > 1 else torch.zeros_like(h, dtype=torch.bool)
 
     def mask_fn(self, lq, lk, extent=None):
-        causal = self.pattern is Pattern.CS
-        offset = lk - lq if causal else 0
         g, half = self.group_size, self.group_size // 2
         wrap = self.extent_dependent
 
@@ -49,18 +48,16 @@ class _Shifted(BlockSparseAttention):
                 return torch.where(shifted, _div(torch.remainder(x - half, n), g), _div(x, g))
             return torch.where(shifted, _div(x + half, g), _div(x, g))
 
-        def mask(b, h, i, j):
-            p = i + offset
+        def mask(b, h, p, j):
             shifted = self._shifted(h)
             n = extent.clamp(min=1).to(p.device)[b] if wrap else lk
             if wrap:  # keys past the element's extent keep their own (unrolled) group
                 same = torch.where(j < n, group(p, shifted, n) == group(j, shifted, n), False)
             else:
                 same = group(p, shifted, n) == group(j, shifted, n)
-            vis = same | (j < self.sinks)
-            return vis & (j <= p) if causal else vis
+            return same | (j < self.sinks)
 
-        return mask
+        return aligned(self.pattern, lq, lk, mask)
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS

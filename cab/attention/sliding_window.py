@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import torch
 
+from cab.attention.engine.masks import and_masks, padding_mask
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.flash import static_batch
 from cab.attention.kernels import resolve_backend
@@ -113,18 +114,8 @@ class SlidingWindowAttention(Attention):
         if key in self._block_masks:
             self._block_masks.move_to_end(key)
             return self._block_masks[key]
-        offset, w, s, causal = (lk - lq if self.causal else 0), self.window, self.sinks, self.causal
-
-        def mask_mod(b, h, i, j):
-            p = i + offset
-            if causal:
-                vis = (j <= p) & ((p - j <= w) | (j < s))
-            else:
-                vis = ((p - j).abs() <= w) | (j < s)
-            if pad is not None:
-                vis = vis & ~pad[b, j]
-            return vis
-
+        window = self._torch.mask_fn(lq, lk)
+        mask_mod = window if pad is None else and_masks(window, padding_mask(pad))
         block_mask = create_block_mask(mask_mod, None if pad is None else batch, None, lq, lk, device=device)
         self._block_masks[key] = block_mask
         if len(self._block_masks) > _BLOCK_MASK_CACHE:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned, sliding_window
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -82,13 +83,7 @@ class SWATAttention(BlockSparseAttention):
         return lk - lq if self.pattern is Pattern.CS else 0
 
     def mask_fn(self, lq, lk, extent=None):
-        causal, offset, w = self.pattern is Pattern.CS, self._offset(lq, lk), self.window
-
-        def mask(b, h, i, j):
-            gap = i + offset - j
-            return ((gap >= 0) & (gap <= w)) if causal else (gap.abs() <= w)
-
-        return mask
+        return aligned(self.pattern, lq, lk, sliding_window(self.window))
 
     def score_mod(self, lq, lk):
         offset = self._offset(lq, lk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.engine.masks import aligned
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_block_mask
 from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import repeat_kv
@@ -86,21 +87,18 @@ class WindowGlobalRandomAttention(BlockSparseAttention):
         return out
 
     def mask_fn(self, lq, lk, extent=None):
-        causal = self.pattern is Pattern.CS
-        offset = lk - lq if causal else 0
         ext = None if extent is None else (extent + self.block - 1) // self.block
 
-        def mask(b, h, i, j):
-            p = i + offset
+        def mask(b, h, p, j):
             m = torch.div(p, self.block, rounding_mode="floor")
             n = torch.div(j, self.block, rounding_mode="floor")
             vis = ((m - n).abs() <= self.window // 2) | (n < self.global_blocks) | (m < self.global_blocks)
             blocks = ext.to(p.device)[b] if ext is not None else torch.full_like(m, -(-lk // self.block))
             for draw in self._random(h, m, blocks):
                 vis = vis | (draw == n)
-            return vis & (j <= p) if causal else vis
+            return vis
 
-        return mask
+        return aligned(self.pattern, lq, lk, mask)
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         """Per head: the block mask at the pattern's block size, mapped onto the engine's tiles."""
