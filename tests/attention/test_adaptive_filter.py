@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cab import UnsupportedPattern, create_attention
-from cab.attention.adaptive_filter import rotate
+from cab.attention.adaptive_filter_attention import rotate
 from cab.check import run_conformance
 from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
