@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from cab.analysis.stats import Value, bootstrap_medians, has_spread, medians, sample_sets, t_quantile
+from cab.analysis.stats import Value, bootstrap_medians, has_spread, medians, sample_sets
+from cab.stats import student_t_quantile
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,6 @@ def complexity_exponent(
         residual = log_y - (intercept + slope * log_x)
         dof = x.size - 2
         stderr = math.sqrt(float(np.dot(residual, residual)) / dof / float(np.sum((log_x - log_x.mean()) ** 2)))
-        half = t_quantile(1.0 - tail, dof) * stderr
+        half = student_t_quantile(1.0 - tail, dof) * stderr
         return Exponent(slope, slope - half, slope + half, fitted, "t")
     return Exponent(slope, None, None, fitted, "none")
