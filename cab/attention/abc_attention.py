@@ -8,22 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.feature_map import shifted_exp
 from cab.attention.engine.prepare import nonzero, softmax_scale
 from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
 CHUNK = 64  # rows per chunk of the causal path
-
-
-def _shifted_exp(logits: torch.Tensor, key_padding_mask: "torch.Tensor | None") -> torch.Tensor:
-    """exp(logits - c) with c the per-(batch, head, slot) maximum over the real positions (detached; it
-    cancels in every normalised quantity); padded positions get 0. logits (B, H, L, r)."""
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
-    shift = logits.detach().amax(dim=-2, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    return torch.exp(logits - shift)
 
 
 @register_attention(
@@ -65,8 +56,8 @@ class ABCAttention(Attention):
 
     def _memory(self, k: torch.Tensor, v: torch.Tensor, key_padding_mask) -> "tuple[torch.Tensor, torch.Tensor]":
         """Noncausal (K~, V~), each (B, H, r, D), from all real keys."""
-        ek = _shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)
-        ev = _shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
+        ek = shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)
+        ev = shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
         keys = ek.transpose(-1, -2) @ k / nonzero(ek.sum(dim=-2)).unsqueeze(-1)
         values = ev.transpose(-1, -2) @ v / nonzero(ev.sum(dim=-2)).unsqueeze(-1)
         return keys, values
@@ -75,8 +66,8 @@ class ABCAttention(Attention):
         """Chunked causal ABC for Lq == Lk (see the class docstring)."""
         batch, heads, length, dim = q.shape
         c = CHUNK
-        ek = _shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)  # (B, H, L, r)
-        ev = _shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
+        ek = shifted_exp(k @ self.control_k.to(k.dtype), key_padding_mask)  # (B, H, L, r)
+        ev = shifted_exp(v @ self.control_v.to(v.dtype), key_padding_mask)
         zk, zv = nonzero(ek.cumsum(dim=-2)), nonzero(ev.cumsum(dim=-2))  # normalisers of the prefix
         pad = (-length) % c
         n = (length + pad) // c

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
-from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.kv_cache import check_step_inputs
+from cab.attention.engine.feature_map import seeded_normal, shifted_exp
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
 from cab.attention.engine.prepare import prepare, nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
@@ -38,15 +39,6 @@ def pooling_matrix(lq: int, agents: int, real: "torch.Tensor | None", device, dt
     member = (rank[:, None, :] >= start) & (rank[:, None, :] < stop) & ok[:, None, :]
     weights = member.to(dtype)
     return weights / nonzero(weights.sum(dim=-1, keepdim=True))
-
-
-def _shifted_exp(logits: torch.Tensor, key_padding_mask: "torch.Tensor | None") -> torch.Tensor:
-    """exp(logits - c), logits (B, H, Lk, n_a), c the detached per-agent maximum over real keys; 0 for padding."""
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
-    shift = logits.detach().amax(dim=-2, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    return torch.exp(logits - shift)
 
 
 @register_attention(
@@ -112,7 +104,7 @@ class AgentAttention(Attention):
         dtype = q.dtype
         scale = softmax_scale(q.shape[-1])
         agents = self.agents.to(dtype).unsqueeze(0) if self.causal else self._pooled_agents(q, key_padding_mask)
-        e = _shifted_exp(k @ agents.transpose(-1, -2) * scale, key_padding_mask)  # (B, H, Lk, n_a)
+        e = shifted_exp(k @ agents.transpose(-1, -2) * scale, key_padding_mask)  # (B, H, Lk, n_a)
         broadcast = torch.softmax(q @ agents.transpose(-1, -2) * scale, dim=-1)  # (B, H, Lq, n_a)
         if self.pattern is Pattern.CS:
             out = causal_products(broadcast / nonzero(e.cumsum(dim=-2)), e, v)
@@ -183,7 +175,7 @@ class AgentAttention(Attention):
         agents = self.agents.to(dtype).unsqueeze(0)
         logits = k @ agents.transpose(-1, -2) * softmax_scale(k.shape[-1])  # (B, H, L0, n_a)
         if self.cross:
-            e = _shifted_exp(logits, key_padding_mask)
+            e = shifted_exp(logits, key_padding_mask)
             return {"values": (e.transpose(-1, -2) @ v) / nonzero(e.sum(dim=-2).unsqueeze(-1))}
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
@@ -208,12 +200,9 @@ class AgentAttention(Attention):
         agents = self.agents.to(dtype).unsqueeze(0)
         scale = softmax_scale(q.shape[-1])
         broadcast = torch.softmax(q @ agents.transpose(-1, -2) * scale, dim=-1)  # (B, H, 1, n_a)
+        check_step_inputs(self, k, v)
         if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
             return (broadcast @ state["values"]).to(out_dtype), state
-        if k is None or v is None:
-            raise ValueError("causal self decoding needs the new token's key and value")
         k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
         logit = (k @ agents.transpose(-1, -2) * scale)[:, :, 0]  # (B, H, n_a)
         m = torch.maximum(state["m"], logit)

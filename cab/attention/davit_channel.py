@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prepare import real_keys
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
@@ -149,13 +150,10 @@ class ChannelAttention(Attention):
 
     def decode_step(self, state, q, k=None, v=None):
         dtype = compute_dtype(q.dtype)
+        check_step_inputs(self, k, v)
         if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
             attn, new = state.gram, state
         else:
-            if k is None or v is None:
-                raise ValueError("causal self decoding needs the new token's key and value")
             k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
             new = ChannelState(state.gram + k.transpose(-1, -2) @ v, state.real + 1)
             attn = torch.softmax(softmax_scale(q.shape[-1]) * new.gram, dim=-1)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.feature_map import seeded_normal
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
 from cab.attention.engine.prepare import prepare, nonzero, key_weights
@@ -149,12 +150,8 @@ class InLineAttention(Attention):
         out_dtype = q.dtype
         dtype = compute_dtype(q.dtype)
         q = q.to(dtype)[:, :, 0]
-        if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
-        else:
-            if k is None or v is None:
-                raise ValueError("causal self decoding needs the new token's key and value")
+        check_step_inputs(self, k, v)
+        if not self.cross:
             k, v = repeat_kv(k, self.num_heads).to(dtype)[:, :, 0], repeat_kv(v, self.num_heads).to(dtype)[:, :, 0]
             new = {"S": state["S"] + k.unsqueeze(-1) * v.unsqueeze(-2), "K": state["K"] + k,
                    "V": state["V"] + v, "N": state["N"] + 1}

@@ -14,7 +14,7 @@ from cab.attention.engine.prefix_sums import with_ones
 from cab.attention.engine.prepare import prepare, nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import compute_dtype
-from cab.attention.engine.feature_map import projections, orthogonal_gaussian_features
+from cab.attention.engine.feature_map import projections, orthogonal_gaussian_features, shifted_exp
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -112,11 +112,7 @@ class KernelizedRPEAttention(Attention):
         log_q = self._log_features(q, query=True)
         phi_q = torch.exp(log_q - log_q.detach().amax(dim=-1, keepdim=True))
         log_k = self._log_features(k, query=False)
-        if key_padding_mask is not None:
-            log_k = log_k.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
-        shift = log_k.detach().amax(dim=(-2, -1), keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        return phi_q, torch.exp(log_k - shift)
+        return phi_q, shifted_exp(log_k, key_padding_mask, dim=(-2, -1))
 
     def forward(self, q, k, v, key_padding_mask=None):
         dtype = _FFT_DTYPE  # float64 whatever the inputs: see the class docstring

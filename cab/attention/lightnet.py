@@ -6,22 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cab.attention.engine.feature_map import shifted_exp
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
 from cab.attention.engine.prepare import prepare, nonzero
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import compute_dtype
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
-
-
-def _shifted_exp(k: torch.Tensor, key_padding_mask: "torch.Tensor | None") -> torch.Tensor:
-    """exp(k - c) per (batch, head, feature) with c the detached maximum over the real keys (it cancels in
-    every normalised quantity); padded keys get 0. k (B, H, L, D)."""
-    if key_padding_mask is not None:
-        k = k.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
-    shift = k.detach().amax(dim=-2, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    return torch.exp(k - shift)
 
 
 @register_attention(
@@ -54,10 +46,10 @@ class LightNetAttention(Attention):
     def forward(self, q, k, v, key_padding_mask=None):
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
         if self.pattern is Pattern.CS:
-            e = _shifted_exp(k, key_padding_mask)
+            e = shifted_exp(k, key_padding_mask)
             phi_q = F.silu(q) / nonzero(e.cumsum(dim=-2))
             return causal_products(phi_q, e, v)[:, :, drop:].to(out_dtype)
-        e = _shifted_exp(k, key_padding_mask)
+        e = shifted_exp(k, key_padding_mask)
         phi_q = F.silu(q) / nonzero(e.sum(dim=-2, keepdim=True))
         return (phi_q @ (e.transpose(-1, -2) @ v)).to(out_dtype)
 
@@ -90,7 +82,7 @@ class LightNetAttention(Attention):
         heads = self.num_heads
         k, v = repeat_kv(k, heads).to(dtype), repeat_kv(v, heads).to(dtype)
         if self.cross:
-            e = _shifted_exp(k, key_padding_mask)
+            e = shifted_exp(k, key_padding_mask)
             return {"S": (e / nonzero(e.sum(dim=-2, keepdim=True))).transpose(-1, -2) @ v}
         logits = k
         if key_padding_mask is not None:
@@ -107,12 +99,9 @@ class LightNetAttention(Attention):
         out_dtype = q.dtype
         dtype = compute_dtype(q.dtype)
         q = q.to(dtype)
+        check_step_inputs(self, k, v)
         if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
             return (F.silu(q) @ state["S"]).to(out_dtype), state
-        if k is None or v is None:
-            raise ValueError("causal self decoding needs the new token's key and value")
         k, v = repeat_kv(k, self.num_heads).to(dtype)[:, :, 0], repeat_kv(v, self.num_heads).to(dtype)
         m = torch.maximum(state["m"], k)
         decay = torch.exp(state["m"] - m)  # 0 where the old maximum was -inf

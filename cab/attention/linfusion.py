@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prepare import align_bottom_right, compute_dtype
 from cab.attention.scattered_linear import segmented_linear_parts
 from cab.patterns import Pattern, attention_mask
@@ -172,13 +173,10 @@ class LinFusionAttention(Attention):
 
     def decode_step(self, state, q, k=None, v=None):
         dtype = compute_dtype(q.dtype)
+        check_step_inputs(self, k, v)
         if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
             new = state
         else:
-            if k is None or v is None:
-                raise ValueError("causal self decoding needs the new token's key and value")
             phi_k = repeat_kv(F.elu(self.to_k_(k.to(dtype))) + 1.0, self.num_heads)
             v = repeat_kv(v.to(dtype), self.num_heads)
             new = NormalizedLinearState(state.kv + phi_k.transpose(-1, -2) @ v, state.z + phi_k[:, :, 0],

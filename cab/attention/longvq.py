@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
 from cab.attention.engine.prepare import nonzero, prepare, compute_dtype, softmax_scale, zero_empty_rows
 from cab.registry import register_attention
@@ -125,13 +126,10 @@ class LongVQAttention(Attention):
 
     def decode_step(self, state, q, k=None, v=None):
         dtype = compute_dtype(q.dtype)
+        check_step_inputs(self, k, v)
         if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
             new = state
         else:
-            if k is None or v is None:
-                raise ValueError("causal self decoding needs the new token's key and value")
             k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
             onehot = F.one_hot(self.assign(k), self.num_codes).to(dtype)  # (B, H, 1, S)
             new = CodebookState(state.values + onehot.transpose(-1, -2) @ v, state.counts + onehot[:, :, 0])

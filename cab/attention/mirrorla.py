@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.feature_map import seeded_normal
 from cab.attention.engine.prepare import nonzero, prepare, key_weights
 from cab.attention.base import Attention, repeat_kv
@@ -140,12 +141,8 @@ class MirrorLAAttention(Attention):
         out_dtype = q.dtype
         dtype = compute_dtype(q.dtype)
         q = q.to(dtype)
-        if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
-        else:
-            if k is None or v is None:
-                raise ValueError("causal self decoding needs the new token's key and value")
+        check_step_inputs(self, k, v)
+        if not self.cross:
             k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
             phi_k = self.features(k)
             state = {"S": state["S"] + phi_k.transpose(-1, -2) @ v, "z": state["z"] + phi_k[:, :, 0]}

@@ -8,7 +8,7 @@ import math
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.feature_map import orthogonal_gaussian_features, projections
+from cab.attention.engine.feature_map import orthogonal_gaussian_features, projections, shifted_exp
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
 from cab.attention.engine.prepare import nonzero, prepare
 from cab.patterns import Pattern, attention_mask
@@ -64,11 +64,7 @@ class PerformerAttention(Attention):
         phi_q = torch.exp(log_q - log_q.amax(dim=-1, keepdim=True).detach())
         half_norm = (0.5 / k.shape[-1] ** 0.5) * torch.linalg.vector_norm(k, dim=-1, keepdim=True) ** 2
         log_k = projections(k, omega) - half_norm
-        if key_padding_mask is not None:
-            log_k = log_k.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
-        shift = log_k.detach().amax(dim=(-2, -1), keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        return phi_q, torch.exp(log_k - shift)
+        return phi_q, shifted_exp(log_k, key_padding_mask, dim=(-2, -1))
 
     def forward(self, q, k, v, key_padding_mask=None):
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)

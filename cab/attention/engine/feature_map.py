@@ -43,6 +43,17 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
+def shifted_exp(logits: torch.Tensor, key_padding_mask: "torch.Tensor | None",
+                dim: "int | tuple[int, ...]" = -2) -> torch.Tensor:
+    """exp(logits - c), logits (B, H, L, r), with c the detached maximum over the real positions along `dim` (the
+    sequence, or the sequence and features); c cancels in every normalised quantity. Padded positions get 0."""
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask.bool()[:, None, :, None], float("-inf"))
+    shift = logits.detach().amax(dim=dim, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    return torch.exp(logits - shift)
+
+
 def dense_visible(attn: Attention, lq: int, lk: int, key_padding_mask: "torch.Tensor | None",
                   device: "torch.device | str | None", dtype: torch.dtype) -> torch.Tensor:
     """(B or 1, 1, Lq, Lk) float visibility of the pattern and padding (CS bottom-right aligned)."""

@@ -54,6 +54,16 @@ class KVCache:
         return KVCache(keys, values, self.length, real)
 
 
+def check_step_inputs(attn: Attention, k: "torch.Tensor | None", v: "torch.Tensor | None") -> None:
+    """Raise for a decode step given the wrong inputs: a CC step takes only the query (the memory is fixed), a CS
+    step also the new token's key and value."""
+    if attn.cross:
+        if k is not None or v is not None:
+            raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
+    elif k is None or v is None:
+        raise ValueError("causal self decoding needs the new token's key and value")
+
+
 class KVCacheAttention(Attention):
     """Incremental decoding for exact attentions over a KV cache; subclasses attend one query step."""
 
@@ -74,13 +84,10 @@ class KVCacheAttention(Attention):
         return KVCache(keys, values, context, cache_real)
 
     def decode_step(self, state, q, k=None, v=None):
+        check_step_inputs(self, k, v)
         if self.cross:
-            if k is not None or v is not None:
-                raise ValueError("causal cross decoding attends a fixed memory: pass only the query")
             cache = state
         else:
-            if k is None or v is None:
-                raise ValueError("causal self decoding needs the new token's key and value")
             cache = state.append(k, v)
         keys, values, real = cache.in_use()
         return self.attend_cached(q, keys, values, real), cache
