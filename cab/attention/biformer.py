@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys, real_queries
+from cab.attention.engine.prepare import query_positions, real_keys, real_queries, set_positive
 from cab.attention.engine.routing import (
     block_tokens, gathered_attention, group_queries, pool_blocks, selection_count, topk_valid
 )
@@ -58,9 +58,7 @@ class BiFormerAttention(Attention):
 
     def __init__(self, pattern, num_heads, head_dim, region_size: int = 64, topk: int = 4):
         super().__init__(pattern, num_heads, head_dim)
-        if region_size < 1 or topk < 1:
-            raise ValueError(f"region_size and topk must be positive, got {region_size} and {topk}")
-        self.region_size, self.topk = region_size, topk
+        set_positive(self, region_size=region_size, topk=topk)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, region_size={self.region_size}, topk={self.topk}"

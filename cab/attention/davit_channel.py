@@ -9,7 +9,7 @@ import torch
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.kv_cache import check_step_inputs
-from cab.attention.engine.prepare import real_keys
+from cab.attention.engine.prepare import real_keys, set_positive
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
@@ -58,9 +58,7 @@ class ChannelAttention(Attention):
 
     def __init__(self, pattern, num_heads, head_dim, chunk_size: int = 128):
         super().__init__(pattern, num_heads, head_dim)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.chunk_size = chunk_size
+        set_positive(self, chunk_size=chunk_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys
+from cab.attention.engine.prepare import query_positions, real_keys, set_positive
 from cab.attention.engine.routing import gathered_attention
 from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import Attention, repeat_kv
@@ -52,9 +52,7 @@ class HiPAttention(Attention):
 
     def __init__(self, pattern, num_heads, head_dim, topk: int = 64, block_size: int = 8):
         super().__init__(pattern, num_heads, head_dim)
-        if topk < 1 or block_size < 1:
-            raise ValueError(f"topk and block_size must be positive, got {topk} and {block_size}")
-        self.topk, self.block_size = topk, block_size
+        set_positive(self, topk=topk, block_size=block_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, topk={self.topk}, block_size={self.block_size}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys
+from cab.attention.engine.prepare import query_positions, real_keys, set_positive
 from cab.attention.engine.routing import block_tokens, pool_blocks, topk_valid
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import softmax_scale
@@ -53,9 +53,7 @@ class LandmarkAttention(Attention):
 
     def __init__(self, pattern, num_heads, head_dim, block_size: int = 50, topk: int = 4):
         super().__init__(pattern, num_heads, head_dim)
-        if block_size < 1 or topk < 1:
-            raise ValueError(f"block_size and topk must be positive, got {block_size} and {topk}")
-        self.block_size, self.topk = block_size, topk
+        set_positive(self, block_size=block_size, topk=topk)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_size={self.block_size}, topk={self.topk}"

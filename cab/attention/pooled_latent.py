@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import real_keys
+from cab.attention.engine.prepare import real_keys, set_positive
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
 from cab.registry import register_attention
 
@@ -50,9 +50,7 @@ class PooledLatentAttention(Attention):
 
     def __init__(self, pattern, num_heads, head_dim, num_latents: int = 16):
         super().__init__(pattern, num_heads, head_dim)
-        if num_latents < 1:
-            raise ValueError(f"num_latents must be positive, got {num_latents}")
-        self.num_latents = num_latents
+        set_positive(self, num_latents=num_latents)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_latents={self.num_latents}"

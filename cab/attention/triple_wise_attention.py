@@ -12,7 +12,7 @@ import torch
 from cab.attention.engine.scores import blocked_rows, visible_keys
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
-from cab.attention.engine.prepare import compute_dtype
+from cab.attention.engine.prepare import compute_dtype, set_positive
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -51,9 +51,7 @@ class TripleWiseAttention(KVCacheAttention):
 
     def __init__(self, pattern, num_heads, head_dim, chunk_size: int = 16):
         super().__init__(pattern, num_heads, head_dim)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.chunk_size = chunk_size
+        set_positive(self, chunk_size=chunk_size)
 
     def _block(self, q, k, v, visible):
         """q (B, H, R, D), k, v (B, H, K, D), visible (B|1, 1, R, K) -> (B, H, R, D)."""

@@ -48,6 +48,15 @@ def align_bottom_right(
     return q, k, v, key_padding_mask, 0
 
 
+def set_positive(module: object, **values: int) -> None:
+    """Set integer hyper-parameters that must be at least 1 as attributes of `module`; raises ValueError naming
+    all of them when one is not."""
+    if any(value < 1 for value in values.values()):
+        raise ValueError(f"{' and '.join(values)} must be positive, got {' and '.join(str(v) for v in values.values())}")
+    for name, value in values.items():
+        setattr(module, name, value)
+
+
 def prepare(
     attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None",
     dtype: "torch.dtype | None" = None,

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
-from cab.attention.engine.prepare import compute_dtype, softmax_scale, zero_empty_rows
+from cab.attention.engine.prepare import compute_dtype, softmax_scale, zero_empty_rows, set_positive
 from cab.patterns import Pattern
 
 
@@ -133,9 +133,7 @@ class RowwiseScoreAttention(KVCacheAttention):
 
     def __init__(self, pattern, num_heads, head_dim, chunk_size: int = 256):
         super().__init__(pattern, num_heads, head_dim)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.chunk_size = chunk_size
+        set_positive(self, chunk_size=chunk_size)
 
     # subclass hooks --------------------------------------------------------------------------------
 
