@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.scores import blocked_rows
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
@@ -161,7 +162,7 @@ class AdaptiveFilterAttention(KVCacheAttention):
         mu, sigma2, eta2, omega = (x.squeeze(-1).squeeze(-1) if x.dim() == 3 else x for x in self._params(q.dtype))
         batch, heads, lq, d = q.shape
         lk = k.shape[-2]
-        offset = lk - lq if self.pattern is Pattern.CS else 0
+        offset = query_offset(self.pattern, lq, lk)
         rows = []
         for b in range(batch):
             per_row = []

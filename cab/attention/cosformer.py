@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
 from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
 from cab.patterns import Pattern, attention_mask
@@ -98,7 +99,7 @@ class CosformerAttention(Attention):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         lq, lk = q.shape[-2], k.shape[-2]
         horizon = self.horizon(lq, lk, key_padding_mask, q.device).to(q.dtype)
-        offset = lk - lq if self.pattern is Pattern.CS else 0
+        offset = query_offset(self.pattern, lq, lk)
         rows = torch.arange(lq, device=q.device, dtype=q.dtype).unsqueeze(1) + offset
         cols = torch.arange(lk, device=q.device, dtype=q.dtype).unsqueeze(0)
         reweight = torch.cos((math.pi / 2) * (rows - cols) / horizon)  # (B or 1, 1, Lq, Lk)

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine import head_windows
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import softmax_scale
@@ -248,7 +249,7 @@ class MixtureOfSparseAttention(_HeadHetero):
         kk, vv = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         batch, heads, lq, dim = q.shape
         lk = k.shape[-2]
-        offset = lk - lq if self.pattern is Pattern.CS else 0
+        offset = query_offset(self.pattern, lq, lk)
         rows = []
         for b in range(batch):
             for h in range(heads):

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.convolution import toeplitz_products
 from cab.attention.engine.prefix_sums import with_ones
 from cab.attention.engine.prepare import prepare, nonzero, key_weights
@@ -148,7 +149,7 @@ class KernelizedRPEAttention(Attention):
         omega = self.omega.to(q.dtype)
         phi_q = ratio * torch.exp((q * scale) @ omega.transpose(-1, -2) - 0.5 * ((q * scale) ** 2).sum(-1, keepdim=True))
         phi_k = ratio * torch.exp((k * scale) @ omega.transpose(-1, -2) - 0.5 * ((k * scale) ** 2).sum(-1, keepdim=True))
-        shift = lk - lq if self.pattern is Pattern.CS else 0  # query i at key position i + shift
+        shift = query_offset(self.pattern, lq, lk)  # query i at key position i + shift
         rel = torch.arange(lk, device=q.device)[None, :] - (torch.arange(lq, device=q.device)[:, None] + shift)
         bias = self.bias.to(q.dtype)[:, rel.clamp(-self.max_distance, self.max_distance) + self.max_distance]
         kernel = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(bias)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import repeat_kv
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prefix_sums import (
     DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, tiled_product_flops
 )
@@ -205,7 +206,7 @@ class LightningAttention(Attention):
         weights = self._phi(q) @ self._phi(k).transpose(-1, -2)
         decay = self._decay(q.dtype)
         if decay is not None:
-            offset = lk - lq if self.pattern is Pattern.CS else 0
+            offset = query_offset(self.pattern, lq, lk)
             rows = torch.arange(lq, device=q.device, dtype=q.dtype)[:, None] + offset
             cols = torch.arange(lk, device=q.device, dtype=q.dtype)[None, :]
             weights = weights * decay.reshape(-1, 1, 1) ** (rows - cols).abs()

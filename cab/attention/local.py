@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned, key_prefix, or_masks, sliding_window
+from cab.attention.engine.masks import aligned, key_prefix, or_masks, sliding_window, query_offset
 from cab.attention.engine import blocksparse as bs
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import softmax_scale
@@ -76,7 +76,7 @@ class LocalAttention(Attention):
     def block_layout(self, lq: int, lk: int, block: int) -> "bs.Layout":
         """Key blocks per query block of `block` rows: the window's interval plus the sink keys."""
         causal = self.pattern is Pattern.CS
-        p = torch.arange(lq) + (lk - lq if causal else 0)
+        p = torch.arange(lq) + query_offset(self.pattern, lq, lk)
         zero = torch.zeros_like(p)
         hi = p if causal else p + self.window
         return bs.layout_from_boxes([(zero, zero, p - self.window, hi)], max(lk, 1), block, block, lq, lk,
@@ -134,7 +134,7 @@ class LocalAttention(Attention):
         if self.backend == "flex":
             return bs.layout_pairs(self.block_layout(lq, lk, bs.FLEX_BLOCK), batch, heads)
         block, blocks, span, s = self._geometry(lq, lk)
-        offset = lk - lq if self.pattern is Pattern.CS else 0
+        offset = query_offset(self.pattern, lq, lk)
         first = torch.arange(blocks) * block + offset - self._window_for(lq, lk)  # key position of each span's first row
         keys = (torch.minimum(first + span, torch.tensor(lk)) - first.clamp(min=0)).clamp(min=0)
         rows = (lq - torch.arange(blocks) * block).clamp(0, block)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned
+from cab.attention.engine.masks import aligned, query_offset
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -82,7 +82,7 @@ class _Neighborhood(BlockSparseAttention):
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS
-        p = torch.arange(lq) + (lk - lq if causal else 0)
+        p = torch.arange(lq) + query_offset(self.pattern, lq, lk)
         kw = dict(kernel=self.kernel_size, dilation=self.dilation, stride=self.stride, causal=causal)
 
         def interval(t, n):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned
+from cab.attention.engine.masks import aligned, query_offset
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -70,7 +70,7 @@ class PowerAttention(BlockSparseAttention):
 
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS
-        p = torch.arange(lq) + (lk - lq if causal else 0)
+        p = torch.arange(lq) + query_offset(self.pattern, lq, lk)
         m = _div(p, self.block)
         zero = torch.zeros_like(p)
         num_blocks = -(-max(lk, 1) // self.block) + max(0, int(m.max()) if lq else 0) + 1

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.scores import blocked_rows
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
@@ -77,7 +78,7 @@ class RelativeConvAttention(Attention):
         return f"{super().extra_repr()}, kernel_size={self.kernel_size}, max_distance={self.max_distance}"
 
     def _offset(self, lq: int, lk: int) -> int:
-        return lk - lq if self.pattern is Pattern.CS else 0
+        return query_offset(self.pattern, lq, lk)
 
     def _query_padding(self, key_padding_mask, lq, lk):
         """(B, Lq) bool: query rows at padded positions (positions before the first key count as padded)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned, sliding_window
+from cab.attention.engine.masks import aligned, sliding_window, query_offset
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -80,7 +80,7 @@ class SWATAttention(BlockSparseAttention):
         return f"{super().extra_repr()}, window={self.window}, rope_base={self.rope_base}"
 
     def _offset(self, lq, lk):
-        return lk - lq if self.pattern is Pattern.CS else 0
+        return query_offset(self.pattern, lq, lk)
 
     def mask_fn(self, lq, lk, extent=None):
         return aligned(self.pattern, lq, lk, sliding_window(self.window))

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.scores import blocked_rows, visible_keys
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
@@ -110,7 +111,7 @@ class TripleWiseAttention(KVCacheAttention):
     # costs -------------------------------------------------------------------------------------------
 
     def _blocks(self, lq: int, lk: int):
-        offset = lk - lq if self.pattern is Pattern.CS else 0
+        offset = query_offset(self.pattern, lq, lk)
         for qs in range(0, lq, self.chunk_size):
             qe = min(lq, qs + self.chunk_size)
             kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned
+from cab.attention.engine.masks import aligned, query_offset
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_block_mask
 from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import repeat_kv
@@ -103,7 +103,7 @@ class WindowGlobalRandomAttention(BlockSparseAttention):
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         """Per head: the block mask at the pattern's block size, mapped onto the engine's tiles."""
         causal = self.pattern is Pattern.CS
-        p = torch.arange(lq) + (lk - lq if causal else 0)
+        p = torch.arange(lq) + query_offset(self.pattern, lq, lk)
         m = torch.div(p, self.block, rounding_mode="floor")  # (Lq,)
         nk = -(-lk // block_k)
         heads = torch.arange(self.num_heads)[:, None]

@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.kv_cache import KVCacheAttention
 from cab.attention.engine.prepare import compute_dtype, softmax_scale, zero_empty_rows, set_positive
 from cab.patterns import Pattern
@@ -209,7 +210,7 @@ class RowwiseScoreAttention(KVCacheAttention):
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         """QK^T and WV over each query block's keys (causal self: up to the block's last row)."""
-        total, offset = 0, (lk - lq if self.pattern is Pattern.CS else 0)
+        total, offset = 0, (query_offset(self.pattern, lq, lk))
         for qs in range(0, lq, self.chunk_size):
             qe = min(lq, qs + self.chunk_size)
             kend = min(lk, qe + offset) if self.pattern is Pattern.CS else lk
