@@ -6,10 +6,8 @@ is rotary softmax attention; precision falls with distance; cross refused; confo
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
+from cab import create_attention
 from cab.attention.adaptive_filter_attention import rotate
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 NAME = "adaptive_filter_attention"
@@ -62,15 +60,3 @@ def test_far_tokens_get_less_weight_with_process_noise():
     eye = torch.eye(12, dtype=torch.float64)[None, None]
     out = attn(q, q.clone(), eye)[0, 0, -1]  # values one-hot: the output is the (decayed) weights
     assert (out[1:] > out[:-1]).all()
-
-
-def test_cross_patterns_are_refused():
-    for pattern in ("NC", "CC"):
-        with pytest.raises(UnsupportedPattern, match="time axis"):
-            create_attention(NAME, pattern, 2, 8)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS"])
-def test_conformance(pattern):
-    report = run_conformance(NAME, pattern)
-    assert report.status is Status.OK, report.message

@@ -5,8 +5,6 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -57,9 +55,3 @@ def test_decode_matches_forward(pattern):
         out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
         torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-10, atol=1e-12)
     assert attn.decode_state_bytes(state) == 2 * 4 * 8 * 8 * 8 + 2 * 8  # d x d per head, float64; counts
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("davit_channel", pattern, hparams={"chunk_size": 16})
-    assert report.status is Status.OK, report.message

@@ -4,10 +4,8 @@ window against a direct construction (and its symmetry: a convolution-like recep
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
+from cab import create_attention
 from cab.attention.engine.blocksparse import check_layout_covers
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -35,15 +33,3 @@ def test_circle_matches_a_direct_construction(pattern):
     if pattern == "NS":  # a symmetric, translation-invariant receptive field: 13 cells of radius 2 inside
         assert torch.equal(mask, mask.T)
         assert int(mask[4 * width + 4].sum()) == 13
-
-
-def test_cross_patterns_are_refused():
-    for pattern in ("NC", "CC"):
-        with pytest.raises(UnsupportedPattern, match="grid"):
-            create_attention("clear", pattern, 2, 8)
-
-
-@pytest.mark.parametrize("pattern,hparams", [("NS", {"radius": 2, "width": 8}), ("CS", {"radius": 2, "width": 8})])
-def test_conformance(pattern, hparams):
-    report = run_conformance("clear", pattern, hparams=hparams)
-    assert report.status is Status.OK, report.message

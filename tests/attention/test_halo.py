@@ -4,10 +4,8 @@ the haloed regions against a direct per-block construction, the block-diagonal l
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
+from cab import create_attention
 from cab.attention.engine.blocksparse import check_layout_covers
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -51,15 +49,3 @@ def test_flex_backend_matches_torch():
     q, k, v = (t.detach() for t in random_qkv(2, 2, 2, 30, 30, 8))
     torch.testing.assert_close(flex(q, k, v, holey_padding(30)), eager(q, k, v, holey_padding(30)),
                                rtol=1e-10, atol=1e-12)
-
-
-def test_cross_patterns_are_refused():
-    for pattern in ("NC", "CC"):
-        with pytest.raises(UnsupportedPattern, match="grid"):
-            create_attention("halo", pattern, 2, 8)
-
-
-@pytest.mark.parametrize("pattern,hparams", [("NS", {"width": 8, "block": 4, "halo": 1}), ("CS", {})])
-def test_conformance(pattern, hparams):
-    report = run_conformance("halo", pattern, hparams=hparams)
-    assert report.status is Status.OK, report.message

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -71,9 +69,3 @@ def test_decode_matches_forward():
             out, state = attn.decode_step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
             torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
         assert attn.decode_state_bytes(state) == size  # constant in the length
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("inline", pattern)
-    assert report.status is Status.OK, report.message

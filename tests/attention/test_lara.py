@@ -5,10 +5,8 @@ and conformance."""
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
+from cab import create_attention
 from cab.attention.lara import segment_ids, segment_means
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -99,15 +97,3 @@ def test_seed_fixes_the_samples():
     torch.testing.assert_close(sampled(q, k, v), create_attention("lara", "NS", 2, 4, seed=7)(q, k, v), rtol=0, atol=0)
     assert not torch.allclose(sampled(q, k, v), mean_only(q, k, v))
     assert not torch.allclose(sampled(q, k, v), create_attention("lara", "NS", 2, 4, seed=8)(q, k, v))
-
-
-def test_causal_self_is_refused_with_a_reason():
-    with pytest.raises(UnsupportedPattern, match="proposals"):
-        create_attention("lara", "CS", 2, 8)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("lara", pattern)
-    expected = Status.UNSUPPORTED if pattern == "CS" else Status.OK
-    assert report.status is expected, report.message

@@ -6,8 +6,6 @@ import torch
 
 from cab import create_attention
 from cab.attention.lean import merge, merge_tree, partial_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -71,9 +69,3 @@ def test_splits_cover_the_cache_exactly():
     attn = create_attention("lean", "CS", 2, 8, tile_size=4)
     assert attn.splits(10) == [(0, 3), (3, 7), (7, 10)]  # ceil(10 / 4) near-equal splits
     assert create_attention("lean", "CS", 2, 8, num_splits=16).splits(3) == [(0, 1), (1, 2), (2, 3)]
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("lean", pattern, hparams={"tile_size": 16})
-    assert report.status is Status.OK, report.message

@@ -7,8 +7,6 @@ import torch
 
 from cab import create_attention
 from cab.attention.lightning import lightning_attention_torch, tnl_slopes
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -125,9 +123,3 @@ def test_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         create_attention("lightning", "CS", 2, 4, backend="cuda")
     assert create_attention("lightning", "CS", 2, 4).backend == "torch"
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("lightning", pattern)
-    assert report.status is Status.OK, report.message

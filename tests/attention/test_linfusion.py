@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -46,23 +44,3 @@ def test_parameters_are_seeded_and_trainable():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.to_q_.w1, c.to_q_.w1)
     assert sum(p.numel() for p in a.parameters()) == 2 * (8 * 8 + 8 + 8 + 8 + 8 * 8 + 8)
-
-
-@pytest.mark.parametrize("pattern", ["CS", "CC"])
-def test_decode_matches_forward(pattern):
-    attn = create_attention("linfusion", pattern, 4, 8, chunk_size=4).double()
-    lk = 13 if pattern == "CS" else 9
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 13, lk, 8, seed=6))
-    full = attn(q, k, v)
-    prefill = 5 if pattern == "CS" else lk
-    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill])
-    for t in range(5 if pattern == "CS" else 0, 13):
-        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
-        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
-        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("linfusion", pattern, hparams={"chunk_size": 16})
-    assert report.status is Status.OK, report.message

@@ -8,8 +8,6 @@ import torch
 
 from cab import create_attention
 from cab.attention.lln import log_weight_spread, moment_matched_scale
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -43,23 +41,3 @@ def test_moment_matching_gives_softmax_log_weight_variance_on_fresh_samples(d, q
     assert abs(log_weight_spread(scale, q, k) - qv * kv) < 0.15 * qv * kv
     # the naive scale 1/sqrt(2) (matching alpha^2 (s_q^2 + s_k^2) to s_q^2 s_k^2) is far too flat
     assert log_weight_spread(1 / math.sqrt(2), q, k) < 0.5 * qv * kv
-
-
-@pytest.mark.parametrize("pattern", ["CS", "CC"])
-def test_decode_matches_forward(pattern):
-    attn = create_attention("lln", pattern, 4, 8)
-    lk = 19 if pattern == "CS" else 11
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 19, lk, 8))
-    full = attn(q, k, v)
-    prefill = 6 if pattern == "CS" else lk
-    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill])
-    for t in range(prefill if pattern == "CS" else 0, 19):
-        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
-        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
-        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("lln", pattern)
-    assert report.status is Status.OK, report.message

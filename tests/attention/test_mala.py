@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -43,28 +41,6 @@ def test_rows_sum_to_one_and_sharpen_with_query_magnitude(pattern):
     q_big = q.abs() * 4  # larger phi(q) (ELU + 1 grows linearly for positive inputs)
     spread = lambda w: (w.amax(-1) - w.amin(-1))[..., 4:]  # rows with several keys
     assert bool((spread(attn(q_big, k, eye)) > spread(attn(q.abs(), k, eye))).all())
-
-
-@pytest.mark.parametrize("pattern", ["CS", "CC"])
-def test_decode_matches_forward(pattern):
-    attn = create_attention("mala", pattern, 4, 8)
-    lk = 19 if pattern == "CS" else 11
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 19, lk, 8))
-    pad = torch.zeros(2, lk, dtype=torch.bool)
-    pad[1, :2] = True
-    full = attn(q, k, v, pad)
-    prefill = 6 if pattern == "CS" else lk
-    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], pad[:, :prefill])
-    for t in range(prefill if pattern == "CS" else 0, 19):
-        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
-        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
-        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("mala", pattern)
-    assert report.status is Status.OK, report.message
 
 
 @pytest.mark.parametrize("pattern,lq,lk", [("CS", 70, 70), ("CS", 30, 50), ("NS", 45, 45), ("CC", 50, 33)])

@@ -5,8 +5,6 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -29,25 +27,3 @@ def test_reflections_are_orthogonal_and_mix_heads():
     assert rotation[:8, 8:].abs().amax() > 1e-3  # head 0's features depend on head 1's
     # against plain ReLU linear attention: reflecting keeps information that ReLU truncates
     assert (attn.features(x) > 0).any(dim=-1).all()
-
-
-def test_decode_matches_forward():
-    for pattern in ("CS", "CC"):
-        attn = create_attention("mirrorla", pattern, 4, 8, block_size=4, seed=3)
-        lk = 30 if pattern == "CS" else 17
-        q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 30, lk, 8))
-        pad = torch.zeros(2, lk, dtype=torch.bool)
-        pad[1, :2] = True
-        full = attn(q, k, v, pad)
-        prefill = 9 if pattern == "CS" else lk
-        state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], pad[:, :prefill])
-        for t in range(prefill if pattern == "CS" else 0, 30):
-            step = (k[:, :, t : t + 1], v[:, :, t : t + 1]) if pattern == "CS" else ()
-            out, state = attn.decode_step(state, q[:, :, t : t + 1], *step)
-            torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("mirrorla", pattern)
-    assert report.status is Status.OK, report.message

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 SHAPES = [("NS", 21, 21), ("CS", 21, 21), ("CS", 7, 19), ("CS", 19, 7), ("NC", 9, 19), ("CC", 19, 9)]
@@ -124,9 +122,3 @@ def test_parameters_and_head_groups():
     assert sum(p.numel() for p in attn.parameters()) == 4 * 6 * 11 + 2 * 2 * 2
     with pytest.raises(ValueError, match="head_group"):
         create_attention("multi_token_attention", "CS", 3, 8)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("multi_token_attention", pattern)
-    assert report.status is Status.OK, report.message

@@ -5,8 +5,6 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -56,23 +54,3 @@ def test_zero_query_has_finite_gradients():
     out = attn(q, k, v)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(bool(torch.isfinite(g).all()) for g in grads)
-
-
-@pytest.mark.parametrize("pattern", ["CS", "CC"])
-def test_decode_matches_forward(pattern):
-    attn = create_attention("nalaformer", pattern, 4, 8)
-    lk = 19 if pattern == "CS" else 11
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 19, lk, 8))
-    full = attn(q, k, v)
-    prefill = 6 if pattern == "CS" else lk
-    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill])
-    for t in range(prefill if pattern == "CS" else 0, 19):
-        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
-        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
-        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("nalaformer", pattern)
-    assert report.status is Status.OK, report.message

@@ -8,8 +8,6 @@ import torch
 
 from cab import UnsupportedPattern, create_attention
 from cab.attention.engine.blocksparse import check_layout_covers
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -119,10 +117,3 @@ def test_invalid_hyperparameters_and_cross_patterns():
         for pattern in ("NC", "CC"):
             with pytest.raises(UnsupportedPattern, match="grid"):
                 create_attention(name, pattern, 2, 8)
-
-
-@pytest.mark.parametrize("name,pattern,hparams", [("neighborhood", "NS", {}), ("neighborhood", "CS", {}),
-                                                  ("gna", "NS", {"width": 8}), ("gna", "CS", {})])
-def test_conformance(name, pattern, hparams):
-    report = run_conformance(name, pattern, hparams=hparams)
-    assert report.status is Status.OK, report.message

@@ -5,10 +5,8 @@ the receptive field that stacking reaches, conformance."""
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
+from cab import create_attention
 from cab.attention.engine.blocksparse import check_layout_covers
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -55,15 +53,3 @@ def test_logarithmic_blocks_and_exponential_receptive_field():
     blocks = torch.arange(256) // 4
     within = (blocks[:, None] - blocks[None, :] < 2 ** 6) & (torch.arange(256)[:, None] >= torch.arange(256)[None, :])
     assert bool((reach.bool() | ~within).all())
-
-
-def test_cross_patterns_are_refused():
-    for pattern in ("NC", "CC"):
-        with pytest.raises(UnsupportedPattern, match="position"):
-            create_attention("power", pattern, 2, 8)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS"])
-def test_conformance(pattern):
-    report = run_conformance("power", pattern, hparams={"block": 4})
-    assert report.status is Status.OK, report.message

@@ -6,8 +6,6 @@ import torch
 
 from cab import UnsupportedPattern, create_attention
 from cab.attention.s4d import ssm_kernel, ssm_modes
-from cab.check import run_conformance
-from cab.status import Status
 
 
 def _inputs(b, hq, hkv, lq, lk, d, seed=0):
@@ -91,9 +89,3 @@ def test_token_by_token_decoding_reproduces_forward(prefill):
         torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-10, atol=1e-12)
     with pytest.raises(NotImplementedError, match="CS"):
         create_attention("s4d", "NS", 4, 5).decode_init(k, v)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("s4d", pattern)
-    assert report.status is (Status.OK if pattern in ("NS", "CS") else Status.UNSUPPORTED), report.message

@@ -5,10 +5,8 @@ the sinks, conformance."""
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
+from cab import create_attention
 from cab.attention.engine.blocksparse import check_layout_covers
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -70,16 +68,3 @@ def test_defaults():
     s2 = create_attention("s2_attn", "CS", 4, 8)
     sf = create_attention("sf_attn", "CS", 4, 8)
     assert (s2.group_size, s2.sinks, sf.group_size, sf.sinks) == (2048, 0, 2048, 4)
-
-
-def test_cross_patterns_are_refused():
-    for name in ("s2_attn", "sf_attn"):
-        for pattern in ("NC", "CC"):
-            with pytest.raises(UnsupportedPattern, match="position"):
-                create_attention(name, pattern, 2, 8)
-
-
-@pytest.mark.parametrize("name,pattern", [("s2_attn", "NS"), ("s2_attn", "CS"), ("sf_attn", "NS"), ("sf_attn", "CS")])
-def test_conformance(name, pattern):
-    report = run_conformance(name, pattern, hparams={"group_size": 16})
-    assert report.status is Status.OK, report.message

@@ -10,9 +10,7 @@ import torch
 from cab import UnsupportedPattern, create_attention
 from cab.attention.engine.blocksparse import check_layout_covers
 from cab.attention.swat import balanced_alibi_slopes
-from cab.check import run_conformance
 from cab.registry import UnknownHyperparameter
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -87,9 +85,3 @@ def test_no_flex_backend_and_no_cross():
     for pattern in ("NC", "CC"):
         with pytest.raises(UnsupportedPattern, match="position"):
             create_attention("swat", pattern, 2, 8)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS"])
-def test_conformance(pattern):
-    report = run_conformance("swat", pattern, hparams={"window": 6})
-    assert report.status is Status.OK, report.message

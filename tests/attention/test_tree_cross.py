@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
-from cab.check import run_conformance
-from cab.status import Status
+from cab import create_attention
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 
@@ -64,15 +62,3 @@ def test_decode_reuses_the_tree():
     state = attn.decode_init(k, v, pad)
     rows = [attn.decode_step(state, q[:, :, i:i + 1])[0] for i in range(5)]
     torch.testing.assert_close(torch.cat(rows, 2), attn(q, k, v, pad))
-
-
-def test_self_patterns_refused():
-    for pattern in ("NS", "CS"):
-        with pytest.raises(UnsupportedPattern):
-            create_attention("tree_cross", pattern, 2, 8)
-
-
-@pytest.mark.parametrize("pattern", ["NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance("tree_cross", pattern)
-    assert report.status is Status.OK, report.message

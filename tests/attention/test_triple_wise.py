@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 NAME = "triple_wise_attention"
@@ -51,10 +49,3 @@ def test_memory_bound_is_declared_and_quadratic_in_the_keys():
     assert pair_scores < small < 2**32  # B=1, H=8, C=16, Lk=1024: above one score tensor, a few GiB at most
     assert 3.5 < large / small < 4.5
     assert attn.algorithmic_flops(1, 1024, 1024, 8) == 4 * 8 * 1024**3 * 64
-
-
-@pytest.mark.slow  # the conformance shapes cost O(L^3) per call and the checks call it many times
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_conformance(pattern):
-    report = run_conformance(NAME, pattern)
-    assert report.status is Status.OK, report.message

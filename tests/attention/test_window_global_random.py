@@ -6,11 +6,9 @@ the FlexAttention backend, conformance."""
 import pytest
 import torch
 
-from cab import UnsupportedPattern, create_attention
+from cab import create_attention
 from cab.attention.engine.blocksparse import check_layout_covers
 from cab.attention.window_global_random import _hash_uniform_index
-from cab.check import run_conformance
-from cab.status import Status
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
 SMALL = {"block": 4, "window": 3, "global_blocks": 1, "random_blocks": 2}
@@ -100,15 +98,3 @@ def test_flex_backend_matches_torch():
     q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 150, 150, 8))
     pad = holey_padding(150)
     torch.testing.assert_close(flex(q, k, v, pad), eager(q, k, v, pad), rtol=1e-10, atol=1e-12)
-
-
-def test_cross_patterns_are_refused():
-    for pattern in ("NC", "CC"):
-        with pytest.raises(UnsupportedPattern, match="position"):
-            create_attention("window_global_random", pattern, 2, 8)
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS"])
-def test_conformance(pattern):
-    report = run_conformance("window_global_random", pattern, hparams=SMALL)
-    assert report.status is Status.OK, report.message

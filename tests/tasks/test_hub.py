@@ -9,7 +9,7 @@ import torch
 
 from cab.status import Status
 from cab.tasks import MissingData, create_task, load_tasks
-from cab.training.cell import run_task
+from cab.training.cell_kind import run_task
 
 load_tasks()
 from cab_tasks._data import load_hub_dataset  # noqa: E402

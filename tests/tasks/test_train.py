@@ -12,7 +12,7 @@ from cab.patterns import Pattern
 from cab.registry import unregister_attention
 from cab.status import Status
 from cab.tasks import Metric, Task, create_task
-from cab.training.cell import run_task, slot_attentions
+from cab.training.cell_kind import run_task, slot_attentions
 from cab.training.loop import Diverged, learning_rate, train
 
 # a recall problem a tiny model learns in about a hundred steps (one-hop lookup of jointly bound pairs)
