@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import sqlite3
-import subprocess
-import textwrap
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-import cab.report
 from cab import registry
 from cab.attention.base import Attention
 from cab.cells import Cell, Result
@@ -457,47 +452,3 @@ def test_an_ok_bench_without_metrics_shows_nothing_measured():
 def test_figure_keeps_significant_digits_without_exponents():
     assert [figure(None), figure(1234.5, 3), figure(12.345, 4), figure(0.5), figure(4.0)] == \
         ["—", "1234", "12.35", "0.5", "4"]
-
-
-# sorting (the page's own JavaScript, run by node against a minimal DOM) -------------------------------
-
-SORT_HARNESS = textwrap.dedent("""
-    const rows = JSON.parse(process.argv[2]);
-    function cell(value) {
-      return { attrs: value.sort === undefined ? {} : { "data-sort": value.sort }, textContent: value.text,
-               hasAttribute(n) { return n in this.attrs; }, getAttribute(n) { return this.attrs[n]; } };
-    }
-    const body = { rows: rows.map(r => ({ cells: [cell(r)] })),
-                   appendChild(row) { this.rows.splice(this.rows.indexOf(row), 1); this.rows.push(row); } };
-    const header = { attrs: {}, listeners: {}, addEventListener(t, f) { this.listeners[t] = f; },
-                     getAttribute(n) { return this.attrs[n] ?? null; }, setAttribute(n, v) { this.attrs[n] = v; },
-                     removeAttribute(n) { delete this.attrs[n]; } };
-    header.parentNode = { cells: [header] };
-    const table = { tHead: { rows: [{ cells: [header] }] }, tBodies: [body] };
-    global.document = { querySelectorAll: () => [table], getElementById: () => null };
-    global.window = { addEventListener() {} };
-    global.location = { hash: "" };
-    require(process.argv[3]);
-    const order = () => body.rows.map(r => r.cells[0].textContent);
-    header.listeners.click(); const up = order();
-    header.listeners.click(); const down = order();
-    console.log(JSON.stringify([up, down]));
-""")
-
-
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_sorting_is_numeric_and_keeps_empty_cells_last(tmp_path):
-    harness = tmp_path / "harness.js"
-    harness.write_text(SORT_HARNESS)
-    script = Path(cab.report.__file__).parent / "templates" / "sortable.js"
-    rows = [{"text": "10 ms", "sort": "10"}, {"text": "—", "sort": ""}, {"text": "9 ms", "sort": "9"},
-            {"text": "oom", "sort": ""}, {"text": "100 ms", "sort": "1e2"}]
-    out = subprocess.run(["node", str(harness), json.dumps(rows), str(script)], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    up, down = json.loads(out)
-    assert up[:3] == ["9 ms", "10 ms", "100 ms"] and set(up[3:]) == {"—", "oom"}
-    assert down[:3] == ["100 ms", "10 ms", "9 ms"] and set(down[3:]) == {"—", "oom"}
-    texts = [{"text": "b10"}, {"text": "b9"}, {"text": "A1"}]
-    out = subprocess.run(["node", str(harness), json.dumps(texts), str(script)], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    assert json.loads(out)[0] == ["A1", "b9", "b10"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # CI installs it (the ray extra of scripts/setup.sh): a plain import, never a skip
 
 from cab.cells import Cell
 from cab.executors import procfs
@@ -21,7 +22,6 @@ from tests.run.test_faults import (
     FAULTY, MATRIX, MEMORY_LIMIT, OUTPUT_LIMIT, TIMEOUT_S, assert_matrix_column, fault_cell,
 )
 
-ray = pytest.importorskip("ray")
 
 PROBE_PLUGIN = '''\
 import os
