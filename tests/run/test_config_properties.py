@@ -116,17 +116,43 @@ ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(a
                                                                                  max_size=2))
 
 
-@FAST
-@given(configs(), st.sampled_from(LEAVES), ODD_VALUES)
-def test_wrong_types_are_located_config_errors(data, leaf, value):
+def _with_leaf(data, leaf, value):
     target = data
     for part in leaf[:-1]:
         target = target.setdefault(part, {"lengths": [8]} if part == "bench" else {})
     target[leaf[-1]] = value
+    return data
+
+
+@FAST
+@given(configs(), st.sampled_from(LEAVES), ODD_VALUES)
+def test_odd_values_are_a_config_or_a_located_config_error(data, leaf, value):
+    """Any value anywhere: a config, or a ConfigError located at a key of the file, never another exception."""
     try:
-        expand(loads_config(yaml.safe_dump(data)))
+        expand(loads_config(yaml.safe_dump(_with_leaf(data, leaf, value))))
     except ConfigError as exc:
         assert exc.key is None or exc.key.split(".")[0].split("[")[0] in data, exc
+
+
+# a value no leaf of LEAVES takes: a mapping, a list of mappings, a boolean (never a count or a name), text
+# where a number or a list is due
+def _wrong_values(leaf):
+    wrong = [st.dictionaries(st.sampled_from("abc"), st.integers(), min_size=1, max_size=2),
+             st.lists(st.fixed_dictionaries({"x": st.integers()}), min_size=1, max_size=2), st.booleans()]
+    if leaf != ("name",):
+        wrong.append(st.text("?!*#%", min_size=1, max_size=4))  # no pattern, mode, dtype or attention name
+    return st.one_of(wrong)
+
+
+@FAST
+@given(configs(), st.sampled_from(LEAVES).flatmap(lambda leaf: st.tuples(st.just(leaf), _wrong_values(leaf))))
+def test_wrong_types_are_refused_naming_the_key(data, leaf_value):
+    leaf, value = leaf_value
+    path = ".".join(leaf)
+    with pytest.raises(ConfigError) as info:
+        expand(loads_config(yaml.safe_dump(_with_leaf(data, leaf, value))))
+    key = info.value.key or ""
+    assert key == path or key.startswith((path + "[", path + ".")), (key, str(info.value))
 
 
 SCOPES = {(): config_model, ("bench",): lambda: BenchSection, ("check",): lambda: CheckSection,
