@@ -37,7 +37,11 @@ def test_moment_matching_gives_softmax_log_weight_variance_on_fresh_samples(d, q
     q = torch.randn(300, d, generator=gen, dtype=torch.float64) * math.sqrt(qv)
     k = torch.randn(300, d, generator=gen, dtype=torch.float64) * math.sqrt(kv)
     softmax_spread = float((q @ k.T / math.sqrt(d)).var(dim=1).mean())
-    assert abs(softmax_spread - qv * kv) < 0.15 * qv * kv
+    # Tolerances are sampling noise, measured over seeds: 300 shared keys put ~2.5% (1 SD) on a mean row
+    # variance, so 8% is 3 SD for the closed form s_q^2 s_k^2; the scale itself is calibrated on 128 samples
+    # (moment_matched_scale), whose noise (~4.5% SD on the matched variance, ~6% seen) adds to the fresh
+    # sample's: 15% is 3 SD of the two together.
+    assert abs(softmax_spread - qv * kv) < 0.08 * qv * kv
     assert abs(log_weight_spread(scale, q, k) - qv * kv) < 0.15 * qv * kv
     # the naive scale 1/sqrt(2) (matching alpha^2 (s_q^2 + s_k^2) to s_q^2 s_k^2) is far too flat
     assert log_weight_spread(1 / math.sqrt(2), q, k) < 0.5 * qv * kv
