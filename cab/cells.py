@@ -10,7 +10,6 @@ from typing import Any
 
 from cab.status import Status
 
-CELL_KINDS = ("check", "bench", "task")
 BENCH_MODES = ("fwd", "fwd_infer", "bwd", "fwdbwd", "decode")  # decode: one incremental step (cab.bench.decode)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # fields that identify a measurement; `options` (time budgets, memory pass on/off, label) do not
@@ -41,22 +40,30 @@ class Cell:
     seed: int = 0
     task: str = ""  # kind "task": the task trained and evaluated (cab.tasks)
     task_params: dict = field(default_factory=dict)  # kind "task": the task's resolved parameters
+    versions: dict = field(default_factory=dict)  # {"attention": n, "task": n, ...}: the code that is measured
     label: str = ""
     options: dict = field(default_factory=dict)
 
-    def identity(self) -> dict:
+    def identity(self, versioned: bool = True) -> dict:
         """The canonical fields that define the cell (its key is their hash). `task` and `task_params` join
-        only when a task is set, so check and bench cells keep the keys they had before task cells existed."""
+        only when a task is set, `versions` only when set (and `versioned`)."""
         identity = {name: getattr(self, name) for name in _IDENTITY}
         if self.task:
             identity.update(task=self.task, task_params=self.task_params)
+        if self.versions and versioned:
+            identity.update(versions=self.versions)
         return identity
 
     @property
     def key(self) -> str:
-        """Stable key: the same cell gives the same key on every machine and run."""
-        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+        """Stable key: the same cell of the same code versions gives the same key on every machine and run."""
+        return _digest(self.identity())
+
+    @property
+    def slot(self) -> str:
+        """The key without the versions: what is measured, whoever's code measures it. A stored result in the
+        same slot under another key is stale (it measured another version)."""
+        return _digest(self.identity(versioned=False))
 
     @property
     def display_name(self) -> str:
@@ -72,6 +79,11 @@ class Cell:
 
     def __hash__(self) -> int:
         return hash(self.key)
+
+
+def _digest(identity: dict) -> str:
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
 @dataclass

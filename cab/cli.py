@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -139,23 +141,45 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.catalog:
         _print_catalog(args.json)
         return 1 if failed else 0
-    specs = registry.all_specs()
+    specs = _selected_specs(args)
     if args.json:
         print(json.dumps([s.to_dict() for s in specs], indent=2))
-        return 0
-    rows = [("name", "family", "exact", "patterns", "citation")]
+        return 1 if failed else 0
+    if not specs:
+        print("cab: no registered attention matches the filters", file=sys.stderr)
+        return 1
+    rows = [("name", "version", "family", "exact", "patterns", "citation")]
     for s in specs:
         pats = " ".join(p.value if p in s.patterns else "--" for p in Pattern)
-        rows.append((s.name, s.family, "exact" if s.exact else "approx", pats, s.citation))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((s.name, f"v{s.version}", s.family, "exact" if s.exact else "approx", pats, s.citation))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
     return 1 if failed else 0
+
+
+def _selected_specs(args: argparse.Namespace) -> "list[registry.AttentionSpec]":
+    """The registered attentions that pass `cab list`'s filters: a family, patterns all declared, a name
+    glob (`*linear*`); an unknown family is a UsageError naming the known ones."""
+    specs = registry.all_specs()
+    if args.family is not None:
+        families = sorted({s.family for s in specs})
+        if args.family not in families:
+            near = difflib.get_close_matches(args.family, families, n=2, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+            raise UsageError(f"no attention family {args.family!r}{hint} (families: {', '.join(families)})")
+        specs = [s for s in specs if s.family == args.family]
+    if args.pattern is not None:
+        wanted = Pattern.parse_many(args.pattern)
+        specs = [s for s in specs if set(wanted) <= set(s.patterns)]
+    if args.name is not None:
+        specs = [s for s in specs if fnmatch.fnmatchcase(s.name, args.name)]
+    return specs
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from cab.check import CheckOutcome, ConformanceReport, published_shape, run_conformance, run_probe, verdict_table
-    from cab.runner import CellTimeout, time_limit
+    from cab.failures import CellTimeout, time_limit
     from cab.status import Status
 
     plugin_errors = _load(args.plugin)
@@ -197,6 +221,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cab.bench import bench_table
     from cab.cells import BENCH_MODES, Cell
+    from cab.grid import versions_of
     from cab.runner import run_cell
 
     _load(args.plugin)
@@ -219,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         kind="bench", attention=name, pattern=pattern.value, hparams=hparams, batch=args.batch,
                         heads=args.heads, kv_heads=args.kv_heads or args.heads, lq=length, lk=lk,
                         head_dim=args.head_dim, dtype=args.dtype, device=args.device, mode=mode, seed=args.seed,
-                        options={"threads": args.threads, "min_run_time_s": args.min_run_time,
+                        versions=versions_of(name), options={"threads": args.threads, "min_run_time_s": args.min_run_time,
                                  "warmup_s": args.warmup, "flops_convention": args.flops_convention,
                                  "memory": not args.no_memory},
                     ))
@@ -333,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list the registered attentions")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--family", default=None, help="only this family (exact, linear, sparse, ...)")
+    p.add_argument("--pattern", default=None, help="only attentions declaring all these patterns, e.g. CS,CC")
+    p.add_argument("--name", default=None, metavar="GLOB", help="only names matching this glob, e.g. '*linear*'")
     p.add_argument("--catalog", action="store_true",
                    help="the seed mechanisms (M1-M65) and which attention implements each, or why none does")
     _add_plugin(p)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
-import importlib.metadata
 import os
 import re
 import typing
@@ -36,6 +34,7 @@ from pydantic import (
 from cab import registry
 from cab.cells import BENCH_MODES, DTYPES
 from cab.executors import EXECUTORS
+from cab.registries import Registry
 from cab.patterns import Pattern
 
 DEFAULT_MAX_CELLS = 100_000
@@ -302,7 +301,7 @@ class Config(_Schema):
     @model_validator(mode="after")
     def _has_work(self) -> "Config":
         if not self.sections():
-            names = ", ".join(f"`{name}`" for name in SECTIONS)
+            names = ", ".join(f"`{name}`" for name, _ in SECTIONS.ordered())
             raise ValueError(f"the config has no work: add at least one of the sections {names}")
         return self
 
@@ -322,7 +321,7 @@ class Config(_Schema):
 
     def sections(self) -> "dict[str, Section]":
         """The cell sections present, in expansion order."""
-        return {name: section for name in SECTIONS if (section := getattr(self, name, None)) is not None}
+        return {name: section for name, _ in SECTIONS.ordered() if (section := getattr(self, name, None)) is not None}
 
     def attention_entries(self, section: Section) -> "list[AttentionEntry]":
         """The attentions a section runs: its own list or the top level's, or every registered attention
@@ -343,10 +342,13 @@ class Config(_Schema):
 
 # Cell sections, in expansion order: name -> schema. Other modules add theirs with
 # `cab.grid.register_section` (which also registers the expander); SECTION_MODULES are imported, and the
-# entry points of group "cab.sections" loaded, when a config names a top-level key nobody has registered.
-SECTIONS: "dict[str, type[Section]]" = {"check": CheckSection, "bench": BenchSection}
-SECTION_MODULES = ("cab.tasks",)
+# entry points of group "cab.sections" loaded, on the first look at the sections.
+SECTION_MODULES = ("cab.training.expand",)
 SECTION_ENTRY_POINTS = "cab.sections"
+SECTIONS: "Registry[type[Section]]" = Registry("config section", modules=SECTION_MODULES,
+                                               entry_points=SECTION_ENTRY_POINTS)
+SECTIONS.add("check", CheckSection)
+SECTIONS.add("bench", BenchSection)
 
 
 def register_section_model(name: str, model: "type[Section]") -> None:
@@ -356,29 +358,22 @@ def register_section_model(name: str, model: "type[Section]") -> None:
         raise ValueError(f"a section name must be an identifier, got {name!r}")
     if not (isinstance(model, type) and issubclass(model, Section)):
         raise TypeError(f"section {name!r}: the model must subclass cab.config.Section, got {model!r}")
-    if SECTIONS.get(name, model) is not model or (name not in SECTIONS and name in Config.model_fields):
+    if name in Config.model_fields or SECTIONS.peek(name) not in (None, model):
         raise ValueError(f"config section {name!r} is already defined")
-    SECTIONS[name] = model
-    config_model.cache_clear()
+    SECTIONS.add(name, model, f"module {model.__module__}")
+    _config_model.cache_clear()
+
+
+def config_model() -> "type[Config]":
+    """The Config schema with every registered section (a subclass of Config)."""
+    SECTIONS.load()
+    return _config_model()
 
 
 @functools.lru_cache(maxsize=None)
-def config_model() -> "type[Config]":
-    """The Config schema with every registered section (a subclass of Config; cached until one registers)."""
-    extra = {name: (Optional[model], None) for name, model in SECTIONS.items() if name not in Config.model_fields}
+def _config_model() -> "type[Config]":
+    extra = {name: (Optional[model], None) for name, model in SECTIONS.ordered() if name not in Config.model_fields}
     return create_model("Config", __base__=Config, __module__=__name__, **extra) if extra else Config
-
-
-def _load_section_providers() -> None:
-    """Import the modules that register sections (built-in and installed through entry points)."""
-    for module in SECTION_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-    for entry_point in importlib.metadata.entry_points(group=SECTION_ENTRY_POINTS):
-        entry_point.load()
 
 
 # YAML reading with line numbers --------------------------------------------------------------------
@@ -622,8 +617,6 @@ def _check_names(config: Config) -> None:
 
 def parse_config(data: Any, *, source: str = "<config>", lines: "dict | None" = None) -> Config:
     """Validate an already-parsed config mapping (schema only: no plugin loading, no registry lookups)."""
-    if isinstance(data, dict) and any(key not in config_model().model_fields for key in data):
-        _load_section_providers()  # an unknown key may be a section whose module is not imported yet
     try:
         config = config_model().model_validate(data)
     except ValidationError as exc:

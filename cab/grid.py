@@ -7,7 +7,7 @@ located ConfigError (`max_cells` in the config raises the bound).
 Sections are pluggable: a module adds one with
 
     from cab.grid import register_section
-    register_section("tasks", TasksSection, expand_tasks)
+    register_section("tasks", TasksSection, expand_tasks)  # as cab.training.expand does
 
 where `TasksSection` subclasses `cab.config.Section` (so it may override `attentions`, `exclude` and
 `patterns`) and `expand_tasks(config, section) -> (count, iterator of Cell)` lays its cells out (it may
@@ -35,6 +35,7 @@ from cab.config import (
     register_section_model,
 )
 from cab.patterns import Pattern
+from cab.registries import Registry
 from cab.registry import get_spec
 
 # An expander returns (number of cells, iterator over them) for one section.
@@ -42,6 +43,11 @@ Expansion = tuple[int, Iterator[Cell]]
 Expander = Callable[[Config, Section], Expansion]
 
 DECODE_MODE = "decode"
+
+
+def versions_of(attention: str, **others: int) -> "dict[str, int]":
+    """A cell's `versions`: the attention's registered version, and `others` (a task's, a base attention's)."""
+    return {"attention": get_spec(attention).version, **others}
 
 
 def _check_cells(config: Config, section: CheckSection) -> Expansion:
@@ -53,7 +59,7 @@ def _check_cells(config: Config, section: CheckSection) -> Expansion:
         for entry, pattern in itertools.product(entries, patterns):
             yield Cell(kind="check", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
                        dtype=section.dtype, device=config.device, seed=config.seed, label=entry.display_label,
-                       options=dict(options))
+                       versions=versions_of(entry.name), options=dict(options))
 
     return len(entries) * len(patterns), cells()
 
@@ -86,7 +92,7 @@ def _bench_cells(config: Config, section: BenchSection) -> Expansion:
         return Cell(kind="bench", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
                     batch=section.batch, heads=section.heads, kv_heads=kv_heads, lq=length, lk=lk,
                     head_dim=section.head_dim, dtype=dtype, device=config.device, mode=mode, seed=config.seed,
-                    label=entry.display_label, options=dict(options))
+                    label=entry.display_label, versions=versions_of(entry.name), options=dict(options))
 
     def cells() -> Iterator[Cell]:
         for entry, pattern, length in itertools.product(entries, patterns, lengths):
@@ -111,14 +117,16 @@ def _deferred(make: Callable[[], Iterator[Cell]]) -> Iterator[Cell]:
     yield from make()
 
 
-EXPANDERS: "dict[str, Expander]" = {"check": _check_cells, "bench": _bench_cells}
+EXPANDERS: "Registry[Expander]" = Registry("section expander")
+EXPANDERS.add("check", _check_cells)
+EXPANDERS.add("bench", _bench_cells)
 
 
 def register_section(name: str, model: "type[Section]", expander: Expander) -> None:
     """Add a cell section: configs accept a top-level key `name` validated by `model`, and `expand` lays
     it out with `expander(config, section) -> (count, cells)`. See the module docstring."""
     register_section_model(name, model)
-    EXPANDERS[name] = expander
+    EXPANDERS.add(name, expander, f"module {getattr(expander, '__module__', '?')}")
 
 
 def iter_cells(config: "Config | str | Path") -> "tuple[int, Iterator[Cell]]":
@@ -129,7 +137,7 @@ def iter_cells(config: "Config | str | Path") -> "tuple[int, Iterator[Cell]]":
     missing = [name for name in config.sections() if name not in EXPANDERS]
     if missing:
         raise config.error(f"no expander is registered for section {missing[0]!r}", (missing[0],))
-    expansions = {name: EXPANDERS[name](config, section) for name, section in config.sections().items()}
+    expansions = {name: EXPANDERS.get(name)(config, section) for name, section in config.sections().items()}
     total = sum(size for size, _ in expansions.values())
     if total > config.max_cells:
         sizes = ", ".join(f"{name}: {size:,}" for name, (size, _) in expansions.items())
@@ -146,4 +154,4 @@ def expand(config: "Config | str | Path") -> "list[Cell]":
     return list(cells)
 
 
-__all__ = ["EXPANDERS", "SECTIONS", "bench_options", "expand", "iter_cells", "register_section"]
+__all__ = ["EXPANDERS", "SECTIONS", "bench_options", "expand", "iter_cells", "register_section", "versions_of"]

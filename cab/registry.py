@@ -24,25 +24,20 @@ from typing import Any, Callable, Iterator
 
 from cab.attention.base import Attention, UnsupportedPattern
 from cab.patterns import Pattern
+from cab.registries import DuplicateName, Registry, UnknownName
 
 ENTRY_POINT_GROUP = "cab.attentions"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class UnknownAttention(LookupError):
+class UnknownAttention(UnknownName):
     """An attention name that is not registered; the message suggests near matches."""
 
     def __init__(self, name: str, known: "list[str]"):
-        self.name = name
-        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-        super().__init__(f"unknown attention {name!r}{hint} (`cab list` shows the {len(known)} registered)")
-
-    def __str__(self) -> str:  # LookupError would quote the message
-        return self.args[0]
+        super().__init__("attention", name, known, hint=f"`cab list` shows the {len(known)} registered")
 
 
-class DuplicateAttention(ValueError):
+class DuplicateAttention(DuplicateName):
     """Two sources registered the same attention name."""
 
 
@@ -67,6 +62,7 @@ class AttentionSpec:
     accepts_any_hparam: bool = False
     description: str = ""
     unsupported_reasons: dict = field(default_factory=dict)
+    version: int = 1  # raised whenever a change alters what the attention computes; enters cell keys
 
     @property
     def has_reference(self) -> bool:
@@ -79,6 +75,7 @@ class AttentionSpec:
         """JSON-ready metadata (what `cab list --json` prints)."""
         return {
             "name": self.name,
+            "version": self.version,
             "family": self.family,
             "exact": self.exact,
             "patterns": [p.value for p in self.patterns],
@@ -103,9 +100,15 @@ class PluginError:
     traceback: str
 
 
-_REGISTRY: dict[str, AttentionSpec] = {}
+def _load_builtins() -> None:
+    from cab.attention import load_builtin_attentions
+
+    load_builtin_attentions()
+
+
+_ATTENTIONS: "Registry[AttentionSpec]" = Registry("attention", loader=_load_builtins, unknown=UnknownAttention,
+                                                  duplicate=DuplicateAttention)
 _current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar("cab_plugin_source", default=None)
-_builtins_loaded = False
 _entry_points_loaded = False
 _loaded_plugins: dict[str, "list[PluginError]"] = {}
 
@@ -145,13 +148,18 @@ def register_attention(
     mechanism: str = "",
     unsupported: "dict | None" = None,
     description: str = "",
+    version: int = 1,
 ) -> Callable[[type], type]:
     """Class decorator registering a `cab.Attention` subclass under `name` with its metadata.
 
     `unsupported` maps undeclared patterns to the reason they are not supported (shown to users).
+    `version` is raised whenever a change alters what the attention computes (its outputs, gradients or
+    costs): stored results and cached verdicts of another version are then stale and run again.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"attention name {name!r} must start with a letter or digit and use [A-Za-z0-9_.-]")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"attention {name!r}: version must be a positive integer, got {version!r}")
     declared = Pattern.parse_many(patterns)
     reasons = {Pattern.parse(p): str(r) for p, r in (unsupported or {}).items()}
 
@@ -159,24 +167,18 @@ def register_attention(
         if not (isinstance(cls, type) and issubclass(cls, Attention)):
             raise TypeError(f"@register_attention({name!r}) must decorate a subclass of cab.Attention, got {cls!r}")
         source = _current_source.get() or f"module {cls.__module__}"
-        if name in _REGISTRY:
-            prior = _REGISTRY[name]
-            raise DuplicateAttention(
-                f"attention {name!r} is registered twice: by {prior.source} "
-                f"(class {prior.cls.__module__}.{prior.cls.__qualname__}) and by {source} "
-                f"(class {cls.__module__}.{cls.__qualname__}); rename one of them"
-            )
         hparams, any_kw = _constructor_hparams(cls)
         doc = inspect.getdoc(cls) or ""
         cls.name, cls.family, cls.patterns, cls.exact = name, family, declared, bool(exact)
         cls.citation, cls.supports_gqa, cls.mechanism = citation, bool(gqa), mechanism
-        cls.unsupported_reasons = reasons
-        _REGISTRY[name] = AttentionSpec(
+        cls.unsupported_reasons, cls.version = reasons, version
+        spec = AttentionSpec(
             name=name, cls=cls, patterns=declared, family=family, exact=bool(exact), citation=citation,
             source=source, supports_gqa=bool(gqa), mechanism=mechanism, hparams=hparams,
             accepts_any_hparam=any_kw, description=description or doc.split("\n\n")[0].replace("\n", " "),
-            unsupported_reasons=reasons,
+            unsupported_reasons=reasons, version=version,
         )
+        _ATTENTIONS.add(name, spec, f"{source} (class {cls.__module__}.{cls.__qualname__})")
         return cls
 
     return decorate
@@ -184,16 +186,7 @@ def register_attention(
 
 def unregister_attention(name: str) -> None:
     """Remove an attention (tests and interactive sessions)."""
-    _REGISTRY.pop(name, None)
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        from cab.attention import load_builtin_attentions
-
-        load_builtin_attentions()
+    _ATTENTIONS.remove(name)
 
 
 @contextlib.contextmanager
@@ -208,7 +201,7 @@ def _source(label: str) -> Iterator[None]:
 def load_entry_points() -> "list[PluginError]":
     """Import every installed plugin of the `cab.attentions` entry-point group (once per process)."""
     global _entry_points_loaded
-    _load_builtins()
+    _ATTENTIONS.load()
     if _entry_points_loaded:
         return []
     _entry_points_loaded = True
@@ -226,7 +219,7 @@ def load_entry_points() -> "list[PluginError]":
 
 def load_plugin(spec: str) -> "list[PluginError]":
     """Import a plugin named on the command line: a .py file path or an importable module name."""
-    _load_builtins()
+    _ATTENTIONS.load()
     path = Path(spec)
     is_file = spec.endswith(".py") or path.exists()
     if is_file:
@@ -273,22 +266,18 @@ def loaded_plugin_specs() -> "list[str]":
 
 
 def names() -> "list[str]":
-    _load_builtins()
-    return sorted(_REGISTRY)
+    """Every registered attention name, sorted."""
+    return _ATTENTIONS.names()
 
 
 def all_specs() -> "list[AttentionSpec]":
-    _load_builtins()
-    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+    """Every registered attention's spec, in name order."""
+    return [spec for _, spec in _ATTENTIONS.items()]
 
 
 def get_spec(name: str) -> AttentionSpec:
     """The spec registered under `name`; raises UnknownAttention with near-match suggestions."""
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownAttention(name, sorted(_REGISTRY)) from None
+    return _ATTENTIONS.get(name)
 
 
 def check_hparams(spec: AttentionSpec, hparams: dict) -> None:

@@ -21,6 +21,7 @@ from cab.cells import Cell, Result
 from cab.config import Config, load_config
 from cab.executors import Executor, accepted_options, get_executor
 from cab.grid import expand
+from cab.kinds import describe
 from cab.registry import PluginError
 from cab.status import Status
 from cab.store import SCHEMA_VERSION, ResultStore
@@ -37,6 +38,7 @@ class RunSummary:
     planned: int
     skipped: int
     run: int
+    stale: int = 0  # cells rerun because their stored result measured other code versions
     counts: "dict[str, int]" = field(default_factory=dict)
     wall_s: float = 0.0
     db: "Path | None" = None
@@ -48,7 +50,8 @@ class RunSummary:
         statuses = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items(), key=lambda kv: -kv[1])) or "none"
         lines = [
             f"{self.config}: {self.planned} cells planned, {self.skipped} already done, {self.run} run "
-            f"in {self.wall_s:.1f} s ({statuses})",
+            f"in {self.wall_s:.1f} s ({statuses})" + (f"; {self.stale} of them stale (other versions)"
+                                                     if self.stale else ""),
             f"results: {self.db}",
         ]
         if self.report is not None:
@@ -90,17 +93,6 @@ def _print_plugin_errors(errors: "list[PluginError]") -> None:
         print(f"cab: plugin failed to load: {err.source}\n{err.traceback.rstrip()}\n", file=sys.stderr)
 
 
-def _describe(cell: Cell) -> str:
-    """Short name of a cell for the progress bar."""
-    if cell.kind == "task":
-        return f"{cell.task} {cell.display_name} {cell.pattern} seed={cell.seed}"
-    if cell.kind != "bench":
-        return f"{cell.display_name} {cell.pattern} {cell.kind}"
-    lengths = f"L={cell.lq}" if cell.lq == cell.lk else f"L={cell.lq}/{cell.lk}"
-    kv = f" kv={cell.kv_heads}" if cell.kv_heads != cell.heads else ""
-    return f"{cell.display_name} {cell.pattern} {lengths}{kv} {cell.mode}"
-
-
 def render_leaderboard(db_path: Path, out_dir: Path) -> "tuple[Path | None, str]":
     """Render the report if cab.report is installed; (index path, "") or (None, why not)."""
     try:
@@ -137,7 +129,7 @@ class _Progress:
 
     def _show(self, cell: Cell) -> None:
         tally = " ".join(f"{s}={n}" for s, n in sorted(self.counts.items()))
-        self._bar.set_postfix_str(f"{_describe(cell)} | {tally}" if tally else _describe(cell), refresh=False)
+        self._bar.set_postfix_str(f"{describe(cell)} | {tally}" if tally else describe(cell), refresh=False)
 
     def started(self, cell: Cell) -> None:
         self._show(cell)
@@ -189,6 +181,10 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
                        workers=workers, db=db, report_dir=report_dir)
     with ResultStore(db_path) as store, store.writer_lock():
         todo = select_cells(cells, store, force=force, retry_failed=retry_failed)
+        stale = store.stale_keys(todo)
+        if stale:
+            print(f"cab: {len(stale)} stored results measured other versions of their attention or task; "
+                  "they are stale and run again", file=sys.stderr)
         if store.migrated_from is not None:
             print(f"cab: migrated {db_path} from store schema {store.migrated_from} to {SCHEMA_VERSION} "
                   f"(the file as it was: {store.backup})", file=sys.stderr)
@@ -220,6 +216,7 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
         if note:
             print(f"cab: {note}", file=sys.stderr)
     return RunSummary(config=str(config_path), planned=len(cells), skipped=len(cells) - len(todo), run=bar.done,
+                      stale=len(stale),
                       counts=dict(bar.counts), wall_s=round(time.perf_counter() - t0, 2), db=db_path, report=report,
                       run_id=run_id, note=note)
 

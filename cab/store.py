@@ -8,7 +8,8 @@ is written beside it; a newer or unknown one is refused with what to do.
 
 Schema history: 1: results + runs tables. 2: results.cell (the whole cell as JSON, so that every cell
 field round-trips, including fields added after the flat columns were laid out), runs.executor, an
-index by status.
+index by status. 3: results.slot (the cell's key without its code versions, `Cell.slot`): a result of
+another version of the same measurement is stale, and storing the new one replaces it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pandas as pd
 from cab.cells import Cell, Result
 from cab.status import Status
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _CELL_COLUMNS = (
     ("kind", "TEXT"), ("attention", "TEXT"), ("label", "TEXT"), ("hparams", "TEXT"), ("pattern", "TEXT"),
@@ -48,9 +49,10 @@ CREATE TABLE results (
     started_at TEXT,
     finished_at TEXT,
     run_id TEXT,
-    cell TEXT
+    cell TEXT,
+    slot TEXT
 )""", "CREATE INDEX results_by_attention ON results(attention, pattern, kind)",
-    "CREATE INDEX results_by_status ON results(status)", """
+    "CREATE INDEX results_by_status ON results(status)", "CREATE INDEX results_by_slot ON results(slot)", """
 CREATE TABLE runs (
     run_id TEXT PRIMARY KEY,
     config TEXT,
@@ -92,8 +94,20 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     conn.executemany("UPDATE results SET cell = ? WHERE key = ?", [(_cell_json_from_columns(r), r["key"]) for r in rows])
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE results ADD COLUMN slot TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS results_by_slot ON results(slot)")
+    rows = conn.execute("SELECT key, cell FROM results").fetchall()
+    conn.executemany("UPDATE results SET slot = ? WHERE key = ?",
+                     [(Cell.from_dict(json.loads(r["cell"])).slot, r["key"]) for r in rows])
+
+
 # version -> the step that brings a store of that version to the next one
-MIGRATIONS: "dict[int, Callable[[sqlite3.Connection], None]]" = {1: _migrate_1_to_2}
+MIGRATIONS: "dict[int, Callable[[sqlite3.Connection], None]]" = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+
+
+# schema version -> the results columns a store of that version must have
+_REQUIRED = {1: {"key", "status"}, 2: {"key", "status", "cell"}, 3: {"key", "status", "cell", "slot"}}
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> "set[str]":
@@ -137,14 +151,14 @@ class ResultStore:
         if version == 0 and tables:
             raise StoreError(f"{self.path} holds tables ({', '.join(sorted(tables))}) but no cab schema version: "
                              f"it is not a cab results store; {move_aside}")
+        missing = {"results", "runs"} - tables if version else set()
+        if missing or (version and not _REQUIRED.get(version, set()) <= _columns(self._conn, "results")):
+            raise StoreError(f"{self.path} claims store schema {version} but lacks its tables or columns; "
+                             f"{move_aside}")
         if version == 0:
             self._transaction(lambda conn: [conn.execute(statement) for statement in _TABLES])
         elif version < SCHEMA_VERSION:
             self._migrate(version)
-        missing = {"results", "runs"} - tables if version else set()
-        if missing or (version and not {"key", "status", "cell"} <= _columns(self._conn, "results")):
-            raise StoreError(f"{self.path} claims store schema {version} but lacks its tables or columns; "
-                             f"{move_aside}")
 
     def _transaction(self, work: "Callable[[sqlite3.Connection], object]", version: int = SCHEMA_VERSION) -> None:
         """Run `work` and set the schema version in one transaction (all or nothing)."""
@@ -193,7 +207,8 @@ class ResultStore:
     # writing --------------------------------------------------------------------------------------
 
     def put(self, result: Result, run_id: "str | None" = None) -> None:
-        """Insert or replace the row of result's cell, in its own transaction."""
+        """Insert or replace the row of result's cell, and drop the stale rows of its slot (other versions),
+        in one transaction."""
         cell = result.cell
         values = {name: getattr(cell, name) for name, _ in _CELL_COLUMNS}
         for name in _JSON_CELL_FIELDS:
@@ -203,17 +218,19 @@ class ResultStore:
             message=result.message, metrics=json.dumps(result.metrics, allow_nan=False),
             provenance=json.dumps(result.provenance), wall_s=result.wall_s, started_at=result.started_at,
             finished_at=result.finished_at, run_id=run_id, label=cell.display_name,
-            cell=json.dumps(cell.to_dict(), sort_keys=True),
+            cell=json.dumps(cell.to_dict(), sort_keys=True), slot=cell.slot,
         )
         columns = ", ".join(values)
         placeholders = ", ".join(f":{k}" for k in values)
-        self._write(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", values)
+        self._write(f"INSERT OR REPLACE INTO results ({columns}) VALUES ({placeholders})", values,
+                    ("DELETE FROM results WHERE slot = :slot AND key != :key", {"slot": cell.slot, "key": cell.key}))
 
-    def _write(self, statement: str, values: "dict | tuple") -> None:
-        """One statement in its own transaction: committed when this returns, rolled back if it fails."""
+    def _write(self, statement: str, values: "dict | tuple", *more: "tuple[str, dict | tuple]") -> None:
+        """Statements in one transaction: committed when this returns, rolled back if one fails."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            self._conn.execute(statement, values)
+            for text, arguments in ((statement, values), *more):
+                self._conn.execute(text, arguments)
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
@@ -242,6 +259,13 @@ class ResultStore:
         rows = self._conn.execute("SELECT key FROM results").fetchall()
         present = {r[0] for r in rows}
         return present if keys is None else present & set(keys)
+
+    def stale_keys(self, cells: "Iterable[Cell]") -> "set[str]":
+        """Keys among `cells` whose slot holds a result of other code versions (and none of theirs)."""
+        stored: dict[str, set] = {}
+        for key, slot in self._conn.execute("SELECT key, slot FROM results WHERE slot IS NOT NULL"):
+            stored.setdefault(slot, set()).add(key)
+        return {c.key for c in cells if c.slot in stored and c.key not in stored[c.slot]}
 
     def keys_with_status(self, statuses: "Iterable[Status]") -> "set[str]":
         wanted = [s.value for s in statuses]

@@ -1,5 +1,5 @@
-"""The task protocol (`Task`, `TaskParams`, `Metric`), the task registry, the loader of the task modules
-in the repository's `tasks/` folder, and the `tasks` section of grid configs.
+"""The task protocol (`Task`, `TaskParams`, `Metric`), the task registry and the loader of the task modules
+in the repository's `tasks/` folder.
 
 A task declares the patterns it exercises and the backbone each uses, its metrics with their direction,
 its parameters (training budget, model size, lengths) with defaults, and how to build its data, model,
@@ -7,14 +7,14 @@ batches, loss and evaluation. Adding a task means adding one module under `tasks
 subclass decorated with `@register_task`. The folder is imported as the package `cab_tasks`, so task
 modules share helpers with relative imports (`from ._data import ...`).
 
-Importing this module registers the config section `tasks` (`TasksSection`, laid out into cells by
-`cab.training.expand.expand_tasks`); cab.config imports it when a config has a `tasks:` key.
+A task's `version` is raised whenever a change alters what it measures (data, model, training, metrics):
+stored results of another version are then stale and run again. The `tasks:` section of grid configs
+lives in `cab.training.expand`.
 """
 
 from __future__ import annotations
 
 import abc
-import difflib
 import importlib
 import importlib.util
 import os
@@ -22,16 +22,16 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from cab.config import Name, PatternList, PositiveInt, Section
 from cab.models import AttentionSlots
 from cab.models.slots import DEFAULT_BASE
 from cab.patterns import Pattern
+from cab.registries import Registry, UnknownName
 
 TASKS_PACKAGE = "cab_tasks"
 TASKS_DIR_ENV = "CAB_TASKS_DIR"
@@ -41,16 +41,11 @@ class MissingData(FileNotFoundError):
     """A raw data file is not on this machine; the message names the command that fetches it."""
 
 
-class UnknownTask(LookupError):
+class UnknownTask(UnknownName):
     """A task name that is not registered; the message suggests near matches."""
 
     def __init__(self, name: str, known: "list[str]"):
-        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
-        super().__init__(f"unknown task {name!r}{hint} (registered: {', '.join(known) or 'none'})")
-
-    def __str__(self) -> str:
-        return self.args[0]
+        super().__init__("task", name, known, hint=f"registered: {', '.join(known) or 'none'}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +104,7 @@ class Task(abc.ABC):
     the training seed; `batch` draws one training batch with the seed's generator."""
 
     name: ClassVar[str] = ""
+    version: ClassVar[int] = 1  # raised whenever a change alters what the task measures
     description: ClassVar[str] = ""
     data_source: ClassVar[str] = ""  # where the data comes from, and its licence where it matters
     backbones: ClassVar[dict] = {}  # Pattern -> the backbone that pattern's runs use, in words
@@ -168,23 +164,20 @@ class Task(abc.ABC):
 
 # registry ---------------------------------------------------------------------------------------------
 
-_TASKS: "dict[str, type[Task]]" = {}
-_loaded = False
-
-
 def register_task(cls: "type[Task]") -> "type[Task]":
-    """Class decorator registering a Task subclass under its `name`."""
+    """Class decorator registering a Task subclass under its `name` (the same class re-imported replaces
+    itself)."""
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TypeError(f"@register_task must decorate a subclass of cab.tasks.Task, got {cls!r}")
     if not cls.name or not cls.backbones or not cls.metrics:
         raise ValueError(f"task class {cls.__qualname__} must set name, backbones and metrics")
-    prior = _TASKS.get(cls.name)
-    if prior is not None and prior.__qualname__ != cls.__qualname__:
-        raise ValueError(f"task {cls.name!r} is registered twice: {prior.__module__}.{prior.__qualname__} and "
-                         f"{cls.__module__}.{cls.__qualname__}")
+    if not isinstance(cls.version, int) or cls.version < 1:
+        raise ValueError(f"task {cls.name!r}: version must be a positive integer, got {cls.version!r}")
+    prior = _TASKS.peek(cls.name)
+    if prior is not None and prior.__qualname__ == cls.__qualname__:
+        _TASKS.remove(cls.name)  # its module imported again
     cls.backbones = {Pattern.parse(p): b for p, b in cls.backbones.items()}
-    _TASKS[cls.name] = cls
-    return cls
+    return _TASKS.add(cls.name, cls, f"{cls.__module__}.{cls.__qualname__}")
 
 
 def tasks_dir() -> Path:
@@ -195,9 +188,10 @@ def tasks_dir() -> Path:
 
 def load_tasks() -> None:
     """Import the task folder as the package `cab_tasks` and every module in it (once per process)."""
-    global _loaded
-    if _loaded:
-        return
+    _TASKS.load()
+
+
+def _import_task_folder() -> None:
     directory = tasks_dir()
     init = directory / "__init__.py"
     if not init.is_file():
@@ -215,21 +209,19 @@ def load_tasks() -> None:
     for info in pkgutil.iter_modules([str(directory)]):
         if not info.name.startswith("_"):
             importlib.import_module(f"{TASKS_PACKAGE}.{info.name}")
-    _loaded = True
+
+
+_TASKS: "Registry[type[Task]]" = Registry("task", loader=_import_task_folder, unknown=UnknownTask)
 
 
 def task_names() -> "list[str]":
-    load_tasks()
-    return sorted(_TASKS)
+    """Every registered task name, sorted."""
+    return _TASKS.names()
 
 
 def get_task(name: str) -> "type[Task]":
     """The task class registered under `name`; raises UnknownTask with near-match suggestions."""
-    load_tasks()
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise UnknownTask(name, sorted(_TASKS)) from None
+    return _TASKS.get(name)
 
 
 def create_task(name: str, params: "dict | None" = None) -> Task:
@@ -238,70 +230,6 @@ def create_task(name: str, params: "dict | None" = None) -> Task:
     return get_task(name)(params or {})
 
 
-# the `tasks` section of grid configs ------------------------------------------------------------------
-
-class TaskEntry(BaseModel):
-    """One task of a `tasks` section: a registered task, overrides of its parameters, optionally fewer
-    patterns than the task exercises, and a display label."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    name: Name
-    params: dict[str, Any] = Field(default_factory=dict)
-    patterns: "PatternList | None" = None
-    label: str = ""
-
-
-def _task_selection_kind(value: Any) -> str:
-    return "all" if isinstance(value, str) else "list"
-
-
-def _normalise_tasks(value: Any) -> Any:
-    """`all`, or a list whose plain-string items are task names."""
-    if value == "all":
-        return value
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"expected 'all' or a non-empty list of tasks, got {value!r}")
-    return [{"name": item} if isinstance(item, str) else item for item in value]
-
-
-TaskSelection = Annotated[
-    Union[Annotated[Literal["all"], Tag("all")], Annotated[list[TaskEntry], Tag("list")]],
-    Discriminator(_task_selection_kind),
-    BeforeValidator(_normalise_tasks),
-]
-
-
-class TasksSection(Section):
-    """Training cells: task x pattern x attention x seed (laid out by cab.training.expand.expand_tasks).
-    `params` apply to every task (only the parameters all tasks share), each entry's own `params` after
-    them; `attention_hparams` maps attention names to hyper-parameters (an entry's own hparams win);
-    `seeds` seeds run from the config's seed on; `gate` runs conformance on every attention a model uses
-    before training; `progress` shows a training progress bar on a terminal."""
-
-    tasks: TaskSelection = "all"
-    seeds: PositiveInt = 1
-    params: dict[str, Any] = Field(default_factory=dict)
-    attention_hparams: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    gate: bool = True
-    progress: bool = True
-
-
-def _expand_tasks(config: Any, section: TasksSection) -> Any:
-    from cab.training.expand import expand_tasks
-
-    return expand_tasks(config, section)
-
-
-def _register_section() -> None:
-    from cab.grid import register_section
-
-    register_section("tasks", TasksSection, _expand_tasks)
-
-
-_register_section()
-
 __all__ = [
-    "Metric", "MissingData", "TASKS_DIR_ENV", "TASKS_PACKAGE", "Task", "TaskEntry", "TaskParams", "TasksSection",
-    "UnknownTask", "create_task", "get_task", "load_tasks", "register_task", "task_names", "tasks_dir",
+    "Metric", "MissingData", "TASKS_DIR_ENV", "TASKS_PACKAGE", "Task", "TaskParams", "UnknownTask", "create_task", "get_task", "load_tasks", "register_task", "task_names", "tasks_dir",
 ]

@@ -17,7 +17,8 @@ from cab.bench.workload import build_attention, failed_gate, gate_report, needs_
 from cab.cells import BENCH_MODES, Cell, Outcome
 from cab.patterns import visible_pairs
 from cab.registry import get_spec
-from cab.runner import is_oom
+from cab.failures import is_oom
+from cab.kinds import register_cell_kind
 from cab.status import Status
 from cab.devices import device_unavailable
 
@@ -52,6 +53,14 @@ def _pair_metrics(attn: torch.nn.Module, cell: Cell) -> dict:
             "achieved_sparsity": 1.0 - int(computed) / visible if visible else None}
 
 
+def describe_bench(cell: Cell) -> str:
+    """`name pattern L=… [kv=…] mode` for the progress bar."""
+    lengths = f"L={cell.lq}" if cell.lq == cell.lk else f"L={cell.lq}/{cell.lk}"
+    kv = f" kv={cell.kv_heads}" if cell.kv_heads != cell.heads else ""
+    return f"{cell.display_name} {cell.pattern} {lengths}{kv} {cell.mode}"
+
+
+@register_cell_kind("bench", describe=describe_bench)
 def bench_cell(cell: Cell) -> Outcome:
     """Gate, then time and measure one attention in one mode (decode cells go to cab.bench.decode); an
     unsupported configuration, a failed gate, a cost over budget or an OOM while timing is an Outcome without

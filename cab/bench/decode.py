@@ -25,7 +25,7 @@ from cab.bench.workload import build_attention, failed_gate, gate_report
 from cab.cells import Cell, Outcome
 from cab.patterns import Pattern
 from cab.registry import get_spec
-from cab.runner import is_oom
+from cab.failures import is_oom
 from cab.status import Status
 
 DECODE_MODE = "decode"

@@ -19,7 +19,7 @@ from cab.bench.memory_probe import measure_in_child
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell
 from cab.registry import loaded_plugin_specs
-from cab.runner import is_oom
+from cab.failures import is_oom
 
 DEFAULT_PROBE_TIMEOUT_S = 600.0
 _CONTEXT: "multiprocessing.context.BaseContext | None" = None

@@ -1,12 +1,14 @@
-"""`check_cell`: the runner's entry point for cells of kind "check"."""
+"""The "check" cell kind: a conformance verdict of one attention in one pattern."""
 
 from __future__ import annotations
 
 from cab.cells import Cell, Outcome
 from cab.check.conformance import run_conformance
 from cab.check.gate import gate
+from cab.kinds import register_cell_kind
 
 
+@register_cell_kind("check")
 def check_cell(cell: Cell) -> Outcome:
     """Run the conformance suite on the cell's attention, pattern, hparams, device, dtype and seed.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cab.check.outcomes import CheckOutcome
-from cab.runner import CellTimeout, is_oom
+from cab.failures import CellTimeout, is_oom
 from cab.status import Status
 
 

@@ -51,7 +51,7 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
     deviation in `dtypes` (default: float32, bfloat16, float16)."""
     from cab import registry
     from cab.analysis.fidelity import DEVIATION_DTYPES, Shape, approximation_error, numeric_deviation
-    from cab.runner import CellTimeout, time_limit
+    from cab.failures import CellTimeout, time_limit
 
     dtypes = tuple(dtypes or DEVIATION_DTYPES)
     shape = Shape(batch=1, heads=2, kv_heads=2, lq=32, lk=32, head_dim=16)

@@ -32,6 +32,7 @@ class Declaration:
     reasons: dict = field(default_factory=dict)
     family: str = ""
     citation: str = ""
+    version: "int | None" = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class SupportRow:
     citation: str
     source: str  # where the declarations come from: "registry", "check results" or ""
     cells: tuple
+    version: str = ""  # the attention versions its results measured ("v1"), and the registered one if other
 
     @property
     def n_declared_failing(self) -> int:
@@ -75,7 +77,7 @@ def registry_declarations(names: Iterable[str]) -> "dict[str, Declaration]":
             declarations[name] = Declaration(
                 patterns=frozenset(p.value for p in spec.patterns),
                 reasons={p.value: r for p, r in spec.unsupported_reasons.items()},
-                family=spec.family, citation=spec.citation,
+                family=spec.family, citation=spec.citation, version=spec.version,
             )
     return declarations
 
@@ -201,5 +203,18 @@ def support_matrix(results: pd.DataFrame, declarations: "Mapping[str, Declaratio
         rows.append(SupportRow(
             attention=name, family=declaration.family if declaration else "",
             citation=declaration.citation if declaration else "", source=source, cells=tuple(cells),
+            version=_versions(results[results["attention"].map(text) == name], declaration),
         ))
     return rows
+
+
+def _versions(results: pd.DataFrame, declaration: "Declaration | None") -> str:
+    """'v1' for the attention versions an attention's results measured; results from before versions were
+    recorded count as 'unversioned'; ', registered v2' when the registered version is another (stale)."""
+    column = results["versions"] if "versions" in results else pd.Series([None] * len(results), dtype=object)
+    seen = sorted({v.get("attention") if isinstance(v, dict) and v.get("attention") else 0 for v in column})
+    words = [f"v{v}" if v else "unversioned" for v in seen]
+    registered = declaration.version if declaration is not None else None
+    if registered is not None and seen != [registered]:
+        words.append(f"registered v{registered}")
+    return ", ".join(words)

@@ -15,6 +15,7 @@ from torch import nn
 from cab.attention.base import Attention, UnsupportedPattern
 from cab.cells import Cell, Outcome
 from cab.devices import device_unavailable
+from cab.kinds import register_cell_kind
 from cab.models import count_parameters
 from cab.patterns import Pattern
 from cab.registry import get_spec
@@ -141,6 +142,11 @@ def run_task(task: "Task | str", attention: str, pattern: "Pattern | str", *, hp
     })
 
 
+def _describe(cell: Cell) -> str:
+    return f"{cell.task} {cell.display_name} {cell.pattern} seed={cell.seed}"
+
+
+@register_cell_kind("task", describe=_describe)
 def task_cell(cell: Cell) -> Outcome:
     """The runner's entry point for cells of kind "task" (fields `task` and `task_params`)."""
     if cell.kind != "task":

@@ -1,4 +1,5 @@
-"""Expansion of a config's `tasks` section into task cells: task x pattern x attention x seed.
+"""The `tasks` section of grid configs (`TasksSection`) and its expansion into task cells: task x pattern x
+attention x seed. Importing this module registers the section (cab.config imports it on first use).
 
 Each task runs the patterns it exercises (narrowed by the section's and the entry's `patterns`), with
 every selected attention that declares the pattern, for `seeds` seeds (config.seed, config.seed + 1, ...).
@@ -9,13 +10,63 @@ resolved parameters, so a changed default is a new cell."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator, Literal, Union
 
-from pydantic import ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from cab.cells import Cell
+from cab.config import AttentionEntry, Name, PatternList, PositiveInt, Section
+from cab.grid import register_section, versions_of
 from cab.patterns import Pattern
-from cab.registry import get_spec
+from cab.registry import UnknownHyperparameter, check_hparams, get_spec
+from cab.tasks import TaskParams, UnknownTask, get_task, task_names
+
+
+class TaskEntry(BaseModel):
+    """One task of a `tasks` section: a registered task, overrides of its parameters, optionally fewer
+    patterns than the task exercises, and a display label."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Name
+    params: dict[str, Any] = Field(default_factory=dict)
+    patterns: "PatternList | None" = None
+    label: str = ""
+
+
+def _task_selection_kind(value: Any) -> str:
+    return "all" if isinstance(value, str) else "list"
+
+
+def _normalise_tasks(value: Any) -> Any:
+    """`all`, or a list whose plain-string items are task names."""
+    if value == "all":
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected 'all' or a non-empty list of tasks, got {value!r}")
+    return [{"name": item} if isinstance(item, str) else item for item in value]
+
+
+TaskSelection = Annotated[
+    Union[Annotated[Literal["all"], Tag("all")], Annotated[list[TaskEntry], Tag("list")]],
+    Discriminator(_task_selection_kind),
+    BeforeValidator(_normalise_tasks),
+]
+
+
+class TasksSection(Section):
+    """Training cells: task x pattern x attention x seed (laid out by cab.training.expand.expand_tasks).
+    `params` apply to every task (only the parameters all tasks share), each entry's own `params` after
+    them; `attention_hparams` maps attention names to hyper-parameters (an entry's own hparams win);
+    `seeds` seeds run from the config's seed on; `gate` runs conformance on every attention a model uses
+    before training; `progress` shows a training progress bar on a terminal."""
+
+    tasks: TaskSelection = "all"
+    seeds: PositiveInt = 1
+    params: dict[str, Any] = Field(default_factory=dict)
+    attention_hparams: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    gate: bool = True
+    progress: bool = True
 
 
 def _params_error(config: Any, where: tuple, exc: ValidationError, prefix: str) -> Exception:
@@ -31,8 +82,6 @@ def _params_error(config: Any, where: tuple, exc: ValidationError, prefix: str) 
 
 def _resolved(config: Any, section: Any, index: int, entry: Any) -> "tuple[Any, dict]":
     """(task instance, its parameters as JSON) for one entry: section-wide params, then the entry's."""
-    from cab.tasks import TaskParams, UnknownTask, get_task
-
     common = set(TaskParams.model_fields)
     for key in section.params:
         if key not in common:
@@ -57,9 +106,6 @@ def _resolved(config: Any, section: Any, index: int, entry: Any) -> "tuple[Any, 
 
 def _attention_entries(config: Any, section: Any) -> list:
     """The section's attentions, each with the section's `attention_hparams` for its name under its own."""
-    from cab.config import AttentionEntry
-    from cab.registry import UnknownHyperparameter, check_hparams
-
     for name, hparams in section.attention_hparams.items():
         where = ("tasks", "attention_hparams", name)
         try:
@@ -74,10 +120,8 @@ def _attention_entries(config: Any, section: Any) -> list:
                            label=e.label) for e in config.attention_entries(section)]
 
 
-def expand_tasks(config: Any, section: Any) -> "tuple[int, Iterator[Cell]]":
+def expand_tasks(config: Any, section: TasksSection) -> "tuple[int, Iterator[Cell]]":
     """(number of cells, the cells) of a `tasks` section, in task, pattern, attention, seed order."""
-    from cab.tasks import TaskEntry, task_names
-
     entries = _attention_entries(config, section)
     allowed = set(config.patterns_of(section))
     seeds = [config.seed + i for i in range(section.seeds)]
@@ -98,9 +142,13 @@ def expand_tasks(config: Any, section: Any) -> "tuple[int, Iterator[Cell]]":
                 task=task.name, task_params=params, batch=task.params.batch_size, heads=task.params.heads,
                 kv_heads=task.params.heads, lq=lq, lk=lk, head_dim=task.params.head_dim, dtype="float32",
                 device=config.device, mode="train", seed=seed, label=attention.display_label,
+                versions=versions_of(attention.name, task=task.version,
+                                     base=get_spec(task.params.base_attention).version),
                 options=dict(options),
             ))
     return len(cells), iter(cells)
 
 
-__all__ = ["expand_tasks"]
+register_section("tasks", TasksSection, expand_tasks)
+
+__all__ = ["TaskEntry", "TasksSection", "expand_tasks"]
