@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.patterns import Pattern, attention_mask
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import (
+    assert_forward_matches_reference, assert_large_logits_finite, assert_padding_safe, holey_padding, random_qkv,
+)
 
 SMALL = {"query_chunk_size": 8, "key_chunk_size": 6}
 
@@ -43,64 +44,17 @@ def test_values_linear_in_the_keys_are_reproduced_at_the_query():
     assert (create_attention("vanilla", "NC", 2, 4)(q, k, v) - want).abs().max() > 0.1
 
 
-def _padded_garbage_inputs(pattern, dtype, seed=0):
-    """B=3, H=4, L=48, D=32 keys with left (element 0: keys 0..7), interior (element 1: keys 9..18) and full
-    (element 2) padding; padded keys and values (and the queries at padded positions of self patterns) hold
-    N(0, 10^2) garbage, so masked scores run far outside float32's exp range."""
-    gen = torch.Generator().manual_seed(seed)
-    b, h, length, d = 3, 4, 48, 32
-    pad = torch.zeros(b, length, dtype=torch.bool)
-    pad[0, :8], pad[1, 9:19], pad[2] = True, True, True
-    q, k, v = (torch.randn(b, h, length, d, generator=gen, dtype=torch.float64) for _ in range(3))
-    garbage = lambda t: torch.where(pad[:, None, :, None], 10 * torch.randn(t.shape, generator=gen, dtype=t.dtype), t)  # noqa: E731
-    k, v = garbage(k), garbage(v)
-    if not Pattern.parse(pattern).cross:
-        q = garbage(q)
-    return [t.to(dtype).requires_grad_() for t in (q, k, v)], pad
-
-
-def _large_logit_inputs(dtype, seed=3, logit=200.0):
-    """q, k, v (2, 4, 48, 32) with q and k scaled so that max |q.k| / sqrt(D) = logit."""
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(2, 4, 48, 32, generator=gen, dtype=torch.float64) for _ in range(3))
-    scale = (logit / ((q @ k.transpose(-1, -2)).abs().max() / 32 ** 0.5)).sqrt()
-    return [t.to(dtype).requires_grad_() for t in (q * scale, k * scale, v)]
-
-
-def _assert_padding_safe(attn, pattern, dtype):
-    (q, k, v), pad = _padded_garbage_inputs(pattern, dtype)
-    out = attn(q, k, v, pad)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
-    assert torch.isfinite(out).all()
-    blind = ~attention_mask(pattern, q.shape[-2], k.shape[-2], pad).any(-1)  # (B, 1, Lq): rows that see no key
-    assert blind.any()
-    assert (out.detach() * blind[..., None] == 0).all(), "rows that see no key must output exact zeros"
-    for name, t in zip("qkv", (q, k, v)):
-        assert torch.isfinite(t.grad).all(), f"non-finite d{name}"
-    padded = pad[:, None, :, None].expand_as(k.grad)
-    assert (k.grad[padded] == 0).all() and (v.grad[padded] == 0).all(), "gradient reached a padded key or value"
-
-
-def _assert_large_logits_finite(attn, dtype):
-    q, k, v = _large_logit_inputs(dtype)
-    out = attn(q, k, v)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
-    assert torch.isfinite(out).all()
-    for name, t in zip("qkv", (q, k, v)):
-        assert torch.isfinite(t.grad).all(), f"non-finite d{name} at |logit| 200 in {dtype}"
-
-
 @pytest.mark.parametrize("hparams", [{}, SMALL])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
 def test_padding_rows_without_keys_and_padded_gradients(pattern, dtype, hparams):
     """Regression (conformance key_padding[float32], NS/CS): the second pass took exp of unmasked scores and masked
     afterwards, so a padded key's garbage score above the row lse overflowed and 0 * inf = NaN reached dq, dk."""
-    _assert_padding_safe(create_attention("local_linear", pattern, 4, 32, **hparams), pattern, dtype)
+    assert_padding_safe(create_attention("local_linear", pattern, 4, 32, **hparams), pattern, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
 def test_large_logits_finite(pattern, dtype):
     """max |q.k| / sqrt(D) = 200: outputs and gradients stay finite (CS in float32 gave non-finite dq, dk)."""
-    _assert_large_logits_finite(create_attention("local_linear", pattern, 4, 32), dtype)
+    assert_large_logits_finite(create_attention("local_linear", pattern, 4, 32), dtype)
