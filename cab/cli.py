@@ -244,7 +244,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         kind="bench", attention=name, pattern=pattern.value, hparams=hparams, batch=args.batch,
                         heads=args.heads, kv_heads=args.kv_heads or args.heads, lq=length, lk=lk,
                         head_dim=args.head_dim, dtype=args.dtype, device=args.device, mode=mode, seed=args.seed,
-                        versions=versions_of(name), options={"threads": args.threads, "min_run_time_s": args.min_run_time,
+                        versions=versions_of(name),
+                        options={"threads": args.threads, "min_run_time_s": args.min_run_time,
                                  "warmup_s": args.warmup, "flops_convention": args.flops_convention,
                                  "memory": not args.no_memory},
                     ))
@@ -278,8 +279,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         summary = run_grid(args.config, force=args.force, retry_failed=args.retry_failed, executor=args.executor,
-                           address=args.address, workers=args.workers, db=args.db, report_dir=args.out, render=not args.no_report,
-                           progress=not args.no_progress)
+                           address=args.address, workers=args.workers, db=args.db, report_dir=args.out,
+                           render=not args.no_report, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
     print(summary)
@@ -428,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("analyze", help="efficiency lengths, complexity exponents and decode costs from the results store")
+    p = sub.add_parser("analyze",
+                       help="efficiency lengths, complexity exponents and decode costs from the results store")
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--json", action="store_true")
     p.add_argument("--method", choices=["robust", "cab"], default="robust",

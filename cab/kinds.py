@@ -27,22 +27,24 @@ def _default_description(cell: Cell) -> str:
 
 @dataclass(frozen=True)
 class CellKind:
-    """One kind of cell: `run(cell) -> Outcome` and `describe(cell) -> str` (a short name for progress)."""
+    """One kind of cell: `run(cell) -> Outcome`, `describe(cell) -> str` (a short name for progress), and
+    `runs_alone` for kinds whose measurements need the machine to themselves (the pool runs them alone)."""
 
     name: str
     run: Callable[[Cell], Outcome]
     describe: Callable[[Cell], str] = _default_description
+    runs_alone: bool = False
 
 
 CELL_KINDS: "Registry[CellKind]" = Registry("cell kind", modules=KIND_MODULES, entry_points="cab.cell_kinds")
 
 
-def register_cell_kind(name: str, describe: "Callable[[Cell], str] | None" = None
+def register_cell_kind(name: str, describe: "Callable[[Cell], str] | None" = None, runs_alone: bool = False
                        ) -> "Callable[[Callable[[Cell], Outcome]], Callable[[Cell], Outcome]]":
     """Decorator registering the function that runs cells of kind `name`."""
 
     def decorate(run: Callable[[Cell], Outcome]) -> Callable[[Cell], Outcome]:
-        kind = CellKind(name, run, describe or _default_description)
+        kind = CellKind(name, run, describe or _default_description, runs_alone)
         CELL_KINDS.add(name, kind, f"{run.__module__}.{run.__qualname__}")
         return run
 

@@ -77,7 +77,9 @@ _LONG_NAMES = {
 }
 
 
-def visibility_mask(pattern: "Pattern | str", lq: int, lk: int, device: "torch.device | str | None" = None) -> torch.Tensor:
+def visibility_mask(
+    pattern: "Pattern | str", lq: int, lk: int, device: "torch.device | str | None" = None
+) -> torch.Tensor:
     """Bool (Lq, Lk) mask, True where query i may attend key j under the pattern.
 
     Causal self is aligned bottom-right (query i sees keys j <= i + Lk - Lq), which is the usual
@@ -122,8 +124,8 @@ def validate_segment_ids(pattern: "Pattern | str", segment_ids: torch.Tensor, ba
         raise ValueError(f"segment ids apply to the self patterns (NS, CS), not {pattern.value}: cross attention "
                          "would need separate query and key segmentations")
     if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 2:
-        raise ValueError(f"segment_ids must be a (B, L) integer tensor, got "
-                         f"{tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__}")
+        got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+        raise ValueError(f"segment_ids must be a (B, L) integer tensor, got {got}")
     if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
         raise ValueError(f"segment_ids must hold integers, got {segment_ids.dtype}")
     if lq != lk or segment_ids.shape[1] != lq:

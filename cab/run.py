@@ -168,8 +168,8 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
              progress: bool = True) -> RunSummary:
     """Run every cell of a grid file that the store does not hold yet, storing each result as it arrives.
 
-    `executor`, `address` and `workers` override the config's executor kind, Ray address and pool size. One run at a time
-    writes a store: a second run on the same store stops with StoreBusy. On KeyboardInterrupt the run is
+    `executor`, `address` and `workers` override the config's executor kind, Ray address and pool size. One
+    run at a time writes a store: a second run on the same store stops with StoreBusy. On KeyboardInterrupt the run is
     recorded as 'interrupted', what is done and left and the command that resumes are printed to stderr,
     and the interrupt is re-raised (the CLI exits 130)."""
     t0 = time.perf_counter()

@@ -91,7 +91,8 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE runs ADD COLUMN executor TEXT")
     conn.execute("CREATE INDEX IF NOT EXISTS results_by_status ON results(status)")
     rows = conn.execute("SELECT * FROM results").fetchall()
-    conn.executemany("UPDATE results SET cell = ? WHERE key = ?", [(_cell_json_from_columns(r), r["key"]) for r in rows])
+    conn.executemany("UPDATE results SET cell = ? WHERE key = ?",
+                     [(_cell_json_from_columns(r), r["key"]) for r in rows])
 
 
 def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
@@ -274,7 +275,8 @@ class ResultStore:
 
     def _row_to_result(self, row: sqlite3.Row) -> Result:
         return Result(
-            cell=Cell.from_dict(json.loads(row["cell"])), status=Status(row["status"]), metrics=json.loads(row["metrics"] or "{}"),
+            cell=Cell.from_dict(json.loads(row["cell"])), status=Status(row["status"]),
+            metrics=json.loads(row["metrics"] or "{}"),
             message=row["message"] or "", provenance=json.loads(row["provenance"] or "{}"),
             wall_s=row["wall_s"] or 0.0, started_at=row["started_at"] or "", finished_at=row["finished_at"] or "",
         )

@@ -231,5 +231,6 @@ def create_task(name: str, params: "dict | None" = None) -> Task:
 
 
 __all__ = [
-    "Metric", "MissingData", "TASKS_DIR_ENV", "TASKS_PACKAGE", "Task", "TaskParams", "UnknownTask", "create_task", "get_task", "load_tasks", "register_task", "task_names", "tasks_dir",
+    "Metric", "MissingData", "TASKS_DIR_ENV", "TASKS_PACKAGE", "Task", "TaskParams", "UnknownTask", "create_task",
+    "get_task", "load_tasks", "register_task", "task_names", "tasks_dir",
 ]

@@ -80,7 +80,9 @@ def _checked(lengths: Sequence[int], exact: Sequence[Value], efficient: Sequence
     return x, sample_sets(exact), sample_sets(efficient)
 
 
-def crossing_of_medians(x: np.ndarray, exact: np.ndarray, efficient: np.ndarray) -> "tuple[str, float | None, int | None]":
+def crossing_of_medians(
+    x: np.ndarray, exact: np.ndarray, efficient: np.ndarray
+) -> "tuple[str, float | None, int | None]":
     """(outcome, crossing, index of the first cheaper length) from per-length costs."""
     cheaper = efficient < exact
     first = int(np.argmax(cheaper)) if cheaper.any() else None

@@ -60,8 +60,12 @@ class Deviation:
 
 def _draw(shape: Shape, seed: int, device: torch.device) -> "tuple[torch.Tensor, ...]":
     generator = torch.Generator().manual_seed(seed)
-    sizes = [(shape.batch, shape.heads, shape.lq, shape.head_dim), (shape.batch, shape.kv_heads, shape.lk, shape.head_dim),
-             (shape.batch, shape.kv_heads, shape.lk, shape.head_dim), (shape.batch, shape.heads, shape.lq, shape.head_dim)]
+    sizes = [
+        (shape.batch, shape.heads, shape.lq, shape.head_dim),
+        (shape.batch, shape.kv_heads, shape.lk, shape.head_dim),
+        (shape.batch, shape.kv_heads, shape.lk, shape.head_dim),
+        (shape.batch, shape.heads, shape.lq, shape.head_dim),
+    ]
     return tuple(torch.randn(s, generator=generator, dtype=torch.float64).to(device) for s in sizes)
 
 

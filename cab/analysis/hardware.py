@@ -25,10 +25,13 @@ class DevicePeak:
 # (pattern matched against torch.cuda.get_device_name, peak); the first match wins, so variants come first
 KNOWN_DEVICES: "list[tuple[str, DevicePeak]]" = [
     (r"H200", DevicePeak("H200 SXM", {"float16": 989.4, "bfloat16": 989.4, "float32": 66.9, "float64": 66.9}, 4800)),
-    (r"H100.*PCIe", DevicePeak("H100 PCIe", {"float16": 756.5, "bfloat16": 756.5, "float32": 51.2, "float64": 51.2}, 2000)),
+    (r"H100.*PCIe",
+     DevicePeak("H100 PCIe", {"float16": 756.5, "bfloat16": 756.5, "float32": 51.2, "float64": 51.2}, 2000)),
     (r"H100", DevicePeak("H100 SXM", {"float16": 989.4, "bfloat16": 989.4, "float32": 66.9, "float64": 66.9}, 3350)),
-    (r"A100.*PCIe", DevicePeak("A100 PCIe 80GB", {"float16": 312, "bfloat16": 312, "float32": 19.5, "float64": 19.5}, 1935)),
-    (r"A100.*40GB", DevicePeak("A100 SXM 40GB", {"float16": 312, "bfloat16": 312, "float32": 19.5, "float64": 19.5}, 1555)),
+    (r"A100.*PCIe",
+     DevicePeak("A100 PCIe 80GB", {"float16": 312, "bfloat16": 312, "float32": 19.5, "float64": 19.5}, 1935)),
+    (r"A100.*40GB",
+     DevicePeak("A100 SXM 40GB", {"float16": 312, "bfloat16": 312, "float32": 19.5, "float64": 19.5}, 1555)),
     (r"A100", DevicePeak("A100 SXM 80GB", {"float16": 312, "bfloat16": 312, "float32": 19.5, "float64": 19.5}, 2039)),
     (r"L40S", DevicePeak("L40S", {"float16": 362.05, "bfloat16": 362.05, "float32": 91.6}, 864)),
     (r"\bL4\b", DevicePeak("L4", {"float16": 121, "bfloat16": 121, "float32": 30.3}, 300)),

@@ -65,7 +65,8 @@ def format_efficiency(table: pd.DataFrame) -> str:
         rows = []
         for _, row in group.iterrows():
             span = (row["min_length"], row["max_length"])
-            first = "-" if pd.isna(row["first_cheaper"]) or row["first_cheaper"] is None else f"{int(row['first_cheaper']):,}"
+            missing = pd.isna(row["first_cheaper"]) or row["first_cheaper"] is None
+            first = "-" if missing else f"{int(row['first_cheaper']):,}"
             rows.append((row["attention"], row["metric"], f"vs {row['baseline']}", _length(row["length"]),
                          _interval(row["low"], row["high"], span), first, _outcome(row)))
         blocks.append(config + "\n" + _render(("attention", "metric", "baseline", "length", "95% interval",

@@ -79,7 +79,9 @@ class BasedAttention(Attention):
     def _taylor(self, q, k, v, key_padding_mask):
         """The normalised Taylor linear branch (q, k, v at the query heads, CS already aligned)."""
         phi_q = taylor_features(self._project(q))
-        phi_k = taylor_features(self._project(k)) * key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, k.dtype)
+        phi_k = taylor_features(self._project(k)) * key_weights(
+            key_padding_mask, k.shape[0], k.shape[-2], k.device, k.dtype
+        )
         if self.pattern is Pattern.CS:
             both = causal_products(phi_q, phi_k, with_ones(v))
         else:
@@ -102,7 +104,8 @@ class BasedAttention(Attention):
         padding and row-normalised, times V; the window branch by `local`'s row-by-row reference; mean."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         s = self._project(q) @ self._project(k).transpose(-1, -2) / self.feature_dim ** 0.5
-        kernel = (1 + s + 0.5 * s * s) * attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        mask = attention_mask(self.pattern, q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        kernel = (1 + s + 0.5 * s * s) * mask
         den = kernel.sum(dim=-1, keepdim=True)
         linear = (kernel @ v) / nonzero(den)
         return 0.5 * (linear + self.local.reference(q, k, v, key_padding_mask))

@@ -35,7 +35,8 @@ class DeltaAttention(Attention):
     the same pattern, heads and head dim with cab.create_attention (its parameters are this module's).
     Defaults: base = "local" (a sliding window, the paper's headline base; window and sinks from
     base_hparams, default {"window": 256, "sinks": 4} — attention sinks + sliding window as in the
-    paper, whose windows at 131K tokens are wider; 256 keeps CPU checks fast), gamma = 64 (1/64 of the rows dense, the paper's ~98.5% sparsity).
+    paper, whose windows at 131K tokens are wider; 256 keeps CPU checks fast), gamma = 64 (1/64 of the rows
+    dense, the paper's ~98.5% sparsity).
 
     [BG] choices: the anchor of a group is its first row, so that under CS the correction of row i reads
     only keys <= r_i <= i and queries <= i (an anchor after i would leak); the paper's figure places the

@@ -133,7 +133,9 @@ class MonotonicAttention(Attention):
         return (beta.unsqueeze(-2) @ values).squeeze(-2), alignment
 
     @staticmethod
-    def _real_and_last(padding: "torch.Tensor | None", batch: int, lk: int, device) -> "tuple[torch.Tensor, torch.Tensor]":
+    def _real_and_last(
+        padding: "torch.Tensor | None", batch: int, lk: int, device
+    ) -> "tuple[torch.Tensor, torch.Tensor]":
         real = real_keys(padding, batch, lk, device)
         index = torch.arange(lk, device=device).expand(batch, lk)
         last_index = torch.where(real, index, torch.full_like(index, -1)).amax(dim=-1, keepdim=True)
@@ -200,7 +202,8 @@ class MonotonicAttention(Attention):
         if self.pattern.value != "CC":
             raise ValueError("incremental decoding applies to causal cross (CC)")
         b, lk = k.shape[0], k.shape[-2]
-        return MonotonicState(k, v, key_padding_mask, self._initial(b, self.num_heads, lk, k.to(compute_dtype(k.dtype))))
+        initial = self._initial(b, self.num_heads, lk, k.to(compute_dtype(k.dtype)))
+        return MonotonicState(k, v, key_padding_mask, initial)
 
     def decode_step(self, state, q, k=None, v=None):
         if k is not None or v is not None:

@@ -204,11 +204,13 @@ class HyperAttention(Attention):
             kh = k.reshape(b, h, pairs, 2, half, d)[:, :, :, 0].reshape(b, h * pairs, half, d)
             vh = v.reshape(b, h, pairs, 2, half, v.shape[-1])[:, :, :, 0].reshape(b, h * pairs, half, v.shape[-1])
             rh = real.reshape(b, 1, pairs, 2, half)[:, :, :, 0].expand(b, h, pairs, half).reshape(b, h * pairs, half)
-            ids = (torch.arange(pairs, device=q.device)[None, :] * h + torch.arange(h, device=q.device)[:, None]).reshape(-1)
+            ids = (torch.arange(pairs, device=q.device)[None, :] * h
+                   + torch.arange(h, device=q.device)[:, None]).reshape(-1)
             o, lse = self._noncausal(qh, kh, vh, rh, pairs, ids + ((level + 1) << 24))
             o = o.reshape(b, h, pairs, half, -1)
             full_o = torch.stack([torch.zeros_like(o), o], 3)  # only the second half of each pair has a term
-            full_l = torch.stack([torch.full_like(lse.reshape(b, h, pairs, half), float("-inf")), lse.reshape(b, h, pairs, half)], 3)
+            lse_pairs = lse.reshape(b, h, pairs, half)
+            full_l = torch.stack([torch.full_like(lse_pairs, float("-inf")), lse_pairs], 3)
             parts.append((full_o.reshape(b, h, total, -1), full_l.reshape(b, h, total)))
             half, level = 2 * half, level + 1
         out = _combine(parts)
@@ -280,7 +282,10 @@ class HyperAttention(Attention):
         else:
             offset, total, s0 = self._layout(lq, lk)
             shift, kshift = max(offset, 0), -min(offset, 0)  # padded coordinates: query i + shift, key j + kshift
-            key_at = lambda p: (p - kshift) if 0 <= p - kshift < lk else -1
+
+            def key_at(p):
+                return (p - kshift) if 0 <= p - kshift < lk else -1
+
             for i in range(lq):
                 p = i + shift
                 diag = [key_at(pp) for pp in range((p // s0) * s0, p + 1)]

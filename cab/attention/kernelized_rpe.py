@@ -147,8 +147,10 @@ class KernelizedRPEAttention(Attention):
         ratio = 1.0 / math.sqrt(self.num_features)
         scale = q.shape[-1] ** -0.25
         omega = self.omega.to(q.dtype)
-        phi_q = ratio * torch.exp((q * scale) @ omega.transpose(-1, -2) - 0.5 * ((q * scale) ** 2).sum(-1, keepdim=True))
-        phi_k = ratio * torch.exp((k * scale) @ omega.transpose(-1, -2) - 0.5 * ((k * scale) ** 2).sum(-1, keepdim=True))
+        phi_q = ratio * torch.exp((q * scale) @ omega.transpose(-1, -2)
+                                  - 0.5 * ((q * scale) ** 2).sum(-1, keepdim=True))
+        phi_k = ratio * torch.exp((k * scale) @ omega.transpose(-1, -2)
+                                  - 0.5 * ((k * scale) ** 2).sum(-1, keepdim=True))
         shift = query_offset(self.pattern, lq, lk)  # query i at key position i + shift
         rel = torch.arange(lk, device=q.device)[None, :] - (torch.arange(lq, device=q.device)[:, None] + shift)
         bias = self.bias.to(q.dtype)[:, rel.clamp(-self.max_distance, self.max_distance) + self.max_distance]

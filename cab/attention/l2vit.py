@@ -60,7 +60,8 @@ class L2ViTAttention(Attention):
         super().__init__(pattern, num_heads, head_dim)
         if window < 1 or lcm_kernel < 1 or lcm_kernel % 2 == 0 or denominator_floor <= 0:
             raise ValueError("window must be positive, lcm_kernel odd and positive, denominator_floor positive")
-        self.window, self.lcm_kernel, self.denominator_floor, self.seed = window, lcm_kernel, float(denominator_floor), seed
+        self.window, self.lcm_kernel, self.seed = window, lcm_kernel, seed
+        self.denominator_floor = float(denominator_floor)
         self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), head_dim ** -0.5))
         std = lcm_kernel ** -0.5
         self.lcm1 = nn.Parameter(seeded_normal((num_heads, head_dim, lcm_kernel), seed, std, salt=1))
@@ -103,7 +104,8 @@ class L2ViTAttention(Attention):
         if key_padding_mask is not None:
             real = ~key_padding_mask.bool()
         real = F.pad(real, (front, back), value=False).reshape(batch, 1, total // w, 1, w)
-        qb, kb, vb = (F.pad(x, (0, 0, front, back)).reshape(batch, heads, total // w, w, x.shape[-1]) for x in (q, k, v))
+        qb, kb, vb = (F.pad(x, (0, 0, front, back)).reshape(batch, heads, total // w, w, x.shape[-1])
+                      for x in (q, k, v))
         scores = (qb @ kb.transpose(-1, -2)) * softmax_scale(dim)  # (B, H, N, w, w)
         visible = real.expand(batch, 1, total // w, w, w)
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)

@@ -23,7 +23,7 @@ class Partial:
     unnormalised output `o` = sum exp(score - m) v. Shapes (..., Lq, 1), (..., Lq, 1), (..., Lq, Dv)."""
 
     m: torch.Tensor
-    l: torch.Tensor
+    l: torch.Tensor  # noqa: E741 -- the (m, l) names of FlashAttention's online softmax; a public field read by tests
     o: torch.Tensor
 
     def normalised(self) -> torch.Tensor:

@@ -135,7 +135,8 @@ class LocalAttention(Attention):
             return bs.layout_pairs(self.block_layout(lq, lk, bs.FLEX_BLOCK), batch, heads)
         block, blocks, span, s = self._geometry(lq, lk)
         offset = query_offset(self.pattern, lq, lk)
-        first = torch.arange(blocks) * block + offset - self._window_for(lq, lk)  # key position of each span's first row
+        # key position of each span's first row
+        first = torch.arange(blocks) * block + offset - self._window_for(lq, lk)
         keys = (torch.minimum(first + span, torch.tensor(lk)) - first.clamp(min=0)).clamp(min=0)
         rows = (lq - torch.arange(blocks) * block).clamp(0, block)
         return batch * heads * int((rows * (keys + s)).sum())

@@ -44,8 +44,9 @@ class RALAAttention(Attention):
 
     NS and NC (Lq != Lk is fine: the global query pools the queries, the re-weighting the keys). In NS the
     key padding mask marks padded positions of the one sequence, so their queries are left out of the
-    global query too (NC pools every query: its queries carry no mask). The causal patterns are unsupported (see the reason). Padded keys get no weight; when every key of a batch
-    row is padded its rows output 0. O(L d d_v) time and memory.
+    global query too (NC pools every query: its queries carry no mask). The causal patterns are unsupported
+    (see the reason). Padded keys get no weight; when every key of a batch row is padded its rows output 0.
+    O(L d d_v) time and memory.
     """
 
     complexity = {"time": 1, "memory": 1}
@@ -53,7 +54,8 @@ class RALAAttention(Attention):
     def __init__(self, pattern, num_heads, head_dim, gate: bool = True, seed: int = 0):
         super().__init__(pattern, num_heads, head_dim)
         self.use_gate, self.seed = bool(gate), seed
-        self.gate = nn.Parameter(seeded_normal((num_heads, head_dim, head_dim), seed, head_dim ** -0.5)) if gate else None
+        self.gate = (nn.Parameter(seeded_normal((num_heads, head_dim, head_dim), seed, head_dim ** -0.5))
+                     if gate else None)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gate={self.use_gate}, seed={self.seed}"
@@ -102,7 +104,8 @@ class RALAAttention(Attention):
             real = (~key_padding_mask.bool()).to(q.dtype)[:, None, :, None]
             q_bar = (phi_q * real).sum(dim=-2, keepdim=True) / real.sum(dim=-2, keepdim=True).clamp(min=1)
         raw = torch.exp((q_bar * phi_k).sum(dim=-1) / q.shape[-1] ** 0.5).unsqueeze(-2) * visible  # (B, H, 1|Lq, Lk)
-        alpha = raw / torch.where(raw.sum(-1, keepdim=True) > 0, raw.sum(-1, keepdim=True), torch.ones_like(raw[..., :1]))
+        total = raw.sum(-1, keepdim=True)
+        alpha = raw / torch.where(total > 0, total, torch.ones_like(raw[..., :1]))
         weights = (phi_q @ phi_k.transpose(-1, -2)) * alpha * visible
         den = weights.sum(dim=-1, keepdim=True)
         out = (weights @ v) / nonzero(den)

@@ -73,7 +73,8 @@ class RectifiedSpaAttention(Attention):
         k_reg, counts = pool_blocks(k, real_k, bs)
         v_reg, _ = pool_blocks(v, real_k, bs)
         has = (counts > 0)[:, None, None, :]
-        logits = (q_reg @ k_reg.transpose(-1, -2)) * softmax_scale(d) + torch.log(counts.clamp_min(1).to(q.dtype))[:, None, None, :]
+        log_counts = torch.log(counts.clamp_min(1).to(q.dtype))[:, None, None, :]
+        logits = (q_reg @ k_reg.transpose(-1, -2)) * softmax_scale(d) + log_counts
         logits = logits.masked_fill(~has, float("-inf"))
         # a batch element without real keys has no key block at all: its rows' logits are all -inf and a
         # plain softmax would give 0/0 = NaN (in the forward and the backward). Such rows get finite logits
@@ -97,7 +98,8 @@ class RectifiedSpaAttention(Attention):
         real_k, probs, logits, v_reg, has = self._pooled(q, k, v, key_padding_mask)
         with torch.no_grad():
             blocks, ok, idx, valid = self._select(logits, has, lk, real_k)
-        sparse = gathered_attention(group_queries(q, bs), k, v, idx, valid[:, :, :, None, :], softmax_scale(q.shape[-1]))
+        sparse = gathered_attention(group_queries(q, bs), k, v, idx, valid[:, :, :, None, :],
+                                    softmax_scale(q.shape[-1]))
         critical = torch.zeros_like(probs).scatter(-1, blocks, ok.to(probs.dtype))  # (B, H, nq, nk)
         alpha = (probs * critical).sum(-1)
         out = alpha[..., None, None] * sparse
@@ -129,7 +131,8 @@ class RectifiedSpaAttention(Attention):
                 for a in range(-(-lq // bs)):
                     rows = [i for i in range(a * bs, min((a + 1) * bs, lq)) if real_q[bi, i]]
                     qbar = q[bi, hi, rows].mean(0) if rows else torch.zeros_like(q[bi, hi, 0])
-                    logit = torch.stack([(qbar @ k[bi, hi, m].mean(0)) * scale + torch.log(torch.tensor(float(len(m)), dtype=q.dtype))
+                    logit = torch.stack([(qbar @ k[bi, hi, m].mean(0)) * scale
+                                         + torch.log(torch.tensor(float(len(m)), dtype=q.dtype))
                                          for _, m in kblocks])
                     p = torch.softmax(logit, 0)
                     ranked = sorted(range(len(kblocks)), key=lambda n: (-float(logit[n].detach()), kblocks[n][0]))

@@ -59,7 +59,8 @@ class RoutingAttention(Attention):
         super().__init__(pattern, num_heads, head_dim)
         if num_clusters < 1 or not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"need num_clusters >= 1 and 0 <= ema_decay <= 1, got {num_clusters}, {ema_decay}")
-        self.num_clusters, self.ema_decay, self.update_centroids, self.seed = num_clusters, ema_decay, update_centroids, seed
+        self.num_clusters, self.ema_decay = num_clusters, ema_decay
+        self.update_centroids, self.seed = update_centroids, seed
         gen = torch.Generator().manual_seed(seed)
         mu = torch.randn(num_heads, num_clusters, head_dim, generator=gen)
         self.register_buffer("centroids", mu / mu.norm(dim=-1, keepdim=True))

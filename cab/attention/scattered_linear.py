@@ -27,10 +27,11 @@ def _carried(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rc: torch.Ten
     """(numerator, normaliser) that each query gets from the keys of *earlier chunks* of its own segment.
 
     qc, kc (B, H, N, C, m), vc (B, H, N, C, Dv), rc (B, N, C) segment runs (non-decreasing along the
-    sequence, or non-increasing: only equality is used). The state entering chunk c is the sum of phi(k) v^T over the keys before chunk c that lie in
-    the segment of chunk c-1's last position; it continues from chunk c-1's own entering state only when
-    chunk c-1 lies wholly in that segment (segments are contiguous), else it restarts from chunk c-1's
-    tail. A query of chunk c uses it when it belongs to that same segment.
+    sequence, or non-increasing: only equality is used). The state entering chunk c is the sum of phi(k) v^T
+    over the keys before chunk c that lie in the segment of chunk c-1's last position; it continues from
+    chunk c-1's own entering state only when chunk c-1 lies wholly in that segment (segments are
+    contiguous), else it restarts from chunk c-1's tail. A query of chunk c uses it when it belongs to that
+    same segment.
     """
     b, h, n, c, m = qc.shape
     last = rc[..., -1]  # (B, N) the segment of each chunk's last position

@@ -73,7 +73,8 @@ class TopThetaAttention(Attention):
         s = s.masked_fill(~mask, float("-inf"))
         kth = s.topk(min(self.calibrate_k, s.shape[-1]), dim=-1).values[..., -1]
         ok = torch.isfinite(kth)
-        self.theta.copy_(((kth.where(ok, torch.zeros_like(kth))).sum((0, 2)) / ok.sum((0, 2)).clamp_min(1)).to(self.theta))
+        mean = (kth.where(ok, torch.zeros_like(kth))).sum((0, 2)) / ok.sum((0, 2)).clamp_min(1)
+        self.theta.copy_(mean.to(self.theta))
         return self.theta
 
     def _rows(self, q, k, v, real, rows):
@@ -82,7 +83,8 @@ class TopThetaAttention(Attention):
         s = (q[:, :, rows] * softmax_scale(q.shape[-1])) @ k.transpose(-1, -2)
         visible = real[:, None, None, :]
         if self.pattern is Pattern.CS:
-            visible = visible & (torch.arange(lk, device=q.device)[None, :] <= query_positions(lq, lk, q.device)[rows, None])
+            positions = query_positions(lq, lk, q.device)[rows, None]
+            visible = visible & (torch.arange(lk, device=q.device)[None, :] <= positions)
         with torch.no_grad():
             kept = visible & (s >= self.theta.to(s.dtype)[None, :, None, None])
         return s, visible.expand_as(s), kept

@@ -120,7 +120,8 @@ class TripleWiseAttention(KVCacheAttention):
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         """Per block: (q (.) k) @ K^T and W @ V, 2 B H R K^2 d each."""
-        return sum(4 * batch * self.num_heads * rows * keys * keys * self.head_dim for rows, keys in self._blocks(lq, lk))
+        return sum(4 * batch * self.num_heads * rows * keys * keys * self.head_dim
+                   for rows, keys in self._blocks(lq, lk))
 
     def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
         """The largest block's pair tensors — scores, softmax, the masked copy and the bool pair mask, twice

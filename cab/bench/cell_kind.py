@@ -15,12 +15,12 @@ from cab.bench.memory import measure_memory
 from cab.bench.timer import TimingStats, time_callable
 from cab.bench.workload import build_attention, failed_gate, gate_report, needs_grad, prepare_mode
 from cab.cells import BENCH_MODES, Cell, Outcome
-from cab.patterns import visible_pairs
-from cab.registry import get_spec
+from cab.devices import device_unavailable
 from cab.failures import is_oom
 from cab.kinds import register_cell_kind
+from cab.patterns import visible_pairs
+from cab.registry import get_spec
 from cab.status import Status
-from cab.devices import device_unavailable
 
 
 def _time_mode(attn: torch.nn.Module, cell: Cell) -> "list[TimingStats]":
@@ -60,7 +60,7 @@ def describe_bench(cell: Cell) -> str:
     return f"{cell.display_name} {cell.pattern} {lengths}{kv} {cell.mode}"
 
 
-@register_cell_kind("bench", describe=describe_bench)
+@register_cell_kind("bench", describe=describe_bench, runs_alone=True)  # timings
 def bench_cell(cell: Cell) -> Outcome:
     """Gate, then time and measure one attention in one mode (decode cells go to cab.bench.decode); an
     unsupported configuration, a failed gate, a cost over budget or an OOM while timing is an Outcome without

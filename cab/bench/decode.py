@@ -69,9 +69,11 @@ def decode_cell(cell: Cell) -> Outcome:
     if reason:
         return Outcome(Status.UNSUPPORTED, message=reason)
     if not pattern.causal:
-        return Outcome(Status.UNSUPPORTED, message=f"decoding applies to the causal patterns CS and CC, not {pattern.value}")
+        return Outcome(Status.UNSUPPORTED,
+                       message=f"decoding applies to the causal patterns CS and CC, not {pattern.value}")
     if not spec.cls.has_decode():
-        return Outcome(Status.UNSUPPORTED, message=f"attention {cell.attention!r} provides no incremental decoding step")
+        return Outcome(Status.UNSUPPORTED,
+                       message=f"attention {cell.attention!r} provides no incremental decoding step")
     if pattern is Pattern.CS and cell.lq != cell.lk:
         raise ValueError(f"a causal self decode cell decodes at one context length: Lq = Lk, got {cell.lq}, {cell.lk}")
     try:

@@ -73,7 +73,8 @@ def reference_agreement(subject: Subject, shape: Shape, salt: str, dtype: "torch
             found.append((math.inf, f"{name} exists only in {'reference()' if actual is None else 'forward'}"))
         else:
             found.append((compare(actual, expected), f"{name} of forward vs reference()"))
-    context = dtype_name(dtype) if truth == dtype else f"forward in {dtype_name(dtype)}, reference() in {dtype_name(truth)}"
+    context = (dtype_name(dtype) if truth == dtype
+               else f"forward in {dtype_name(dtype)}, reference() in {dtype_name(truth)}")
     if half:
         return judged("reference", found, HALF_L2_TOLERANCE, context + "; relative L2, a content-based choice may "
                       "flip in half precision", kind="relative L2")

@@ -167,8 +167,8 @@ def check_causal_prefix(subject: Subject, dtype: "torch.dtype | None" = None) ->
 def check_causal_grad(subject: Subject, dtype: "torch.dtype | None" = None) -> CheckOutcome:
     """CS: the gradient of every output row with respect to every later row of q, k and v is zero."""
     dtype, note, module, q, k, v = _setup(subject, dtype, "causal_grad")
-    found = gradient_leaks(subject, module, q, k, v, ("q", "k", "v"), _every_row_or_sample(subject, dtype, q.shape[-2] - 1),
-                           "causal_grad")
+    rows = _every_row_or_sample(subject, dtype, q.shape[-2] - 1)
+    found = gradient_leaks(subject, module, q, k, v, ("q", "k", "v"), rows, "causal_grad")
     if not found:
         return CheckOutcome("causal_grad", Status.SKIPPED, message="the output has no gradient (see backward)")
     return _verdict("causal_grad", found, dtype, note)

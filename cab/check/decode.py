@@ -81,7 +81,8 @@ def cross_decode_errors(subject: Subject, module, shape: Shape, salt: str, dtype
     for t in range(shape.lq):
         out, state_after = module.decode_step(state, _rows(q, t, t + 1))
         again, _ = module.decode_step(state, _rows(q, t, t + 1))
-        found.append((relative_error(out[..., 0, :], full[..., t, :], scale), f"query {t} decoded ({shape.describe()})"))
+        found.append((relative_error(out[..., 0, :], full[..., t, :], scale),
+                      f"query {t} decoded ({shape.describe()})"))
         if pairs is not None:
             pairs.append((out[..., 0, :], full[..., t, :]))
         found.append((relative_error(again, out, scale), f"query {t} stepped twice ({shape.describe()})"))

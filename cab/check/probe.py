@@ -238,7 +238,8 @@ def probe_decode(subject: Subject, shape: Shape, dtype: "torch.dtype | None" = N
             state = module.decode_init(k[..., :context, :].contiguous(), v[..., :context, :].contiguous(),
                                        capacity=shape.lk)
             if causal_self:
-                step, _ = module.decode_step(state, q, k[..., context:, :].contiguous(), v[..., context:, :].contiguous())
+                step, _ = module.decode_step(state, q, k[..., context:, :].contiguous(),
+                                             v[..., context:, :].contiguous())
             else:
                 step, _ = module.decode_step(state, q)
             expected = subject.run(module, q, k, v)

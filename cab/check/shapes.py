@@ -5,8 +5,9 @@ Each odd shape (length 63, or Lq=37 vs Lk=63 for cross patterns; head dim 60; gr
 Hkv=2 when the attention declares GQA) runs forward and backward with torch.empty* poisoned and must give
 the right shape and dtype and finite values; then, where they apply, the oracle agreement (exact
 attentions), the reference agreement (attentions with a reference(); see REFERENCE_ON) and a causality
-probe at 12 sampled splits (CS, CC). The large shapes (cab.check.subject.large_shapes: L=1536 with head dim 64; 8 heads with head dim 128) run
-the probe in the requested dtype: where a kernel dispatches on length, tile or head dim, it is checked there.
+probe at 12 sampled splits (CS, CC). The large shapes (cab.check.subject.large_shapes: L=1536 with head
+dim 64; 8 heads with head dim 128) run the probe in the requested dtype: where a kernel dispatches on
+length, tile or head dim, it is checked there.
 """
 
 from __future__ import annotations

@@ -2,16 +2,18 @@
 forkserver, each running cells one after another.
 
 A worker keeps what a process caches between cells (imports, a task's prepared data, the correctness gate
-of each attention, whose verdicts the workers also share through a folder), so many short cells, such as a task grid of small models, pay their start-up once per
-worker instead of once per cell. The parent watches every busy worker with the subprocess executor's
-limits: a cell that passes `timeout_s + grace_s`, whose worker holds more than `memory_limit_bytes`
-resident or prints more than `max_output_bytes`, or whose worker dies (segfault, OOM killer) gets the
-status a `subprocess` cell would get, its worker is killed and a fresh one replaces it, and the grid goes
-on. A worker's resident memory includes what earlier cells left cached in it.
+of each attention, whose verdicts the workers also share through a folder), so many short cells, such as
+a task grid of small models, pay their start-up once per worker instead of once per cell. The parent
+watches every busy worker with the subprocess executor's limits: a cell that passes
+`timeout_s + grace_s`, whose worker holds more than `memory_limit_bytes` resident or prints more than
+`max_output_bytes`, or whose worker dies (segfault, OOM killer) gets the status a `subprocess` cell would
+get, its worker is killed and a fresh one replaces it, and the grid goes on. A worker's resident memory
+includes what earlier cells left cached in it.
 
-Benchmark cells (kind "bench") are timings: each runs alone, with every other worker idle, so that no
-concurrent cell competes for cores or memory bandwidth while it is measured. A cell that does not set
-`threads` gets the usable cores shared out among the workers, or all of them when it runs alone.
+Cells of a kind registered with `runs_alone` (benchmarks: timings) each run alone, with every other
+worker idle, so that no concurrent cell competes for cores or memory bandwidth while it is measured. A
+cell that does not set `threads` gets the usable cores shared out among the workers, or all of them when
+it runs alone.
 """
 
 from __future__ import annotations
@@ -29,11 +31,21 @@ from cab.cells import Cell, Result
 from cab.check.gate import GATE_DIR_ENV
 from cab.executors import forkserver, procfs
 from cab.executors.base import CellCallback, Executor
-from cab.executors.subprocess import (DEFAULT_GRACE_S, DEFAULT_MAX_OUTPUT_BYTES, POLL_S, Limits, _failure,
-                                      _kill_tree, _now, _size, _tail, _Watch)
+from cab.executors.subprocess import (
+    DEFAULT_GRACE_S,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    POLL_S,
+    Limits,
+    _failure,
+    _kill_tree,
+    _now,
+    _size,
+    _tail,
+    _Watch,
+)
+from cab.kinds import CELL_KINDS
 from cab.worker import device_env, pool_worker_main
 
-EXCLUSIVE_KINDS = frozenset({"bench"})
 STOP_WAIT_S = 5.0  # how long an idle worker gets to exit by itself at the end of a run
 
 
@@ -46,8 +58,8 @@ def default_workers() -> int:
 
 
 def runs_alone(cell: Cell) -> bool:
-    """True for cells that must not share the machine with another cell (timings)."""
-    return cell.kind in EXCLUSIVE_KINDS
+    """True for cells whose kind must not share the machine with another cell (timings)."""
+    return CELL_KINDS.get(cell.kind).runs_alone
 
 
 @dataclass
@@ -233,4 +245,4 @@ class PoolExecutor(Executor):
             self._tmp = None
 
 
-__all__ = ["EXCLUSIVE_KINDS", "PoolExecutor", "default_workers", "runs_alone"]
+__all__ = ["PoolExecutor", "default_workers", "runs_alone"]

@@ -161,7 +161,8 @@ def _failure(exitcode: int, watch: _Watch, limits: Limits, stderr: str) -> "tupl
             "rss_bytes": watch.rss_at_kill, "memory_limit_bytes": limits.memory_limit_bytes}
     if watch.killed_for == "output":
         return Status.ERROR, (f"killed after printing {watch.output_bytes / MiB:,.1f} MiB, over the output limit "
-                              f"of {limits.max_output_bytes / MiB:,.1f} MiB{tail}"), {"output_bytes": watch.output_bytes}
+                              f"of {limits.max_output_bytes / MiB:,.1f} MiB{tail}"), {
+            "output_bytes": watch.output_bytes}
     if watch.killed_for == "timeout":
         return Status.TIMEOUT, (f"killed after the hard time limit of {limits.hard_limit_s:g} s (timeout "
                                 f"{limits.timeout_s:g} s + {limits.grace_s:g} s start-up grace){tail}"), peak

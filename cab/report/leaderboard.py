@@ -355,7 +355,8 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
     recall = summary[(summary["task"] == "recall") & (summary["metric"] == "accuracy")]
     if decode.empty or recall.empty:
         why = "no decode results" if decode.empty else "no recall results"
-        return None, f"Recall versus state size needs decode benchmarks and recall task results: this store has {why}.", None
+        return None, ("Recall versus state size needs decode benchmarks and recall task results: "
+                      f"this store has {why}."), None
     tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
     lengths = Counter(integer(mapping(r.get("task_params")).get("length")) for r in tasks.to_dict("records")
                       if text(r.get("task")) == "recall" and integer(mapping(r.get("task_params")).get("length")))

@@ -121,7 +121,8 @@ def attention_pages(results: pd.DataFrame, support: list, summary: "pd.DataFrame
             metadata.append(("hyper-parameters in these results", "; ".join(hp_used)))
         scores = summary[summary["attention"].isin(labels)] if summary is not None and not summary.empty else \
             pd.DataFrame()
-        lines = sorted(map(_line, mine), key=lambda l: (l.kind, l.task, l.pattern, l.mode, l.shape, l.seed))
+        lines = sorted(map(_line, mine),
+                       key=lambda line: (line.kind, line.task, line.pattern, line.mode, line.shape, line.seed))
         pages.append(AttentionPage(
             name=name, file=page_file(name), registered=name in registered, metadata=tuple(metadata),
             hparams=tuple(hparams), unsupported=tuple(unsupported), support=by_name.get(name),

@@ -105,7 +105,10 @@ class _TiledDecayedCausal(torch.autograd.Function):
                     dv[:, :, sl] = (((qt @ kt.transpose(-1, -2)) * mask).transpose(-1, -2) @ dot
                                     + (kt * k_decay) @ dkv)
                 dkv = block_decay * dkv + (qt * q_decay).transpose(-1, -2) @ dot
-        trim = (lambda t: None if t is None else t[:, :, :length])
+
+        def trim(t):
+            return None if t is None else t[:, :, :length]
+
         return trim(dq), trim(dk_), trim(dv), None, None, (dkv if need_state else None)
 
 

@@ -52,7 +52,8 @@ def set_positive(module: object, **values: int) -> None:
     """Set integer hyper-parameters that must be at least 1 as attributes of `module`; raises ValueError naming
     all of them when one is not."""
     if any(value < 1 for value in values.values()):
-        raise ValueError(f"{' and '.join(values)} must be positive, got {' and '.join(str(v) for v in values.values())}")
+        got = " and ".join(str(v) for v in values.values())
+        raise ValueError(f"{' and '.join(values)} must be positive, got {got}")
     for name, value in values.items():
         setattr(module, name, value)
 

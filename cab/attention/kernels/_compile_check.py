@@ -26,8 +26,8 @@ def variants(dtypes: "list[str]"):
         ieee = dt == "fp32"
         for reverse, has_x, has_rs in [(False, False, True), (False, True, False), (True, True, False),
                                        (True, False, False)]:
-            sig = {"Q": p, "K": p, "V": p, "QX": "*fp32", "KX": "*fp32", "LOG_DECAY": "*fp32", "O": p, "RS": "*fp32",
-                   "L": "i32", "H": "i32", "DK": "i32", "DV": "i32"}
+            sig = {"Q": p, "K": p, "V": p, "QX": "*fp32", "KX": "*fp32", "LOG_DECAY": "*fp32", "OUT": p,
+                   "RS": "*fp32", "L": "i32", "H": "i32", "DK": "i32", "DV": "i32"}
             consts = {"HAS_DECAY": True, "HAS_X": has_x, "HAS_RS": has_rs, "REVERSE": reverse, "IEEE": ieee,
                       "BLOCK_C": 64, "BLOCK_DK": 128, "BLOCK_E": 64}
             yield f"causal {dt} reverse={reverse} x={has_x} rowsum={has_rs}", linear._causal_kernel, sig, consts
@@ -39,7 +39,8 @@ def variants(dtypes: "list[str]"):
             yield (f"chunk states {dt} reverse={reverse} x={has_x} rowsum={has_rs}", linear._chunk_state_kernel, sig,
                    state_consts)
             sig = {"Q": p, "K": p, "V": p, "QX": "*fp32", "KX": "*fp32", "LOG_DECAY": "*fp32", "HS": hs, "XS": "*fp32",
-                   "ZS": "*fp32", "O": p, "RS": "*fp32", "L": "i32", "H": "i32", "DK": "i32", "DV": "i32", "NC": "i32"}
+                   "ZS": "*fp32", "OUT": p, "RS": "*fp32", "L": "i32", "H": "i32", "DK": "i32", "DV": "i32",
+                   "NC": "i32"}
             yield f"chunk out {dt} reverse={reverse} x={has_x} rowsum={has_rs}", linear._chunk_out_kernel, sig, consts
         sig = {"A": p, "B": p, "W": "*fp32", "S": "*fp32", "Z": "*fp32", "L": "i32", "M": "i32", "N": "i32"}
         yield f"reduce {dt}", linear._reduce_kernel, sig, {"HAS_W": True, "IEEE": ieee, "BLOCK_L": 64,
@@ -54,7 +55,7 @@ def variants(dtypes: "list[str]"):
             consts = {"CAUSAL": causal, "HAS_PAD": True, "IEEE": ieee, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128}
             base = {"Q": p, "K": p, "V": p, "PAD": "*i8"}
             yield (f"window fwd {dt} causal={causal}", window._window_fwd_kernel,
-                   {**base, "O": p, "LSE": "*fp32", **scalars}, consts)
+                   {**base, "OUT": p, "LSE": "*fp32", **scalars}, consts)
             yield (f"window dk/dv {dt} causal={causal}", window._window_bwd_dkdv_kernel,
                    {**base, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DK": p, "DV": p, **scalars,
                     "SM_SCALE": "fp32"}, consts)

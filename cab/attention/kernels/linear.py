@@ -90,11 +90,11 @@ if triton_import_error() is None:
             return tl.dot(a, b)
 
     @triton.jit
-    def _causal_kernel(Q, K, V, QX, KX, LOG_DECAY, O, RS, L, H, DK, DV,
+    def _causal_kernel(Q, K, V, QX, KX, LOG_DECAY, OUT, RS, L, H, DK, DV,
                        HAS_DECAY: tl.constexpr, HAS_X: tl.constexpr, HAS_RS: tl.constexpr,
                        REVERSE: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_E: tl.constexpr):
-        """O[t] = sum_{j <= t} lambda^(t-j) s_tj V[j] (REVERSE: j >= t, lambda^(j-t)), s_tj = Q[t].K[j]
+        """OUT[t] = sum_{j <= t} lambda^(t-j) s_tj V[j] (REVERSE: j >= t, lambda^(j-t)), s_tj = Q[t].K[j]
         (+ QX[t] KX[j] when HAS_X); RS[t] = sum_j lambda^|t-j| s_tj when HAS_RS. Program (head, Dv block)."""
         bh = tl.program_id(0)
         eb = tl.program_id(1)
@@ -106,7 +106,7 @@ if triton_import_error() is None:
         q_ptr = Q + bh * L * DK
         k_ptr = K + bh * L * DK
         v_ptr = V + bh * L * DV
-        o_ptr = O + bh * L * DV
+        o_ptr = OUT + bh * L * DV
         pos = offs_c.to(tl.float32)
         if HAS_DECAY:
             s = tl.load(LOG_DECAY + bh % H).to(tl.float32)
@@ -153,7 +153,7 @@ if triton_import_error() is None:
                 out = tl.dot(p.to(v.dtype), v) + tl.dot(qd.to(q.dtype), state.to(q.dtype))
             if HAS_X:
                 out += (qx * row_decay)[:, None] * xstate[None, :]
-            tl.store(o_ptr + rows[:, None] * DV + offs_e[None, :], out.to(O.dtype.element_ty), mask=v_mask)
+            tl.store(o_ptr + rows[:, None] * DV + offs_e[None, :], out.to(OUT.dtype.element_ty), mask=v_mask)
             if HAS_RS:
                 rs = tl.sum(p, axis=1) + tl.sum(qd * zstate[None, :], axis=1)
                 if eb == 0:
@@ -310,7 +310,7 @@ if triton_import_error() is None:
                 zstate = zstate * block_decay + tl.sum(kd, axis=0)
 
     @triton.jit
-    def _chunk_out_kernel(Q, K, V, QX, KX, LOG_DECAY, HS, XS, ZS, O, RS, L, H, DK, DV, NC,
+    def _chunk_out_kernel(Q, K, V, QX, KX, LOG_DECAY, HS, XS, ZS, OUT, RS, L, H, DK, DV, NC,
                           HAS_DECAY: tl.constexpr, HAS_X: tl.constexpr, HAS_RS: tl.constexpr,
                           REVERSE: tl.constexpr, IEEE: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -353,7 +353,7 @@ if triton_import_error() is None:
         if HAS_X:
             xstate = tl.load(XS + base * DV + offs_e, mask=emask, other=0.0)
             out += (qx * row_decay)[:, None] * xstate[None, :]
-        tl.store(O + bh * L * DV + rows[:, None] * DV + offs_e[None, :], out.to(O.dtype.element_ty), mask=v_mask)
+        tl.store(OUT + bh * L * DV + rows[:, None] * DV + offs_e[None, :], out.to(OUT.dtype.element_ty), mask=v_mask)
         if HAS_RS:
             if eb == 0:
                 zstate = tl.load(ZS + base * DK + offs_k, mask=kmask, other=0.0)

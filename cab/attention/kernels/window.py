@@ -123,7 +123,7 @@ if triton_import_error() is None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _window_fwd_kernel(Q, K, V, PAD, O, LSE, H, LQ, LK, D, OFFSET, WINDOW, SINKS, QK_SCALE,
+    def _window_fwd_kernel(Q, K, V, PAD, OUT, LSE, H, LQ, LK, D, OFFSET, WINDOW, SINKS, QK_SCALE,
                            CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)
@@ -147,7 +147,7 @@ if triton_import_error() is None:
                                       OFFSET, WINDOW, SINKS, QK_SCALE, CAUSAL, HAS_PAD, IEEE, BLOCK_N, BLOCK_D)
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        tl.store(O + bh * LQ * D + rows[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
+        tl.store(OUT + bh * LQ * D + rows[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=q_mask)
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
         tl.store(LSE + bh * LQ + rows, lse, mask=rows < LQ)
 
