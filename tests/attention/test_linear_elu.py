@@ -1,21 +1,20 @@
 """linear_elu: forward (torch backend) vs its explicit reference, every pattern, with padding and GQA; the
 backend choice (auto is torch on CPU, an explicit triton refuses to run where it cannot); conformance.
-The Triton backend itself is checked under the interpreter in tests/test_kernels_interpret.py."""
+The Triton backend itself is checked under the interpreter in tests/kernels/test_interpret.py."""
 
 import pytest
 import torch
 
 from cab import create_attention
 from cab.status import Status
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_reference_agrees, random_qkv
 
 
 @pytest.mark.parametrize("pattern,lq,lk", [("NS", 37, 37), ("CS", 37, 37), ("CS", 21, 45), ("CS", 45, 21),
                                            ("NC", 19, 41), ("CC", 41, 19)])
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("linear_elu", pattern, 4, 8)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_matches_the_recurrent_form():
