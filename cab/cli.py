@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 from cab import registry
-from cab.patterns import Pattern
 from cab.executors import EXECUTORS
 from cab.executors.ray import RayUnavailable
+from cab.patterns import Pattern
 from cab.registry import PluginError, UnknownAttention, UnknownHyperparameter
 from cab.store import StoreError
 
@@ -207,8 +207,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 report = ConformanceReport(name, pattern, [CheckOutcome("timeout", Status.TIMEOUT, message=str(exc))],
                                            hparams, args.device, args.dtype)
             reports.append(report)
-            # a declared pattern fails the command unless it passed or cannot run here (package/device missing)
-            if pattern in spec.patterns and report.status not in (Status.OK, Status.UNSUPPORTED):
+            # a pattern fails the command unless it passed or is unsupported: declared but unable to run here
+            # (package/device missing), or undeclared and refused (one that runs anyway is incorrect)
+            if report.status not in (Status.OK, Status.UNSUPPORTED):
                 failed = True
     if args.json:
         print(json.dumps([{"attention": r.attention, "pattern": r.pattern.value, "status": r.status.value,
@@ -221,7 +222,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cab.bench import bench_table
     from cab.cells import BENCH_MODES, Cell
-    from cab.grid import versions_of
     from cab.runner import run_cell
 
     _load(args.plugin)
@@ -244,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         kind="bench", attention=name, pattern=pattern.value, hparams=hparams, batch=args.batch,
                         heads=args.heads, kv_heads=args.kv_heads or args.heads, lq=length, lk=lk,
                         head_dim=args.head_dim, dtype=args.dtype, device=args.device, mode=mode, seed=args.seed,
-                        versions=versions_of(name),
+                        versions=registry.versions_of(name, hparams),
                         options={"threads": args.threads, "min_run_time_s": args.min_run_time,
                                  "warmup_s": args.warmup, "flops_convention": args.flops_convention,
                                  "memory": not args.no_memory},
@@ -297,8 +297,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from cab.analysis import (decode_table, efficiency_table, exponent_table, format_decode, format_efficiency,
-                              format_exponents)
+    from cab.analysis import (
+        decode_table,
+        efficiency_table,
+        exponent_table,
+        format_decode,
+        format_efficiency,
+        format_exponents,
+    )
     from cab.store import ResultStore
 
     if not Path(args.db).is_file():

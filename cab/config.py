@@ -34,8 +34,8 @@ from pydantic import (
 from cab import registry
 from cab.cells import BENCH_MODES, DTYPES
 from cab.executors import EXECUTORS
-from cab.registries import Registry
 from cab.patterns import Pattern
+from cab.registries import Registry
 
 DEFAULT_MAX_CELLS = 100_000
 

@@ -36,18 +36,13 @@ from cab.config import (
 )
 from cab.patterns import Pattern
 from cab.registries import Registry
-from cab.registry import get_spec
+from cab.registry import get_spec, versions_of
 
 # An expander returns (number of cells, iterator over them) for one section.
 Expansion = tuple[int, Iterator[Cell]]
 Expander = Callable[[Config, Section], Expansion]
 
 DECODE_MODE = "decode"
-
-
-def versions_of(attention: str, **others: int) -> "dict[str, int]":
-    """A cell's `versions`: the attention's registered version, and `others` (a task's, a base attention's)."""
-    return {"attention": get_spec(attention).version, **others}
 
 
 def _check_cells(config: Config, section: CheckSection) -> Expansion:
@@ -59,7 +54,7 @@ def _check_cells(config: Config, section: CheckSection) -> Expansion:
         for entry, pattern in itertools.product(entries, patterns):
             yield Cell(kind="check", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
                        dtype=section.dtype, device=config.device, seed=config.seed, label=entry.display_label,
-                       versions=versions_of(entry.name), options=dict(options))
+                       versions=versions_of(entry.name, entry.hparams), options=dict(options))
 
     return len(entries) * len(patterns), cells()
 
@@ -92,7 +87,8 @@ def _bench_cells(config: Config, section: BenchSection) -> Expansion:
         return Cell(kind="bench", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
                     batch=section.batch, heads=section.heads, kv_heads=kv_heads, lq=length, lk=lk,
                     head_dim=section.head_dim, dtype=dtype, device=config.device, mode=mode, seed=config.seed,
-                    label=entry.display_label, versions=versions_of(entry.name), options=dict(options))
+                    label=entry.display_label, versions=versions_of(entry.name, entry.hparams),
+                    options=dict(options))
 
     def cells() -> Iterator[Cell]:
         for entry, pattern, length in itertools.product(entries, patterns, lengths):
@@ -154,4 +150,4 @@ def expand(config: "Config | str | Path") -> "list[Cell]":
     return list(cells)
 
 
-__all__ = ["EXPANDERS", "SECTIONS", "bench_options", "expand", "iter_cells", "register_section", "versions_of"]
+__all__ = ["EXPANDERS", "SECTIONS", "bench_options", "expand", "iter_cells", "register_section"]

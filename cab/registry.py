@@ -280,6 +280,19 @@ def get_spec(name: str) -> AttentionSpec:
     return _ATTENTIONS.get(name)
 
 
+def versions_of(attention: str, hparams: "dict | None" = None, **others: int) -> "dict[str, int]":
+    """A cell's `versions`: the attention's registered version, the version of every attention a
+    hyper-parameter names (delta's `base`, given or by default) under `hparam:<name>`, and `others` (a
+    task cell's task and base attention)."""
+    spec = get_spec(attention)
+    versions = {"attention": spec.version}
+    registered = set(_ATTENTIONS.names())
+    for key, value in {**spec.hparams, **(hparams or {})}.items():
+        if isinstance(value, str) and value in registered:
+            versions[f"hparam:{key}"] = get_spec(value).version
+    return {**versions, **others}
+
+
 def check_hparams(spec: AttentionSpec, hparams: dict) -> None:
     """Raise UnknownHyperparameter for keywords the attention's constructor does not take."""
     if spec.accepts_any_hparam:
@@ -307,5 +320,5 @@ __all__ = [
     "AttentionSpec", "DuplicateAttention", "PluginError", "UnknownAttention", "UnknownHyperparameter",
     "UnsupportedPattern", "all_specs", "check_hparams", "create_attention", "discover", "get_spec",
     "load_entry_points", "load_plugin", "loaded_plugin_specs", "names", "register_attention",
-    "unregister_attention",
+    "unregister_attention", "versions_of",
 ]

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cab.patterns import Pattern
 from cab.failures import is_oom
+from cab.patterns import Pattern
 from cab.tasks import Metric, MissingData, Task, TaskParams, register_task
 
 from ._data import encode_bytes, load_hub_dataset, shakespeare_works

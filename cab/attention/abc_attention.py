@@ -9,8 +9,7 @@ from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import shifted_exp
-from cab.attention.engine.prepare import nonzero, softmax_scale
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype, nonzero, softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

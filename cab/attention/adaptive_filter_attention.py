@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cab.attention.engine.masks import query_offset
-from cab.attention.engine.scores import blocked_rows
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prepare import compute_dtype
+from cab.attention.engine.scores import blocked_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

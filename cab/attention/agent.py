@@ -4,17 +4,15 @@ a depthwise convolution of the values; causal patterns with learned agents and p
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
-from cab.attention.engine.kv_cache import check_step_inputs
-from cab.attention.engine.feature_map import seeded_normal, shifted_exp
-from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
-from cab.attention.engine.prepare import prepare, nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
+from cab.attention.engine.feature_map import seeded_normal, shifted_exp
+from cab.attention.engine.kv_cache import check_step_inputs
+from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
+from cab.attention.engine.prepare import compute_dtype, key_weights, nonzero, prepare, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import seeded_normal
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops, full_products, with_ones
-from cab.attention.engine.prepare import nonzero, key_weights
-from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import align_bottom_right, compute_dtype, softmax_scale
+from cab.attention.engine.prepare import align_bottom_right, compute_dtype, key_weights, nonzero, softmax_scale
 from cab.attention.local import LocalAttention
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys, real_queries, set_positive
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.prepare import query_positions, real_keys, real_queries, set_positive, softmax_scale
 from cab.attention.engine.routing import (
-    block_tokens, gathered_attention, group_queries, pool_blocks, selection_count, topk_valid
+    block_tokens,
+    gathered_attention,
+    group_queries,
+    pool_blocks,
+    selection_count,
+    topk_valid,
 )
 from cab.attention.engine.scores import masked_softmax_reference
-from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

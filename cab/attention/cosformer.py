@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
+from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

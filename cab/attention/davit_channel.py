@@ -9,8 +9,7 @@ import torch
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.kv_cache import check_step_inputs
-from cab.attention.engine.prepare import real_keys, set_positive
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, real_keys, set_positive, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys, real_queries
-from cab.attention.engine.scores import masked_softmax_rows
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.prepare import query_positions, real_keys, real_queries, softmax_scale
+from cab.attention.engine.scores import masked_softmax_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import real_keys
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, real_keys, softmax_scale
 from cab.registry import register_attention
 
 _SELF = ("monotonic alignment aligns a target sequence to a separate source read left to right; on one "
@@ -177,7 +176,7 @@ class MonotonicAttention(Attention):
         prev = [q.new_zeros(b, h) for _ in range(lk)]
         prev[0] = q.new_ones(b, h)
         for i in range(lq):
-            alpha, carry = [], None
+            alpha, carry, p_prev = [], None, None
             for j in range(lk):
                 p = torch.sigmoid(energy[:, :, i, j] + self.energy_bias)
                 p = torch.where(real[:, j, None], p, torch.zeros_like(p))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cab.attention.engine.kv_cache import KVCacheAttention, grouped_queries, no_real_key
-from cab.attention.engine.scores import dense_matmul_flops, masked_softmax_attention
 from cab.attention.engine.prepare import softmax_scale, zero_empty_rows
+from cab.attention.engine.scores import dense_matmul_flops, masked_softmax_attention
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from cab.attention.base import Attention
 from cab.attention.engine.prefix_sums import DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product
 from cab.attention.engine.prepare import nonzero, prepare, zero_padded
-from cab.attention.base import Attention
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from cab.attention.engine.masks import query_offset
-from cab.attention.engine import head_windows
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine import head_windows
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention

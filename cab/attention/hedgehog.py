@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cab.attention.engine.feature_map import FeatureMapAttention, dense_visible
-from cab.attention.engine.prepare import nonzero
 from cab.attention.base import repeat_kv
-from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.feature_map import FeatureMapAttention, dense_visible
+from cab.attention.engine.prepare import nonzero, softmax_scale
 from cab.registry import register_attention
 
 

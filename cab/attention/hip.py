@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys, set_positive
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.prepare import query_positions, real_keys, set_positive, softmax_scale
 from cab.attention.engine.routing import gathered_attention
 from cab.attention.engine.scores import masked_softmax_reference
-from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -9,12 +9,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cab.attention.engine.prepare import real_keys
-from cab.attention.engine.routing import gathered_attention
-from cab.attention.engine.scores import masked_softmax_rows
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
-from cab.attention.engine.routing import sample_ranks
+from cab.attention.engine.prepare import real_keys, softmax_scale
+from cab.attention.engine.routing import gathered_attention, sample_ranks
+from cab.attention.engine.scores import masked_softmax_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -9,13 +9,12 @@ import math
 import torch
 from torch import nn
 
-from cab.attention.engine.masks import query_offset
-from cab.attention.engine.convolution import toeplitz_products
-from cab.attention.engine.prefix_sums import with_ones
-from cab.attention.engine.prepare import prepare, nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype
-from cab.attention.engine.feature_map import projections, orthogonal_gaussian_features, shifted_exp
+from cab.attention.engine.convolution import toeplitz_products
+from cab.attention.engine.feature_map import orthogonal_gaussian_features, projections, shifted_exp
+from cab.attention.engine.masks import query_offset
+from cab.attention.engine.prefix_sums import with_ones
+from cab.attention.engine.prepare import compute_dtype, key_weights, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.convolution import depthwise_conv, depthwise_conv_reference
 from cab.attention.engine.feature_map import seeded_normal
 from cab.attention.engine.prefix_sums import full_products, with_ones
-from cab.attention.engine.prepare import key_weights
-from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, key_weights, softmax_scale
 from cab.patterns import attention_mask
 from cab.registry import register_attention
 

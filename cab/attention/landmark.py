@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys, set_positive
-from cab.attention.engine.routing import block_tokens, pool_blocks, topk_valid
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.prepare import query_positions, real_keys, set_positive, softmax_scale
+from cab.attention.engine.routing import block_tokens, pool_blocks, topk_valid
 from cab.registry import register_attention
 
 _ELEMENTS = 1 << 24

@@ -10,8 +10,8 @@ import torch
 
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
-from cab.attention.engine.scores import dense_matmul_flops, masked_softmax_attention
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.scores import dense_matmul_flops, masked_softmax_attention
 from cab.patterns import attention_mask
 from cab.registry import register_attention
 

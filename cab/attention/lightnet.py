@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import shifted_exp
 from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops
-from cab.attention.engine.prepare import prepare, nonzero
-from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype
+from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

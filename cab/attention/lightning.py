@@ -8,14 +8,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cab.attention.base import repeat_kv
+from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prefix_sums import (
-    DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, tiled_product_flops
+    DEFAULT_BLOCK,
+    SEQ_CHUNK,
+    chunks,
+    decayed_causal_product,
+    tiled_product_flops,
 )
-from cab.attention.engine.prepare import prepare, zero_padded
-from cab.attention.base import Attention
-from cab.attention.engine.prepare import compute_dtype
+from cab.attention.engine.prepare import compute_dtype, prepare, zero_padded
 from cab.attention.kernels import resolve_backend
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention

@@ -8,7 +8,7 @@ import torch
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import elu_feature_map
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
+from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.attention.kernels import resolve_backend
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention

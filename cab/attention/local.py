@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned, key_prefix, or_masks, sliding_window, query_offset
-from cab.attention.engine import blocksparse as bs
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine import blocksparse as bs
+from cab.attention.engine.masks import aligned, key_prefix, or_masks, query_offset, sliding_window
 from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention

@@ -12,9 +12,9 @@ from torch import nn
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import nonzero, prepare, compute_dtype, softmax_scale, zero_empty_rows
-from cab.registry import register_attention
+from cab.attention.engine.prepare import compute_dtype, nonzero, prepare, softmax_scale, zero_empty_rows
 from cab.patterns import Pattern
+from cab.registry import register_attention
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cab.attention.engine.prefix_sums import (
-    DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, tiled_product_flops
-)
-from cab.attention.engine.prepare import nonzero, prepare, key_weights, zero_padded
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype
+from cab.attention.engine.prefix_sums import (
+    DEFAULT_BLOCK,
+    SEQ_CHUNK,
+    chunks,
+    decayed_causal_product,
+    tiled_product_flops,
+)
+from cab.attention.engine.prepare import compute_dtype, key_weights, nonzero, prepare, zero_padded
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cab.attention.engine.kv_cache import check_step_inputs
-from cab.attention.engine.feature_map import seeded_normal
-from cab.attention.engine.prepare import nonzero, prepare, key_weights
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
-from cab.attention.engine.prepare import compute_dtype
+from cab.attention.engine.prepare import compute_dtype, key_weights, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from cab.attention.engine import head_windows
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine import head_windows
 from cab.attention.engine.scores import masked_softmax_attention
 from cab.registry import register_attention
 

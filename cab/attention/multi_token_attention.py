@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cab.attention.engine.scores import block_visibility, visible_keys
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.scores import block_visibility, visible_keys
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

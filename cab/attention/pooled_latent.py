@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import real_keys, set_positive
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, real_keys, set_positive, softmax_scale
 from cab.registry import register_attention
 
 _CAUSAL_SELF = ("the latents pool segments of the whole sequence, so a query would read future tokens "

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.routing import sample_ranks
 from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.routing import sample_ranks
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

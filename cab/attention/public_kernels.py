@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
 from cab.attention.engine.feature_map import elu_feature_map
+from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

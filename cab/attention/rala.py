@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cab.attention.engine.feature_map import seeded_normal
-from cab.attention.engine.prepare import nonzero, key_weights
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.prepare import compute_dtype, key_weights, nonzero, softmax_scale
 from cab.patterns import attention_mask
 from cab.registry import register_attention
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cab.attention.engine.masks import query_offset
-from cab.attention.engine.scores import blocked_rows
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.scores import blocked_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

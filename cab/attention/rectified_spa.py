@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import real_keys, real_queries
-from cab.attention.engine.routing import (
-    block_tokens, gathered_attention, group_queries, pool_blocks, selection_count, topk_valid
-)
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.prepare import real_keys, real_queries, softmax_scale
+from cab.attention.engine.routing import (
+    block_tokens,
+    gathered_attention,
+    group_queries,
+    pool_blocks,
+    selection_count,
+    topk_valid,
+)
 from cab.registry import register_attention
 
 _CAUSAL = ("the pooled query and key blocks that select and rectify mix every token of a block, so a "

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from cab.attention.engine.prepare import compute_dtype
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.prepare import compute_dtype
 from cab.registry import register_attention
 
 INITS = ("inv", "lin")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import nonzero, prepare, compute_dtype
+from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.patterns import Pattern, attention_mask, segment_runs
 from cab.registry import register_attention
 

@@ -7,11 +7,10 @@ import math
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys
+from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.prepare import query_positions, real_keys, softmax_scale
 from cab.attention.engine.routing import block_tokens, gathered_attention, topk_valid
 from cab.attention.engine.scores import masked_softmax_reference
-from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

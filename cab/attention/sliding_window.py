@@ -8,8 +8,8 @@ from collections import OrderedDict
 
 import torch
 
-from cab.attention.engine.masks import and_masks, padding_mask
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.masks import and_masks, padding_mask
 from cab.attention.flash import static_batch
 from cab.attention.kernels import resolve_backend
 from cab.attention.kernels.window import window_attention_reference

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned, sliding_window, query_offset
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
+from cab.attention.engine.masks import aligned, query_offset, sliding_window
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.prepare import query_positions, real_keys
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.prepare import query_positions, real_keys, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 

@@ -9,11 +9,11 @@ import math
 
 import torch
 
-from cab.attention.engine.masks import query_offset
-from cab.attention.engine.scores import blocked_rows, visible_keys
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
+from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prepare import compute_dtype, set_positive
+from cab.attention.engine.scores import blocked_rows, visible_keys
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

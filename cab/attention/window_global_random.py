@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from cab.attention.engine.masks import aligned, query_offset
-from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_block_mask
-from cab.attention.engine.scores import masked_softmax_reference
 from cab.attention.base import repeat_kv
+from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_block_mask
+from cab.attention.engine.masks import aligned, query_offset
 from cab.attention.engine.prepare import softmax_scale
+from cab.attention.engine.scores import masked_softmax_reference
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -18,14 +18,14 @@ import time
 import torch
 
 from cab.attention.base import Attention, UnsupportedPattern
-from cab.devices import device_unavailable
 from cab.bench.inputs import make_inputs
 from cab.bench.timer import TimingStats, time_callable
 from cab.bench.workload import build_attention, failed_gate, gate_report
 from cab.cells import Cell, Outcome
+from cab.devices import device_unavailable
+from cab.failures import is_oom
 from cab.patterns import Pattern
 from cab.registry import get_spec
-from cab.failures import is_oom
 from cab.status import Status
 
 DECODE_MODE = "decode"

@@ -18,8 +18,8 @@ from cab.bench.inputs import make_inputs
 from cab.bench.memory_probe import measure_in_child
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell
-from cab.registry import loaded_plugin_specs
 from cab.failures import is_oom
+from cab.registry import loaded_plugin_specs
 
 DEFAULT_PROBE_TIMEOUT_S = 600.0
 _CONTEXT: "multiprocessing.context.BaseContext | None" = None

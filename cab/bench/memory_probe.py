@@ -26,8 +26,8 @@ from cab.attention import load_builtin_attentions
 from cab.bench.inputs import make_inputs
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell, jsonable
-from cab.registry import discover
 from cab.failures import is_oom
+from cab.registry import discover
 
 WARMUP_LENGTH = 32  # the warm-up call's sequence length: enough to load every kernel, too small to matter
 _STATUS = Path("/proc/self/status")

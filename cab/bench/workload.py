@@ -10,10 +10,10 @@ import torch
 from cab.attention.base import Attention
 from cab.bench.inputs import torch_dtype
 from cab.cells import BENCH_MODES, Cell, Outcome
-
-TIMED_MODES = tuple(m for m in BENCH_MODES if m != "decode")  # whole-sequence passes (decode: cab.bench.decode)
 from cab.registry import create_attention
 from cab.status import Status
+
+TIMED_MODES = tuple(m for m in BENCH_MODES if m != "decode")  # whole-sequence passes (decode: cab.bench.decode)
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # q, k, v, dout
 

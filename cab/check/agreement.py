@@ -10,7 +10,13 @@ from typing import Callable
 import torch
 
 from cab.check.compare import (
-    HALF_L2_TOLERANCE, HALF_PRECISION, abs_error, max_abs, oracle_allowance, relative_error, relative_l2,
+    HALF_L2_TOLERANCE,
+    HALF_PRECISION,
+    abs_error,
+    max_abs,
+    oracle_allowance,
+    relative_error,
+    relative_l2,
     structural_tolerance,
 )
 from cab.check.gradients import trainable_parameters, vjp

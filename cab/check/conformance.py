@@ -37,10 +37,10 @@ from cab.check.probe import probe_decode, probe_shape
 from cab.check.segments import check_segments
 from cab.check.shapes import check_large_shapes, check_odd_shapes, odd_shapes
 from cab.check.subject import Shape, Subject, dtype_name, large_shapes, main_shape, parse_dtype
+from cab.devices import device_unavailable
 from cab.patterns import Pattern
 from cab.registry import AttentionSpec, check_hparams, create_attention, get_spec
 from cab.status import Status
-from cab.devices import device_unavailable
 
 Check = Callable[..., CheckOutcome]
 GATES = ("forward", "shape_dtype")  # the checks every other one depends on

@@ -15,7 +15,14 @@ import dataclasses
 
 import torch
 
-from cab.check.compare import HALF_L2_TOLERANCE, HALF_PRECISION, max_abs, relative_error, relative_l2, structural_tolerance
+from cab.check.compare import (
+    HALF_L2_TOLERANCE,
+    HALF_PRECISION,
+    max_abs,
+    relative_error,
+    relative_l2,
+    structural_tolerance,
+)
 from cab.check.outcomes import CheckOutcome, Finding, judged
 from cab.check.subject import Shape, Subject, dtype_name
 from cab.patterns import Pattern

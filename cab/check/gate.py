@@ -23,7 +23,7 @@ from cab.check.conformance import run_conformance, run_probe
 from cab.check.outcomes import CheckOutcome, ConformanceReport
 from cab.check.subject import Shape
 from cab.patterns import Pattern
-from cab.registry import get_spec
+from cab.registry import versions_of
 from cab.status import Status
 
 GATE_DIR_ENV = "CAB_GATE_DIR"
@@ -36,7 +36,7 @@ def gate(attention: str, pattern: "Pattern | str", hparams: "dict | None", devic
     """The conformance report of this configuration (seed 0), computed once per process or shared run; with
     `shape`, the suite's report combined with the probe of that shape (the probe only when the suite passed;
     `decode`: the probe of one decoding step at context shape.lk)."""
-    key = (attention, get_spec(attention).version, Pattern.parse(pattern).value,
+    key = (attention, json.dumps(versions_of(attention, hparams), sort_keys=True), Pattern.parse(pattern).value,
            json.dumps(hparams or {}, sort_keys=True, default=repr), device, dtype)
     suite = _cached(key, lambda: run_conformance(attention, pattern, hparams=hparams, device=device, dtype=dtype,
                                                  seed=0))

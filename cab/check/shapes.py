@@ -21,8 +21,8 @@ from cab.check.isolation import isolated
 from cab.check.outcomes import CheckOutcome
 from cab.check.probe import probe_shape
 from cab.check.subject import Shape, Subject, large_shapes, main_shape, sample_splits
-from cab.patterns import Pattern
 from cab.failures import CellTimeout
+from cab.patterns import Pattern
 from cab.status import Status
 
 ODD_SPLITS = 12  # causality splits probed on each odd shape (the main shape's checks cover every row)

@@ -23,9 +23,9 @@ import torch
 
 from cab.attention.base import Attention
 from cab.check.compare import structural_tolerance
+from cab.failures import CellTimeout
 from cab.patterns import Pattern
 from cab.registry import AttentionSpec, create_attention
-from cab.failures import CellTimeout
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Batched checks stack copies of an input along the batch; a call holds at most this many (batch x head x

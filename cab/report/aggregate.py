@@ -13,11 +13,20 @@ import pandas as pd
 from cab.report.costs import Costs, costs
 from cab.report.efficiency import EfficiencyTable, efficiency_tables
 from cab.report.fidelity import Fidelity, fidelity
+from cab.report.fields import (
+    STATUS_ORDER,
+    anchor,
+    compact_json,
+    integer,
+    label,
+    mapping,
+    shape,
+    slug,
+    status,
+    text,
+)
 from cab.report.leaderboard import Accuracy, accuracy
 from cab.report.pages import attention_pages, page_file
-from cab.report.fields import (
-    STATUS_ORDER, anchor, compact_json, integer, label, mapping, shape, slug, status, text,
-)
 from cab.report.support import Declaration, SupportRow, failing_checks, support_matrix
 from cab.status import Status
 

@@ -19,9 +19,9 @@ import cab
 from cab.report.aggregate import Page, build_page
 from cab.report.export import write_exports
 from cab.report.fidelity import DEFAULT_BUDGET_S, SHAPE_TEXT
-from cab.report.pages import PAGES_DIR
 from cab.report.fields import slug
 from cab.report.load import read_store
+from cab.report.pages import PAGES_DIR
 from cab.report.support import PATTERNS, registry_declarations
 
 SECTIONS = (

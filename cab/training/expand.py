@@ -16,9 +16,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 
 from cab.cells import Cell
 from cab.config import AttentionEntry, Name, PatternList, PositiveInt, Section
-from cab.grid import register_section, versions_of
+from cab.grid import register_section
 from cab.patterns import Pattern
-from cab.registry import UnknownHyperparameter, check_hparams, get_spec
+from cab.registry import UnknownHyperparameter, check_hparams, get_spec, versions_of
 from cab.tasks import TaskParams, UnknownTask, get_task, task_names
 
 
@@ -142,7 +142,7 @@ def expand_tasks(config: Any, section: TasksSection) -> "tuple[int, Iterator[Cel
                 task=task.name, task_params=params, batch=task.params.batch_size, heads=task.params.heads,
                 kv_heads=task.params.heads, lq=lq, lk=lk, head_dim=task.params.head_dim, dtype="float32",
                 device=config.device, mode="train", seed=seed, label=attention.display_label,
-                versions=versions_of(attention.name, task=task.version,
+                versions=versions_of(attention.name, attention.hparams, task=task.version,
                                      base=get_spec(task.params.base_attention).version),
                 options=dict(options),
             ))

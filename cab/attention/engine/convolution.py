@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, causal: bool) -> torch.Tensor:
     """Per-channel 1-D convolution along the sequence: x (B, H, L, D), weight (H, D, K) with K odd when
     not causal. Noncausal: out_i = sum_o weight[..., o] x_{i + o - K//2} (centred); causal: out_i =

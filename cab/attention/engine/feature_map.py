@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prefix_sums import DEFAULT_BLOCK, SEQ_CHUNK, chunks, decayed_causal_product, tiled_product_flops
+from cab.attention.engine.prefix_sums import (
+    DEFAULT_BLOCK,
+    SEQ_CHUNK,
+    chunks,
+    decayed_causal_product,
+    tiled_product_flops,
+)
 from cab.attention.engine.prepare import compute_dtype, nonzero, prepare, zero_padded
 from cab.patterns import Pattern, attention_mask
 

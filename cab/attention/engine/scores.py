@@ -1,4 +1,4 @@
-"""Shared machinery of the score-function attentions (softmax replacements, issue 10): attentions whose
+"""Shared machinery of the score-function attentions (softmax replacements and score variants): attentions whose
 output row i is  sum_j w_ij v_j  with the weights w_i. a function of row i's own scores alone.
 
 `RowwiseScoreAttention` computes them in query blocks of `chunk_size` rows: each block scores only the
@@ -20,9 +20,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.masks import query_offset
 from cab.attention.engine.kv_cache import KVCacheAttention
-from cab.attention.engine.prepare import compute_dtype, softmax_scale, zero_empty_rows, set_positive
+from cab.attention.engine.masks import query_offset
+from cab.attention.engine.prepare import compute_dtype, set_positive, softmax_scale, zero_empty_rows
 from cab.patterns import Pattern
 
 
