@@ -107,3 +107,11 @@ def test_the_gate_checks_a_new_version_again(monkeypatch, bump):
     bump("vanilla", 2)
     gate_module.gate("vanilla", "NS", {}, "cpu", "float32")
     assert len(calls) == 1
+
+
+def test_an_attention_named_by_a_hyperparameter_versions_its_users(bump):
+    assert registry.versions_of("delta") == {"attention": 1, "hparam:base": 1}  # base = "local" by default
+    bump("local", 4)
+    assert registry.versions_of("delta")["hparam:base"] == 4
+    assert registry.versions_of("delta", {"base": "vanilla"})["hparam:base"] == 1
+    assert registry.versions_of("vanilla") == {"attention": 1}

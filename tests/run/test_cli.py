@@ -31,7 +31,13 @@ def test_check_json_and_failure_exit_status(capsys):
     assert main(["check", "broken_causal_leak", "--plugin", str(BROKEN), "--pattern", "CS,NS", "--json"]) == 1
     rows = {r["pattern"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["CS"]["status"] == "incorrect" and "causal" in rows["CS"]["message"]
-    assert rows["NS"]["status"] == "unsupported"  # not declared: reported, but does not fail the command
+    assert rows["NS"]["status"] == "unsupported"  # not declared and refused: reported, does not fail the command
+
+
+def test_check_fails_an_attention_that_runs_a_pattern_it_does_not_declare(capsys):
+    assert main(["check", "broken_accepts_undeclared", "--plugin", str(BROKEN), "--pattern", "NS,CS", "--json"]) == 1
+    rows = {r["pattern"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["NS"]["status"] == "ok" and rows["CS"]["status"] == "incorrect"
 
 
 ZOO = ROOT / "tests" / "plugins" / "zoo.py"
