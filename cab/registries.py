@@ -10,9 +10,27 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
+
+
+def import_file(module_name: str, path: "str | Path", package_dirs: "list[str] | None" = None) -> ModuleType:
+    """Import the file `path` as the module `module_name` (a package searching `package_dirs` when given):
+    how plugin files and the task folder are loaded. A module that fails to import leaves no trace."""
+    spec = importlib.util.spec_from_file_location(module_name, path, submodule_search_locations=package_dirs)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
 
 
 class UnknownName(LookupError):

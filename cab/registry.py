@@ -16,7 +16,6 @@ import importlib.metadata
 import importlib.util
 import inspect
 import re
-import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 from cab.attention.base import Attention, UnsupportedPattern
 from cab.patterns import Pattern
-from cab.registries import DuplicateName, Registry, UnknownName
+from cab.registries import DuplicateName, Registry, UnknownName, import_file
 
 ENTRY_POINT_GROUP = "cab.attentions"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -235,15 +234,7 @@ def load_plugin(spec: str) -> "list[PluginError]":
                     raise FileNotFoundError(f"no such plugin file: {spec}")
                 digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
                 stem = re.sub(r"\W", "_", path.stem)
-                mod_name = f"cab_plugin_{stem}_{digest}"
-                module_spec = importlib.util.spec_from_file_location(mod_name, path)
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[mod_name] = module
-                try:
-                    module_spec.loader.exec_module(module)
-                except BaseException:
-                    sys.modules.pop(mod_name, None)
-                    raise
+                import_file(f"cab_plugin_{stem}_{digest}", path)
             else:
                 importlib.import_module(spec)
         except Exception as exc:

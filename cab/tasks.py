@@ -31,7 +31,7 @@ from torch import nn
 from cab.models import AttentionSlots
 from cab.models.slots import DEFAULT_BASE
 from cab.patterns import Pattern
-from cab.registries import Registry, UnknownName
+from cab.registries import Registry, UnknownName, import_file
 
 TASKS_PACKAGE = "cab_tasks"
 TASKS_DIR_ENV = "CAB_TASKS_DIR"
@@ -198,14 +198,7 @@ def _import_task_folder() -> None:
         raise FileNotFoundError(f"no task folder at {directory} (set {TASKS_DIR_ENV} to the folder holding "
                                 "cab's tasks/ modules)")
     if TASKS_PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(TASKS_PACKAGE, init, submodule_search_locations=[str(directory)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[TASKS_PACKAGE] = package
-        try:
-            spec.loader.exec_module(package)
-        except BaseException:
-            sys.modules.pop(TASKS_PACKAGE, None)
-            raise
+        import_file(TASKS_PACKAGE, init, package_dirs=[str(directory)])
     for info in pkgutil.iter_modules([str(directory)]):
         if not info.name.startswith("_"):
             importlib.import_module(f"{TASKS_PACKAGE}.{info.name}")

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from cab.analysis.budget import over_budget
 from cab.analysis.hardware import gpu_state
-from cab.attention.base import UnsupportedPattern
 from cab.bench.flops import dense_flops
 from cab.bench.inputs import make_inputs
 from cab.bench.memory import measure_memory
 from cab.bench.timer import TimingStats, time_callable
-from cab.bench.workload import build_attention, failed_gate, gate_report, needs_grad, prepare_mode
+from cab.bench.workload import build_timed, failed_gate, gate_report, needs_grad, prepare_mode
 from cab.cells import BENCH_MODES, Cell, Outcome
 from cab.devices import device_unavailable
 from cab.failures import is_oom
@@ -77,12 +74,10 @@ def bench_cell(cell: Cell) -> Outcome:
     reason = device_unavailable(cell.device) or get_spec(cell.attention).unavailable_reason(cell.device)
     if reason:
         return Outcome(Status.UNSUPPORTED, message=reason)
-    try:
-        start = time.perf_counter()
-        attn = build_attention(cell)
-        setup_ms = (time.perf_counter() - start) * 1e3
-    except UnsupportedPattern as exc:
-        return Outcome(Status.UNSUPPORTED, message=str(exc))
+    built = build_timed(cell)
+    if isinstance(built, Outcome):
+        return built
+    attn, setup_ms = built
     skipped = over_budget(attn, cell)  # max_memory_bytes / max_flops against the attention's declared costs
     if skipped is not None:
         return skipped

@@ -13,14 +13,13 @@ timing (warm-up included) that many times, keeping every sample and each trial's
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 
-from cab.attention.base import Attention, UnsupportedPattern
+from cab.attention.base import Attention
 from cab.bench.inputs import make_inputs
 from cab.bench.timer import TimingStats, time_callable
-from cab.bench.workload import build_attention, failed_gate, gate_report
+from cab.bench.workload import build_timed, failed_gate, gate_report
 from cab.cells import Cell, Outcome
 from cab.devices import device_unavailable
 from cab.failures import is_oom
@@ -76,12 +75,10 @@ def decode_cell(cell: Cell) -> Outcome:
                        message=f"attention {cell.attention!r} provides no incremental decoding step")
     if pattern is Pattern.CS and cell.lq != cell.lk:
         raise ValueError(f"a causal self decode cell decodes at one context length: Lq = Lk, got {cell.lq}, {cell.lk}")
-    try:
-        start = time.perf_counter()
-        attn = build_attention(cell)
-        setup_ms = (time.perf_counter() - start) * 1e3
-    except UnsupportedPattern as exc:
-        return Outcome(Status.UNSUPPORTED, message=str(exc))
+    built = build_timed(cell)
+    if isinstance(built, Outcome):
+        return built
+    attn, setup_ms = built
     gated = cell.options.get("gate", True) is not False
     verdict = gate_report(cell) if gated else None
     failed = failed_gate(verdict) if gated else None

@@ -3,11 +3,12 @@ timing pass, the CPU memory probe and the CUDA memory pass, so all three measure
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Optional
 
 import torch
 
-from cab.attention.base import Attention
+from cab.attention.base import Attention, UnsupportedPattern
 from cab.bench.inputs import torch_dtype
 from cab.cells import BENCH_MODES, Cell, Outcome
 from cab.registry import create_attention
@@ -25,6 +26,17 @@ def build_attention(cell: Cell) -> Attention:
     torch.manual_seed(cell.seed)
     attn = create_attention(cell.attention, cell.pattern, cell.heads, cell.head_dim, **cell.hparams)
     return attn.to(device=torch.device(cell.device), dtype=torch_dtype(cell.dtype))
+
+
+def build_timed(cell: Cell) -> "tuple[Attention, float] | Outcome":
+    """(the cell's attention, milliseconds it took to build), or an `unsupported` Outcome when the attention
+    does not declare the cell's pattern."""
+    start = time.perf_counter()
+    try:
+        attn = build_attention(cell)
+    except UnsupportedPattern as exc:
+        return Outcome(Status.UNSUPPORTED, message=str(exc))
+    return attn, (time.perf_counter() - start) * 1e3
 
 
 def needs_grad(mode: str) -> bool:

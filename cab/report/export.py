@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cab.report.fields import slug
+from cab.report.fields import is_missing, slug
 
 TABLES_DIR = "tables"
 
@@ -25,17 +25,8 @@ class Exported:
     rows: int
 
 
-def _missing(value) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(pd.isna(value)) if not isinstance(value, (list, tuple, dict)) else False
-    except (TypeError, ValueError):
-        return False
-
-
 def _cell(value) -> str:
-    if _missing(value):
+    if is_missing(value):
         return ""
     if isinstance(value, float):
         return f"{value:.6g}" if math.isfinite(value) else str(value)
@@ -52,7 +43,7 @@ def to_csv(frame: pd.DataFrame) -> str:
 
 
 def _md(value) -> str:
-    if _missing(value):
+    if is_missing(value):
         return "—"
     if isinstance(value, float):
         value = f"{value:.4g}"

@@ -7,6 +7,8 @@ import math
 import re
 from typing import Any, Mapping
 
+import pandas as pd
+
 from cab.status import Status
 
 STATUS_ORDER = tuple(s.value for s in Status)
@@ -17,6 +19,18 @@ def text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)
+
+
+def is_missing(value: Any) -> bool:
+    """True for None and for scalar NaN/NaT/NA (pandas' notion); lists, tuples and dicts are present."""
+    if value is None:
+        return True
+    if isinstance(value, (list, tuple, dict)):
+        return False
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def number(value: Any) -> "float | None":

@@ -19,7 +19,7 @@ import cab
 from cab.report.aggregate import Page, build_page
 from cab.report.export import write_exports
 from cab.report.fidelity import DEFAULT_BUDGET_S, SHAPE_TEXT
-from cab.report.fields import slug
+from cab.report.fields import is_missing, slug
 from cab.report.load import read_store
 from cab.report.pages import PAGES_DIR
 from cab.report.support import PATTERNS, registry_declarations
@@ -52,15 +52,6 @@ def signed(value: "float | None", digits: int = 3) -> str:
     return f"{value:+.{digits}g}"
 
 
-def _is_missing(value) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(pd.isna(value)) if not isinstance(value, (list, tuple, dict)) else False
-    except (TypeError, ValueError):
-        return False
-
-
 def view(frame: "pd.DataFrame | None", skip: "tuple[str, ...]" = ()) -> "tuple[list[str], list[list[dict]]]":
     """A frame as header names and rows of cells {text, sort, missing, column} for the generic table macro."""
     if frame is None or frame.empty:
@@ -71,7 +62,7 @@ def view(frame: "pd.DataFrame | None", skip: "tuple[str, ...]" = ()) -> "tuple[l
         cells = []
         for column in columns:
             value = record[column]
-            if _is_missing(value):
+            if is_missing(value):
                 cells.append({"text": "—", "sort": "", "missing": True, "column": column})
             elif isinstance(value, bool):
                 cells.append({"text": str(value).lower(), "sort": str(value).lower(), "missing": False,
