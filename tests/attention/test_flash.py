@@ -258,7 +258,7 @@ def test_flex_compiled_avx2_kernel_matches_oracle():
     from torch._inductor.cpu_vec_isa import valid_vec_isa_list
 
     if not any(isa.bit_width() == 256 for isa in valid_vec_isa_list()):
-        pytest.skip("inductor has no 256-bit vector ISA on this CPU")
+        pytest.skip("this CPU has no 256-bit vector ISA for inductor")
     torch._dynamo.reset()  # compile afresh under simdlen=256, and leave no AVX2 graph to the tests after
     try:
         with torch._inductor.config.patch({"cpp.simdlen": 256}):

@@ -32,6 +32,10 @@ def test_needs_gpu():
     pytest.skip("needs a CUDA device")
 
 
+def test_needs_cpu_feature():
+    pytest.skip("this CPU has no 256-bit vector ISA")
+
+
 @pytest.mark.skipif(True, reason="the fancy package is not installed")
 def test_needs_package():
     pass
@@ -61,13 +65,14 @@ def test_every_test_starts_from_the_same_seed(suite, monkeypatch):
 
 def test_outside_ci_skips_are_skips(suite, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
-    suite.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3, skipped=3, xfailed=1)
+    suite.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=3, skipped=4, xfailed=1)
 
 
-def test_under_ci_only_a_missing_gpu_may_skip(suite, monkeypatch):
+def test_under_ci_only_missing_hardware_may_skip(suite, monkeypatch):
     monkeypatch.setenv("CI", "true")
     result = suite.runpytest("-p", "no:cacheprovider", "-rA")
-    result.assert_outcomes(passed=3, skipped=1, failed=1, errors=1, xfailed=1)  # a skip in setup: an error
+    result.assert_outcomes(passed=3, skipped=2, failed=1, errors=1, xfailed=1)  # a skip in setup: an error
     result.stdout.fnmatch_lines(["*SKIPPED*needs a CUDA device*"])
+    result.stdout.fnmatch_lines(["*SKIPPED*this CPU has no 256-bit vector ISA*"])
     result.stdout.fnmatch_lines(["*skipped under CI=true: the fancy package is not installed*"])
     result.stdout.fnmatch_lines(["*skipped under CI=true: could not import 'no_such_module_in_this_venv'*"])
