@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from cab import create_attention
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
-
+from tests.attn_helpers import SHAPES, assert_forward_matches_reference, holey_padding, random_qkv
 
 _inputs = random_qkv
 
@@ -16,9 +15,7 @@ def _build(pattern, heads=4, dim=8, **hparams):
     return create_attention("abc", pattern, heads, dim, **hparams).double()
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [
-    ("NS", 37, 37), ("CS", 70, 70), ("CS", 5, 12), ("CS", 12, 5), ("NC", 23, 41), ("CC", 41, 23),
-])
+@pytest.mark.parametrize("pattern,lq,lk", SHAPES)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = _build(pattern, num_slots=5)
     q, k, v = _inputs(2, 4, 2, lq, lk, 8)

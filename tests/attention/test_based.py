@@ -6,7 +6,7 @@ import torch
 
 from cab import create_attention
 from cab.attention.based import taylor_features
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_decode_matches_forward, assert_reference_agrees, random_qkv
 
 
 @pytest.mark.parametrize("pattern,lq,lk,window", [
@@ -14,8 +14,7 @@ from tests.attn_helpers import assert_forward_matches_reference, holey_padding, 
 ])
 def test_forward_matches_reference_with_gradients(pattern, lq, lk, window):
     attn = create_attention("based", pattern, 4, 8, feature_dim=4, window=window, seed=1)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_taylor_feature_map_identity():
@@ -42,17 +41,8 @@ def test_window_reach_in_causal_self():
 def test_decode_matches_forward_and_state_is_taylor_plus_window():
     window, f, d = 6, 4, 8
     attn = create_attention("based", "CS", 4, d, feature_dim=f, window=window, seed=2)
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 30, 30, d))
-    pad = torch.zeros(2, 30, dtype=torch.bool)
-    pad[1, :2] = True
-    for prefill in (0, 3, 11):
-        mask = pad if prefill >= 2 else torch.zeros_like(pad)
-        full = attn(q, k, v, mask)
-        state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], mask[:, :prefill])
-        for t in range(prefill, 30):
-            out, state = attn.decode_step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
-            torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
-        features = 1 + f + f * f
-        taylor = 8 * 2 * 4 * features * (d + 1)
-        ring = 8 * 2 * 2 * window * d * 2 + 2 * window  # keys and values at the 2 kv heads, bool flags
-        assert attn.decode_state_bytes(state) == taylor + ring
+    features = 1 + f + f * f
+    taylor = 8 * 2 * 4 * features * (d + 1)
+    ring = 8 * 2 * 2 * window * d * 2 + 2 * window  # keys and values at the 2 kv heads, bool flags
+    for _, end in assert_decode_matches_forward(attn, prefills=(0, 3, 11)):
+        assert end == taylor + ring

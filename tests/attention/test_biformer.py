@@ -1,36 +1,19 @@
-"""biformer: forward vs its explicit routing loop (outputs and gradients), exactness when every region is
-routed, causality of the per-query causal routing, computed pairs, conformance with small regions."""
+"""biformer: forward vs its explicit routing loop (outputs and gradients), exactness when every region is routed
+(test_every_attention.py), causality of the per-query causal routing, computed pairs, conformance with small
+regions."""
 
 import pytest
-import torch
 
-from tests.attn_helpers import assert_causal_prefixes_match, assert_forward_matches_reference, holey_padding, random_qkv
 from cab import create_attention
-from cab.patterns import attention_mask
+from tests.attn_helpers import SHAPES_SHORT, assert_causal_prefixes_match, assert_reference_agrees, random_qkv
 
 SMALL = {"region_size": 8, "topk": 2}
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [
-    ("NS", 23, 23), ("CS", 23, 23), ("CS", 19, 27), ("CS", 27, 19), ("NC", 27, 19), ("CC", 19, 27),
-])
+@pytest.mark.parametrize("pattern,lq,lk", SHAPES_SHORT)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("biformer", pattern, 4, 8, region_size=5, topk=3)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_all_regions_routed_is_exact_attention(pattern):
-    lq, lk = (30, 23) if pattern in ("NC", "CC") else (30, 30)
-    attn = create_attention("biformer", pattern, 2, 8, region_size=4, topk=8)
-    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, lq, lk, 8))
-    pad = holey_padding(lk)
-    mask = attention_mask(pattern, lq, lk, pad)
-    s = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf"))
-    exact = torch.softmax(s, -1) @ v
-    torch.testing.assert_close(attn(q, k, v, pad), exact)
-    assert attn.computed_pairs(q, k, v, pad) == int(mask.expand(2, 2, lq, lk).sum())
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_routing_is_sparse_and_counted():

@@ -5,16 +5,18 @@ import pytest
 import torch
 
 from cab import create_attention
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import (
+    SHAPES_CHUNKED,
+    assert_reference_agrees,
+    assert_unpadded_decode_matches_forward,
+    random_qkv,
+)
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [
-    ("NS", 37, 37), ("CS", 37, 37), ("CS", 9, 20), ("CS", 20, 9), ("NC", 23, 41), ("CC", 41, 23),
-])
+@pytest.mark.parametrize("pattern,lq,lk", SHAPES_CHUNKED)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("davit_channel", pattern, 4, 8, chunk_size=5)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_noncausal_equals_the_released_code_formula():
@@ -45,13 +47,5 @@ def test_all_padded_rows_are_zero():
 @pytest.mark.parametrize("pattern", ["CS", "CC"])
 def test_decode_matches_forward(pattern):
     attn = create_attention("davit_channel", pattern, 4, 8, chunk_size=3)
-    lk = 13 if pattern == "CS" else 9
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 13, lk, 8, seed=6))
-    full = attn(q, k, v)
-    prefill = 5 if pattern == "CS" else lk
-    state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill])
-    for t in range(5 if pattern == "CS" else 0, 13):
-        step = (k[:, :, t:t + 1], v[:, :, t:t + 1]) if pattern == "CS" else ()
-        out, state = attn.decode_step(state, q[:, :, t:t + 1], *step)
-        torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-10, atol=1e-12)
+    state = assert_unpadded_decode_matches_forward(attn, pattern)
     assert attn.decode_state_bytes(state) == 2 * 4 * 8 * 8 * 8 + 2 * 8  # d x d per head, float64; counts

@@ -3,7 +3,8 @@ without touching this file. For each attention and each pattern it declares: con
 incremental decoding equal to forward() where it decodes, and forward() equal to its own reference() in
 float64, outputs and gradients (inputs and parameters), with holes in the key padding. For each pattern it
 does not declare: construction raises UnsupportedPattern naming the attention, the pattern and the declared
-reason, and the conformance verdict is "unsupported".
+reason, and the conformance verdict is "unsupported". For the selection attentions (biformer, landmark, hip, sea,
+routing): selecting every key is exact attention.
 
 Mechanism-specific properties (hand-worked math, special cases) stay in the per-attention files."""
 
@@ -17,7 +18,7 @@ from cab.attention.base import UnsupportedPattern
 from cab.check import run_conformance
 from cab.patterns import Pattern
 from cab.status import Status
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_forward_matches_reference, assert_is_exact_attention, holey_padding, random_qkv
 
 PATTERNS = ("NS", "CS", "NC", "CC")
 SPECS = [s for s in registry.all_specs() if s.cls.__module__.startswith("cab.")]  # the built-ins
@@ -174,6 +175,28 @@ def test_decode_matches_forward(spec, pattern):
             torch.testing.assert_close(again, out, rtol=0, atol=0)
             state = after
         assert attn.decode_state_bytes(state) > 0
+
+
+# Selection attentions at hyper-parameters where the selection keeps every visible key, and the patterns
+# checked: the output is exact attention on exact_attention_case, and (where the flag is set) computed_pairs
+# counts every visible pair. Routing's pairs are the same-cluster pairs, checked in its own file.
+EVERYTHING_SELECTED = {
+    "biformer": ({"region_size": 4, "topk": 8}, PATTERNS, True),  # every region routed
+    # l = 1: a landmark is its key and the inner softmax has one term, so retrieving every block makes the
+    # grouped softmax plain softmax attention
+    "landmark": ({"block_size": 1, "topk": 64}, PATTERNS, True),
+    "hip": ({"topk": 4, "block_size": 8}, ("NS", "CS", "CC"), True),  # a budget covering every key
+    "sea": ({"block_size": 4, "topk": 8, "num_features": 8}, ("NS", "CS", "CC"), True),  # every block kept
+    "routing": ({"num_clusters": 1}, ("NS", "CS", "CC"), False),  # one cluster
+}
+
+
+@pytest.mark.parametrize("name,pattern", [(name, pattern) for name, (_, patterns, _) in EVERYTHING_SELECTED.items()
+                                          for pattern in patterns])
+def test_selecting_every_key_is_exact_attention(name, pattern):
+    hparams, _, counts_pairs = EVERYTHING_SELECTED[name]
+    attn = registry.create_attention(name, pattern, 2, 8, **hparams)
+    assert_is_exact_attention(attn, pattern, counts_pairs=counts_pairs)
 
 
 # undeclared patterns ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cab import create_attention
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_decode_matches_forward, assert_reference_agrees, holey_padding, random_qkv
 
 
 @pytest.mark.parametrize("pattern,lq,lk", [
@@ -14,8 +14,7 @@ from tests.attn_helpers import assert_forward_matches_reference, holey_padding, 
 ])
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("inline", pattern, 4, 8, seed=1)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_matches_the_official_closed_form():
@@ -57,15 +56,5 @@ def test_local_term_uses_the_declared_taps():
 
 def test_decode_matches_forward():
     attn = create_attention("inline", "CS", 4, 8, seed=3)
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 30, 30, 8))
-    pad = torch.zeros(2, 30, dtype=torch.bool)
-    pad[1, :2] = True
-    for prefill in (0, 1, 9):
-        mask = pad if prefill >= 2 else torch.zeros_like(pad)  # padding only inside the prefilled context
-        full = attn(q, k, v, mask)
-        state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], mask[:, :prefill])
-        size = attn.decode_state_bytes(state)
-        for t in range(prefill, 30):
-            out, state = attn.decode_step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
-            torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
-        assert attn.decode_state_bytes(state) == size  # constant in the length
+    for start, end in assert_decode_matches_forward(attn, prefills=(0, 1, 9)):
+        assert end == start  # constant in the length

@@ -8,7 +8,7 @@ import torch
 
 from cab import create_attention
 from cab.attention.engine.convolution import toeplitz_products
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_decode_matches_forward, assert_reference_agrees, holey_padding, random_qkv
 
 
 def _random_bias(attn, seed=0):
@@ -22,8 +22,7 @@ def _random_bias(attn, seed=0):
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = _random_bias(create_attention("kernelized_rpe", pattern, 4, 8, num_features=12, max_distance=6, seed=1))
     attn.double()
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_fft_toeplitz_product_matches_the_explicit_matrix():
@@ -52,21 +51,8 @@ def test_zero_bias_is_performer(pattern):
 def test_decode_matches_forward_across_the_clip():
     attn = _random_bias(create_attention("kernelized_rpe", "CS", 4, 8, num_features=8, max_distance=5, seed=2), 3)
     attn.double()
-    q, k, v = (t.detach() for t in random_qkv(2, 4, 2, 30, 30, 8))
-    pad = torch.zeros(2, 30, dtype=torch.bool)
-    pad[1, :2] = True
-    for prefill in (0, 4, 13):
-        mask = pad if prefill >= 2 else torch.zeros_like(pad)
-        full = attn(q, k, v, mask)
-        state = attn.decode_init(k[:, :, :prefill], v[:, :, :prefill], mask[:, :prefill])
-        size = attn.decode_state_bytes(state)
-        for t in range(prefill, 30):
-            step = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
-            out, _ = attn.decode_step(state, *step)
-            again, state = attn.decode_step(state, *step)
-            torch.testing.assert_close(out[:, :, 0], full[:, :, t], rtol=1e-9, atol=1e-11)
-            torch.testing.assert_close(again, out, rtol=0, atol=0)
-        assert attn.decode_state_bytes(state) == size
+    for start, end in assert_decode_matches_forward(attn, prefills=(0, 4, 13), repeat=True):
+        assert end == start
 
 
 def _relative(a, b):

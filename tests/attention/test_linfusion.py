@@ -7,16 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from cab import create_attention
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import SHAPES_CHUNKED, assert_reference_agrees, random_qkv
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [
-    ("NS", 37, 37), ("CS", 37, 37), ("CS", 9, 20), ("CS", 20, 9), ("NC", 23, 41), ("CC", 41, 23),
-])
+@pytest.mark.parametrize("pattern,lq,lk", SHAPES_CHUNKED)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("linfusion", pattern, 4, 8, chunk_size=5, seed=1).double()
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk), wrt=(q, k, v, *attn.parameters()))
+    assert_reference_agrees(attn, lq, lk, params=attn.parameters())
 
 
 def test_noncausal_equals_the_released_code_formula():

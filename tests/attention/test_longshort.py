@@ -2,20 +2,14 @@
 the causal version against lucidrains' long-short-transformer."""
 
 import importlib
+
 import pytest
 import torch
 
 from cab import create_attention
+from tests.attn_helpers import assert_appended_padding_changes_nothing, random_qkv
 
 SMALL = dict(window_size=8, num_landmarks=4, chunk_size=6, chunk_rank=2)
-
-
-def _inputs(b, hq, hkv, lq, lk, d, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64)
-    return [t.requires_grad_() for t in (q, k, v)]
 
 
 @pytest.mark.parametrize("pattern", ["NS", "CS"])
@@ -27,7 +21,7 @@ def _inputs(b, hq, hkv, lq, lk, d, seed=0):
 def test_forward_matches_reference_with_gradients(pattern, lq, lk, hparams):
     torch.manual_seed(0)
     attn = create_attention("longshort", pattern, 4, 8, **hparams).double()
-    q, k, v = _inputs(2, 4, 2, lq, lk, 8)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
     pad = torch.zeros(2, lk, dtype=torch.bool)
     pad[1, -7:] = True
     pad[1, 1:4] = True
@@ -42,16 +36,13 @@ def test_forward_matches_reference_with_gradients(pattern, lq, lk, hparams):
 @pytest.mark.parametrize("pattern", ["NS", "CS"])
 def test_appended_padding_changes_nothing(pattern):
     attn = create_attention("longshort", pattern, 2, 8, **SMALL).double()
-    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 45, 45, 8))
-    extra = [torch.randn(1, 2, 10, 8, dtype=torch.float64) * 30 for _ in range(3)]
-    qp, kp, vp = (torch.cat([t, e], dim=2) for t, e in zip((q, k, v), extra))
-    pad = torch.arange(55)[None] >= 45
-    torch.testing.assert_close(attn(qp, kp, vp, pad)[:, :, :45], attn(q, k, v), rtol=1e-10, atol=1e-12)
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 45, 45, 8))
+    assert_appended_padding_changes_nothing(attn, q, k, v, extra=10, rtol=1e-10, atol=1e-12)
 
 
 def test_causal_rows_see_neither_later_keys_nor_later_segments():
     attn = create_attention("longshort", "CS", 2, 8, window_size=4, chunk_size=5).double()
-    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 50, 50, 8))
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 50, 50, 8))
     full = attn(q, k, v)
     for stop in (1, 5, 9, 10, 31, 49):
         torch.testing.assert_close(attn(q[:, :, :stop], k[:, :, :stop], v[:, :, :stop]), full[:, :, :stop])
@@ -64,7 +55,7 @@ def test_causal_rows_see_neither_later_keys_nor_later_segments():
 @pytest.mark.parametrize("pattern", ["NS", "CS"])
 def test_rows_that_see_no_key_are_zero(pattern):
     attn = create_attention("longshort", pattern, 2, 8, **SMALL).double()
-    q, k, v = (t.detach() for t in _inputs(2, 2, 2, 30, 30, 8))
+    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, 30, 30, 8))
     pad = torch.zeros(2, 30, dtype=torch.bool)
     pad[0] = True  # nothing to attend at all
     pad[1, :3] = True  # causal rows 0..2 see nothing

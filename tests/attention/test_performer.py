@@ -2,11 +2,12 @@
 cross-checks against performer-pytorch's kernels."""
 
 import importlib
+
 import pytest
 import torch
 
 from cab import create_attention
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding
+from tests.attn_helpers import SHAPES, assert_forward_matches_reference, holey_padding
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0, scale=1.0):
@@ -17,9 +18,7 @@ def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0, scale=1.0):
     return [t.requires_grad_() for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [
-    ("NS", 37, 37), ("CS", 70, 70), ("CS", 5, 12), ("CS", 12, 5), ("NC", 23, 41), ("CC", 41, 23),
-])
+@pytest.mark.parametrize("pattern,lq,lk", SHAPES)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("performer", pattern, 4, 8, num_features=12, seed=1)
     q, k, v = _inputs(2, 4, 2, lq, lk, 8)

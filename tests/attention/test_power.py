@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.attention.engine.blocksparse import check_layout_covers
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_block_layout_matches_reference
 
 
 @pytest.mark.parametrize("pattern,hparams,lq,lk", [
@@ -16,10 +15,7 @@ from tests.attn_helpers import assert_forward_matches_reference, holey_padding, 
 ])
 def test_forward_matches_reference(pattern, hparams, lq, lk):
     attn = create_attention("power", pattern, 4, 8, **hparams)
-    attn.block_size = 8
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
-    assert check_layout_covers(attn.layout(lq, lk), attn.mask_fn(lq, lk), 1)
+    assert_block_layout_matches_reference(attn, lq, lk)
 
 
 @pytest.mark.parametrize("pattern", ["NS", "CS"])

@@ -9,14 +9,7 @@ import torch
 from cab import create_attention
 from cab.attention.engine.routing import sample_ranks
 from cab.attention.probsparse import log_budget, prefix_rank
-
-
-def _inputs(b, hq, hkv, lq, lk, d, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(b, hkv, lk, d, generator=gen, dtype=torch.float64)
-    return [t.requires_grad_() for t in (q, k, v)]
+from tests.attn_helpers import assert_appended_padding_changes_nothing, random_qkv
 
 
 def _lazy_rows(attn, q, k, v, pad):
@@ -38,7 +31,7 @@ def _lazy_rows(attn, q, k, v, pad):
 ])
 def test_forward_matches_per_query_loop_with_gradients(pattern, lq, lk):
     attn = create_attention("probsparse", pattern, 4, 8, factor=2, seed=7)
-    q, k, v = _inputs(2, 4, 2, lq, lk, 8)
+    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
     pad = torch.zeros(2, lk, dtype=torch.bool)
     pad[1, -5:] = True
     pad[1, 2] = True
@@ -82,16 +75,13 @@ def test_budget_is_c_ceil_ln_n_capped():
 @pytest.mark.parametrize("pattern", ["NS", "CS"])
 def test_appended_padding_changes_nothing(pattern):
     attn = create_attention("probsparse", pattern, 2, 8, factor=3)
-    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 60, 60, 8))
-    extra = [torch.randn(1, 2, 11, 8, dtype=torch.float64) * 30 for _ in range(3)]
-    qp, kp, vp = (torch.cat([t, e], dim=2) for t, e in zip((q, k, v), extra))
-    pad = torch.arange(71)[None] >= 60
-    torch.testing.assert_close(attn(qp, kp, vp, pad)[:, :, :60], attn(q, k, v), rtol=1e-12, atol=1e-12)
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 60, 60, 8))
+    assert_appended_padding_changes_nothing(attn, q, k, v, extra=11, rtol=1e-12, atol=1e-12)
 
 
 def test_causal_rows_do_not_depend_on_later_rows():
     attn = create_attention("probsparse", "CS", 2, 8, factor=2)
-    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 64, 64, 8))
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 64, 64, 8))
     full = attn(q, k, v)
     for stop in (1, 9, 30, 63):
         torch.testing.assert_close(attn(q[:, :, :stop], k[:, :, :stop], v[:, :, :stop]), full[:, :, :stop])

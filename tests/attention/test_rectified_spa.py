@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.patterns import attention_mask
 from tests.attn_helpers import (
-    assert_forward_matches_reference, assert_large_logits_finite, assert_padding_safe, holey_padding, random_qkv,
+    assert_is_exact_attention,
+    assert_large_logits_finite,
+    assert_padding_safe,
+    assert_reference_agrees,
+    exact_attention_case,
 )
 
 SMALL = {"block_size": 8, "topk": 2}
@@ -18,22 +21,16 @@ SMALL = {"block_size": 8, "topk": 2}
 @pytest.mark.parametrize("pattern,lq,lk", [("NS", 23, 23), ("NC", 27, 19), ("NC", 19, 27)])
 def test_forward_matches_reference_with_gradients(pattern, lq, lk, rectify):
     attn = create_attention("rectified_spa", pattern, 4, 8, block_size=4, topk=2, rectify=rectify)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+    assert_reference_agrees(attn, lq, lk)
 
 
 @pytest.mark.parametrize("pattern", ["NS", "NC"])
 def test_exact_limits(pattern):
-    lq, lk = (30, 23) if pattern == "NC" else (30, 30)
-    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, lq, lk, 8))
-    pad = holey_padding(lk)
-    mask = attention_mask(pattern, lq, lk, pad)
-    exact = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf")), -1) @ v
-    every = create_attention("rectified_spa", pattern, 2, 8, block_size=4, topk=8)
-    torch.testing.assert_close(every(q, k, v, pad), exact)
-    assert every.computed_pairs(q, k, v, pad) == int(mask.expand(2, 2, lq, lk).sum())
+    assert_is_exact_attention(create_attention("rectified_spa", pattern, 2, 8, block_size=4, topk=8), pattern)
     # one-token blocks: pooled attention is exact attention, so critical + rectified = exact for any topk
     # (padded self queries are left out of the query pool, so their rows differ; they are don't-care rows)
+    q, k, v, pad, _, exact = exact_attention_case(pattern)
+    lq = q.shape[-2]
     tokens = create_attention("rectified_spa", pattern, 2, 8, block_size=1, topk=3)
     rows = torch.ones(2, lq, dtype=torch.bool) if pattern == "NC" else ~pad
     torch.testing.assert_close(tokens(q, k, v, pad)[rows[:, None].expand(2, 2, lq)], exact[rows[:, None].expand(2, 2, lq)])

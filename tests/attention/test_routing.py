@@ -1,35 +1,20 @@
-"""routing: forward vs its explicit clustering loop (outputs and gradients), one cluster = exact attention,
-the pairs computed are the same-cluster pairs, the EMA update (training mode, opt-in), causality,
-conformance."""
+"""routing: forward vs its explicit clustering loop (outputs and gradients), one cluster = exact attention
+(test_every_attention.py), the pairs computed are the same-cluster pairs, the EMA update (training mode, opt-in),
+causality, conformance."""
 
 import pytest
 import torch
 
-from tests.attn_helpers import assert_causal_prefixes_match, assert_forward_matches_reference, holey_padding, random_qkv
 from cab import create_attention
-from cab.patterns import attention_mask
+from tests.attn_helpers import SHAPES_SHORT, assert_causal_prefixes_match, assert_reference_agrees, random_qkv
 
 SMALL = {"num_clusters": 4}
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [
-    ("NS", 23, 23), ("CS", 23, 23), ("CS", 19, 27), ("CS", 27, 19), ("NC", 27, 19), ("CC", 19, 27),
-])
+@pytest.mark.parametrize("pattern,lq,lk", SHAPES_SHORT)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("routing", pattern, 4, 8, num_clusters=3)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "CC"])
-def test_one_cluster_is_exact_attention(pattern):
-    lq, lk = (30, 23) if pattern == "CC" else (30, 30)
-    attn = create_attention("routing", pattern, 2, 8, num_clusters=1)
-    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, lq, lk, 8))
-    pad = holey_padding(lk)
-    mask = attention_mask(pattern, lq, lk, pad)
-    exact = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf")), -1) @ v
-    torch.testing.assert_close(attn(q, k, v, pad), exact)
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_pairs_are_the_same_cluster_pairs():

@@ -1,36 +1,20 @@
-"""sea: forward vs its explicit estimate-and-sort loop (outputs and gradients), exactness when every block
-is kept, the top block of the feature estimate by hand, the estimate approaching the exact block mass with
-many features, causality, conformance."""
+"""sea: forward vs its explicit estimate-and-sort loop (outputs and gradients), exactness when every block is kept
+(test_every_attention.py), the top block of the feature estimate by hand, the estimate approaching the exact
+block mass with many features, causality, conformance."""
 
 import pytest
 import torch
 
-from tests.attn_helpers import assert_causal_prefixes_match, assert_forward_matches_reference, holey_padding, random_qkv
 from cab import create_attention
-from cab.patterns import attention_mask
+from tests.attn_helpers import SHAPES_SHORT, assert_causal_prefixes_match, assert_reference_agrees, random_qkv
 
 SMALL = {"block_size": 4, "topk": 3, "num_features": 16}
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [
-    ("NS", 23, 23), ("CS", 23, 23), ("CS", 19, 27), ("CS", 27, 19), ("NC", 27, 19), ("CC", 19, 27),
-])
+@pytest.mark.parametrize("pattern,lq,lk", SHAPES_SHORT)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("sea", pattern, 4, 8, block_size=3, topk=3, num_features=16)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
-
-
-@pytest.mark.parametrize("pattern", ["NS", "CS", "CC"])
-def test_all_blocks_kept_is_exact_attention(pattern):
-    lq, lk = (30, 23) if pattern == "CC" else (30, 30)
-    attn = create_attention("sea", pattern, 2, 8, block_size=4, topk=8, num_features=8)
-    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, lq, lk, 8))
-    pad = holey_padding(lk)
-    mask = attention_mask(pattern, lq, lk, pad)
-    exact = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf")), -1) @ v
-    torch.testing.assert_close(attn(q, k, v, pad), exact)
-    assert attn.computed_pairs(q, k, v, pad) == int(mask.expand(2, 2, lq, lk).sum())
+    assert_reference_agrees(attn, lq, lk)
 
 
 def test_estimate_converges_to_the_exact_block_mass():

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.attention.engine.blocksparse import check_layout_covers
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_block_layout_matches_reference
 
 
 @pytest.mark.parametrize("name,pattern,hparams,lq,lk", [
@@ -17,12 +16,7 @@ from tests.attn_helpers import assert_forward_matches_reference, holey_padding, 
 ])
 def test_forward_matches_reference(name, pattern, hparams, lq, lk):
     attn = create_attention(name, pattern, 4, 8, **hparams)
-    attn.block_size = 8
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    pad = holey_padding(lk)
-    assert_forward_matches_reference(attn, q, k, v, pad)
-    ext = attn.extent(2, lk, pad, "cpu")
-    assert check_layout_covers(attn.layout(lq, lk, None, ext), attn.mask_fn(lq, lk, ext), 4, batch=2)
+    assert_block_layout_matches_reference(attn, lq, lk, heads=4, batch=2)
 
 
 def _longlora_groups(length, group, shifted, wrap):

@@ -8,20 +8,16 @@ import pytest
 import torch
 
 from cab import UnsupportedPattern, create_attention
-from cab.attention.engine.blocksparse import check_layout_covers
 from cab.attention.swat import balanced_alibi_slopes
 from cab.registry import UnknownHyperparameter
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_block_layout_matches_reference, holey_padding, random_qkv
 
 
 @pytest.mark.parametrize("pattern,window,lq,lk",
                          [("NS", 5, 45, 45), ("CS", 5, 50, 50), ("CS", 4, 20, 33), ("NS", 0, 9, 9)])
 def test_forward_matches_reference(pattern, window, lq, lk):
     attn = create_attention("swat", pattern, 4, 8, window=window)
-    attn.block_size = 8
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
-    assert check_layout_covers(attn.layout(lq, lk), attn.mask_fn(lq, lk), 1)
+    assert_block_layout_matches_reference(attn, lq, lk)
 
 
 def _loop(q, k, v, pad, window, slopes, causal, base=10000.0):

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.patterns import attention_mask
 from tests.attn_helpers import (
-    assert_forward_matches_reference, assert_large_logits_finite, assert_padding_safe, holey_padding, random_qkv,
+    assert_large_logits_finite,
+    assert_padding_safe,
+    assert_reference_agrees,
+    exact_attention_case,
+    random_qkv,
 )
 
 
@@ -16,17 +19,12 @@ from tests.attn_helpers import (
 @pytest.mark.parametrize("pattern,lq,lk", [("NS", 23, 23), ("CS", 19, 27), ("CS", 27, 19), ("NC", 27, 19), ("CC", 19, 27)])
 def test_forward_matches_reference_with_gradients(pattern, lq, lk, compensation):
     attn = create_attention("top_theta", pattern, 4, 8, theta=0.5, compensation=compensation)
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    assert_forward_matches_reference(attn, q, k, v, holey_padding(lk))
+    assert_reference_agrees(attn, lq, lk)
 
 
 @pytest.mark.parametrize("pattern", ["NS", "CS", "CC"])
 def test_limits(pattern):
-    lq, lk = (30, 23) if pattern == "CC" else (30, 30)
-    q, k, v = (t.detach() for t in random_qkv(2, 2, 2, lq, lk, 8))
-    pad = holey_padding(lk)
-    mask = attention_mask(pattern, lq, lk, pad)
-    exact = torch.softmax((q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask, float("-inf")), -1) @ v
+    q, k, v, pad, mask, exact = exact_attention_case(pattern)
     for comp in ("none", "sdc", "vmc"):
         torch.testing.assert_close(create_attention("top_theta", pattern, 2, 8, theta=-1e9, compensation=comp)(q, k, v, pad), exact)
     mean = (mask.double() @ v) / mask.sum(-1, keepdim=True).clamp_min(1)

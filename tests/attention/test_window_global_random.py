@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from cab import create_attention
-from cab.attention.engine.blocksparse import check_layout_covers
 from cab.attention.window_global_random import _hash_uniform_index
-from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
+from tests.attn_helpers import assert_block_layout_matches_reference, holey_padding, random_qkv
 
 SMALL = {"block": 4, "window": 3, "global_blocks": 1, "random_blocks": 2}
 
@@ -20,12 +19,7 @@ SMALL = {"block": 4, "window": 3, "global_blocks": 1, "random_blocks": 2}
 ])
 def test_forward_matches_reference(pattern, hparams, lq, lk):
     attn = create_attention("window_global_random", pattern, 4, 8, **hparams)
-    attn.block_size = 8
-    q, k, v = random_qkv(2, 4, 2, lq, lk, 8)
-    pad = holey_padding(lk)
-    assert_forward_matches_reference(attn, q, k, v, pad)
-    ext = attn.extent(2, lk, pad, "cpu")
-    assert check_layout_covers(attn.layout(lq, lk, None, ext), attn.mask_fn(lq, lk, ext), 4, batch=2)
+    assert_block_layout_matches_reference(attn, lq, lk, heads=4, batch=2)
 
 
 def _block_mask(attn, length):

@@ -45,10 +45,8 @@ class Misbehave(cab.Attention):
 
 
 @pytest.fixture(scope="module")
-def plugin(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plugins") / "misbehave.py"
-    path.write_text(MISBEHAVING_PLUGIN)
-    return str(path)
+def plugin(write_plugin):
+    return write_plugin("plugins", "misbehave.py", MISBEHAVING_PLUGIN)
 
 
 def _cell(action: str) -> Cell:

@@ -50,10 +50,8 @@ class Probe(cab.Attention):
 
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pool-plugins") / "probe.py"
-    path.write_text(PROBE_PLUGIN)
-    return str(path)
+def probe(write_plugin):
+    return write_plugin("pool-plugins", "probe.py", PROBE_PLUGIN)
 
 
 def _check(log, tag: str, nap: float) -> Cell:

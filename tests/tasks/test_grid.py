@@ -4,7 +4,6 @@ keys and located errors, runs through the runner into the store, and resumes wit
 import textwrap
 
 import pytest
-import torch
 
 from cab.cells import Cell
 from cab.status import Status
@@ -37,12 +36,7 @@ def write(tmp_path, text, name="grid.yaml"):
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_expansion_crosses_patterns_with_the_attentions_that_declare_them(tmp_path):

@@ -5,7 +5,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from cab.status import Status
 from cab.tasks import MissingData, create_task, load_tasks
@@ -17,12 +16,7 @@ from cab_tasks._data import load_hub_dataset  # noqa: E402
 TINY = {"steps": 3, "batch_size": 4, "d_model": 16, "heads": 2, "layers": 1, "eval_batch_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path, rows):

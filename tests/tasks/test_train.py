@@ -22,13 +22,7 @@ EASY_RECALL = {"length": 24, "pairs": [2, 4], "key_vocab": 8, "value_vocab": 8, 
 TINY = {**EASY_RECALL, "steps": 4, "d_model": 16, "eval_examples": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy machine makes a second one far slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
