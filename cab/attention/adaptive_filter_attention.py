@@ -15,9 +15,8 @@ from torch import nn
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
 from cab.attention.engine.masks import query_offset
-from cab.attention.engine.prepare import compute_dtype
-from cab.attention.engine.scores import blocked_rows
-from cab.patterns import Pattern
+from cab.attention.engine.prepare import compute_dtype, grouped_compute
+from cab.attention.engine.scores import blocked_inputs, blocked_rows, cached_block, reference_rows
 from cab.registry import register_attention
 
 _CROSS = ("the dynamics transport keys to the query's time along one time axis; two different sequences "
@@ -125,24 +124,16 @@ class AdaptiveFilterAttention(KVCacheAttention):
                             torch.is_grad_enabled(), times)
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q = q.to(dtype)
-        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        offset = k.shape[-2] - q.shape[-2] if self.pattern is Pattern.CS else 0
-        key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
+        q, k, v, key_ok, offset, out_dtype = blocked_inputs(self.pattern, q, k, v, key_padding_mask)
         return self._run(q, k, v, key_ok, offset).to(out_dtype)
 
     def attend_cached(self, q, keys, values, real):
         """The new token is the last cached one: the query sits at time n - 1 over keys 0..n-1."""
-        dtype = compute_dtype(q.dtype)
-        keys = repeat_kv(keys, q.shape[1]).to(dtype)
-        values = repeat_kv(values, q.shape[1]).to(dtype)
-        n = keys.shape[-2]
-        visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device) if real is None else real[:, None, None, :]
+        _, keys, values, _ = grouped_compute(q, keys, values)
+        n, dtype = keys.shape[-2], keys.dtype
         tq = torch.tensor([n - 1], device=q.device, dtype=dtype)
         tk = torch.arange(n, device=q.device, dtype=dtype)
-        out = self._block(q.to(dtype), keys, values, visible, tq, tk)
-        return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)).to(q.dtype)
+        return cached_block(self._block, q, keys, values, real, tq, tk)
 
     def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
         """(B, H, C, Lk) blocks in the compute dtype — decay, variance, precision, residual, logits, weights
@@ -160,30 +151,20 @@ class AdaptiveFilterAttention(KVCacheAttention):
         as the logit, softmax over the visible keys."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         mu, sigma2, eta2, omega = (x.squeeze(-1).squeeze(-1) if x.dim() == 3 else x for x in self._params(q.dtype))
-        batch, heads, lq, d = q.shape
-        lk = k.shape[-2]
-        offset = query_offset(self.pattern, lq, lk)
-        rows = []
-        for b in range(batch):
-            per_row = []
-            for i in range(lq):
-                t = i + offset
-                last = min(lk, t + 1) if self.pattern is Pattern.CS else lk
-                keys = [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
-                if not keys:
-                    per_row.append(q.new_zeros(heads, v.shape[-1]))
-                    continue
-                idx = torch.tensor(keys)
-                tau = (t - idx).to(q.dtype)  # (n,)
-                angles = tau[None, :, None] * omega[:, None, :]  # (H, n, D/2)
-                decay = torch.exp(-mu[:, None] * tau.abs()[None, :])  # (H, n)
-                moved_k = decay[..., None] * rotate(k[b][:, idx], angles)
-                moved_v = decay[..., None] * rotate(v[b][:, idx], angles)
-                r2 = (q[b, :, i][:, None, :] - moved_k).square().sum(-1)  # (H, n)
-                var = (sigma2[:, None] * (1 - torch.exp(-2 * mu[:, None] * tau.abs())) / (2 * mu[:, None])
-                       + eta2[:, None] * (1 + torch.exp(-2 * mu[:, None] * tau.abs())))
-                logit = -0.5 * d * torch.log(var) - 0.5 * (self.dof + d) * torch.log(1 + r2 / (var * self.dof))
-                weights = torch.softmax(logit, dim=-1)
-                per_row.append((weights[:, None, :] @ moved_v).squeeze(1))
-            rows.append(torch.stack(per_row, dim=1))
-        return torch.stack(rows)
+        d = q.shape[-1]
+        offset = query_offset(self.pattern, q.shape[-2], k.shape[-2])
+
+        def row(b, i, idx):
+            tau = (i + offset - idx).to(q.dtype)  # (n,)
+            angles = tau[None, :, None] * omega[:, None, :]  # (H, n, D/2)
+            decay = torch.exp(-mu[:, None] * tau.abs()[None, :])  # (H, n)
+            moved_k = decay[..., None] * rotate(k[b][:, idx], angles)
+            moved_v = decay[..., None] * rotate(v[b][:, idx], angles)
+            r2 = (q[b, :, i][:, None, :] - moved_k).square().sum(-1)  # (H, n)
+            var = (sigma2[:, None] * (1 - torch.exp(-2 * mu[:, None] * tau.abs())) / (2 * mu[:, None])
+                   + eta2[:, None] * (1 + torch.exp(-2 * mu[:, None] * tau.abs())))
+            logit = -0.5 * d * torch.log(var) - 0.5 * (self.dof + d) * torch.log(1 + r2 / (var * self.dof))
+            weights = torch.softmax(logit, dim=-1)
+            return (weights[:, None, :] @ moved_v).squeeze(1)
+
+        return reference_rows(self.pattern, q, k.shape[-2], v.shape[-1], key_padding_mask, row)

@@ -9,7 +9,7 @@ import torch
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.kv_cache import check_step_inputs
-from cab.attention.engine.prepare import compute_dtype, real_keys, set_positive, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, grouped_compute, real_keys, set_positive, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -68,8 +68,7 @@ class ChannelAttention(Attention):
         return k.masked_fill(key_padding_mask.bool()[:, None, :, None], 0.0)
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, out_dtype = grouped_compute(q, k, v)
         scale = softmax_scale(q.shape[-1])
         b, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
         k = self._masked_keys(k, key_padding_mask)
@@ -95,7 +94,7 @@ class ChannelAttention(Attention):
                 grams = gram[:, :, None] + outer.cumsum(dim=2)
                 counts = count[:, None] + real[:, ks:ke].long().cumsum(dim=-1)
             else:  # Lq > Lk: the chunk's first queries sit before the first key and see nothing
-                grams = torch.zeros(b, q.shape[1], qe - qs, q.shape[-1], v.shape[-1], dtype=dtype, device=q.device)
+                grams = torch.zeros(b, q.shape[1], qe - qs, q.shape[-1], v.shape[-1], dtype=q.dtype, device=q.device)
                 counts = torch.zeros(b, qe - qs, dtype=count.dtype, device=q.device)
                 if ke > ks:
                     outer = k[:, :, ks:ke, :, None] * v[:, :, ks:ke, None, :]

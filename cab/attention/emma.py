@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype, real_keys, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, grouped_compute, real_keys, softmax_scale
 from cab.registry import register_attention
 
 _SELF = ("monotonic alignment aligns a target sequence to a separate source read left to right; on one "
@@ -147,9 +147,7 @@ class MonotonicAttention(Attention):
         return start
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q = q.to(dtype)
-        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, out_dtype = grouped_compute(q, k, v)
         b, h, lq, _ = q.shape
         lk = k.shape[-2]
         if lk == 0:

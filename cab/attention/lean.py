@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, grouped_compute, softmax_scale
 from cab.attention.engine.scores import dense_matmul_flops, masked_softmax_attention
 from cab.patterns import attention_mask
 from cab.registry import register_attention
@@ -93,9 +92,7 @@ class LeanAttention(KVCacheAttention):
         return f"{super().extra_repr()}, tile_size={self.tile_size}, num_splits={self.num_splits}"
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q = q.to(dtype)
-        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, out_dtype = grouped_compute(q, k, v)
         lq, lk = q.shape[-2], k.shape[-2]
         visible = attention_mask(self.pattern, lq, lk, key_padding_mask, device=q.device)
         scale = softmax_scale(q.shape[-1])

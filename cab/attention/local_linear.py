@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import grouped_compute, softmax_scale
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -107,8 +107,7 @@ class LocalLinearAttention(KVCacheAttention):
         return self._attend(q, k, v, key_padding_mask, self.pattern is Pattern.CS)
 
     def _attend(self, q, k, v, key_padding_mask, causal: bool):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, out_dtype = grouped_compute(q, k, v)
         lq, lk = q.shape[-2], k.shape[-2]
         keep = None if key_padding_mask is None else ~key_padding_mask.bool().to(q.device)
         use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype, softmax_scale
+from cab.attention.engine.prepare import compute_dtype, grouped_compute, softmax_scale
 from cab.attention.engine.scores import block_visibility, visible_keys
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -115,9 +115,7 @@ class MultiTokenAttention(Attention):
         return pad[:, positions.clamp(0, max(lk - 1, 0))] & inside
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q = q.to(dtype)
-        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, out_dtype = grouped_compute(q, k, v)
         lq, lk = q.shape[-2], k.shape[-2]
         causal = self.pattern is Pattern.CS
         offset = lk - lq if causal else 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cab.attention.base import Attention, repeat_kv
-from cab.attention.engine.prepare import compute_dtype, real_keys, set_positive, softmax_scale
+from cab.attention.engine.prepare import grouped_compute, real_keys, set_positive, softmax_scale
 from cab.registry import register_attention
 
 _CAUSAL_SELF = ("the latents pool segments of the whole sequence, so a query would read future tokens "
@@ -65,9 +65,7 @@ class PooledLatentAttention(Attention):
         return z, (counts > 0)[:, None, :]
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q = q.to(dtype)
-        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
+        q, k, v, out_dtype = grouped_compute(q, k, v)
         b, _, lq, d = q.shape
         lk = k.shape[-2]
         real = real_keys(key_padding_mask, b, lk, q.device)

@@ -11,8 +11,7 @@ from torch import nn
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prepare import compute_dtype, softmax_scale
-from cab.attention.engine.scores import blocked_rows
-from cab.patterns import Pattern
+from cab.attention.engine.scores import blocked_rows, reference_rows
 from cab.registry import register_attention
 
 _CROSS = ("relative positions j - i need queries and keys on one position axis; between two different "
@@ -151,23 +150,12 @@ class RelativeConvAttention(Attention):
             return torch.stack(rows, dim=2)
 
         q, k, v = conv(q, self.conv_q), conv(k, self.conv_k), conv(v, self.conv_v)
-        batch, heads, lq, dim = q.shape
-        lk = k.shape[-2]
-        offset = self._offset(lq, lk)
-        out = q.new_zeros(batch, heads, lq, v.shape[-1])
-        rows = []
-        for b in range(batch):
-            per_row = []
-            for i in range(lq):
-                p = i + offset
-                last = min(lk, p + 1) if self.pattern is Pattern.CS else lk
-                keys = [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
-                if not keys:
-                    per_row.append(out.new_zeros(heads, v.shape[-1]))
-                    continue
-                idx = torch.tensor(keys)
-                rel = self.relative[(idx - p).clamp(-self.max_distance, self.max_distance) + self.max_distance]
-                scores = ((k[b][:, idx] + rel) * q[b, :, i].unsqueeze(1)).sum(-1) / dim**0.5  # (H, n)
-                per_row.append((torch.softmax(scores, -1).unsqueeze(1) @ v[b][:, idx]).squeeze(1))
-            rows.append(torch.stack(per_row, dim=1))
-        return torch.stack(rows)
+        dim = q.shape[-1]
+        offset = self._offset(q.shape[-2], k.shape[-2])
+
+        def row(b, i, idx):
+            rel = self.relative[(idx - (i + offset)).clamp(-self.max_distance, self.max_distance) + self.max_distance]
+            scores = ((k[b][:, idx] + rel) * q[b, :, i].unsqueeze(1)).sum(-1) / dim**0.5  # (H, n)
+            return (torch.softmax(scores, -1).unsqueeze(1) @ v[b][:, idx]).squeeze(1)
+
+        return reference_rows(self.pattern, q, k.shape[-2], v.shape[-1], key_padding_mask, row)

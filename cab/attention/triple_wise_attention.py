@@ -12,8 +12,8 @@ import torch
 from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
 from cab.attention.engine.masks import query_offset
-from cab.attention.engine.prepare import compute_dtype, set_positive
-from cab.attention.engine.scores import blocked_rows, visible_keys
+from cab.attention.engine.prepare import compute_dtype, grouped_compute, set_positive
+from cab.attention.engine.scores import blocked_inputs, blocked_rows, cached_block, reference_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -68,11 +68,7 @@ class TripleWiseAttention(KVCacheAttention):
         return (inner * v.unsqueeze(-3)).sum(dim=-2)  # sum_j1 v_j1 (.) inner
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q = q.to(dtype)
-        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        offset = k.shape[-2] - q.shape[-2] if self.pattern is Pattern.CS else 0
-        key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
+        q, k, v, key_ok, offset, out_dtype = blocked_inputs(self.pattern, q, k, v, key_padding_mask)
         use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         out = blocked_rows(self._block, q, k, v, self.pattern, key_ok, offset, self.chunk_size, use_ckpt)
         return out.to(out_dtype)
@@ -81,32 +77,18 @@ class TripleWiseAttention(KVCacheAttention):
         """Row by row over the visible keys: the (n, n) trilinear scores of every pair (j1, j2) as one
         einsum, softmax over the n^2 pairs, sum of w * (v_j1 (.) v_j2) as another."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        batch, heads, lq, d = q.shape
-        lk = k.shape[-2]
-        rows = []
-        for b in range(batch):
-            per_row = []
-            for i in range(lq):
-                keys = visible_keys(self.pattern, lq, lk, key_padding_mask, b, i)
-                if not keys:
-                    per_row.append(q.new_zeros(heads, v.shape[-1]))
-                    continue
-                idx = torch.tensor(keys)
-                kb, vb = k[b][:, idx], v[b][:, idx]  # (H, n, D)
-                scores = torch.einsum("hc,hjc,hkc->hjk", q[b, :, i], kb, kb) / math.sqrt(d)  # every pair
-                weights = torch.softmax(scores.flatten(1), dim=-1).view_as(scores)
-                per_row.append(torch.einsum("hjk,hjc,hkc->hc", weights, vb, vb))
-            rows.append(torch.stack(per_row, dim=1))
-        return torch.stack(rows)
+
+        def row(b, i, idx):
+            kb, vb = k[b][:, idx], v[b][:, idx]  # (H, n, D)
+            scores = torch.einsum("hc,hjc,hkc->hjk", q[b, :, i], kb, kb) / math.sqrt(q.shape[-1])  # every pair
+            weights = torch.softmax(scores.flatten(1), dim=-1).view_as(scores)
+            return torch.einsum("hjk,hjc,hkc->hc", weights, vb, vb)
+
+        return reference_rows(self.pattern, q, k.shape[-2], v.shape[-1], key_padding_mask, row)
 
     def attend_cached(self, q, keys, values, real):
-        dtype = compute_dtype(q.dtype)
-        keys = repeat_kv(keys, q.shape[1]).to(dtype)
-        values = repeat_kv(values, q.shape[1]).to(dtype)
-        n = keys.shape[-2]
-        visible = torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device) if real is None else real[:, None, None, :]
-        out = self._block(q.to(dtype), keys, values, visible)
-        return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)).to(q.dtype)
+        _, keys, values, _ = grouped_compute(q, keys, values)
+        return cached_block(self._block, q, keys, values, real)
 
     # costs -------------------------------------------------------------------------------------------
 

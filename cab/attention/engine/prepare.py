@@ -58,6 +58,15 @@ def set_positive(module: object, **values: int) -> None:
         setattr(module, name, value)
 
 
+def grouped_compute(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]":
+    """(q, k, v, out_dtype): the inputs cast to `compute_dtype` of q's with grouped keys/values expanded to the
+    query heads, and q's dtype, to cast the output back to."""
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    return q.to(dtype), repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype), out_dtype
+
+
 def prepare(
     attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None",
     dtype: "torch.dtype | None" = None,

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
 from cab.attention.engine.masks import query_offset
-from cab.attention.engine.prepare import compute_dtype, set_positive, softmax_scale, zero_empty_rows
+from cab.attention.engine.prepare import compute_dtype, grouped_compute, set_positive, softmax_scale, zero_empty_rows
 from cab.patterns import Pattern
 
 
@@ -82,6 +82,25 @@ def visible_keys(pattern: Pattern, lq: int, lk: int, key_padding_mask: "torch.Te
     return [j for j in range(last) if key_padding_mask is None or not bool(key_padding_mask[b, j])]
 
 
+def reference_rows(pattern: Pattern, q: torch.Tensor, lk: int, dv: int, key_padding_mask: "torch.Tensor | None",
+                   row: "Callable[[int, int, torch.Tensor], torch.Tensor]") -> torch.Tensor:
+    """The per-row references' loop: (B, H, Lq, dv) whose row i of batch element b is `row(b, i, idx)`, the
+    (H, dv) output of query row i over its visible keys idx (`visible_keys` as an index tensor); a row that
+    sees no key outputs 0."""
+    batch, heads, lq = q.shape[:3]
+    rows = []
+    for b in range(batch):
+        per_row = []
+        for i in range(lq):
+            keys = visible_keys(pattern, lq, lk, key_padding_mask, b, i)
+            if not keys:
+                per_row.append(q.new_zeros(heads, dv))
+                continue
+            per_row.append(row(b, i, torch.tensor(keys, device=q.device)))
+        rows.append(torch.stack(per_row, dim=1))
+    return torch.stack(rows)
+
+
 def block_visibility(pattern: Pattern, qs: int, qe: int, kend: int, offset: int,
                      key_ok: "torch.Tensor | None", device: torch.device) -> torch.Tensor:
     """(B or 1, 1, qe - qs, kend) bool visibility of query rows qs..qe-1 over keys 0..kend-1: causal self
@@ -93,6 +112,30 @@ def block_visibility(pattern: Pattern, qs: int, qe: int, kend: int, offset: int,
     if key_ok is not None:
         visible = visible & key_ok[:, None, None, :kend]
     return visible
+
+
+def blocked_inputs(
+    pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: "torch.Tensor | None"
+) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int, torch.dtype]":
+    """(q, k, v, key_ok, offset, out_dtype) for `blocked_rows`: the inputs as `grouped_compute` gives them,
+    key_ok (B, Lk) bool (True = real) or None, the CS offset Lk - Lq (else 0) and the output dtype."""
+    q, k, v, out_dtype = grouped_compute(q, k, v)
+    offset = query_offset(pattern, q.shape[-2], k.shape[-2])
+    key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
+    return q, k, v, key_ok, offset, out_dtype
+
+
+def cached_block(block: Callable, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 real: "torch.Tensor | None", *extra: torch.Tensor) -> torch.Tensor:
+    """A decoding step of a `blocked_rows` attention: `block(q, keys, values, visible, *extra)` of the step's
+    query q (B, H, 1, D) over the cached keys and values (already expanded to the query heads and in the
+    compute dtype), visible from the cache's real (B, n) (None: all real); a row that sees no real key
+    outputs 0. Returned in q's dtype."""
+    visible = torch.ones(1, 1, 1, keys.shape[-2], dtype=torch.bool, device=q.device)
+    if real is not None:
+        visible = real[:, None, None, :]
+    out = block(q.to(keys.dtype), keys, values, visible, *extra)
+    return torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out)).to(q.dtype)
 
 
 def blocked_rows(block: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
@@ -172,12 +215,8 @@ class RowwiseScoreAttention(KVCacheAttention):
         return blocked_rows(self._block, q, k, v, self.pattern, key_ok, offset, self.chunk_size, use_ckpt)
 
     def forward(self, q, k, v, key_padding_mask=None):
-        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
-        q, v = q.to(dtype), self.prepare_values(v)
-        offset = k.shape[-2] - q.shape[-2] if self.pattern is Pattern.CS else 0
-        key_ok = None if key_padding_mask is None else ~key_padding_mask.to(device=q.device, dtype=torch.bool)
-        return self._attend(q, k, v, key_ok, offset).to(out_dtype)
+        q, k, v, key_ok, offset, out_dtype = blocked_inputs(self.pattern, q, k, v, key_padding_mask)
+        return self._attend(q, k, self.prepare_values(v), key_ok, offset).to(out_dtype)
 
     # the naive form --------------------------------------------------------------------------------
 
@@ -185,22 +224,13 @@ class RowwiseScoreAttention(KVCacheAttention):
         """Row by row: the indices of the keys row i sees (pattern and padding), its scores over them,
         `reference_row`'s weights, times `reference_values` of those values; a row that sees no key outputs 0."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        batch, heads, lq, dim = q.shape
-        lk = k.shape[-2]
-        rows = []
-        for b in range(batch):
-            per_row = []
-            for i in range(lq):
-                idx = visible_keys(self.pattern, lq, lk, key_padding_mask, b, i)
-                if not idx:
-                    per_row.append(q.new_zeros(heads, v.shape[-1]))
-                    continue
-                index = torch.tensor(idx, device=q.device)
-                scores = (k[b][:, index] @ q[b, :, i].unsqueeze(-1)).squeeze(-1) / math.sqrt(dim)  # (H, n)
-                weights = self.reference_row(scores, q[b, :, i])
-                per_row.append((weights.unsqueeze(-2) @ self.reference_values(v[b][:, index])).squeeze(-2))
-            rows.append(torch.stack(per_row, dim=1))
-        return torch.stack(rows)
+
+        def row(b, i, index):
+            scores = (k[b][:, index] @ q[b, :, i].unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1])  # (H, n)
+            weights = self.reference_row(scores, q[b, :, i])
+            return (weights.unsqueeze(-2) @ self.reference_values(v[b][:, index])).squeeze(-2)
+
+        return reference_rows(self.pattern, q, k.shape[-2], v.shape[-1], key_padding_mask, row)
 
     # costs and decoding ------------------------------------------------------------------------------
 
@@ -231,12 +261,5 @@ class RowwiseScoreAttention(KVCacheAttention):
         return int(factor * block + 4 * rows)
 
     def attend_cached(self, q, keys, values, real):
-        dtype = compute_dtype(q.dtype)
-        keys = repeat_kv(keys, q.shape[1]).to(dtype)
-        values = self.prepare_values(repeat_kv(values, q.shape[1]).to(dtype))
-        visible = torch.ones(1, 1, 1, keys.shape[-2], dtype=torch.bool, device=q.device)
-        if real is not None:
-            visible = real[:, None, None, :]
-        out = self._block(q.to(dtype), keys, values, visible)
-        out = torch.where(visible.any(dim=-1, keepdim=True), out, torch.zeros_like(out))
-        return out.to(q.dtype)
+        _, keys, values, _ = grouped_compute(q, keys, values)
+        return cached_block(self._block, q, keys, self.prepare_values(values), real)
