@@ -44,7 +44,10 @@ def test_declared_formula_matches_the_flop_counter(name, pattern):
     attn = create_attention(name, pattern, 4, 16, **HPARAMS.get(name, {}))
     cross = pattern in ("NC", "CC")
     spec = get_spec(name)
-    for batch, lq, lk, kv_heads, padded in [(2, 37, 23 if cross else 37, 4, False), (1, 50, 61 if cross else 50, 2, True)]:
+    for batch, lq, lk, kv_heads, padded in [
+        (2, 37, 23 if cross else 37, 4, False),
+        (1, 50, 61 if cross else 50, 2, True),
+    ]:
         if kv_heads != 4 and not spec.supports_gqa:
             continue
         check = check_declared_flops(attn, batch, lq, lk, kv_heads, padded=padded)
@@ -83,7 +86,9 @@ def test_budget_skips_eager_attention_by_its_memory_estimate():
     assert outcome.status is Status.SKIPPED and "memory estimate" in outcome.message
     scores = 8 * 65536 ** 2 * 4
     assert 2 * scores < outcome.metrics["mem_estimate_bytes"] < 3 * scores
-    assert over_budget(create_attention("vanilla", "NS", 8, 64), _bench("vanilla", 1024, max_memory_bytes=2 ** 34)) is None
+    assert over_budget(
+        create_attention("vanilla", "NS", 8, 64), _bench("vanilla", 1024, max_memory_bytes=2 ** 34)
+    ) is None
 
 
 def test_budget_skips_by_declared_flops_and_never_an_undeclared_attention():

@@ -1,5 +1,6 @@
 """Efficiency-length and exponent tables from a results store: curves per attention and configuration,
-repeated measurements (trials, seeds) pooled, failed baseline lengths reported, theoretical exponents beside fitted ones, text output."""
+repeated measurements (trials, seeds) pooled, failed baseline lengths reported, theoretical exponents beside
+fitted ones, text output."""
 
 import numpy as np
 import pytest
@@ -107,7 +108,10 @@ def test_cab_method_table(frame):
 
 def test_exponent_table(frame):
     table = exponent_table(frame, n_boot=200)
-    row = lambda a, m: table[(table["attention"] == a) & (table["metric"] == m) & (table["pattern"] == "NS")].iloc[0]
+
+    def row(a, m):
+        return table[(table["attention"] == a) & (table["metric"] == m) & (table["pattern"] == "NS")].iloc[0]
+
     vanilla = row("vanilla", "time")
     direct = complexity_exponent(LENGTHS, [s for s in next(c for c in bench_curves(frame, "time")
                                                             if c.label == "vanilla").values(LENGTHS)], n_boot=200)

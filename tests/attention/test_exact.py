@@ -36,7 +36,10 @@ def per_row_reference(q, k, v, pattern, pad=None):
 def _inputs(pattern, lq=21, lk=None, hq=4, hkv=2, d=12, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     lk = lk or (lq if not cab.Pattern.parse(pattern).cross else lq + 9)
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=dtype).requires_grad_()
+
+    def mk(*s):
+        return torch.randn(*s, generator=g, dtype=dtype).requires_grad_()
+
     return mk(2, hq, lq, d), mk(2, hkv, lk, d), mk(2, hkv, lk, d)
 
 

@@ -10,7 +10,9 @@ from tests.attn_helpers import assert_reference_agrees, random_qkv
 EPS = 1e-6
 
 
-@pytest.mark.parametrize("pattern,lq,lk", [("NS", 37, 37), ("CS", 70, 70), ("CS", 5, 12), ("CS", 12, 5), ("NC", 23, 41)])
+@pytest.mark.parametrize(
+    "pattern,lq,lk", [("NS", 37, 37), ("CS", 70, 70), ("CS", 5, 12), ("CS", 12, 5), ("NC", 23, 41)]
+)
 def test_forward_matches_reference_with_gradients(pattern, lq, lk):
     attn = create_attention("flowformer", pattern, 4, 8, block_size=16)
     assert_reference_agrees(attn, lq, lk)

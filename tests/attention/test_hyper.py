@@ -64,7 +64,10 @@ def test_selection_by_hand():
     attn = create_attention("hyper", "NC", 1, 4, lsh_num_projs=2, block_size=3, sample_size=4)
     attn.planes.copy_(torch.eye(4)[:, :2])
     gray = {(False, False): 0, (False, True): 1, (True, True): 2, (True, False): 3}
-    rank = lambda x: gray[(bool(x[0] > 0), bool(x[1] > 0))]
+
+    def rank(x):
+        return gray[(bool(x[0] > 0), bool(x[1] > 0))]
+
     real = [0, 1, 2, 3, 4, 6, 7, 8, 9]
     by_rank = sorted(real, key=lambda j: (rank(k[0, 0, j]), j))
     sampled = [real[r] for r in sample_ranks(0, torch.tensor([0]), 4, torch.tensor([[9]]))[0, 0].tolist()]

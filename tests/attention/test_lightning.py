@@ -34,7 +34,9 @@ def test_tiled_backward_matches_autograd_and_keeps_only_inputs(length, block):
     assert len(saved) == 5 and sum(t.numel() for t in saved) == 3 * q.numel() + 3 + 2 * 3 * 5 * 5
     cot = torch.randn_like(out)
     tiled = torch.autograd.grad(out, (q, k, v), cot)
-    loop = torch.autograd.grad(lightning_attention_torch(q, k, v, decay, block, tiled_backward=False)[0], (q, k, v), cot)
+    loop = torch.autograd.grad(
+        lightning_attention_torch(q, k, v, decay, block, tiled_backward=False)[0], (q, k, v), cot
+    )
     dense = torch.autograd.grad(_dense(q, k, v, decay), (q, k, v), cot)
     for a, b, c in zip(tiled, loop, dense):
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-11)
@@ -45,7 +47,9 @@ def test_tiled_function_passes_gradcheck():
     q, k, v = random_qkv(1, 2, 2, 11, 11, 3)
     decay = torch.tensor([0.7, 0.95], dtype=torch.float64)
     state = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)  # through the state too
-    assert torch.autograd.gradcheck(lambda a, b, c, s: lightning_attention_torch(a, b, c, decay, 4, state=s), (q, k, v, state))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, s: lightning_attention_torch(a, b, c, decay, 4, state=s), (q, k, v, state)
+    )
 
 
 def test_state_carried_across_chunks_matches_one_pass_with_gradients():

@@ -37,7 +37,10 @@ def test_values_linear_in_the_keys_are_reproduced_at_the_query():
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(1, 2, 9, 4, generator=gen, dtype=torch.float64)
     k = torch.randn(1, 2, 40, 4, generator=gen, dtype=torch.float64)
-    a, c = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64), torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    a, c = (
+        torch.randn(2, 4, 4, generator=gen, dtype=torch.float64),
+        torch.randn(2, 4, generator=gen, dtype=torch.float64),
+    )
     v = (k @ a.transpose(-1, -2)[None]) + c[None, :, None]
     want = (q @ a.transpose(-1, -2)[None]) + c[None, :, None]
     out = create_attention("local_linear", "NC", 2, 4, ridge=1e-12, **SMALL)(q, k, v)

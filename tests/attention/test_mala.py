@@ -36,7 +36,10 @@ def test_rows_sum_to_one_and_sharpen_with_query_magnitude(pattern):
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, 12, dtype=torch.float64))
     torch.testing.assert_close(weights, attn.reference(q, k, eye))
     q_big = q.abs() * 4  # larger phi(q) (ELU + 1 grows linearly for positive inputs)
-    spread = lambda w: (w.amax(-1) - w.amin(-1))[..., 4:]  # rows with several keys
+
+    def spread(w):
+        return (w.amax(-1) - w.amin(-1))[..., 4:]  # rows with several keys
+
     assert bool((spread(attn(q_big, k, eye)) > spread(attn(q.abs(), k, eye))).all())
 
 

@@ -34,5 +34,7 @@ def test_gate_is_a_projection_of_the_query_row():
     gated = create_attention("rala", "NS", 2, 8, seed=3)
     plain = create_attention("rala", "NS", 2, 8, gate=False)
     q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 10, 10, 8))
-    torch.testing.assert_close(gated(q, k, v), plain(q, k, v) * (q @ gated.gate.detach().double()), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        gated(q, k, v), plain(q, k, v) * (q @ gated.gate.detach().double()), rtol=1e-12, atol=1e-14
+    )
     assert sum(p.numel() for p in gated.parameters()) == 2 * 8 * 8

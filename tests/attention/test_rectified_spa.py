@@ -33,7 +33,9 @@ def test_exact_limits(pattern):
     lq = q.shape[-2]
     tokens = create_attention("rectified_spa", pattern, 2, 8, block_size=1, topk=3)
     rows = torch.ones(2, lq, dtype=torch.bool) if pattern == "NC" else ~pad
-    torch.testing.assert_close(tokens(q, k, v, pad)[rows[:, None].expand(2, 2, lq)], exact[rows[:, None].expand(2, 2, lq)])
+    torch.testing.assert_close(
+        tokens(q, k, v, pad)[rows[:, None].expand(2, 2, lq)], exact[rows[:, None].expand(2, 2, lq)]
+    )
     assert tokens.computed_pairs(q, k, v, pad) == 2 * 2 * lq * 3
 
 

@@ -38,7 +38,10 @@ def test_ema_update_moves_centroids_only_when_enabled_in_training():
     torch.testing.assert_close(moved.norm(dim=-1), torch.ones(2, 4))
     # the update is the EMA towards the mean of the assigned normalised tokens: it raises their similarity
     xn = torch.cat([q, k], 2) / torch.cat([q, k], 2).norm(dim=-1, keepdim=True)
-    sim = lambda mu: torch.einsum("bhld,hcd->bhlc", xn, mu.to(xn)).amax(-1).mean()
+
+    def sim(mu):
+        return torch.einsum("bhld,hcd->bhlc", xn, mu.to(xn)).amax(-1).mean()
+
     assert sim(moved) > sim(before)
     online.eval()
     online(q, k, v)

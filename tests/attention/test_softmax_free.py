@@ -84,4 +84,6 @@ def test_relu_row_with_only_negative_scores_outputs_zero():
     q = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
     k = torch.tensor([[[[-1.0, 0.0], [-2.0, 1.0]]]], dtype=torch.float64)
     v = torch.randn(1, 1, 2, 2, dtype=torch.float64)
-    assert torch.equal(create_attention("relu_attention", "NS", 1, 2)(q, k, v), torch.zeros(1, 1, 1, 2, dtype=torch.float64))
+    assert torch.equal(
+        create_attention("relu_attention", "NS", 1, 2)(q, k, v), torch.zeros(1, 1, 1, 2, dtype=torch.float64)
+    )

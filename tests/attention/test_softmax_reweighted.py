@@ -85,7 +85,10 @@ def test_selective_gates_by_hand():
         attn.query_bias.fill_(c)
         attn.position_scale.fill_(alpha)
         attn.value_gate.copy_(torch.tensor([r]))
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
     gated = [[(1 + math.tanh(dot(r, v) / math.sqrt(2))) * x for x in v] for v in _V]
     expected = []
     for i, q in enumerate(queries):
@@ -118,7 +121,9 @@ def test_zero_parameters_give_softmax_attention(name, pattern):
 def test_parameter_counts():
     h, d = 4, 16
     assert sum(p.numel() for p in create_attention("selective_attention", "NS", h, d).parameters()) == h * (2 * d + 2)
-    assert sum(p.numel() for p in create_attention("affine_scaled_attention", "NS", h, d).parameters()) == h * (2 * d + 2)
+    assert sum(
+        p.numel() for p in create_attention("affine_scaled_attention", "NS", h, d).parameters()
+    ) == h * (2 * d + 2)
     assert not list(create_attention("cog_attention", "NS", h, d).parameters())
 
 

@@ -1,6 +1,6 @@
 """Conformance (every built-in passing its patterns: tests/attention/test_every_attention.py): each
-deliberately broken attention of tests/plugins/broken.py is flagged by the right check with the right status; failures inside checks are
-results; time limits, the gate, the runner entry point and the verdict table."""
+deliberately broken attention of tests/plugins/broken.py is flagged by the right check with the right status;
+failures inside checks are results; time limits, the gate, the runner entry point and the verdict table."""
 
 import json
 

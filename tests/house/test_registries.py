@@ -45,7 +45,9 @@ def test_every_kind_of_thing_lives_in_one_registry_class():
     assert set(CELL_KINDS.names()) == {"check", "bench", "task"}
     assert [n for n, kind in CELL_KINDS.items() if kind.runs_alone] == ["bench"]  # timings run alone
     assert executor_class("local").__name__ == "LocalExecutor"
-    with pytest.raises(UnknownName, match="unknown executor 'pol'; did you mean 'pool'.*executors: local, pool, ray, subprocess"):
+    with pytest.raises(
+        UnknownName, match="unknown executor 'pol'; did you mean 'pool'.*executors: local, pool, ray, subprocess"
+    ):
         executor_class("pol")
     with pytest.raises(registry.UnknownAttention, match="did you mean 'vanilla'"):
         registry.get_spec("vanila")

@@ -104,7 +104,8 @@ def test_the_grid_goes_on_past_every_fault(tmp_path):
 
 def test_process_tree_memory_matches_the_kernels_own_accounting():
     """procfs sums RSS over a process and its children; compare with VmRSS from /proc/PID/status."""
-    hog = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(30)"
+    hog = ("import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+           "print('ok', flush=True); time.sleep(30)")
     parent = subprocess.Popen([sys.executable, "-c",
                                f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {hog!r}]); "
                                "time.sleep(30)"])

@@ -78,8 +78,8 @@ def _intervals(log) -> "dict[str, tuple[int, float, float]]":
 def test_fault_statuses_match_the_subprocess_executor_and_workers_are_replaced():
     cells = [fault_cell(b) for b in MATRIX if "subprocess" in MATRIX[b]]
     cells.append(Cell(kind="check", attention="vanilla", pattern="NS", options={"threads": 1}))
-    executor = PoolExecutor(timeout_s=TIMEOUT_S, grace_s=1, plugins=[FAULTY], workers=2, memory_limit_bytes=MEMORY_LIMIT,
-                            max_output_bytes=OUTPUT_LIMIT)
+    executor = PoolExecutor(timeout_s=TIMEOUT_S, grace_s=1, plugins=[FAULTY], workers=2,
+                            memory_limit_bytes=MEMORY_LIMIT, max_output_bytes=OUTPUT_LIMIT)
     with executor:
         results = {r.cell.attention.removeprefix("faulty_"): r for r in executor.run(cells)}
     assert sorted(results) == sorted([c.attention.removeprefix("faulty_") for c in cells])
