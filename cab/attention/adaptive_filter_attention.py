@@ -16,6 +16,7 @@ from cab.attention.base import repeat_kv
 from cab.attention.engine.kv_cache import KVCacheAttention
 from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prepare import compute_dtype, grouped_compute
+from cab.attention.engine.rotary import rotate
 from cab.attention.engine.scores import blocked_inputs, blocked_rows, cached_block, reference_rows
 from cab.registry import register_attention
 
@@ -25,15 +26,6 @@ _CROSS = ("the dynamics transport keys to the query's time along one time axis; 
 
 def _inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
-
-
-def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate the channel pairs (x_m, x_{m + D/2}) of x (..., L, D) by angles (..., L, D // 2); an odd last
-    channel is left as it is."""
-    half = angles.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 @register_attention(

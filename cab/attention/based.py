@@ -9,6 +9,7 @@ from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import seeded_normal
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prefix_sums import causal_products, causal_products_flops, full_products, with_ones
 from cab.attention.engine.prepare import align_bottom_right, compute_dtype, key_weights, nonzero, softmax_scale
 from cab.attention.local import LocalAttention
@@ -147,10 +148,8 @@ class BasedAttention(Attention):
         return {"kv": kv, "keys": keys, "values": values, "real": ok, "count": length}
 
     def decode_step(self, state, q, k=None, v=None):
-        if k is None or v is None:
-            raise ValueError("causal self decoding needs the new token's key and value")
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
+        check_step_inputs(self, k, v)
+        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         kh, vh = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
         kv = state["kv"] + taylor_features(self._project(kh)).transpose(-1, -2) @ with_ones(vh)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.masks import query_offset
-from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prefix_sums import pattern_linear_attention
 from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
@@ -87,10 +87,7 @@ class CosformerAttention(Attention):
         phi_k = self._features(k, positions_k, horizon)
         if key_padding_mask is not None:
             phi_k = phi_k.masked_fill(key_padding_mask.bool()[:, None, :, None], 0.0)
-        if self.pattern is Pattern.CS:
-            out = causal_linear_attention(phi_q, phi_k, v)
-        else:
-            out = linear_attention(phi_q, phi_k, v)
+        out = pattern_linear_attention(self.pattern is Pattern.CS, phi_q, phi_k, v)
         return out[:, :, drop:].to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):

@@ -20,6 +20,7 @@ import torch
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine import head_windows
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prepare import softmax_scale
 from cab.patterns import Pattern
@@ -143,8 +144,7 @@ class DuoAttention(_HeadHetero):
         return {"cache": cache, "stream": stream, "length": length, "full": fidx, "streaming": sidx}
 
     def decode_step(self, state, q, k=None, v=None):
-        if k is None or v is None:
-            raise ValueError("causal self decoding needs the new token's key and value")
+        check_step_inputs(self, k, v)
         p = state["length"]  # the new token's position
         fidx, sidx = state["full"], state["streaming"]
         cache = state["cache"].append(k[:, fidx], v[:, fidx])

@@ -12,9 +12,10 @@ from torch import nn
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.convolution import toeplitz_products
 from cab.attention.engine.feature_map import orthogonal_gaussian_features, projections, shifted_exp
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.masks import query_offset
 from cab.attention.engine.prefix_sums import with_ones
-from cab.attention.engine.prepare import compute_dtype, key_weights, nonzero, prepare
+from cab.attention.engine.prepare import compute_dtype, grouped_compute, key_weights, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
 
@@ -189,12 +190,9 @@ class KernelizedRPEAttention(Attention):
         return {"far": far, "shift": shift, "ring_log": ring_log, "ring_v": ring_v, "count": length}
 
     def decode_step(self, state, q, k=None, v=None):
-        if k is None or v is None:
-            raise ValueError("causal self decoding needs the new token's key and value")
-        out_dtype = q.dtype
-        dtype = compute_dtype(q.dtype)
-        q = q.to(dtype)
-        k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
+        check_step_inputs(self, k, v)
+        q, k, v, out_dtype = grouped_compute(q, k, v)
+        dtype = q.dtype
         d, t = self.max_distance, state["count"]
         slots = d + 1
         log_new = self._log_features(k, query=False)  # (B, H, 1, m)

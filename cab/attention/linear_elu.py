@@ -7,7 +7,7 @@ import torch
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import elu_feature_map
-from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prefix_sums import pattern_linear_attention
 from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.attention.kernels import resolve_backend
 from cab.patterns import Pattern, attention_mask
@@ -86,7 +86,7 @@ class LinearEluAttention(Attention):
             dtype = compute_dtype(q.dtype)
             phi_q, phi_k = self._features(q.to(dtype), k.to(dtype), key_padding_mask)
             v = v.to(dtype)
-            out = causal_linear_attention(phi_q, phi_k, v) if causal else linear_attention(phi_q, phi_k, v)
+            out = pattern_linear_attention(causal, phi_q, phi_k, v)
         return out[:, :, drop:].to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):

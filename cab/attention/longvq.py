@@ -11,7 +11,7 @@ from torch import nn
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.kv_cache import check_step_inputs
-from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prefix_sums import pattern_linear_attention
 from cab.attention.engine.prepare import compute_dtype, nonzero, prepare, softmax_scale, zero_empty_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
@@ -84,10 +84,7 @@ class LongVQAttention(Attention):
         phi_k = F.one_hot(self.assign(k), self.num_codes).to(dtype)
         if key_padding_mask is not None:
             phi_k = phi_k.masked_fill(key_padding_mask.bool()[:, None, :, None], 0.0)
-        if self.pattern is Pattern.CS:
-            out = causal_linear_attention(phi_q, phi_k, v, self.chunk_size)
-        else:
-            out = linear_attention(phi_q, phi_k, v)
+        out = pattern_linear_attention(self.pattern is Pattern.CS, phi_q, phi_k, v, self.chunk_size)
         return out[:, :, drop:].to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):

@@ -9,7 +9,7 @@ from torch import nn
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import seeded_normal
 from cab.attention.engine.kv_cache import check_step_inputs
-from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prefix_sums import pattern_linear_attention
 from cab.attention.engine.prepare import compute_dtype, key_weights, nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
@@ -80,10 +80,7 @@ class MirrorLAAttention(Attention):
         dtype = q.dtype
         phi_q = self.features(q)
         phi_k = self.features(k) * key_weights(key_padding_mask, k.shape[0], k.shape[-2], k.device, dtype)
-        if self.pattern is Pattern.CS:
-            out = causal_linear_attention(phi_q, phi_k, v)
-        else:
-            out = linear_attention(phi_q, phi_k, v)
+        out = pattern_linear_attention(self.pattern is Pattern.CS, phi_q, phi_k, v)
         return out[:, :, drop:].to(out_dtype)
 
     def rotation(self, dtype: "torch.dtype | None" = None) -> torch.Tensor:

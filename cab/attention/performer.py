@@ -9,7 +9,7 @@ import torch
 
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.feature_map import orthogonal_gaussian_features, projections, shifted_exp
-from cab.attention.engine.prefix_sums import causal_linear_attention, linear_attention
+from cab.attention.engine.prefix_sums import pattern_linear_attention
 from cab.attention.engine.prepare import nonzero, prepare
 from cab.patterns import Pattern, attention_mask
 from cab.registry import register_attention
@@ -69,10 +69,7 @@ class PerformerAttention(Attention):
     def forward(self, q, k, v, key_padding_mask=None):
         q, k, v, key_padding_mask, drop, out_dtype = prepare(self, q, k, v, key_padding_mask)
         phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)
-        if self.pattern is Pattern.CS:
-            out = causal_linear_attention(phi_q, phi_k, v)
-        else:
-            out = linear_attention(phi_q, phi_k, v)
+        out = pattern_linear_attention(self.pattern is Pattern.CS, phi_q, phi_k, v)
         return out[:, :, drop:].to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.kv_cache import check_step_inputs
 from cab.attention.engine.prepare import compute_dtype, nonzero, prepare
 from cab.patterns import Pattern, attention_mask, segment_runs
 from cab.registry import register_attention
@@ -218,8 +219,7 @@ class ScatteredLinearAttention(Attention):
         return LinearState(phi_k.transpose(-1, -2) @ v, phi_k.sum(dim=-2))
 
     def decode_step(self, state, q, k=None, v=None):
-        if k is None or v is None:
-            raise ValueError("causal self decoding needs the new token's key and value")
+        check_step_inputs(self, k, v)
         dtype = compute_dtype(q.dtype)
         k, v = repeat_kv(k, self.num_heads).to(dtype), repeat_kv(v, self.num_heads).to(dtype)
         phi_q, phi_k = F.relu(q.to(dtype)), F.relu(k)

@@ -7,6 +7,7 @@ import torch
 
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
 from cab.attention.engine.masks import aligned, query_offset, sliding_window
+from cab.attention.engine.rotary import rotate_half
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -37,9 +38,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
     half = dim // 2
     freq = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / dim)
     angle = positions.to(torch.float64)[:, None] * freq[None]
-    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    a, b, rest = x[..., :half], x[..., half:dim], x[..., dim:]
-    return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+    return rotate_half(x, angle.cos().to(x.dtype), angle.sin().to(x.dtype))
 
 
 @register_attention(

@@ -13,6 +13,7 @@ from here (and from `cab.attention.base`), never from one another.
 - `blocksparse`: block layouts and the gathered block-sparse softmax (torch and FlexAttention).
 - `routing`: content-based key selection (pooling, top-k, hashing) and the gathered softmax over a selection.
 - `head_windows`: per-head sliding-window or full attention, routed per row.
+- `rotary`: rotations of channel pairs (rotary position embeddings).
 
 The registry's loader imports no module of this package (it is a package, not a mechanism module).
 """

@@ -169,6 +169,26 @@ def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) 
     return (phi_q @ kv) * inverse
 
 
+def _row_chunks(chunk: int, *xs: torch.Tensor) -> "list[torch.Tensor]":
+    """Each (B, H, L, d) tensor's rows zero-padded to a multiple of `chunk` and split, (B, H, N, chunk, d)."""
+    pad = (-xs[0].shape[-2]) % chunk
+    if pad:
+        xs = tuple(F.pad(x, (0, 0, 0, pad)) for x in xs)
+    return [x.reshape(*x.shape[:2], x.shape[2] // chunk, chunk, x.shape[-1]) for x in xs]
+
+
+def _exclusive_prefix(states: torch.Tensor) -> torch.Tensor:
+    """The exclusive cumulative sum over the chunk axis (dim 2) of per-chunk states: the state entering each chunk."""
+    return F.pad(states.cumsum(dim=2)[:, :, :-1], (0, 0) * (states.dim() - 3) + (1, 0))
+
+
+def _chunk_tril(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The lower-triangular (C x C) blocks of a b^T within each chunk, (B, H, N, C, C), zero above the diagonal."""
+    chunk = a.shape[-2]
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).tril()
+    return (a @ b.transpose(-1, -2)).masked_fill(~tril, 0.0)
+
+
 def causal_linear_attention(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64
 ) -> torch.Tensor:
@@ -178,26 +198,23 @@ def causal_linear_attention(
     of phi(k) v^T and phi(k) come from an exclusive cumulative sum over per-chunk states, so time is
     O(L (C + m) d) and memory O(L m d / C), with no L x L tensor.
     """
-    b, h, length, m = phi_q.shape
-    dv = v.shape[-1]
-    pad = (-length) % chunk_size
-    if pad:
-        phi_q, phi_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
-    n = (length + pad) // chunk_size
-    qc = phi_q.reshape(b, h, n, chunk_size, m)
-    kc = phi_k.reshape(b, h, n, chunk_size, m)
-    vc = v.reshape(b, h, n, chunk_size, dv)
+    length = phi_q.shape[-2]
+    qc, kc, vc = _row_chunks(chunk_size, phi_q, phi_k, v)
     # per-chunk states and their exclusive prefix sums (the state entering each chunk)
-    kv_state = kc.transpose(-1, -2) @ vc  # (B, H, N, m, Dv)
-    k_state = kc.sum(dim=-2)  # (B, H, N, m)
-    kv_prev = F.pad(kv_state.cumsum(dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
-    k_prev = F.pad(k_state.cumsum(dim=2)[:, :, :-1], (0, 0, 1, 0))
-    tril = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=phi_q.device).tril()
-    weights = (qc @ kc.transpose(-1, -2)).masked_fill(~tril, 0.0)  # (B, H, N, C, C)
+    kv_prev = _exclusive_prefix(kc.transpose(-1, -2) @ vc)  # (B, H, N, m, Dv)
+    k_prev = _exclusive_prefix(kc.sum(dim=-2))  # (B, H, N, m)
+    weights = _chunk_tril(qc, kc)  # (B, H, N, C, C)
     num = qc @ kv_prev + weights @ vc
     den = (qc @ k_prev.unsqueeze(-1)) + weights.sum(dim=-1, keepdim=True)
-    out = (num / nonzero(den)).reshape(b, h, n * chunk_size, dv)
+    out = (num / nonzero(den)).flatten(2, 3)
     return out[:, :, :length]
+
+
+def pattern_linear_attention(causal: bool, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                             chunk_size: int = 64) -> torch.Tensor:
+    """Normalised feature-map attention of a pattern: `causal_linear_attention` for causal self (inputs
+    aligned bottom-right, Lq == Lk), else `linear_attention` over every key."""
+    return causal_linear_attention(phi_q, phi_k, v, chunk_size) if causal else linear_attention(phi_q, phi_k, v)
 
 
 CHUNK = 64  # rows per chunk of the causal prefix products
@@ -213,21 +230,11 @@ def causal_products(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, chunk: in
     lower-triangular block of a b^T within a chunk is explicit, the earlier chunks enter through an
     exclusive cumulative sum of the per-chunk states b^T v. Time O(L (C + m) n), memory O(L m n / C).
     Appending a column of ones to v gives the normaliser sum_{j <= t} a_t . b_j in the last column."""
-    batch, heads, length, m = a.shape
-    n = v.shape[-1]
-    pad = (-length) % chunk
-    if pad:
-        a, b, v = (F.pad(t, (0, 0, 0, pad)) for t in (a, b, v))
-    count = (length + pad) // chunk
-    ac = a.reshape(batch, heads, count, chunk, m)
-    bc = b.reshape(batch, heads, count, chunk, m)
-    vc = v.reshape(batch, heads, count, chunk, n)
-    states = bc.transpose(-1, -2) @ vc  # (B, H, N, m, n)
-    prev = F.pad(states.cumsum(dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
-    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).tril()
-    weights = (ac @ bc.transpose(-1, -2)).masked_fill(~tril, 0.0)
-    out = ac @ prev + weights @ vc
-    return out.reshape(batch, heads, count * chunk, n)[:, :, :length]
+    length = a.shape[-2]
+    ac, bc, vc = _row_chunks(chunk, a, b, v)
+    prev = _exclusive_prefix(bc.transpose(-1, -2) @ vc)  # (B, H, N, m, n)
+    out = ac @ prev + _chunk_tril(ac, bc) @ vc
+    return out.flatten(2, 3)[:, :, :length]
 
 
 def causal_products_flops(batch: int, heads: int, length: int, m: int, n: int, chunk: int = CHUNK) -> int:
