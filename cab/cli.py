@@ -1,4 +1,4 @@
-"""`cab` command line: list, check, bench, run, report, analyze, export."""
+"""`cab` command line: list, check, bench, run, report, analyze, export, gpu-check."""
 
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def _selected_specs(args: argparse.Namespace) -> "list[registry.AttentionSpec]":
 
 def cmd_check(args: argparse.Namespace) -> int:
     from cab.check import CheckOutcome, ConformanceReport, published_shape, run_conformance, run_probe, verdict_table
-    from cab.failures import CellTimeout, time_limit
+    from cab.failures import CellTimeout, outcome_of_exception, time_limit
     from cab.status import Status
 
     plugin_errors = _load(args.plugin)
@@ -203,9 +203,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                         shape = published_shape(batch, heads, kv_heads, lq, lk, dim)
                         report = report.combined(run_probe(name, pattern, shape, hparams=hparams, device=args.device,
                                                            dtype=args.dtype, seed=args.seed))
-            except CellTimeout as exc:
-                report = ConformanceReport(name, pattern, [CheckOutcome("timeout", Status.TIMEOUT, message=str(exc))],
-                                           hparams, args.device, args.dtype)
+            except (CellTimeout, SystemExit) as exc:  # the time limit, or a plugin's sys.exit() outside a check
+                outcome = outcome_of_exception(exc)
+                name_of = "timeout" if isinstance(exc, CellTimeout) else "exit"
+                checks = [CheckOutcome(name_of, outcome.status, message=outcome.message)]
+                report = ConformanceReport(name, pattern, checks, hparams, args.device, args.dtype)
             reports.append(report)
             # a pattern fails the command unless it passed or is unsupported: declared but unable to run here
             # (package/device missing), or undeclared and refused (one that runs anyway is incorrect)
@@ -341,6 +343,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """The offline GPU check (cab.gpucheck): exit 0 when every phase ran and the files fit the limits, 1 when
+    a cell failed or the files do not fit (the summary says which), 2 for a usage error."""
+    import os
+    from dataclasses import replace
+
+    from cab import gpucheck
+
+    plan_path = args.plan or gpucheck.default_plan(args.device)
+    plan = gpucheck.load_plan(plan_path)
+    if args.device:
+        plan = replace(plan, device=args.device)
+    if args.estimate:
+        print(gpucheck.summarize_plan(plan))
+        return 0
+    t0 = float(os.environ["CAB_GPU_CHECK_T0"]) if os.environ.get("CAB_GPU_CHECK_T0") else None
+    run = gpucheck.run_gpu_check(args.outdir, plan, budget_s=args.budget, t0=t0, force=args.force,
+                                 render=not args.no_report)
+    failed = {s: n for s, n in run.counts.items() if s in ("error", "incorrect", "timeout", "oom")}
+    print(f"cab gpu-check: {run.wall_s:.0f} s; " + ", ".join(f"{n} {s}" for s, n in sorted(run.counts.items()))
+          + f"; summary: {run.outdir / gpucheck.SUMMARY_NAME}")
+    return 1 if failed or not run.files_ok else 0
+
+
 # parser -------------------------------------------------------------------------------------------------
 
 def _add_plugin(p: argparse.ArgumentParser) -> None:
@@ -448,6 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     _add_plugin(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("gpu-check", help="the offline GPU check within a time budget: environment, gate, Triton "
+                       "kernels, a timed panel; store, leaderboard and summary.md into OUTDIR")
+    p.add_argument("outdir", metavar="OUTDIR", help="folder for the store, the leaderboard and summary.md (empty)")
+    p.add_argument("--device", default=None,
+                   help="cuda (default: configs/gpu-check.yaml) or cpu (the tiny rehearsal: "
+                        "configs/gpu-check-cpu.yaml)")
+    p.add_argument("--plan", default=None, help="another plan file (YAML, as configs/gpu-check.yaml)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help="total seconds (default: the plan's)")
+    p.add_argument("--force", action="store_true", help="empty a non-empty OUTDIR first")
+    p.add_argument("--estimate", action="store_true", help="print the plan's cells and estimated seconds and exit")
+    p.add_argument("--no-report", action="store_true", help="leave out the leaderboard")
+    p.set_defaults(func=cmd_gpu_check)
 
     p = sub.add_parser("export", help="write the results table as CSV, JSON or Parquet")
     p.add_argument("--format", required=True, choices=["csv", "json", "parquet"])

@@ -60,6 +60,9 @@ def outcome_of_exception(exc: BaseException) -> Outcome:
     """The status an exception raised by a cell stands for."""
     if isinstance(exc, CellTimeout):
         return Outcome(Status.TIMEOUT, message=str(exc))
+    if isinstance(exc, SystemExit):
+        return Outcome(Status.ERROR, message=f"SystemExit: sys.exit({exc.code!r}) was called inside the cell "
+                                             "(an attention or task must raise, never exit the process)")
     if is_oom(exc):
         return Outcome(Status.OOM, message=f"{type(exc).__name__}: {str(exc)[:2000]}")
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)

@@ -211,7 +211,7 @@ def load_entry_points() -> "list[PluginError]":
         with _source(label):
             try:
                 ep.load()
-            except Exception as exc:  # a broken plugin must not stop the others
+            except (Exception, SystemExit) as exc:  # a broken plugin must not stop the others
                 errors.append(PluginError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     return errors
 
@@ -237,7 +237,7 @@ def load_plugin(spec: str) -> "list[PluginError]":
                 import_file(f"cab_plugin_{stem}_{digest}", path)
             else:
                 importlib.import_module(spec)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin that exits on import is a broken plugin
             errors.append(PluginError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     _loaded_plugins[spec] = errors
     return errors

@@ -26,7 +26,7 @@ def run_cell(cell: Cell, timeout_s: "float | None" = None) -> Result:
     try:
         with time_limit(timeout_s):
             outcome = run_kind(cell)
-    except Exception as exc:  # every failure of a cell is a status, never a crash of cab
+    except (Exception, SystemExit) as exc:  # every failure of a cell is a status, never a crash or exit of cab
         outcome = outcome_of_exception(exc)
     return Result(
         cell=cell, status=outcome.status, metrics=jsonable(outcome.metrics), message=outcome.message,

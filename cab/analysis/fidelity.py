@@ -116,7 +116,7 @@ def numeric_deviation(
         eager = _output_and_grads(lambda *a: eager_attention(*a, pattern), q, k, v, dout, dtype, seed)
         try:
             got = _output_and_grads(copy.deepcopy(module).to(dtype), q, k, v, dout, dtype, seed)
-        except Exception as exc:  # a dtype the attention cannot run in is a finding, not a crash
+        except (Exception, SystemExit) as exc:  # a dtype the attention cannot run in is a finding, not a crash
             message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             results += [Deviation(name, t, None, _max_abs(eager[t], oracle[t]), reference_name, message)
                         for t in oracle]
@@ -194,6 +194,6 @@ def approximation_error(
 
     try:
         out = run(torch.float64)
-    except Exception:  # an attention that cannot run in float64 is measured in float32
+    except (Exception, SystemExit):  # an attention that cannot run in float64 is measured in float32
         out = run(torch.float32)
     return ApproximationError(attention, pattern.value, inputs, relative_rmse(out, exact), str(out.dtype)[6:])

@@ -106,7 +106,7 @@ def unbuildable(subject: Subject, shape: Shape) -> "str | None":
         subject.module_for(shape, subject.dtype)
     except CellTimeout:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         if not subject.hparams:
             raise
         return f"the hyper-parameters {sorted(subject.hparams)} do not build {shape.heads} heads ({exc})"

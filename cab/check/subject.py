@@ -247,7 +247,7 @@ class Subject:
                 out = self.run(module, q, k, v)
         except CellTimeout:
             raise
-        except Exception as exc:  # any failure means "not this dtype"; the checks report real failures
+        except (Exception, SystemExit) as exc:  # any failure means "not this dtype"; the checks report real failures
             return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         if not isinstance(out, torch.Tensor) or out.dtype != dtype:
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__

@@ -89,7 +89,7 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
             row.random, row.structured, row.ran_in = random.relative_rmse, structured.relative_rmse, random.dtype
         except CellTimeout:
             row.note = "not measured: the report's fidelity time budget ran out during it"
-        except Exception as exc:  # an attention that fails here is reported, not a broken report
+        except (Exception, SystemExit) as exc:  # an attention that fails here is reported, not a broken report
             row.note = f"could not run: {_message(exc)}"
 
     def deviate(row: FidelityRow) -> None:
@@ -106,7 +106,7 @@ def fidelity(pairs: "list[tuple[str, str]]", budget_s: float = DEFAULT_BUDGET_S,
                     row.deviation[d.dtype] = (d.error, d.eager_error)
         except CellTimeout:
             row.note = "numeric deviation not measured: time budget ran out during it"
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             row.note = f"numeric deviation failed: {_message(exc)}"
 
     # every attention's first pattern gets both measurements before any second pattern gets one

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cab.analysis import complexity_exponent
-from cab.stats import student_t_cdf as t_cdf, student_t_quantile as t_quantile
+from cab.stats import student_t_cdf as t_cdf
+from cab.stats import student_t_quantile as t_quantile
 
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
 

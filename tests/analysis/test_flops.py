@@ -1,7 +1,6 @@
 """FLOPs: every declared algorithmic formula against torch's FlopCounterMode on the forward pass; dense
 counts of arbitrary masks against the pattern counts and a hand count; cost budgets that skip cells."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ from cab.cells import Cell
 from cab.patterns import attention_mask
 from cab.registry import all_specs, create_attention, get_spec, load_plugin
 from cab.status import Status
-
 from tests.paths import ROOT
+
 EXAMPLE_PLUGIN = ROOT / "examples" / "plugin_package" / "src" / "cab_example_plugin" / "__init__.py"
 # small chunks so that memory_efficient's chunk loop (and its causal skipping) is exercised
 HPARAMS = {"memory_efficient": {"query_chunk_size": 8, "key_chunk_size": 16}}

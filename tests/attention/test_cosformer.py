@@ -10,7 +10,6 @@ from cab import create_attention
 from cab.attention.cosformer import CAUSAL_MAX_LEN
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
-
 _inputs = random_qkv
 
 

@@ -2,7 +2,6 @@
 state reproduce independent references token by token; the state-size accounting; the `decode`
 conformance check flags broken decoders; the decode benchmark cell."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from cab.check.subject import Subject
 from cab.patterns import Pattern
 from cab.registry import create_attention, get_spec, load_plugin, register_attention, unregister_attention
 from cab.status import Status
-
 from tests.paths import ROOT
+
 EXAMPLE_PLUGIN = ROOT / "examples" / "plugin_package" / "src" / "cab_example_plugin" / "__init__.py"
 DECODERS = [("vanilla", {}), ("sdpa", {}), ("memory_efficient", {"key_chunk_size": 5}), ("example_linear", {})]
 

@@ -5,9 +5,9 @@ causality, conformance."""
 import pytest
 import torch
 
-from tests.attn_helpers import assert_causal_prefixes_match, assert_forward_matches_reference, holey_padding, random_qkv
 from cab import create_attention
 from cab.patterns import attention_mask
+from tests.attn_helpers import assert_causal_prefixes_match, assert_forward_matches_reference, holey_padding, random_qkv
 
 SMALL = {"gamma": 5, "base_hparams": {"window": 4, "sinks": 1}}
 

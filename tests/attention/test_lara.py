@@ -9,7 +9,6 @@ from cab import create_attention
 from cab.attention.lara import segment_ids, segment_means
 from tests.attn_helpers import assert_forward_matches_reference, holey_padding, random_qkv
 
-
 _inputs = random_qkv
 
 

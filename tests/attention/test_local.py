@@ -2,12 +2,12 @@
 combined with the window and the sinks, conformance, and a cross-check against lucidrains' local-attention."""
 
 import importlib
+
 import pytest
 import torch
 
 from cab import create_attention
 from tests.attn_helpers import random_qkv
-
 
 _inputs = random_qkv
 

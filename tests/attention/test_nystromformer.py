@@ -2,12 +2,12 @@
 cross-check against lucidrains' nystrom-attention."""
 
 import importlib
+
 import pytest
 import torch
 
 from cab import create_attention
 from tests.attn_helpers import random_qkv
-
 
 _inputs = random_qkv
 

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from cab.patterns import (
-    Pattern, attention_mask, cu_seqlens_from_segment_ids, segment_ids_from_cu_seqlens, segment_mask, segment_runs,
-    validate_segment_ids, visibility_mask, visible_pairs,
+    Pattern,
+    attention_mask,
+    cu_seqlens_from_segment_ids,
+    segment_ids_from_cu_seqlens,
+    segment_mask,
+    segment_runs,
+    validate_segment_ids,
+    visibility_mask,
+    visible_pairs,
 )
 
 

@@ -4,11 +4,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.paths import ROOT
+
 PACKAGE = ROOT / "examples" / "plugin_package"
 
 

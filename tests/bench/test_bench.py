@@ -14,8 +14,7 @@ from cab import Attention, Pattern, Status, register_attention
 from cab.bench import TimingStats, bench_cell, bench_table, dense_flops, make_inputs, time_callable
 from cab.bench import timer as timer_module
 from cab.bench.timer import sample_count
-from cab.bench.workload import prepare_mode
-from cab.bench.workload import TIMED_MODES
+from cab.bench.workload import TIMED_MODES, prepare_mode
 from cab.cells import Cell, Result
 from cab.registry import unregister_attention
 from cab.runner import run_cell

@@ -12,7 +12,13 @@ from cab import registry
 from cab.attention.base import repeat_kv
 from cab.cells import Cell
 from cab.check import (
-    CheckOutcome, ConformanceReport, check_cell, eager_attention, gate, run_conformance, verdict_table,
+    CheckOutcome,
+    ConformanceReport,
+    check_cell,
+    eager_attention,
+    gate,
+    run_conformance,
+    verdict_table,
 )
 from cab.failures import CellTimeout, time_limit
 from cab.runner import run_cell

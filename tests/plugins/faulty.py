@@ -72,6 +72,14 @@ class Raise(cab.Attention):
         raise RuntimeError("faulty_raise: deliberate failure in forward")
 
 
+@_faulty("exit")
+class Exit(cab.Attention):
+    """Calls sys.exit(0) in forward (as a script-minded plugin might): a status, never a silent exit of cab."""
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        sys.exit(0)
+
+
 @_faulty("nan")
 class NaN(cab.Attention):
     """Returns NaN everywhere."""

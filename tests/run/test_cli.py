@@ -2,12 +2,10 @@
 
 import json
 import shutil
-from pathlib import Path
-
 
 from cab.cli import main
-
 from tests.paths import ROOT
+
 BROKEN = ROOT / "tests" / "plugins" / "broken.py"
 
 

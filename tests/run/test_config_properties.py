@@ -12,8 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cab import registry
 from cab import config as config_module
+from cab import registry
 from cab.config import (
     BenchSection,
     CheckSection,

@@ -39,6 +39,8 @@ MATRIX = {
     "hang_blocked": {"subprocess": (Status.TIMEOUT, f"hard time limit of {TIMEOUT_S + 1} s")},
     "segfault": {"subprocess": (Status.ERROR, "signal SIGSEGV")},
     "raise": {"local": (Status.ERROR, "deliberate failure"), "subprocess": (Status.ERROR, "deliberate failure")},
+    "exit": {"local": (Status.ERROR, "SystemExit: sys.exit(0)"),
+             "subprocess": (Status.ERROR, "SystemExit: sys.exit(0)")},
     "nan": {"local": (Status.INCORRECT, "finite"), "subprocess": (Status.INCORRECT, "finite")},
     "wrong_shape": {"local": (Status.INCORRECT, "output shape"), "subprocess": (Status.INCORRECT, "output shape")},
     "memory": {"subprocess": (Status.OOM, "over the memory limit of 1,024 MiB")},
@@ -133,3 +135,19 @@ def test_process_tree_memory_matches_the_kernels_own_accounting():
 @pytest.mark.skipif(not procfs.available(), reason="needs Linux /proc")
 def test_procfs_is_available_here():
     assert procfs.rss_bytes(os.getpid()) > 0 and procfs.tree(os.getpid())[0] == os.getpid()
+
+
+def test_sys_exit_in_a_plugin_never_ends_cab_silently(tmp_path, capsys):
+    from cab.cli import main
+
+    assert main(["check", "faulty_exit", "--plugin", FAULTY, "--pattern", "NS"]) == 1
+    out = capsys.readouterr().out
+    assert "SystemExit" in out and "faulty_exit" in out
+    exits_on_import = tmp_path / "exits_on_import.py"
+    exits_on_import.write_text("import sys\nsys.exit(0)\n")
+    assert main(["check", str(exits_on_import)]) != 0
+    assert "SystemExit" in capsys.readouterr().err
+    (bench,) = LocalExecutor(timeout_s=60, plugins=[FAULTY]).run([Cell(
+        kind="bench", attention="faulty_exit", pattern="NS", lq=8, lk=8, heads=2, kv_heads=2, head_dim=8,
+        mode="fwd", options={"threads": 1, "gate": False, "memory": False, "min_run_time_s": 0.01})])
+    assert bench.status is Status.ERROR and "SystemExit" in bench.message

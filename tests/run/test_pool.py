@@ -11,13 +11,18 @@ import pytest
 
 from cab.cells import Cell
 from cab.executors import get_executor
-from cab.executors.pool import PoolExecutor
-from cab.executors.pool import default_workers
+from cab.executors.pool import PoolExecutor, default_workers
 from cab.run import _command, run_grid
 from cab.status import Status
 from cab.store import ResultStore
 from tests.run.test_faults import (
-    FAULTY, MATRIX, MEMORY_LIMIT, OUTPUT_LIMIT, TIMEOUT_S, assert_matrix_column, fault_cell,
+    FAULTY,
+    MATRIX,
+    MEMORY_LIMIT,
+    OUTPUT_LIMIT,
+    TIMEOUT_S,
+    assert_matrix_column,
+    fault_cell,
 )
 
 # Loaded only inside worker processes. Each forward logs "pid start end" after a nap, so the test can see

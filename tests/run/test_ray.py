@@ -19,9 +19,14 @@ from cab.run import run_grid
 from cab.status import Status
 from cab.store import ResultStore
 from tests.run.test_faults import (
-    FAULTY, MATRIX, MEMORY_LIMIT, OUTPUT_LIMIT, TIMEOUT_S, assert_matrix_column, fault_cell,
+    FAULTY,
+    MATRIX,
+    MEMORY_LIMIT,
+    OUTPUT_LIMIT,
+    TIMEOUT_S,
+    assert_matrix_column,
+    fault_cell,
 )
-
 
 PROBE_PLUGIN = '''\
 import os

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from cab.cells import Result
+from cab.executors import procfs
 from cab.grid import expand
 from cab.run import run_grid
 from cab.status import Status
-from cab.executors import procfs
 from cab.store import ResultStore, StoreBusy
-
 from tests.paths import ROOT
+
 # The driver takes SIGINT as a terminal's Ctrl-C would: a shell without job control starts background
 # commands (a CI runner's, say) with SIGINT ignored, which children inherit and Python then leaves ignored.
 DRIVER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "

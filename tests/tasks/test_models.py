@@ -17,6 +17,7 @@ from cab.models import (
     count_parameters,
     sinusoidal_positions,
 )
+
 D, HEADS = 16, 2
 
 
