@@ -67,6 +67,8 @@ class Attention(nn.Module):
     # the implementation that runs (e.g. "torch", "triton", "flex"); an attention with several backends
     # sets it per instance. Recorded in every bench result row.
     backend: str = "torch"
+    # the hyper-parameters (attribute names) extra_repr shows as name=value after the pattern and the sizes
+    repr_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pattern: "Pattern | str", num_heads: int, head_dim: int):
         super().__init__()
@@ -211,7 +213,8 @@ class Attention(nn.Module):
         return mask | empty, empty
 
     def extra_repr(self) -> str:
-        return f"pattern={self.pattern.value}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+        fields = [f"pattern={self.pattern.value}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]
+        return ", ".join(fields + [f"{name}={getattr(self, name)}" for name in type(self).repr_fields])
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -60,12 +60,11 @@ class BiFormerAttention(Attention):
     # the routing scores are (L/R)^2 (NS, NC) or L^2/R (CS, CC) for a fixed region size
     complexity = {"time": 2, "memory": 1}
 
+    repr_fields = ("region_size", "topk")
+
     def __init__(self, pattern, num_heads, head_dim, region_size: int = 64, topk: int = 4):
         super().__init__(pattern, num_heads, head_dim)
         set_positive(self, region_size=region_size, topk=topk)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, region_size={self.region_size}, topk={self.topk}"
 
     # the routing, shared by forward and computed_pairs ---------------------------------------------
 

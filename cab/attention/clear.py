@@ -6,16 +6,12 @@ from __future__ import annotations
 import torch
 
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
-from cab.attention.engine.masks import aligned, query_offset
+from cab.attention.engine.masks import aligned, floor_div, query_offset
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
 _CROSS = ("the circular window is a neighbourhood on one token grid shared by queries and keys; two different "
           "sequences have no common grid")
-
-
-def _div(a, b):
-    return torch.div(a, b, rounding_mode="floor")
 
 
 @register_attention(
@@ -55,7 +51,7 @@ class ClearAttention(BlockSparseAttention):
     def _coords(self, p):
         if self.width == 0:
             return torch.zeros_like(p), p
-        return _div(p, self.width), torch.remainder(p, self.width)
+        return floor_div(p, self.width), torch.remainder(p, self.width)
 
     def mask_fn(self, lq, lk, extent=None):
         def circle(b, h, p, j):

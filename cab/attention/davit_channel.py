@@ -55,12 +55,11 @@ class ChannelAttention(Attention):
 
     complexity = {"time": 1, "memory": 1}
 
+    repr_fields = ("chunk_size",)
+
     def __init__(self, pattern, num_heads, head_dim, chunk_size: int = 128):
         super().__init__(pattern, num_heads, head_dim)
         set_positive(self, chunk_size=chunk_size)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
 
     def _masked_keys(self, k, key_padding_mask):
         if key_padding_mask is None:

@@ -49,12 +49,11 @@ class HiPAttention(Attention):
     # L k log L d
     complexity = {"time": 1, "memory": 1}
 
+    repr_fields = ("topk", "block_size")
+
     def __init__(self, pattern, num_heads, head_dim, topk: int = 64, block_size: int = 8):
         super().__init__(pattern, num_heads, head_dim)
         set_positive(self, topk=topk, block_size=block_size)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, topk={self.topk}, block_size={self.block_size}"
 
     def _layout(self, b, lq, lk, key_padding_mask, device):
         """(position of the r-th real key (B, Lk), visible real keys per row (B, Lq))."""

@@ -50,12 +50,11 @@ class LandmarkAttention(Attention):
     # every landmark is scored: L^2/l; memory is chunked
     complexity = {"time": 2, "memory": 1}
 
+    repr_fields = ("block_size", "topk")
+
     def __init__(self, pattern, num_heads, head_dim, block_size: int = 50, topk: int = 4):
         super().__init__(pattern, num_heads, head_dim)
         set_positive(self, block_size=block_size, topk=topk)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, block_size={self.block_size}, topk={self.topk}"
 
     def _landmarks(self, k, key_padding_mask):
         b, _, lk, _ = k.shape

@@ -31,15 +31,14 @@ def _projection_weight(num_heads: int, fan_in: int, fan_out: int) -> nn.Paramete
     return nn.Parameter(torch.empty(num_heads, fan_in, fan_out).uniform_(-bound, bound))
 
 
+_CROSS = ("the short-term sliding window needs queries and keys on one position axis; a second sequence of another "
+          "length has no window to attend")
+
+
 @register_attention(
     "longshort", patterns=("NS", "CS"), family="hybrid", exact=False,
     citation="Zhu et al., Long-Short Transformer: Efficient Transformers for Language and Vision, NeurIPS 2021",
-    unsupported={
-        "NC": "the short-term sliding window needs queries and keys on one position axis; a second sequence "
-        "of another length has no window to attend",
-        "CC": "the short-term sliding window needs queries and keys on one position axis; a second sequence "
-        "of another length has no window to attend",
-    },
+    unsupported={"NC": _CROSS, "CC": _CROSS},
 )
 class LongShortAttention(Attention):
     """Transformer-LS (Zhu et al. 2021): each query attends, under one softmax, to

@@ -39,14 +39,13 @@ class NaLaFormerAttention(FeatureMapAttention):
     (phi_k^T V, phi_k^T 1).
     """
 
+    repr_fields = ("power", "key_power")
+
     def __init__(self, pattern, num_heads, head_dim, power: float = 3.0, key_power: float = 3.0):
         super().__init__(pattern, num_heads, head_dim)
         if power <= 0 or key_power <= 0:
             raise ValueError(f"power and key_power must be positive, got {power} and {key_power}")
         self.power, self.key_power = power, key_power
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, power={self.power}, key_power={self.key_power}"
 
     def features(self, q, k):
         phi_q = phi_k = None

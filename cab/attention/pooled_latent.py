@@ -47,12 +47,11 @@ class PooledLatentAttention(Attention):
 
     complexity = {"time": 1, "memory": 1}
 
+    repr_fields = ("num_latents",)
+
     def __init__(self, pattern, num_heads, head_dim, num_latents: int = 16):
         super().__init__(pattern, num_heads, head_dim)
         set_positive(self, num_latents=num_latents)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_latents={self.num_latents}"
 
     def _latent_queries(self, k: torch.Tensor, real: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """(z (B, H, r, D), valid (B, 1, r) bool): group means of the real keys."""

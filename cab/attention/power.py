@@ -6,16 +6,12 @@ from __future__ import annotations
 import torch
 
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
-from cab.attention.engine.masks import aligned, query_offset
+from cab.attention.engine.masks import aligned, floor_div, query_offset
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
 _CROSS = ("block distances are measured on one position axis shared by queries and keys; two different "
           "sequences have no common positions")
-
-
-def _div(a, b):
-    return torch.div(a, b, rounding_mode="floor")
 
 
 def _is_power_of_two(d: torch.Tensor) -> torch.Tensor:
@@ -62,8 +58,8 @@ class PowerAttention(BlockSparseAttention):
 
     def mask_fn(self, lq, lk, extent=None):
         def blocks(b, h, p, j):
-            kb = _div(j, self.block)
-            dist = (_div(p, self.block) - kb).abs()  # causal rows only see dist = d >= 0
+            kb = floor_div(j, self.block)
+            dist = (floor_div(p, self.block) - kb).abs()  # causal rows only see dist = d >= 0
             return (dist <= self.window) | _is_power_of_two(dist) | (kb < self.sinks)
 
         return aligned(self.pattern, lq, lk, blocks)
@@ -71,7 +67,7 @@ class PowerAttention(BlockSparseAttention):
     def build_layout(self, lq, lk, block_q, block_k, extents) -> Layout:
         causal = self.pattern is Pattern.CS
         p = torch.arange(lq) + query_offset(self.pattern, lq, lk)
-        m = _div(p, self.block)
+        m = floor_div(p, self.block)
         zero = torch.zeros_like(p)
         num_blocks = -(-max(lk, 1) // self.block) + max(0, int(m.max()) if lq else 0) + 1
         distances = sorted({*range(self.window + 1), *(1 << e for e in range(max(1, num_blocks).bit_length() + 1))})

@@ -7,16 +7,12 @@ from __future__ import annotations
 import torch
 
 from cab.attention.engine.blocksparse import BlockSparseAttention, Layout, layout_from_boxes
-from cab.attention.engine.masks import aligned, query_offset
+from cab.attention.engine.masks import aligned, floor_div, query_offset
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
 _CROSS = ("token groups are segments of one position axis shared by queries and keys; two different sequences "
           "have no common positions")
-
-
-def _div(a, b):
-    return torch.div(a, b, rounding_mode="floor")
 
 
 class _Shifted(BlockSparseAttention):
@@ -45,8 +41,8 @@ class _Shifted(BlockSparseAttention):
 
         def group(x, shifted, n):
             if wrap:  # LongLoRA: roll the shifted heads by -G/2, so index (x - G/2) mod n
-                return torch.where(shifted, _div(torch.remainder(x - half, n), g), _div(x, g))
-            return torch.where(shifted, _div(x + half, g), _div(x, g))
+                return torch.where(shifted, floor_div(torch.remainder(x - half, n), g), floor_div(x, g))
+            return torch.where(shifted, floor_div(x + half, g), floor_div(x, g))
 
         def mask(b, h, p, j):
             shifted = self._shifted(h)
@@ -64,8 +60,8 @@ class _Shifted(BlockSparseAttention):
         p = torch.arange(lq) + query_offset(self.pattern, lq, lk)
         g, half = self.group_size, self.group_size // 2
         zero = torch.zeros_like(p)
-        plain_lo = _div(p, g) * g
-        shift_lo = _div(p + half, g) * g - half
+        plain_lo = floor_div(p, g) * g
+        shift_lo = floor_div(p + half, g) * g - half
         shifted = self._shifted(torch.arange(self.num_heads))[:, None]
         boxes = []
         if self.extent_dependent:
@@ -73,8 +69,8 @@ class _Shifted(BlockSparseAttention):
                 n = max(n, 1)
                 idx = torch.remainder(p - half, n)  # the query's index after the roll
                 roll = half % n  # index x holds position (x + roll) mod n
-                lo = _div(idx, g) * g + roll  # the group's first position, unrolled
-                hi = torch.minimum(_div(idx, g) * g + g - 1, torch.tensor(n - 1)) + roll
+                lo = floor_div(idx, g) * g + roll  # the group's first position, unrolled
+                hi = torch.minimum(floor_div(idx, g) * g + g - 1, torch.tensor(n - 1)) + roll
                 for lo_, hi_ in ((lo, torch.minimum(hi, torch.tensor(n - 1))), (lo - n, hi - n)):
                     boxes.append((zero, zero, torch.where(shifted, lo_, plain_lo),
                                   torch.where(shifted, hi_, plain_lo + g - 1)))

@@ -38,6 +38,11 @@ def or_masks(*masks: MaskFn) -> MaskFn:
     return mask
 
 
+def floor_div(a, b):
+    """a // b rounding toward -inf, for the integer position tensors (or ints) of mask functions."""
+    return torch.div(a, b, rounding_mode="floor")
+
+
 def query_offset(pattern: Pattern, lq: int, lk: int) -> int:
     """Key position minus row index of a query: Lk - Lq under CS (bottom-right alignment), else 0."""
     return lk - lq if pattern is Pattern.CS else 0
