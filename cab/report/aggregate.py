@@ -27,7 +27,8 @@ from cab.report.fields import (
 )
 from cab.report.leaderboard import Accuracy, accuracy
 from cab.report.pages import attention_pages, page_file
-from cab.report.support import Declaration, SupportRow, failing_checks, support_matrix
+from cab.report.rankings import Ranking, ranking_frame, rankings
+from cab.report.support import PATTERNS, Declaration, SupportRow, failing_checks, support_matrix
 from cab.status import Status
 
 NOT_FAILURES = frozenset({Status.OK.value, Status.UNSUPPORTED.value})
@@ -108,9 +109,22 @@ class Page:
     pages: tuple = ()
     links: dict = field(default_factory=dict)  # attention name or row label -> its page file
     exports: tuple = ()  # (id, title, DataFrame) written as CSV and Markdown
+    rankings: "tuple[Ranking, ...]" = ()
 
     def link(self, name: str) -> str:
         return self.links.get(name, "")
+
+    def tables_of(self, pattern: str) -> "list[EfficiencyTable]":
+        return [t for t in self.efficiency if t.pattern == pattern]
+
+    def ranking_of(self, pattern: str) -> "Ranking | None":
+        return next((r for r in self.rankings if r.pattern == pattern), None)
+
+    @property
+    def patterns_with_results(self) -> "list[str]":
+        """Patterns with an efficiency table or a task board (each has its page)."""
+        boards = {b.pattern for b in self.accuracy.boards} if self.accuracy else set()
+        return [p for p in PATTERNS if self.tables_of(p) or p in boards]
 
 
 def _distinct(values) -> "list[str]":
@@ -264,12 +278,15 @@ def build_page(results: pd.DataFrame, runs: pd.DataFrame, declarations: "Mapping
     links = {p.name: p.file for p in pages}
     for row in results.to_dict("records"):
         links.setdefault(label(row), page_file(text(row.get("attention"))))
+    ranks = rankings(efficiency, support, cost.lengths, acc.boards)
     page = Page(
         overview=overview(results, runs, support), support=support, efficiency=efficiency,
         failures=failures(results), accuracy=acc, costs=cost, fidelity=fid, catalog=_catalog(),
-        pages=tuple(pages), links=links,
+        pages=tuple(pages), links=links, rankings=tuple(ranks),
     )
-    exports = _frames(page) + list(acc.exports) + list(cost.exports)
+    exports = [(r.id, f"{r.pattern} ranking ({r.title}, {r.shape}) at L={r.length}", ranking_frame(r))
+               for r in ranks]
+    exports += _frames(page) + list(acc.exports) + list(cost.exports)
     if fid is not None:
         exports.append(("fidelity", "Fidelity: approximation error and numeric deviation", fid.frame))
     return Page(**{**page.__dict__, "exports": tuple(exports)})

@@ -15,6 +15,7 @@ import pandas as pd
 from cab.report.efficiency import EfficiencyTable
 from cab.report.fields import integer, text
 from cab.report.plots import Plot, Series, line_panels
+from cab.report.rankings import BASELINES, TOP, ranking_column
 
 N_BOOT = 200  # bootstrap resamples for the report's intervals (cab analyze uses 1000)
 OUTCOMES = {"crosses": "crosses", "always_cheaper": "cheaper at every measured length",
@@ -48,19 +49,31 @@ def _lengths_of(table: EfficiencyTable) -> "list[int | None]":
     return out
 
 
+def plotted_rows(table: EfficiencyTable, top: int = TOP) -> list:
+    """The rows a plot draws: sdpa and vanilla, and the `top` fastest others at the ranking's length."""
+    col = ranking_column(table)
+    timed = sorted((r for r in table.rows if r.cells[col].state == "ok" and r.cells[col].median_ms is not None),
+                   key=lambda r: (r.cells[col].median_ms, r.name.casefold()))
+    base = {r.name for r in table.rows if r.attention in BASELINES and r.name == r.attention}
+    return [r for r in table.rows if r.name in base] + [r for r in timed if r.name not in base][:top]
+
+
 def table_plot(table: EfficiencyTable) -> "Plot | None":
-    """Time (median with p20-p80 bars) and peak memory versus length, log-log, one series per row."""
+    """Time (median with p20-p80 bars) and peak memory versus length, log-log: sdpa, vanilla and the fastest
+    others at the ranking's length (at most TOP + 2 series, so the legend stays readable)."""
     xs = _lengths_of(table)
     if sum(x is not None for x in xs) < 2:
         return None
     time_series, memory_series = [], []
-    for row in table.rows:
+    rows = plotted_rows(table)
+    for row in rows:
         ok = [c if c.state == "ok" else None for c in row.cells]
         time_series.append(Series(row.name, tuple(xs), tuple(c and c.median_ms for c in ok),
                                   tuple(c and c.p20_ms for c in ok), tuple(c and c.p80_ms for c in ok)))
         memory_series.append(Series(row.name, tuple(xs), tuple(c and c.mem_mib for c in ok)))
     if not any(v is not None for s in time_series for v in s.y):
         return None
+    n_base = sum(r.attention in BASELINES and r.name == r.attention for r in rows)
     cross = any("×" in c for c in table.columns)
     xlabel = "query length Lq (tokens, log scale)" if cross else "sequence length L (tokens, log scale)"
     return line_panels(
@@ -68,7 +81,9 @@ def table_plot(table: EfficiencyTable) -> "Plot | None":
          (f"peak memory · {table.title}", xlabel, "peak memory (MiB, log scale)", memory_series)],
         loglog=True, alt=f"time and peak memory versus length, {table.title}, {table.shape}",
         caption=f"{table.title}, {table.shape}: median time with p20–p80 bars and peak memory against length "
-                f"(log-log; a slope of 2 is quadratic). Missing points: no result, a failed cell, or speed withheld.")
+                f"(log-log; a slope of 2 is quadratic) of sdpa, vanilla and the {len(rows) - n_base} fastest of "
+                f"{len(table.rows)} rows at L={table.columns[ranking_column(table)]} (every row is in the table). "
+                f"Missing points: no result, a failed cell, or speed withheld.")
 
 
 def _usable(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> pd.DataFrame:

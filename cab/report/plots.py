@@ -57,7 +57,9 @@ def style(i: int) -> dict:
 
 def _finish(fig: Figure, alt: str, caption: str) -> Plot:
     buffer = io.StringIO()
-    FigureCanvasSVG(fig).print_svg(buffer, metadata={"Date": None, "Creator": None})
+    # bbox_inches="tight" grows the image to whatever the legend (placed outside-right) needs: never cut off
+    FigureCanvasSVG(fig).print_figure(buffer, format="svg", bbox_inches="tight", pad_inches=0.05,
+                                      metadata={"Date": None, "Creator": None})
     data = base64.b64encode(buffer.getvalue().encode("utf-8")).decode("ascii")
     return Plot(uri=f"data:image/svg+xml;base64,{data}", alt=alt, caption=caption)
 

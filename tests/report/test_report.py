@@ -178,30 +178,58 @@ def table_cells(table: Node) -> "dict[str, dict[str, Node]]":
     return grid
 
 
+def ranking_rows(table: Node) -> "list[tuple[str, dict[str, str]]]":
+    """A ranking table's rows in order: (attention, {column header: squashed text})."""
+    headers = [th.text.strip() for th in table.find_all("thead")[0].find_all("th")]
+    rows = []
+    for tr in table.find_all("tbody")[0].find_all("tr"):
+        cells = [c for c in tr.children if isinstance(c, Node) and c.tag in ("th", "td")]
+        texts, i = {}, 0
+        for cell in cells:  # a status spans the ratio columns
+            for _ in range(int(cell.attrs.get("colspan") or 1)):
+                texts[headers[i]] = squash(cell)
+                i += 1
+        rows.append((texts["Attention"], texts))
+    return rows
+
+
 def squash(node: Node) -> str:
     return " ".join(node.text.split())
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory, evil_attn) -> "tuple[str, Node, dict]":
+def site(tmp_path_factory, evil_attn) -> Path:
     root = tmp_path_factory.mktemp("report")
     db = write_store(root / "cab.sqlite", RESULTS)
     with ResultStore(db) as store:  # a second run whose config and command are hostile text
         store.start_run(f"configs/{HOSTILE}.yaml", 'cab run "><img src=x onerror=alert(4)>', 0, {})
     index = render_report(db, root / "site", fidelity_budget_s=0)
     assert index == root / "site" / "index.html"
-    html = index.read_text(encoding="utf-8")
+    return index.parent
+
+
+@pytest.fixture(scope="module")
+def page(site) -> "tuple[str, Node, dict]":
+    html = (site / "index.html").read_text(encoding="utf-8")
     keys = {(r.cell.attention, r.cell.kind, r.cell.pattern, r.cell.lq): r.key for r in RESULTS}
     return html, parse(html), keys
 
 
+@pytest.fixture(scope="module")
+def patterns(site) -> "dict[str, Node]":
+    """The parsed pattern pages (pattern/<P>.html) that exist."""
+    return {p: parse((site / "pattern" / f"{p}.html").read_text(encoding="utf-8"))
+            for p in ("NS", "CS", "NC", "CC") if (site / "pattern" / f"{p}.html").is_file()}
+
+
 # the page ---------------------------------------------------------------------------------------------
 
-def test_page_has_the_stable_sections_tables_and_ids(page):
+def test_page_has_the_stable_sections_tables_and_ids(page, site):
     html, tree, _ = page
-    for element_id in ("overview", "support", "leaderboards", "efficiency", "fidelity", "analyses", "catalog",
-                       "failures", "support-matrix", "status-counts", "runs", "catalog-table"):
+    for element_id in ("overview", "rankings", "support", "leaderboards", "efficiency", "fidelity", "analyses",
+                       "catalog", "failures", "support-matrix", "status-counts", "runs", "rank-NS"):
         assert tree.by_id(element_id) is not None, element_id
+    assert parse((site / "catalog.html").read_text(encoding="utf-8")).by_id("catalog-table") is not None
     tables = tree.find_all("table")
     assert tables and all("sortable" in t.classes() for t in tables)
     ids = [n.attrs["id"] for n in tree.iter() if "id" in n.attrs]
@@ -210,9 +238,8 @@ def test_page_has_the_stable_sections_tables_and_ids(page):
     assert len(tree.find_all("script")) == 1 and len(tree.find_all("style")) == 1
 
 
-def test_efficiency_cells_show_median_spread_memory_and_throughput(page):
-    _, tree, _ = page
-    grid = table_cells(tree.by_id("eff-NS-fwd-float32-cpu-b1-h4-kv4-d64"))
+def test_efficiency_cells_show_median_spread_memory_and_throughput(patterns):
+    grid = table_cells(patterns["NS"].by_id("eff-NS-fwd-float32-cpu-b1-h4-kv4-d64"))
     cell = grid["vanilla"]["128"]
     assert squash(cell) == "1.5 ms [1.4–1.7] 4 MiB 0.25 TFLOP/s"
     assert float(cell.attrs["data-sort"]) == 1.5
@@ -225,52 +252,52 @@ def test_efficiency_cells_show_median_spread_memory_and_throughput(page):
     assert grid["sdpa"]["1024"].attrs["title"] == "killed"
 
 
-def test_missing_results_are_dashes_and_failed_ones_their_status(page):
-    _, tree, keys = page
-    grid = table_cells(tree.by_id("eff-NS-fwd-float32-cpu-b1-h4-kv4-d64"))
+def test_missing_results_are_dashes_and_failed_ones_their_status(page, patterns):
+    _, _, keys = page
+    grid = table_cells(patterns["NS"].by_id("eff-NS-fwd-float32-cpu-b1-h4-kv4-d64"))
     missing = grid["vanilla"]["512"]
     assert squash(missing) == "—" and "missing" in missing.classes() and missing.attrs["data-sort"] == ""
     oom = grid["sdpa"]["256"]
     assert squash(oom) == "oom" and "ms" not in oom.text
-    assert oom.find_all("a")[0].attrs["href"] == f"#fail-{keys[('sdpa', 'bench', 'NS', 256)]}"
+    assert oom.find_all("a")[0].attrs["href"] == f"../index.html#fail-{keys[('sdpa', 'bench', 'NS', 256)]}"
     assert squash(grid["evil_attn"]["128"]) == "skipped"
     assert squash(grid[HOSTILE]["128"]) == "error"
 
 
-def test_speed_is_withheld_where_the_conformance_check_fails(page):
-    _, tree, _ = page
-    grid = table_cells(tree.by_id("eff-CS-fwd-float32-cpu-b1-h4-kv4-d64"))
+def test_speed_is_withheld_where_the_conformance_check_fails(patterns):
+    grid = table_cells(patterns["CS"].by_id("eff-CS-fwd-float32-cpu-b1-h4-kv4-d64"))
     cell = grid["leaky"]["128"]
     assert "gated" in cell.classes() and "ms" not in cell.text and "0.5" not in cell.text
     # the same attention passes NS, so its NS speed is shown
-    ns = table_cells(tree.by_id("eff-NS-fwd-float32-cpu-b1-h4-kv4-d64"))
+    ns = table_cells(patterns["NS"].by_id("eff-NS-fwd-float32-cpu-b1-h4-kv4-d64"))
     assert squash(ns["leaky"]["128"]).startswith("0.25 ms")
 
 
-def test_cross_lengths_are_labelled_with_both_lengths(page):
-    _, tree, _ = page
-    grid = table_cells(tree.by_id("eff-NC-fwd-float32-cpu-b1-h4-kv4-d64"))
+def test_cross_lengths_are_labelled_with_both_lengths(patterns):
+    grid = table_cells(patterns["NC"].by_id("eff-NC-fwd-float32-cpu-b1-h4-kv4-d64"))
     assert squash(grid["vanilla"]["64×256"]).startswith("0.125 ms")
 
 
 def test_support_matrix_flags_declared_but_failing(page):
     _, tree, _ = page
     matrix = table_cells(tree.by_id("support-matrix"))
-    assert "pass" in matrix["vanilla"]["NS"].classes() and squash(matrix["vanilla"]["NS"]) == "✓ pass 1 check"
+    assert "pass" in matrix["vanilla"]["NS"].classes() and squash(matrix["vanilla"]["NS"]) == "✓"
+    assert matrix["vanilla"]["NS"].attrs["title"] == "pass: 1 check"
     assert "unchecked" in matrix["vanilla"]["CC"].classes()  # registered for CC, never checked
     # leaky is not registered: declarations are read from its check cells
     leaky = matrix["leaky"]
     assert "failing" in leaky["CS"].classes()
-    assert "declared but failing" in squash(leaky["CS"]) and "causality: incorrect (error 0.12" in squash(leaky["CS"])
-    assert "unsupported" in leaky["NC"].classes() and "leaky has no cross form" in squash(leaky["NC"])
+    assert "declared but failing" in squash(leaky["CS"])
+    assert "causality: incorrect (error 0.12" in leaky["CS"].attrs["title"]
+    assert "unsupported" in leaky["NC"].classes() and "leaky has no cross form" in leaky["NC"].attrs["title"]
     assert "unknown" in leaky["CC"].classes()
     assert squash(leaky["Declared by"]) == "check results"
     # evil_attn is registered: the registry's declarations and reasons win
     evil = matrix["evil_attn"]
     assert "failing" in evil["CS"].classes() and "error" in squash(evil["CS"])
-    assert "unsupported" in evil["NC"].classes() and "<i>no cross</i>" in squash(evil["NC"])
+    assert "unsupported" in evil["NC"].classes() and "<i>no cross</i>" in evil["NC"].attrs["title"]
     assert "unsupported" in evil["CC"].classes()
-    assert squash(evil["Declared by"]) == "registry" and squash(evil["Citation"]) == HOSTILE_CITATION
+    assert squash(evil["Declared by"]) == "registry"
     rows = {squash(tr.find_all("th")[0]): tr.classes() for tr in tree.by_id("support-matrix").find_all("tr")[1:]}
     assert "has-failing" in rows["leaky"] and "has-failing" not in rows["vanilla"]
     alert = tree.by_id("declared-failing-alert")
@@ -355,14 +382,17 @@ def test_partial_store_with_odd_rows_still_renders(tmp_path):
         conn.execute(odd, ("odd2", "bench", "CS", 64, "ok", '{"median_ms": "fast", "peak_mem_bytes": [1]}'))
         conn.execute(odd, ("odd3", "check", "XX", None, "incorrect", '{"checks": "not a list"}'))
         conn.execute(odd, ("odd4", "check", "CS", None, "error", '{"checks": [1, {"status": "error"}]}'))
-    tree = parse(render_report(db, tmp_path / "site", fidelity_budget_s=0).read_text(encoding="utf-8"))
+    index = render_report(db, tmp_path / "site", fidelity_budget_s=0)
+    tree = parse(index.read_text(encoding="utf-8"))
     counts = table_cells(tree.by_id("status-counts"))
     assert squash(counts["exploded"]["Results"]) == "1"
     assert tree.by_id("failures-exploded") is not None and tree.by_id("fail-odd1") is not None
     matrix = table_cells(tree.by_id("support-matrix"))["mystery"]
     assert "unknown" in matrix["CC"].classes()
-    assert "failing" in matrix["CS"].classes() and "(unnamed check): error" in squash(matrix["CS"])
-    assert "gated" in table_cells(tree.by_id("eff-CS"))["mystery"]["64×?"].classes()
+    assert "failing" in matrix["CS"].classes() and "(unnamed check): error" in matrix["CS"].attrs["title"]
+    cs = parse((index.parent / "pattern" / "CS.html").read_text(encoding="utf-8"))
+    assert "gated" in table_cells(cs.by_id("eff-CS"))["mystery"]["64×?"].classes()
+    assert dict(ranking_rows(tree.by_id("rank-CS")))["mystery"]["Gate"] == "withheld"
     assert "No grid run is recorded" in squash(tree.by_id("overview"))
 
 

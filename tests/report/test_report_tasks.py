@@ -198,7 +198,7 @@ def test_figures_are_embedded_and_sections_filled(site):
     assert any("recall accuracy" in alt for alt in figures)
     assert all(src.startswith("data:image/svg+xml;base64,") for src in figures.values())
     assert "http://" not in html and "https://" not in html  # the SVGs' namespaces live inside base64
-    assert "Not measured in this report" in squash(tree.by_id("fidelity"))
+    assert "not measured in this report" in squash(tree.by_id("fidelity"))
 
 
 def test_exports_sit_beside_the_page_with_missing_left_empty(site):
@@ -273,7 +273,7 @@ def test_a_store_without_tasks_says_so(tmp_path):
     db = write_store(tmp_path / "cab.sqlite", [bench("vanilla", "NS", 64, metrics=timing(1, 1, 1))])
     tree = parse(render_report(db, tmp_path / "site", fidelity_budget_s=0).read_text(encoding="utf-8"))
     assert tree.by_id("no-task-results") is not None
-    assert "No extrapolation curves" in squash(tree.by_id("analyses"))
+    assert "no extrapolation curves" in squash(tree.by_id("analyses"))
 
 
 def test_cli_report_on_missing_and_partial_stores(tmp_path, capsys):
