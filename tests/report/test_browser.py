@@ -148,3 +148,31 @@ def test_sorting_is_numeric_and_keeps_empty_cells_last(browser_page):
     assert down[:3] == ["100 ms", "10 ms", "9 ms"] and set(down[3:]) == {"\u2014", "oom"}
     up, _ = _sort_with_the_page_script(page, [("b10", None), ("b9", None), ("A1", None)])
     assert up == ["A1", "b9", "b10"]  # natural order, case-insensitive
+
+
+def test_the_main_page_of_a_quick_run_sized_store_fits_fifteen_screens(browser_page):
+    """75 attentions in four patterns: the main page is at most 15 screens of 1400x1000 and 2 MB, nothing
+    overflows to the right, and on a pattern page every figure is shown whole (its legend inside the image)."""
+    from tests.report.test_rankings import many_results
+
+    page, _, problems, _, root = browser_page
+    index = render_report(write_store(root / "big.sqlite", many_results(73)), root / "big", fidelity_budget_s=0)
+    assert index.stat().st_size <= 2_000_000
+    page.goto(index.as_uri())
+    page.wait_for_load_state("load")
+    height, width = page.evaluate("[document.documentElement.scrollHeight, document.documentElement.scrollWidth]")
+    assert height <= 15 * 1000 and width <= 1400, (height, width)
+    empty = page.eval_on_selector_all("main > section", "s => s.filter(x => x.innerText.trim() === '' || "
+                                      "(x.querySelector('h2') && x.innerText.trim() === "
+                                      "x.querySelector('h2').innerText.trim())).map(x => x.id)")
+    assert empty == []
+    page.screenshot(path=str(root / "big-top.png"))
+    page.goto((index.parent / "pattern" / "NS.html").as_uri())
+    page.wait_for_load_state("load")
+    boxes = page.eval_on_selector_all("figure.plot img", "imgs => imgs.map(i => [i.naturalWidth, "
+                                      "i.getBoundingClientRect().right, i.parentElement.getBoundingClientRect().right,"
+                                      " document.documentElement.clientWidth])")
+    assert boxes
+    for natural, right, figure_right, viewport in boxes:
+        assert natural > 0 and right <= figure_right + 1 and right <= viewport
+    assert problems == []
