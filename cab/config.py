@@ -61,10 +61,17 @@ def _got(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# the largest integer the results store (SQLite INTEGER, 64-bit signed) holds: larger values are refused
+# here, with their key, rather than after their cell ran
+MAX_INTEGER = 2**63 - 1
+
+
 def _integer(minimum: int, what: str):
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"expected {what}, got {_got(value)}")
+        if value > MAX_INTEGER:
+            raise ValueError(f"expected {what} of at most 2**63 - 1 (what the results store holds), got {value}")
         return value
     return check
 
@@ -89,6 +96,8 @@ def _bytes(value: Any) -> int:
             raise ValueError(f"expected a size in bytes (a number, or e.g. '16 GiB', '500 MB'), got {_got(value)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < float("inf"):
         raise ValueError(f"expected a positive size in bytes, got {_got(value)}")
+    if value > MAX_INTEGER:
+        raise ValueError(f"expected a size of at most 2**63 - 1 bytes, got {_got(value)}")
     return int(value)
 
 

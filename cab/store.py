@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -107,6 +108,16 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
 MIGRATIONS: "dict[int, Callable[[sqlite3.Connection], None]]" = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
+def _storable(value: object) -> object:
+    """`value` as SQLite stores it without error: text re-encoded with backslash escapes where UTF-8 cannot
+    encode it, an integer beyond 64 bits as its decimal text (the cell JSON keeps the number)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        return str(value)
+    return value
+
+
 # schema version -> the results columns a store of that version must have
 _REQUIRED = {1: {"key", "status"}, 2: {"key", "status", "cell"}, 3: {"key", "status", "cell", "slot"}}
 
@@ -137,8 +148,6 @@ class ResultStore:
         move_aside = f"move it aside (mv {self.path} {self.path}.broken) or choose another --db"
         try:
             ok = self._conn.execute("PRAGMA quick_check").fetchone()[0]
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as exc:
@@ -156,21 +165,43 @@ class ResultStore:
         if missing or (version and not _REQUIRED.get(version, set()) <= _columns(self._conn, "results")):
             raise StoreError(f"{self.path} claims store schema {version} but lacks its tables or columns; "
                              f"{move_aside}")
-        if version == 0:
-            self._transaction(lambda conn: [conn.execute(statement) for statement in _TABLES])
+        if version == 0:  # a new store: another process may be creating it at this moment too
+            self._transaction(lambda conn: [conn.execute(statement) for statement in _TABLES], expect=0)
         elif version < SCHEMA_VERSION:
             self._migrate(version)
+        self._pragma("PRAGMA journal_mode=WAL")  # only once the file is known to be a cab store
+        self._pragma("PRAGMA synchronous=NORMAL")
 
-    def _transaction(self, work: "Callable[[sqlite3.Connection], object]", version: int = SCHEMA_VERSION) -> None:
-        """Run `work` and set the schema version in one transaction (all or nothing)."""
+    def _pragma(self, statement: str, wait_s: float = 30.0) -> None:
+        """Run a PRAGMA, retrying while another connection holds the lock it needs (journal_mode does not
+        wait for the busy timeout)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._conn.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _transaction(self, work: "Callable[[sqlite3.Connection], object]", version: int = SCHEMA_VERSION,
+                     expect: "int | None" = None) -> bool:
+        """Run `work` and set the schema version in one transaction (all or nothing). With `expect`, only if
+        the file is still at schema `expect` once the write lock is held (another process may have done the
+        work meanwhile): False when it was not."""
         self._conn.execute("BEGIN IMMEDIATE")
         try:
+            if expect is not None and self._conn.execute("PRAGMA user_version").fetchone()[0] != expect:
+                self._conn.execute("ROLLBACK")
+                return False
             work(self._conn)
             self._conn.execute(f"PRAGMA user_version = {version}")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+        return True
 
     def _migrate(self, version: int) -> None:
         """Bring a store of schema `version` to SCHEMA_VERSION, one step per transaction, after a backup."""
@@ -183,7 +214,7 @@ class ResultStore:
             self._conn.backup(copy)
         for step in range(version, SCHEMA_VERSION):
             try:
-                self._transaction(MIGRATIONS[step], step + 1)
+                self._transaction(MIGRATIONS[step], step + 1, expect=step)
             except sqlite3.DatabaseError as exc:
                 raise StoreError(f"migrating {self.path} from store schema {step} to {step + 1} failed ({exc}); "
                                  f"the file is unchanged from schema {step}, and a copy is in {self.backup}") from exc
@@ -209,16 +240,17 @@ class ResultStore:
 
     def put(self, result: Result, run_id: "str | None" = None) -> None:
         """Insert or replace the row of result's cell, and drop the stale rows of its slot (other versions),
-        in one transaction."""
+        in one transaction. Text that UTF-8 cannot encode (a lone surrogate from a file name) is stored
+        with backslash escapes; an integer SQLite cannot hold is stored as text rather than lost."""
         cell = result.cell
-        values = {name: getattr(cell, name) for name, _ in _CELL_COLUMNS}
+        values = {name: _storable(getattr(cell, name)) for name, _ in _CELL_COLUMNS}
         for name in _JSON_CELL_FIELDS:
             values[name] = json.dumps(values[name], sort_keys=True)
         values.update(
             key=cell.key, options=json.dumps(cell.options, sort_keys=True), status=result.status.value,
-            message=result.message, metrics=json.dumps(result.metrics, allow_nan=False),
+            message=_storable(result.message), metrics=json.dumps(result.metrics, allow_nan=False),
             provenance=json.dumps(result.provenance), wall_s=result.wall_s, started_at=result.started_at,
-            finished_at=result.finished_at, run_id=run_id, label=cell.display_name,
+            finished_at=result.finished_at, run_id=run_id, label=_storable(cell.display_name),
             cell=json.dumps(cell.to_dict(), sort_keys=True), slot=cell.slot,
         )
         columns = ", ".join(values)

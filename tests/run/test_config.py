@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from cab import registry
-from cab.config import ConfigError, load_config
+from cab.config import ConfigError, load_config, loads_config
 from cab.grid import expand
 from cab.patterns import Pattern
 
@@ -173,3 +173,13 @@ def test_sections_override_the_top_level(tmp_path):
     assert config.patterns_of(config.check) == list(Pattern)
     assert [e.name for e in config.attention_entries(config.bench)] == ["sdpa"]
     assert config.patterns_of(config.bench) == [Pattern.NC]
+
+
+@pytest.mark.parametrize("key, text", [("seed", "seed: {n}"), ("bench.lengths[0]", "bench: {{lengths: [{n}]}}"),
+                                       ("bench.heads", "bench: {{lengths: [8], heads: {n}}}")])
+def test_integers_the_store_cannot_hold_are_refused_with_their_key(key, text):
+    with pytest.raises(ConfigError, match=r"at most 2\*\*63 - 1") as info:
+        loads_config("name: t\nattentions: [vanilla]\n" + text.format(n=2**63) + "\n" +
+                     ("check: {}\n" if key == "seed" else ""))
+    assert info.value.key == key
+    loads_config("name: t\nattentions: [vanilla]\nseed: " + str(2**63 - 1) + "\ncheck: {}\n")

@@ -179,3 +179,38 @@ def test_a_damaged_store_fails_the_integrity_check(tmp_path):
     with pytest.raises(StoreError, match="integrity check|not a readable") as info:
         ResultStore(path)
     assert "move it aside" in str(info.value)
+
+
+def test_text_utf8_cannot_encode_and_huge_integers_are_stored_not_raised(tmp_path):
+    cell = Cell(kind="bench", attention="vanilla", pattern="NS", seed=2**64, label="file-\udcff")
+    with ResultStore(tmp_path / "cab.sqlite") as store:
+        store.put(Result(cell=cell, status=Status.ERROR, message="no such file: caf\udce9.py"))
+        (stored,) = store.results()
+    assert stored.message == "no such file: caf\\udce9.py" and stored.cell.seed == 2**64
+
+
+def test_runs_creating_a_new_store_at_once_all_open_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path, start = tmp_path / "new.sqlite", time.time() + 3.0
+    code = ("import sys, time\nfrom cab.store import ResultStore\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "with ResultStore(sys.argv[1]) as store:\n    print(store.count())\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [err[-800:] for _, err in outcomes]
+    assert [out.strip() for out, _ in outcomes] == ["0"] * 6 and _user_version(path) == SCHEMA_VERSION
+
+
+def test_a_refused_file_is_left_as_it_was(tmp_path):
+    path = tmp_path / "foreign.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE other (x); PRAGMA user_version = 99")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="newer cab"):
+        ResultStore(path)
+    assert path.read_bytes() == before and not path.with_name("foreign.sqlite-wal").exists()
