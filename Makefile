@@ -1,10 +1,10 @@
 # `make run`: set up and run the default grid (CPU, SQLite results, HTML leaderboard).
-# `make test`: set up and run the test suite (what CI runs).
+# `make test`: set up, lint (ruff: pyflakes, pycodestyle, import order) and run the test suite (what CI runs).
 # `make tasks`: set up and train every attention on the quick tasks (CPU, about 17 minutes on 2 cores).
 VENV ?= .venv
 STAMP := $(VENV)/.cab-setup
 
-.PHONY: setup run tasks test bench clean
+.PHONY: setup run tasks lint test bench clean
 
 $(STAMP): pyproject.toml scripts/setup.sh requirements/reference-impls.txt
 	bash scripts/setup.sh
@@ -18,7 +18,10 @@ run: setup
 tasks: setup
 	$(VENV)/bin/cab run configs/tasks-quick.yaml
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check cab tests tasks scripts benchmarks examples
+
+test: lint
 	$(VENV)/bin/python -m pytest
 
 bench: setup

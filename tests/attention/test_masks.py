@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from cab.attention.engine.masks import (aligned, and_masks, causal_mask, key_prefix, or_masks, padding_mask,
-                                        same_segment, sliding_window)
+from cab.attention.engine.masks import (
+    aligned,
+    and_masks,
+    causal_mask,
+    key_prefix,
+    or_masks,
+    padding_mask,
+    same_segment,
+    sliding_window,
+)
 from cab.patterns import Pattern, attention_mask, segment_mask, segment_runs
 
 
