@@ -282,7 +282,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         summary = run_grid(args.config, force=args.force, retry_failed=args.retry_failed, executor=args.executor,
                            address=args.address, workers=args.workers, db=args.db, report_dir=args.out,
-                           render=not args.no_report, progress=not args.no_progress)
+                           render=not args.no_report, progress=not args.no_progress,
+                           fidelity_budget_s=args.fidelity_budget)
     except KeyboardInterrupt:
         return 130
     print(summary)
@@ -450,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=f"leaderboard directory (default: the config's, else {DEFAULT_REPORT})")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fidelity-budget", type=float, default=None, metavar="SECONDS",
+                   help="seconds the leaderboard may spend measuring approximation error and numeric deviation "
+                        "(in a separate process; 0 leaves them out; default 3)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="render the HTML leaderboard from the results store")

@@ -93,8 +93,10 @@ def _print_plugin_errors(errors: "list[PluginError]") -> None:
         print(f"cab: plugin failed to load: {err.source}\n{err.traceback.rstrip()}\n", file=sys.stderr)
 
 
-def render_leaderboard(db_path: Path, out_dir: Path) -> "tuple[Path | None, str]":
-    """Render the report if cab.report is installed; (index path, "") or (None, why not)."""
+def render_leaderboard(db_path: Path, out_dir: Path,
+                       fidelity_budget_s: "float | None" = None) -> "tuple[Path | None, str]":
+    """Render the report if cab.report is installed; (index path, "") or (None, why not). `fidelity_budget_s`:
+    seconds for the report's fidelity measurements (None: the report's default; 0 leaves them out)."""
     try:
         report = importlib.import_module("cab.report")
     except ModuleNotFoundError as exc:
@@ -106,7 +108,8 @@ def render_leaderboard(db_path: Path, out_dir: Path) -> "tuple[Path | None, str]
         return None, "leaderboard not rendered: cab.report is not available in this checkout"
     report_error = getattr(report, "ReportError", None)
     try:
-        return Path(render(db_path, out_dir)), ""
+        budget = {} if fidelity_budget_s is None else {"fidelity_budget_s": fidelity_budget_s}
+        return Path(render(db_path, out_dir, **budget)), ""
     except Exception as exc:
         if report_error is None or not isinstance(exc, report_error):
             raise
@@ -165,13 +168,14 @@ def _executor(config: Config, kind: "str | None", address: "str | None", workers
 def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bool = False,
              executor: "str | None" = None, address: "str | None" = None, workers: "int | None" = None,
              db: "str | Path | None" = None, report_dir: "str | Path | None" = None, render: bool = True,
-             progress: bool = True) -> RunSummary:
+             progress: bool = True, fidelity_budget_s: "float | None" = None) -> RunSummary:
     """Run every cell of a grid file that the store does not hold yet, storing each result as it arrives.
 
     `executor`, `address` and `workers` override the config's executor kind, Ray address and pool size. One
     run at a time writes a store: a second run on the same store stops with StoreBusy. On KeyboardInterrupt the run is
     recorded as 'interrupted', what is done and left and the command that resumes are printed to stderr,
-    and the interrupt is re-raised (the CLI exits 130)."""
+    and the interrupt is re-raised (the CLI exits 130). `fidelity_budget_s` is the leaderboard's time for
+    its fidelity measurements (None: the report's default; 0 leaves them out)."""
     t0 = time.perf_counter()
     config = load_config(config_path)
     _print_plugin_errors(config.plugin_errors)
@@ -212,7 +216,7 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
             store.finish_run(run_id, bar.done, state)
     report, note = None, ""
     if render:
-        report, note = render_leaderboard(db_path, Path(report_dir or config.output.report))
+        report, note = render_leaderboard(db_path, Path(report_dir or config.output.report), fidelity_budget_s)
         if note:
             print(f"cab: {note}", file=sys.stderr)
     return RunSummary(config=str(config_path), planned=len(cells), skipped=len(cells) - len(todo), run=bar.done,

@@ -264,7 +264,7 @@ def test_fidelity_interrupts_a_measurement_that_outlives_the_budget(monkeypatch)
 
     monkeypatch.setattr(analysis, "approximation_error", slow)
     started = time.perf_counter()
-    measured = fidelity([("vanilla", "NS")], budget_s=0.3)
+    measured = fidelity([("vanilla", "NS")], budget_s=0.3, isolated=False)
     assert time.perf_counter() - started < 10
     assert measured.rows[0].random is None and "ran out during it" in measured.rows[0].note
 
