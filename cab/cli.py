@@ -292,7 +292,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cab.report import render_report
+    from cab.run import check_output_dir
 
+    check_output_dir(Path(args.out))  # before any plugin loads or any measurement runs
     _load(args.plugin)  # so plugin attentions show their declarations and citations
     index = render_report(args.db, args.out, fidelity_budget_s=args.fidelity_budget)
     print(f"leaderboard written to {index}")
@@ -310,10 +312,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     )
     from cab.store import ResultStore
 
-    if not Path(args.db).is_file():
-        raise UsageError(f"no results store at {args.db}: run `cab run CONFIG` or `cab bench --db` first")
     _load(args.plugin)  # plugin attentions' declared exponents
-    with ResultStore(args.db) as store:
+    with ResultStore(args.db, readonly=True) as store:  # read-only: analyze never writes the store
         df = store.dataframe()
     metrics = tuple(args.metric or ("time", "memory"))
     lengths = efficiency_table(df, baselines=tuple(args.baseline), metrics=metrics, method=args.method,
@@ -508,6 +508,11 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     except (UsageError, UnknownAttention, UnknownHyperparameter, ValueError, FileNotFoundError, StoreError,
             RayUnavailable) as exc:
         print(f"cab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file cab could not read or write: one line naming it, never a traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"cab: error: cannot access{where}: {exc.strerror or exc}; check the path, its permissions and the "
+              "free disk space", file=sys.stderr)
         return 2
 
 

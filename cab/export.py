@@ -2,18 +2,24 @@
 
 JSON keeps the structured fields nested and includes the raw timing samples; CSV and Parquet hold the
 structured fields as JSON strings, without sample lists, plus one `m_<name>` column per scalar metric.
+In CSV a text cell that a spreadsheet would take for a formula (=, +, -, @, tab, carriage return first)
+gets a leading single quote (OWASP); numbers stay numbers. The file is written to a temporary file beside
+the output and renamed, so a full disk leaves no empty or half file; an output path that cannot be written
+is refused before the store is read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from cab.report.load import read_store
+from cab.report.export import csv_text, write_atomically
+from cab.report.load import ReportError, read_store
 
 FORMATS = ("csv", "json", "parquet")
 JSON_COLUMNS = ("hparams", "options", "metrics", "provenance")
@@ -84,6 +90,32 @@ def flat_frame(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([frame, *columns], axis=1)
 
 
+def csv_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """flat_frame with formula-like text cells neutralised for spreadsheets (text columns only)."""
+    frame = flat_frame(results)
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = frame[column].map(lambda v: csv_text(v) if isinstance(v, str) else v)
+    return frame
+
+
+def check_output_file(out: Path, option: str = "--out") -> None:
+    """Refuse, before anything is read or run, an output file path that is a folder or cannot be created."""
+    if out.is_dir():
+        raise ReportError(f"{option} {out} is a folder; give a file path such as {out / 'cab.csv'}")
+    if out.exists() and not out.is_file():
+        raise ReportError(f"{option} {out} is not a regular file; give a file path")
+    folder = out.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ReportError(f"{option} {out} cannot be created: {folder} is a file, not a folder; choose another "
+                          f"{option}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ReportError(f"{option} {out} cannot be written: the folder {folder} is not writable; choose "
+                          f"another {option}")
+
+
 def nested_records(results: pd.DataFrame) -> "list[dict]":
     """JSON form: one dict per result with hparams, options, metrics (samples included) and provenance nested."""
     return [_plain(record) for record in _base_frame(results).to_dict("records")]
@@ -101,13 +133,16 @@ def export_results(db_path: "str | Path", fmt: str, out_path: "str | Path | None
     out = Path(out_path) if out_path is not None else db.with_suffix(f".{fmt}")
     if out.resolve() == db.resolve():
         raise ValueError(f"refusing to export over the results store itself ({db}); choose another output path")
+    check_output_file(out)
     results, _ = read_store(db)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "json":
-        out.write_text(json.dumps(nested_records(results), indent=1, allow_nan=False, default=str) + "\n",
-                       encoding="utf-8")
+        text = json.dumps(nested_records(results), indent=1, allow_nan=False, default=str) + "\n"
+        write_atomically(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     elif fmt == "csv":
-        flat_frame(results).to_csv(out, index=False)
+        frame = csv_frame(results)
+        write_atomically(out, lambda tmp: frame.to_csv(tmp, index=False))
     else:
-        flat_frame(results).to_parquet(out, index=False)
+        frame = flat_frame(results)
+        write_atomically(out, lambda tmp: frame.to_parquet(tmp, index=False))
     return out

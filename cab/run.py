@@ -7,6 +7,7 @@ the moment it arrives, and an interrupted run is recorded as such with the comma
 from __future__ import annotations
 
 import importlib
+import os
 import shlex
 import sys
 import time
@@ -116,6 +117,27 @@ def render_leaderboard(db_path: Path, out_dir: Path,
         return None, f"leaderboard not rendered: {exc}"
 
 
+class OutputPathError(ValueError):
+    """An output folder that cannot be created or written (found before any cell runs)."""
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Refuse an output folder that is a file, lies under a file or in a folder that cannot be written:
+    before any cell runs, not after the whole grid."""
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path} is a file, not a folder; give a folder for the leaderboard (or move "
+                              "the file aside)")
+    folder = path
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{option} {path} cannot be created: {folder} is a file, not a folder; choose another "
+                              f"{option}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path} cannot be written: the folder {folder} is not writable; choose "
+                              f"another {option}")
+
+
 def _run_config(config: Config) -> dict:
     """Provenance of the run itself: the machine plus the resolved config."""
     return {**provenance.collect(config.device), "config_name": config.name,
@@ -181,6 +203,8 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
     _print_plugin_errors(config.plugin_errors)
     cells = expand(config)
     db_path = Path(db or config.output.store)
+    if render:  # an unusable --out is found now, not after the whole grid
+        check_output_dir(Path(report_dir or config.output.report))
     command = _command(config_path, force=force, retry_failed=retry_failed, executor=executor, address=address,
                        workers=workers, db=db, report_dir=report_dir)
     with ResultStore(db_path) as store, store.writer_lock():
@@ -225,4 +249,5 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
                       run_id=run_id, note=note)
 
 
-__all__ = ["RETRYABLE", "RunSummary", "render_leaderboard", "run_grid", "select_cells"]
+__all__ = ["RETRYABLE", "OutputPathError", "RunSummary", "check_output_dir", "render_leaderboard", "run_grid",
+           "select_cells"]

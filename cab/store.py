@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -130,24 +131,82 @@ class ResultStore:
     """SQLite results store; use as a context manager or call close(). `migrated_from` and `backup` say
     whether opening it migrated an older schema, and where the copy of the file from before is."""
 
-    def __init__(self, path: "str | Path"):
+    def __init__(self, path: "str | Path", readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         self.migrated_from: "int | None" = None
         self.backup: "Path | None" = None
         self._lock_file = None
-        self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions
+        self._check_path()
+        try:
+            if readonly:
+                self._conn = self._connect_readonly()
+            else:
+                self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # explicit transactions
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the results store {self.path} ({exc}); {self._what_to_do()}") from None
         self._conn.row_factory = sqlite3.Row
         try:
             self._open()
+        except sqlite3.OperationalError as exc:  # unwritable file or folder, full disk, locked
+            self._conn.close()
+            raise StoreError(f"cannot open the results store {self.path} ({exc}); {self._what_to_do()}") from None
         except BaseException:
             self._conn.close()
             raise
 
+    def _what_to_do(self) -> str:
+        if self.readonly:
+            return "check that the file is readable, or choose another --db"
+        return ("check that the file and its folder are writable and the disk has space, or choose another "
+                "--db")
+
+    def _check_path(self) -> None:
+        """A clear StoreError for a path that cannot hold a store: a directory, a device or other non-regular
+        file, a folder that cannot be created or written, a missing store to read."""
+        path = self.path
+        if path.is_dir():
+            raise StoreError(f"{path} is a directory, not a results store; give a file path such as "
+                             f"{path / 'cab.sqlite'}")
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path} is not a regular file (a device, socket or pipe); give a file path such as "
+                             "results/cab.sqlite")
+        if self.readonly:
+            if not path.exists():
+                raise StoreError(f"no results store at {path}: run `cab run CONFIG` or `cab bench --db` first")
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the folder of the results store {path} "
+                             f"({exc.strerror or exc}: {exc.filename or path.parent}); choose another --db") from None
+        if path.exists() and not os.access(path, os.W_OK):
+            raise StoreError(f"the results store {path} is read-only; make it writable (chmod u+w {path}) or "
+                             "choose another --db (cab report, export and analyze read it as it is)")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write to the folder of the results store {path.parent}; make it writable "
+                             "or choose another --db")
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """A read-only connection (SQLite's mode=ro: no schema, no journal switch). A store with no write-ahead
+        log beside it holds everything in the file: it is read as it is (immutable), so that a WAL-mode store
+        gets no -shm/-wal files created beside it either (and reads in a read-only folder); one with a log
+        (a run is writing it) is read through the log, or as it is where SQLite cannot open the log."""
+        uri = self.path.resolve().as_uri()
+        if not self.path.with_name(self.path.name + "-wal").exists():
+            return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30, isolation_level=None)
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=30, isolation_level=None)
+
     def _open(self) -> None:
         move_aside = f"move it aside (mv {self.path} {self.path}.broken) or choose another --db"
         try:
-            ok = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+            ok = self._conn.execute("PRAGMA integrity_check(1)").fetchone()[0]
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as exc:
@@ -165,12 +224,32 @@ class ResultStore:
         if missing or (version and not _REQUIRED.get(version, set()) <= _columns(self._conn, "results")):
             raise StoreError(f"{self.path} claims store schema {version} but lacks its tables or columns; "
                              f"{move_aside}")
+        if self.readonly:
+            self._open_readonly(version, tables)
+            return
         if version == 0:  # a new store: another process may be creating it at this moment too
             self._transaction(lambda conn: [conn.execute(statement) for statement in _TABLES], expect=0)
         elif version < SCHEMA_VERSION:
             self._migrate(version)
         self._pragma("PRAGMA journal_mode=WAL")  # only once the file is known to be a cab store
         self._pragma("PRAGMA synchronous=NORMAL")
+
+    def _open_readonly(self, version: int, tables: "set[str]") -> None:
+        """A store to read: an empty file is no store (and stays empty); an older schema is migrated in a
+        copy in memory, never in the file."""
+        if version == 0:
+            raise StoreError(f"{self.path} holds no cab results store (an empty file); run `cab run CONFIG` "
+                             "with this --db first")
+        if version < SCHEMA_VERSION:
+            if any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
+                raise StoreError(f"{self.path} has store schema {version}, which this cab cannot read")
+            copy = sqlite3.connect(":memory:", isolation_level=None)
+            copy.row_factory = sqlite3.Row
+            self._conn.backup(copy)
+            self._conn.close()
+            self._conn = copy
+            for step in range(version, SCHEMA_VERSION):
+                self._transaction(MIGRATIONS[step], step + 1, expect=step)
 
     def _pragma(self, statement: str, wait_s: float = 30.0) -> None:
         """Run a PRAGMA, retrying while another connection holds the lock it needs (journal_mode does not
@@ -259,15 +338,25 @@ class ResultStore:
                     ("DELETE FROM results WHERE slot = :slot AND key != :key", {"slot": cell.slot, "key": cell.key}))
 
     def _write(self, statement: str, values: "dict | tuple", *more: "tuple[str, dict | tuple]") -> None:
-        """Statements in one transaction: committed when this returns, rolled back if one fails."""
-        self._conn.execute("BEGIN IMMEDIATE")
+        """Statements in one transaction: committed when this returns, rolled back if one fails. A write
+        SQLite refuses (full disk, read-only file, I/O error) is a StoreError: every committed result stays."""
         try:
-            for text, arguments in ((statement, values), *more):
-                self._conn.execute(text, arguments)
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for text, arguments in ((statement, values), *more):
+                    self._conn.execute(text, arguments)
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            raise StoreError(f"cannot write to the results store {self.path} ({exc}); every result stored before "
+                             "is kept: free disk space or make the file writable, then rerun the same command to "
+                             "resume") from None
 
     def start_run(self, config: str, command: str, cells_planned: int, provenance: dict,
                   executor: str = "") -> str:

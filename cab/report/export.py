@@ -1,17 +1,26 @@
 """Every table of the report also as CSV and Markdown, in `tables/` beside index.html (for papers and
-READMEs). A missing value is an empty CSV field and '—' in Markdown, never 0."""
+READMEs). A missing value is an empty CSV field and '—' in Markdown, never 0.
+
+The strings in them come from plugins and configs: a CSV text cell that a spreadsheet would read as a
+formula (it starts with =, +, -, @, a tab or a carriage return) gets a leading single quote (OWASP's CSV
+injection advice; numbers stay numbers), and Markdown cells have HTML escaped (a Markdown viewer renders
+raw HTML) and `|` escaped. Every file is written to a temporary file in the same folder and renamed, so a
+full disk leaves the previous file, never an empty or half one."""
 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from cab.report.fields import is_missing, slug
+from cab.report.load import ReportError
 
 TABLES_DIR = "tables"
 
@@ -25,12 +34,36 @@ class Exported:
     rows: int
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting like a formula gets a leading single quote."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
 def _cell(value) -> str:
     if is_missing(value):
         return ""
     if isinstance(value, float):
         return f"{value:.6g}" if math.isfinite(value) else str(value)
-    return str(value)
+    if isinstance(value, (int, bool)) or hasattr(value, "dtype"):  # numbers (numpy's too) stay numbers
+        return str(value)
+    return csv_text(str(value))
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call `write(temporary path)` and rename the result over `path` (same folder, so the rename is atomic).
+    A failed write (a full disk) leaves `path` as it was and no temporary file, and is a ReportError."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ReportError(f"could not write {path} ({exc.strerror or exc}); it is unchanged: free disk space or "
+                          "choose another output path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def to_csv(frame: pd.DataFrame) -> str:
@@ -47,7 +80,8 @@ def _md(value) -> str:
         return "—"
     if isinstance(value, float):
         value = f"{value:.4g}"
-    return " ".join(str(value).split()).replace("\\", "\\\\").replace("|", "\\|") or " "
+    text = html.escape(" ".join(str(value).split()), quote=False)  # no raw HTML reaches a Markdown viewer
+    return text.replace("\\", "\\\\").replace("|", "\\|") or " "
 
 
 def to_markdown(frame: pd.DataFrame, title: str = "") -> str:
@@ -68,7 +102,8 @@ def write_exports(out: Path, tables: "list[tuple[str, str, pd.DataFrame]]") -> "
         while name in taken:
             name += "-x"
         taken.add(name)
-        (folder / f"{name}.csv").write_text(to_csv(frame), encoding="utf-8")
-        (folder / f"{name}.md").write_text(to_markdown(frame, title), encoding="utf-8")
+        csv_text_, markdown = to_csv(frame), to_markdown(frame, title)
+        write_atomically(folder / f"{name}.csv", lambda tmp: tmp.write_text(csv_text_, encoding="utf-8"))
+        write_atomically(folder / f"{name}.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
         written[table_id] = Exported(table_id, title, f"{TABLES_DIR}/{name}.csv", f"{TABLES_DIR}/{name}.md", len(frame))
     return written

@@ -24,7 +24,7 @@ def read_store(db_path: "str | Path") -> "tuple[pd.DataFrame, pd.DataFrame]":
         what = "a directory, not a results store" if path.is_dir() else "no such file"
         raise ReportError(f"no results in {path} ({what}): {RUN_HINT}")
     try:
-        with ResultStore(path) as store:
+        with ResultStore(path, readonly=True) as store:
             results, runs = store.dataframe(), store.runs_dataframe()
     except StoreError as exc:
         raise ReportError(str(exc)) from exc
