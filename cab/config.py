@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import os
 import re
 import typing
@@ -219,7 +220,7 @@ class BenchSection(Section):
     kv_ratio: PositiveFloat = 1.0
     batch: PositiveInt = 1
     heads: PositiveInt = 4
-    kv_heads: "PositiveInt | list[PositiveInt] | None" = None
+    kv_heads: "PositiveInt | _list_of(PositiveInt) | None" = None
     head_dim: PositiveInt = 64
     modes: ModeList = Field(default_factory=lambda: ["fwd", "fwdbwd"])
     dtypes: DTypeList = Field(default_factory=lambda: ["float32"])
@@ -438,10 +439,22 @@ def _index_lines(node: yaml.Node, path: KeyPath, lines: dict, source: str, budge
             _index_lines(item, path + (i,), lines, source, budget, inner)
 
 
+MAX_CONFIG_BYTES = 10 * 2**20  # a grid file is a few KiB; more is a wrong path (or /dev/zero)
+
+
 def _read_yaml(path: Path) -> "tuple[Any, dict]":
     source = str(path)
     try:
-        text = path.read_text()
+        if path.exists() and not path.is_file():
+            what = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+            raise ConfigError(f"the config path is {what}; give a YAML grid file such as configs/quick.yaml",
+                              source=source)
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"the config file is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a grid file is a few "
+                              "KiB: is this the right file?", source=source)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("no such config file", source=source) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -461,6 +474,8 @@ def _parse_yaml(text: str, source: str) -> "tuple[Any, dict]":
         if node is not None:
             _index_lines(node, (), lines, source)
         data = None if node is None else loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError("invalid YAML: brackets or indentation nested too deeply", source=source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -571,9 +586,23 @@ def _resolve_plugins(config: Config, base: Path) -> None:
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
                 raise config.error(f"no such plugin file: {spec}", ("plugins", i))
+            if found.suffix != ".py":
+                raise config.error(f"plugin {spec} is not a Python file (plugin files end in .py; a module is "
+                                   "named without a path, e.g. my_package.attention)", ("plugins", i))
             spec = str(found.resolve())
+        elif not _module_exists(spec):
+            raise config.error(f"no such plugin module: {spec} (not importable here; a plugin file is a path "
+                               "ending in .py)", ("plugins", i))
         resolved.append(spec)
     config.plugins = resolved
+
+
+def _module_exists(name: str) -> bool:
+    """Whether `import name` can find the module (without importing it; its parent packages are imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _unknown(config: Config, exc: Exception, where: KeyPath) -> ConfigError:
@@ -628,6 +657,8 @@ def parse_config(data: Any, *, source: str = "<config>", lines: "dict | None" = 
     """Validate an already-parsed config mapping (schema only: no plugin loading, no registry lookups)."""
     try:
         config = config_model().model_validate(data)
+    except RecursionError:
+        raise ConfigError("values nested too deeply", source=source) from None
     except ValidationError as exc:
         raise _validation_error(exc, data, lines or {}, source) from None
     config._source, config._lines = source, dict(lines or {})
@@ -651,11 +682,24 @@ def loads_config(text: str, *, source: str = "<string>", base: "str | Path | Non
     return _resolved(parse_config(data, source=source, lines=lines), Path(base) if base else Path.cwd())
 
 
+def _check_bench_has_cells(config: Config) -> None:
+    """A bench section whose only mode is decode over noncausal patterns would plan no cell: say why."""
+    bench = config.bench
+    if bench is None or set(bench.modes) != {"decode"}:
+        return
+    patterns = config.patterns_of(bench)
+    if not any(p.causal for p in patterns):
+        raise config.error(f"the bench grid is empty, because mode `decode` exists only for the causal patterns "
+                           f"(CS, CC) and the bench's patterns are {', '.join(p.value for p in patterns)}: add CS "
+                           "or CC to `patterns`, or another mode to `bench.modes`", ("bench", "modes"))
+
+
 def _resolved(config: Config, base: Path) -> Config:
     """Load the config's plugins and check every name it uses against the registry."""
     _resolve_plugins(config, base)
     config._plugin_errors = registry.discover(config.plugins)
     _check_names(config)
+    _check_bench_has_cells(config)
     return config
 
 

@@ -94,7 +94,7 @@ def csv_frame(results: pd.DataFrame) -> pd.DataFrame:
     """flat_frame with formula-like text cells neutralised for spreadsheets (text columns only)."""
     frame = flat_frame(results)
     for column in frame.columns:
-        if frame[column].dtype == object:
+        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
             frame[column] = frame[column].map(lambda v: csv_text(v) if isinstance(v, str) else v)
     return frame
 

@@ -2,7 +2,8 @@
 
 Plugins are found only where the user put them: the entry-point group `cab.attentions` (packages the
 user installed) and `--plugin FILE_OR_MODULE`. A plugin that fails to import becomes a `PluginError`
-(with its traceback) and does not stop the other attentions.
+(with its traceback) and does not stop the other attentions; what it registered before it failed is
+unregistered again.
 """
 
 from __future__ import annotations
@@ -197,6 +198,12 @@ def _source(label: str) -> Iterator[None]:
         _current_source.reset(token)
 
 
+def _forget_since(before: "set[str]") -> None:
+    """Unregister what a plugin that failed half-way registered: it must not run half-loaded."""
+    for name in set(_ATTENTIONS.names()) - before:
+        _ATTENTIONS.remove(name)
+
+
 def load_entry_points() -> "list[PluginError]":
     """Import every installed plugin of the `cab.attentions` entry-point group (once per process)."""
     global _entry_points_loaded
@@ -209,9 +216,11 @@ def load_entry_points() -> "list[PluginError]":
         dist = getattr(ep, "dist", None)
         label = f"entry point {ep.name!r} = {ep.value}" + (f" (package {dist.name} {dist.version})" if dist else "")
         with _source(label):
+            before = set(_ATTENTIONS.names())
             try:
                 ep.load()
             except (Exception, SystemExit) as exc:  # a broken plugin must not stop the others
+                _forget_since(before)
                 errors.append(PluginError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     return errors
 
@@ -227,11 +236,14 @@ def load_plugin(spec: str) -> "list[PluginError]":
         return _loaded_plugins[spec]
     label = f"plugin file {path.resolve()}" if is_file else f"plugin module {spec}"
     errors: list[PluginError] = []
+    before = set(_ATTENTIONS.names())
     with _source(label):
         try:
             if is_file:
                 if not path.is_file():
                     raise FileNotFoundError(f"no such plugin file: {spec}")
+                if path.suffix != ".py":
+                    raise ImportError(f"{spec} is not a Python file (plugin files end in .py)")
                 digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
                 stem = re.sub(r"\W", "_", path.stem)
                 import_file(f"cab_plugin_{stem}_{digest}", path)
@@ -239,6 +251,7 @@ def load_plugin(spec: str) -> "list[PluginError]":
                 importlib.import_module(spec)
         except (Exception, SystemExit) as exc:  # a plugin that exits on import is a broken plugin
             errors.append(PluginError(label, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            _forget_since(before)
     _loaded_plugins[spec] = errors
     return errors
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cab import provenance
 from cab.cells import Cell, Result
-from cab.config import Config, load_config
+from cab.config import Config, ConfigError, load_config
 from cab.executors import Executor, accepted_options, get_executor
 from cab.grid import expand
 from cab.kinds import describe
@@ -202,6 +202,9 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
     config = load_config(config_path)
     _print_plugin_errors(config.plugin_errors)
     cells = expand(config)
+    if not cells:
+        raise ConfigError("the grid is empty: its sections plan no cell (every attention excluded, or no "
+                          "pattern, mode or kv_heads value that applies)", source=str(config_path))
     db_path = Path(db or config.output.store)
     if render:  # an unusable --out is found now, not after the whole grid
         check_output_dir(Path(report_dir or config.output.report))

@@ -68,7 +68,7 @@ def write_atomically(path: Path, write) -> None:
 
 def to_csv(frame: pd.DataFrame) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\r\n")  # RFC 4180; a CR inside a field is then quoted too
     writer.writerow([str(c) for c in frame.columns])
     for row in frame.itertuples(index=False):
         writer.writerow([_cell(v) for v in row])
