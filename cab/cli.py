@@ -6,7 +6,9 @@ import argparse
 import difflib
 import fnmatch
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -276,16 +278,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, Kubernetes and systemd send first), handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """SIGTERM and Ctrl-C stop the run alike: the run is recorded 'interrupted', the command that resumes
+    is printed and the executor stops what it started; the exit status is 128 + the signal (143, 130)."""
     from cab.run import run_grid
 
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handled else None
     try:
         summary = run_grid(args.config, force=args.force, retry_failed=args.retry_failed, executor=args.executor,
                            address=args.address, workers=args.workers, db=args.db, report_dir=args.out,
                            render=not args.no_report, progress=not args.no_progress,
                            fidelity_budget_s=args.fidelity_budget)
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, previous)
     print(summary)
     return 0
 

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import sqlite3
 import time
 import uuid
@@ -103,6 +104,39 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     rows = conn.execute("SELECT key, cell FROM results").fetchall()
     conn.executemany("UPDATE results SET slot = ? WHERE key = ?",
                      [(Cell.from_dict(json.loads(r["cell"])).slot, r["key"]) for r in rows])
+
+
+def _process_start(pid: int) -> "str | None":
+    """The start time of a live process (clock ticks since boot, from /proc/PID/stat), None when no such
+    process runs (gone, or a zombie); "" where /proc cannot tell (the process exists)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _driver() -> dict:
+    """Who writes a run: the host, pid and start time of this process (to tell later whether it still runs)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def _driver_gone(provenance: "str | None", locked: bool) -> bool:
+    """Whether the driver of a run recorded as running has ended. Known only on its own host (its pid is
+    gone, or now belongs to a process started at another time); with the writer lock held (`locked`), no
+    other `cab run` writes the store, so a run of another host, or one that recorded no driver, is over too."""
+    try:
+        driver = json.loads(provenance or "{}").get("driver") or {}
+    except (ValueError, AttributeError):
+        driver = {}
+    if driver.get("host") != socket.gethostname() or not isinstance(driver.get("pid"), int):
+        return locked
+    start = _process_start(driver["pid"])
+    return start is None or bool(start and driver.get("start") and start != driver["start"])
 
 
 # version -> the step that brings a store of that version to the next one
@@ -311,6 +345,7 @@ class ResultStore:
             raise StoreBusy(f"another cab run is writing to {self.path}; wait for it to finish, or give this "
                             "run another --db") from None
         try:
+            self._mark_killed_runs(locked=True)
             yield
         finally:
             handle.close()  # releases the lock
@@ -358,9 +393,22 @@ class ResultStore:
                              "is kept: free disk space or make the file writable, then rerun the same command to "
                              "resume") from None
 
+    def _killed_runs(self, locked: bool) -> "list[str]":
+        rows = self._conn.execute("SELECT run_id, provenance FROM runs WHERE state = 'running'").fetchall()
+        return [r["run_id"] for r in rows if _driver_gone(r["provenance"], locked)]
+
+    def _mark_killed_runs(self, locked: bool) -> None:
+        """Record as 'killed' the runs left 'running' by a driver that ended without recording its end
+        (SIGKILL, a crash, a power cut), with the cells they stored and when the last one finished."""
+        for run_id in self._killed_runs(locked):
+            self._write("UPDATE runs SET state = 'killed', cells_run = (SELECT COUNT(*) FROM results WHERE "
+                        "run_id = :id), finished_at = (SELECT MAX(finished_at) FROM results WHERE run_id = :id) "
+                        "WHERE run_id = :id AND state = 'running'", {"id": run_id})
+
     def start_run(self, config: str, command: str, cells_planned: int, provenance: dict,
                   executor: str = "") -> str:
-        """Record the start of a grid run; returns its id."""
+        """Record the start of a grid run, with its driver (host, pid) in the provenance; returns its id."""
+        provenance = {**provenance, "driver": _driver()}
         run_id = uuid.uuid4().hex[:12]
         self._write(
             "INSERT INTO runs (run_id, config, command, started_at, cells_planned, cells_run, state, provenance, "
@@ -370,7 +418,7 @@ class ResultStore:
         return run_id
 
     def finish_run(self, run_id: str, cells_run: int, state: str) -> None:
-        """Record how a run ended: 'finished' or 'interrupted'."""
+        """Record how a run ended: 'finished' or 'interrupted' ('killed' is recorded by the next writer)."""
         self._write("UPDATE runs SET finished_at = datetime('now'), cells_run = ?, state = ? WHERE run_id = ?",
                     (cells_run, state, run_id))
 
@@ -433,7 +481,12 @@ class ResultStore:
         return pd.concat([df, scalars], axis=1)
 
     def runs_dataframe(self) -> pd.DataFrame:
-        return pd.read_sql_query("SELECT * FROM runs ORDER BY started_at", self._conn)
+        """The runs; one recorded as running whose driver is known to have ended shows as 'killed'."""
+        runs = pd.read_sql_query("SELECT * FROM runs ORDER BY started_at", self._conn)
+        killed = set(self._killed_runs(locked=False))
+        if killed:
+            runs.loc[runs["run_id"].isin(killed), "state"] = "killed"
+        return runs
 
     def close(self) -> None:
         self._conn.close()

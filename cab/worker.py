@@ -2,9 +2,11 @@
 `pool_worker_main` runs the cells a pool executor sends it, one after another, in such a process.
 
 It leaves the parent's session (so the whole tree it starts can be killed as one group), sends its
-output to two files (never to the driver's terminal: a plugin may print gigabytes), dies with its parent,
-loads the plugins, runs the cell and writes the Result as JSON atomically (temporary file + rename), so a
-process killed mid-write leaves no half result. Exit status 0 with a result; EXIT_OOM after a MemoryError
+output to two files (never to the driver's terminal: a plugin may print gigabytes), dies with its parent
+(the forkserver) and lets go of the forkserver's "alive" pipe, so that the server exits when the driver
+does (and takes its children with it, see cab.executors.serverguard), loads the plugins, runs the cell
+and writes the Result as JSON atomically (temporary file + rename), so a process killed mid-write leaves
+no half result. Exit status 0 with a result; EXIT_OOM after a MemoryError
 that escaped the cell.
 """
 
@@ -31,8 +33,9 @@ def device_env() -> "dict[str, str | None]":
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent (the forkserver, which exits with the driver)
-    dies, so a killed driver leaves no orphan measuring on a busy machine."""
+    """Ask Linux to SIGKILL this process when its parent (the forkserver, which exits with the driver once
+    no child holds its "alive" pipe: `_release_server`) dies, so a killed driver leaves no orphan measuring
+    on a busy machine."""
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
@@ -42,6 +45,22 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _release_server() -> None:
+    """Close this process's copy of the forkserver's "alive" pipe (multiprocessing hands every child the
+    driver's write end). CPython's server exits when every write end is closed; a child that kept one would
+    keep the server, and with it itself (it dies with the server), alive after the driver died."""
+    import multiprocessing.forkserver
+
+    server = multiprocessing.forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        server._forkserver_alive_fd = None  # a cell that uses a forkserver itself starts its own
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _redirect(fd: int, path: str, append: bool = False) -> None:
@@ -67,6 +86,7 @@ def _detach(stdout_path: str, stderr_path: str, env: "dict[str, str | None]", ap
     os.close(stdin)
     faulthandler.enable(file=sys.stderr)  # a segfault leaves its Python traceback in the stderr tail
     _die_with_parent()
+    _release_server()  # after _die_with_parent: from now on the server's exit kills this process
     for name, value in (env or {}).items():
         if value is None:
             os.environ.pop(name, None)

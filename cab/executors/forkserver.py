@@ -6,6 +6,12 @@ The server never runs torch code (no thread pools, no CUDA context), so forking 
 is a fresh copy of it and shares nothing with earlier cells. multiprocessing keeps one forkserver per
 process: `context()` makes sure it preloads WARM_MODULES, restarting a server that another user (e.g.
 cab.bench.memory's probe) started without them.
+
+The server and multiprocessing's resource tracker are started with their stdout on /dev/null, so that no
+helper holds the driver's stdout (`cab run ... | tee log` sees the end of its input when the driver ends).
+The server exits when the driver does: every child lets go of the server's "alive" pipe
+(cab.worker._release_server), so the driver holds its only write end; the children die with the server
+(PR_SET_PDEATHSIG), and the server kills their sessions on its way out (cab.executors.serverguard).
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ import contextlib
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import os
 import sys
 import types
 from typing import Callable, Iterator
 
-WARM_MODULES = ("torch", "torch._dynamo", "cab.runner", "cab.check", "cab.bench", "cab.bench.memory_probe",
-                "cab.worker")
+WARM_MODULES = ("cab.executors.serverguard", "torch", "torch._dynamo", "cab.runner", "cab.check", "cab.bench",
+                "cab.bench.memory_probe", "cab.worker")
 
 
 _started: "set[int]" = set()  # pids of servers started with WARM_MODULES
@@ -48,10 +55,42 @@ def _without_main_script() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+@contextlib.contextmanager
+def _stdout_to_devnull() -> Iterator[None]:
+    """File descriptor 1 on /dev/null for the duration (for helper processes started meanwhile)."""
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all: nothing to hide
+        yield
+        return
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _server_running() -> bool:
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (OSError, TypeError):
+        return pid is not None and not sys.platform.startswith("linux")
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
 def start(target: Callable, args: tuple, name: str) -> multiprocessing.process.BaseProcess:
     """Fork a child from the warm server that runs `target(*args)`; returns the started process."""
     process = context().Process(target=target, args=args, name=name)
     with _without_main_script():
+        if not _server_running():  # the server and resource tracker start now: not on the driver's stdout
+            with _stdout_to_devnull():
+                multiprocessing.forkserver.ensure_running()
         process.start()
     _started.add(multiprocessing.forkserver._forkserver._forkserver_pid)
     return process

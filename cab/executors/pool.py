@@ -202,7 +202,7 @@ class PoolExecutor(Executor):
     def _check_limits(self, worker: _Worker) -> None:
         limits, watch = self.limits, worker.watch
         rss = procfs.tree_rss_bytes(worker.process.pid)
-        watch.peak_rss_bytes = max(watch.peak_rss_bytes, rss)
+        watch.peak_rss_bytes, watch.last_rss_bytes = max(watch.peak_rss_bytes, rss), rss
         printed = sum(_size(p) for p in worker.outputs)
         if limits.memory_limit_bytes is not None and rss > limits.memory_limit_bytes:
             watch.killed_for, watch.rss_at_kill = "memory", rss

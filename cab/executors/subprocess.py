@@ -7,8 +7,12 @@ stderr go to files of which only the tail is read. While it runs, the parent wat
 - memory: the resident memory of the process tree is read from /proc every POLL_S; above
   `memory_limit_bytes` the tree is killed -> `oom` with the measured size;
 - output: printing more than `max_output_bytes` gets the tree killed -> `error`.
-A process killed by a signal is `error` with the signal's name, except SIGKILL that cab did not send
-(most likely the kernel's OOM killer) and a MemoryError, which are `oom`.
+A process killed by a signal is `error` with the signal's name. A SIGKILL that cab did not send is `oom`
+only where there is evidence that the kernel's out-of-memory killer sent it: the machine's count of OOM
+kills (`oom_kill` in /proc/vmstat, which counts cgroup-limit kills too) rose while the cell ran, or its
+resident memory was last seen within 10% of `memory_limit_bytes`; otherwise it is `error`, killed from
+outside cab, and the message says whether the OOM killer is ruled out or cannot be told. A MemoryError
+that escaped the cell is `oom`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -36,6 +40,19 @@ POLL_S = 0.05
 DEFAULT_GRACE_S = 10.0
 DEFAULT_MAX_OUTPUT_BYTES = 64 * 2**20
 MiB = 2**20
+NEAR_LIMIT = 0.9  # a SIGKILLed cell last seen above this fraction of its memory limit counts as oom
+
+
+def oom_kills() -> "int | None":
+    """How many processes the kernel's OOM killer has killed on this machine since boot (None: not known)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _now() -> str:
@@ -101,6 +118,8 @@ class _Watch:
     peak_rss_bytes: int = 0
     rss_at_kill: int = 0
     output_bytes: int = 0
+    last_rss_bytes: int = 0
+    oom_kills_at_start: "int | None" = field(default_factory=oom_kills)
 
 
 def _watch(proc, limits: Limits, outputs: "tuple[Path, Path]") -> _Watch:
@@ -112,7 +131,7 @@ def _watch(proc, limits: Limits, outputs: "tuple[Path, Path]") -> _Watch:
         if proc.exitcode is not None:
             return watch
         rss = procfs.tree_rss_bytes(proc.pid)
-        watch.peak_rss_bytes = max(watch.peak_rss_bytes, rss)
+        watch.peak_rss_bytes, watch.last_rss_bytes = max(watch.peak_rss_bytes, rss), rss
         printed = sum(_size(p) for p in outputs)
         if limits.memory_limit_bytes is not None and rss > limits.memory_limit_bytes:
             watch.killed_for, watch.rss_at_kill = "memory", rss
@@ -169,14 +188,31 @@ def _failure(exitcode: int, watch: _Watch, limits: Limits, stderr: str) -> "tupl
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
         if -exitcode == signal.SIGKILL:
-            seen = f", {watch.peak_rss_bytes / MiB:,.0f} MiB resident when last seen" if peak else ""
-            return Status.OOM, f"killed by {name} (most likely the kernel's out-of-memory killer{seen}){tail}", peak
+            return _outside_sigkill(watch, limits, tail, peak)
         return Status.ERROR, f"killed by signal {name}{tail}", peak
     if exitcode == EXIT_OOM:
         return Status.OOM, f"ran out of memory (MemoryError){tail}", peak
     if exitcode:
         return Status.ERROR, f"cell process exited with status {exitcode} without a result{tail}", peak
     return Status.ERROR, f"cell process exited without writing a result{tail}", peak
+
+
+def _outside_sigkill(watch: _Watch, limits: Limits, tail: str, peak: dict) -> "tuple[Status, str, dict]":
+    """A SIGKILL cab did not send: `oom` where the kernel's OOM killer is the likely sender, else `error`."""
+    seen = f"{watch.last_rss_bytes / MiB:,.0f} MiB resident when last seen" if watch.last_rss_bytes else ""
+    after = oom_kills()
+    rose = None if watch.oom_kills_at_start is None or after is None else after - watch.oom_kills_at_start
+    limit = limits.memory_limit_bytes
+    if rose:
+        return Status.OOM, (f"killed by SIGKILL while the kernel's out-of-memory killer was killing processes "
+                            f"(/proc/vmstat oom_kill rose by {rose} during the cell{'; ' + seen if seen else ''})"
+                            f"{tail}"), peak
+    if limit is not None and watch.last_rss_bytes >= NEAR_LIMIT * limit:
+        return Status.OOM, (f"killed by SIGKILL at {seen}, near the memory limit of {limit / MiB:,.0f} MiB "
+                            f"(most likely an out-of-memory kill){tail}"), peak
+    why = ("not by the kernel's out-of-memory killer: /proc/vmstat oom_kill did not change" if rose == 0 else
+           "whether by the kernel's out-of-memory killer cannot be told here (no /proc/vmstat oom_kill)")
+    return Status.ERROR, f"killed by SIGKILL from outside cab ({why}{'; ' + seen if seen else ''}){tail}", peak
 
 
 class SubprocessExecutor(Executor):

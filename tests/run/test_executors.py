@@ -84,11 +84,33 @@ def test_on_start_is_called_before_each_result():
     assert seen == [c.key for c in cells]
 
 
-def test_signals_and_exits_without_a_result_become_statuses(plugin):
-    killed, exited = SubprocessExecutor(timeout_s=60, plugins=[plugin]).run([_cell("sigkill"), _cell("exit")])
-    assert killed.status is Status.OOM and "SIGKILL" in killed.message  # a kill cab did not send: the OOM killer
+@pytest.mark.parametrize("kind", ["subprocess", "pool"])
+def test_signals_and_exits_without_a_result_become_statuses(plugin, kind):
+    executor = get_executor(kind, timeout_s=60, plugins=[plugin], workers=1)
+    with executor:
+        killed, exited = sorted(executor.run([_cell("sigkill"), _cell("exit")]),
+                                key=lambda r: r.cell.hparams["action"] != "sigkill")
+    # a SIGKILL cab did not send, at a few hundred MiB, while the kernel's OOM killer killed nothing: not `oom`
+    assert killed.status is Status.ERROR and "killed by SIGKILL from outside cab" in killed.message, killed.message
+    assert "oom_kill did not change" in killed.message or "cannot be told" in killed.message
     assert exited.status is Status.ERROR and "exited with status 7" in exited.message
     assert "about to exit" in exited.message  # the tail of its stderr
+
+
+def test_a_sigkill_is_oom_only_with_evidence(monkeypatch):
+    from cab.executors import subprocess as isolated
+
+    limits = isolated.Limits(memory_limit_bytes=1000 * isolated.MiB)
+    far, near = 273 * isolated.MiB, 950 * isolated.MiB
+    monkeypatch.setattr(isolated, "oom_kills", lambda: 12)
+    for at_start, rss, status, fragment in [
+            (12, far, Status.ERROR, "oom_kill did not change; 273 MiB resident when last seen"),
+            (10, far, Status.OOM, "oom_kill rose by 2 during the cell"),
+            (12, near, Status.OOM, "near the memory limit of 1,000 MiB"),
+            (None, far, Status.ERROR, "cannot be told")]:
+        watch = isolated._Watch(last_rss_bytes=rss, peak_rss_bytes=rss, oom_kills_at_start=at_start)
+        status_seen, message, _ = isolated._failure(-9, watch, limits, "")
+        assert status_seen is status and fragment in message, message
 
 
 def test_the_cell_sees_the_submitters_device_visibility(plugin, monkeypatch):

@@ -1,7 +1,9 @@
 """The driver: a run killed (SIGKILL) or interrupted (SIGINT) mid-grid keeps every finished cell, and
 rerunning the same command runs only what is left; force reruns everything, retry_failed only failures."""
 
+import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -120,6 +122,9 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path, executor):
     assert proc.returncode == -signal.SIGKILL
     assert 3 <= len(before) < len(keys), "the kill must land mid-run"
     assert _gone(descendants), "a process the killed driver started is still running"
+    with ResultStore(db) as reader:  # a reader sees that the run's driver is gone (and writes nothing)
+        assert reader.runs_dataframe()["state"].tolist() == ["killed"]
+    assert _runs(db)[0][1] == "running"
 
     rerun = subprocess.run([sys.executable, "-c", DRIVER, str(config), str(db)], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
@@ -130,7 +135,8 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path, executor):
         assert after[key] == row  # same run id and timestamps: kept, not rerun
     assert all(row[3] == "ok" for row in after.values()), after
     killed, resumed = _runs(db)
-    assert killed[1] == "running" and killed[2] == len(keys)  # never got to record its end
+    # it never got to record its end: the next writer recorded it killed, with the cells it stored
+    assert killed[1:] == ("killed", len(keys), len(before))
     # the rerun planned and ran exactly the cells the killed run had not finished: none ran twice
     assert resumed[1:] == ("finished", len(keys) - len(before), len(keys) - len(before))
     assert {row[0] for key, row in after.items() if key not in before} == {resumed[0]}
@@ -204,3 +210,30 @@ def test_report_rendered_or_skipped_with_a_message(tmp_path, monkeypatch, capsys
     skipped = run_grid(config, db=db, report_dir=tmp_path / "other", progress=False)
     assert skipped.report is None and "cab.report is not available" in skipped.note
     assert "leaderboard not rendered" in capsys.readouterr().err
+
+
+def test_a_run_left_running_is_recorded_killed_only_once_its_driver_is_gone(tmp_path):
+    db = tmp_path / "cab.sqlite"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with ResultStore(db) as store:
+            mine = store.start_run("a.yaml", "cab run a.yaml", 3, {})  # this process: alive
+            other = store.start_run("b.yaml", "cab run b.yaml", 3, {})
+            legacy = store.start_run("c.yaml", "cab run c.yaml", 3, {})
+            store._conn.execute("UPDATE runs SET provenance = ? WHERE run_id = ?",
+                                (json.dumps({"driver": {"host": socket.gethostname(), "pid": sleeper.pid}}), other))
+            store._conn.execute("UPDATE runs SET provenance = '{}' WHERE run_id = ?", (legacy,))
+        with ResultStore(db) as store:
+            states = dict(store.runs_dataframe()[["run_id", "state"]].values.tolist())
+            # a reader knows only about drivers on this host; the legacy run may belong to a live writer
+            assert (states[mine], states[other], states[legacy]) == ("running", "running", "running")
+        sleeper.kill()
+        sleeper.wait()
+        with ResultStore(db) as store:
+            assert dict(store.runs_dataframe()[["run_id", "state"]].values.tolist())[other] == "killed"
+            with store.writer_lock():  # the writer lock is free: no other cab run writes, the legacy run is over
+                pass
+        assert {run_id: state for run_id, state, *_ in _runs(db)} == {mine: "running", other: "killed",
+                                                                      legacy: "killed"}
+    finally:
+        sleeper.kill()
