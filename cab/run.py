@@ -6,6 +6,7 @@ the moment it arrives, and an interrupted run is recorded as such with the comma
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shlex
@@ -173,11 +174,40 @@ class _Progress:
         self._bar.close()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def bound_threads(config: Config, cells: "list[Cell]") -> "list[Cell]":
+    """Cells whose `threads` is at most the usable cores (more threads than cores only slows a cell down
+    and makes its timing meaningless); says so when the config asked for more."""
+    cores = usable_cores()
+    if config.threads is not None and config.threads > cores:
+        print(f"cab: threads: {config.threads} is more than the {cores} cores this process may use; cells run with "
+              f"{cores} threads", file=sys.stderr)
+    return [dataclasses.replace(c, options={**c.options, "threads": cores})
+            if isinstance(c.options.get("threads"), int) and c.options["threads"] > cores else c for c in cells]
+
+
 def _executor(config: Config, kind: "str | None", address: "str | None", workers: "int | None") -> Executor:
-    """The executor of a run: the config's, or `kind`, `address` and `workers` from the command line."""
+    """The executor of a run: the config's, or `kind`, `address` and `workers` from the command line. A pool
+    runs at most cores / threads workers (each cell's threads on cores of their own); more are refused
+    with a message and the pool runs that many."""
     kind = kind or config.executor.kind
     options = {**config.executor.options(), **({"address": address} if address else {}),
                **({"workers": workers} if workers else {})}
+    if kind == "pool":
+        threads = min(config.resolved_threads, usable_cores())
+        most = max(1, usable_cores() // threads)
+        asked = options.get("workers")
+        if asked is not None and asked > most:
+            print(f"cab: {asked} pool workers is more than the {usable_cores()} usable cores allow for cells of "
+                  f"{threads} thread{'s' if threads > 1 else ''} each; the pool runs {most}", file=sys.stderr)
+        options["workers"] = most if asked is None else min(asked, most)
     ignored = [name for name in ("memory_limit_bytes", "address", "workers")
                if options.get(name) is not None and name not in accepted_options(kind)]
     if ignored:
@@ -201,7 +231,7 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
     t0 = time.perf_counter()
     config = load_config(config_path)
     _print_plugin_errors(config.plugin_errors)
-    cells = expand(config)
+    cells = bound_threads(config, expand(config))
     if not cells:
         raise ConfigError("the grid is empty: its sections plan no cell (every attention excluded, or no "
                           "pattern, mode or kv_heads value that applies)", source=str(config_path))
