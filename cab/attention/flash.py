@@ -138,11 +138,21 @@ FLEX_RECOMPILE_LIMIT = 256
 
 
 @functools.cache
-def _compiled_flex() -> Callable:
-    """flex_attention under torch.compile, built once per process (compilation happens on first call)."""
+def _compiled_flex(dynamic: "bool | None" = None) -> Callable:
+    """flex_attention under torch.compile, built once per process (compilation happens on first call).
+    `dynamic=None` is torch's default (a shape seen to change compiles once with symbolic sizes);
+    `dynamic=False` compiles every shape on its own (see `_compile_failed`)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=dynamic)
+
+
+def _compile_failed(exc: BaseException) -> bool:
+    """Whether `exc` is inductor failing to compile the kernel it generated. On CPU the C++ it emits for
+    symbolic sizes does not always compile (seen at 8 heads, head dim 128, after other shapes); the same
+    shape compiled statically does."""
+    return type(exc).__name__ in ("InductorError", "CppCompileError", "BackendCompilerFailed") and \
+        "compile" in str(exc).lower()
 
 
 def in_user_dispatch_mode() -> bool:
@@ -277,7 +287,12 @@ def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: "Bl
             if q.device.type == "cpu" and block_mask is not None and block_mask.kv_num_blocks.shape[0] > 1:
                 static_batch(q, k, v, *block_mask_tensors(block_mask))
             with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
-                return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+                try:
+                    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+                except Exception as exc:
+                    if not _compile_failed(exc):
+                        raise
+                    return _compiled_flex(False)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*without torch.compile.*")
             return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)

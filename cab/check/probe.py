@@ -16,9 +16,10 @@ At that shape, in that dtype, with the module the cell would build (same hparams
   interior-padded positions hold other garbage.
 
 Variants of the input run stacked along the batch, so the probe costs few calls: one forward and backward
-serves finite, gradient, oracle and causality (one copy per gradient row, one for the oracle rows, one per
-split), one masked forward the padding copies, and the right-padded elements run alone once each. Each part
-is isolated; the outcome names every failing part and the seconds the probe took.
+serves finite, gradient and oracle (one copy per gradient row, one for the oracle rows), one forward without
+autograd the causality copies (one per split), one masked forward the padding copies, and the right-padded
+elements run alone once each. Each part is isolated; the outcome names every failing part and the seconds the
+probe took.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ def _finite(out: torch.Tensor, shape: Shape, dtype: torch.dtype) -> CheckOutcome
 
 def _forward_backward(subject: Subject, module, q, k, v, shape: Shape, dtype: torch.dtype, salt: str,
                       leak_rows: "list[int]", oracle_rows: "list[int]", splits: "list[int]") -> _Pass:
-    """One stacked call: a copy of the inputs per gradient row (cotangent on that row alone), one for the
-    oracle rows (cotangent on those rows) and one per causality split (perturbed after it, zero cotangent),
-    then one backward; without gradient rows or oracle rows, a plain forward of the inputs and the splits."""
+    """One stacked call: a copy of the inputs per gradient row (cotangent on that row alone) and one for the
+    oracle rows (cotangent on those rows), then one backward; the causality copies (perturbed after each
+    split) in one call without autograd (in the graph, a backward would run through them too). Without
+    gradient rows or oracle rows, one plain forward of the inputs and the causality copies."""
     found = _Pass()
     copies = len(leak_rows) + (1 if oracle_rows else 0)
     perturbed = perturbed_copies(subject, q, k, v, splits, f"{salt}:causal")
@@ -84,12 +86,13 @@ def _forward_backward(subject: Subject, module, q, k, v, shape: Shape, dtype: to
             found.causal = perturbation_findings(subject, outs[1:], found.output, splits)
         return found
     leaves = [{n: t.detach().clone().requires_grad_() for n, t in zip("qkv", (q, k, v))} for _ in range(copies)]
-    outs = subject.run_copies(module, [(leaf["q"], leaf["k"], leaf["v"], None) for leaf in leaves] + perturbed)
+    outs = subject.run_copies(module, [(leaf["q"], leaf["k"], leaf["v"], None) for leaf in leaves])
     found.output = outs[0].detach().clone()
     if shape_problem(found.output, shape, dtype):
         return found
-    found.causal = perturbation_findings(subject, [o.detach() for o in outs[copies:]], found.output, splits)
-    outs = outs[:copies]
+    if perturbed:
+        with torch.no_grad():
+            found.causal = perturbation_findings(subject, subject.run_copies(module, perturbed), found.output, splits)
     if nonfinite_summary({"o": found.output})[0]:
         return found
     if not outs[0].requires_grad:
