@@ -54,6 +54,8 @@ def configs(draw):
             "kv_ratio": draw(st.sampled_from([0.5, 1.0, 2.0, 1.5])), "trials": draw(st.integers(1, 3)),
             "heads": 4, "kv_heads": draw(st.sampled_from([1, 2, 4])),
         }
+        if set(data["bench"]["modes"]) == {"decode"} and not any(Pattern.parse(p).causal for p in data["patterns"]):
+            data["bench"]["modes"].append("fwd")  # decode alone over noncausal patterns is an empty grid: refused
     return data
 
 
