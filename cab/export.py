@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from cab.destinations import creation_problem
 from cab.report.export import csv_text, write_atomically
 from cab.report.load import ReportError, read_store
 
@@ -105,15 +105,9 @@ def check_output_file(out: Path, option: str = "--out") -> None:
         raise ReportError(f"{option} {out} is a folder; give a file path such as {out / 'cab.csv'}")
     if out.exists() and not out.is_file():
         raise ReportError(f"{option} {out} is not a regular file; give a file path")
-    folder = out.parent
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ReportError(f"{option} {out} cannot be created: {folder} is a file, not a folder; choose another "
-                          f"{option}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ReportError(f"{option} {out} cannot be written: the folder {folder} is not writable; choose "
-                          f"another {option}")
+    problem = creation_problem(out.parent, out, option)
+    if problem:
+        raise ReportError(problem)
 
 
 def nested_records(results: pd.DataFrame) -> "list[dict]":

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cab import provenance
 from cab.cells import Cell, Result
 from cab.config import Config, ConfigError, load_config
+from cab.destinations import creation_problem
 from cab.executors import Executor, accepted_options, get_executor
 from cab.grid import expand
 from cab.kinds import describe
@@ -128,15 +129,9 @@ def check_output_dir(path: Path, option: str = "--out") -> None:
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{option} {path} is a file, not a folder; give a folder for the leaderboard (or move "
                               "the file aside)")
-    folder = path
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise OutputPathError(f"{option} {path} cannot be created: {folder} is a file, not a folder; choose another "
-                              f"{option}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{option} {path} cannot be written: the folder {folder} is not writable; choose "
-                              f"another {option}")
+    problem = creation_problem(path, path, option)
+    if problem:
+        raise OutputPathError(problem)
 
 
 def _run_config(config: Config) -> dict:
