@@ -31,8 +31,10 @@ class PerformerAttention(Attention):
     Stabilisation: each query row's log-features are shifted by their maximum and all keys' by one
     constant per (batch, head), the maximum over the real keys; both shifts cancel exactly between
     numerator and normaliser because, unlike CAB and performer-pytorch, no epsilon is added to the
-    features. Padded keys get zero features, so they enter neither sums nor the shift. Noncausal
-    patterns (NS, NC) and causal cross (CC: every row uses the whole key summary and nothing from other
+    features. CAB also clamps the normaliser at 0.1 (`qkv / normaliser.clamp(min=1e-1)`), which changes
+    rows whose normaliser falls below it; cab divides by the normaliser itself (zero only for a row that
+    sees no key, whose output is zero). Padded keys get zero features, so they enter neither sums nor the
+    shift. Noncausal patterns (NS, NC) and causal cross (CC: every row uses the whole key summary and nothing from other
     queries) use the global key summary; causal self (CS) uses chunked prefix sums (bottom-right aligned
     when Lq != Lk), where CAB silently ran noncausal. Causality is exact in gradients; in values the key
     shift (a maximum over every key) could only show through floating-point underflow of early keys.
