@@ -22,8 +22,10 @@ class CellTimeout(Exception):
 
 
 @contextlib.contextmanager
-def time_limit(seconds: "float | None") -> Iterator[None]:
-    """Interrupt the block after `seconds` with CellTimeout (main thread on POSIX; elsewhere no limit).
+def time_limit(seconds: "float | None", repeat_s: float = 0.0) -> Iterator[None]:
+    """Interrupt the block after `seconds` with CellTimeout (main thread on POSIX; elsewhere no limit), and
+    again every `repeat_s` seconds when given, so that code which swallows the first (the Triton interpreter
+    turns exceptions inside a kernel into its own) cannot keep the cell running.
 
     A signal cannot interrupt a long native call, only the Python code around it: use the subprocess
     executor for a hard limit."""
@@ -39,7 +41,7 @@ def time_limit(seconds: "float | None") -> Iterator[None]:
         raise CellTimeout(f"cell exceeded its time limit of {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, _expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, repeat_s)
     try:
         yield
     finally:

@@ -37,7 +37,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -47,15 +46,16 @@ import time
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 import yaml
 
 from cab import provenance, registry
 from cab.cells import Cell, Outcome, Result, jsonable
+from cab.check.compare import relative_error
 from cab.devices import device_unavailable
-from cab.failures import CellTimeout, outcome_of_exception
+from cab.failures import CellTimeout, outcome_of_exception, time_limit
 from cab.registry import versions_of
 from cab.status import Status
 from cab.store import ResultStore
@@ -383,14 +383,6 @@ def environment(device: str) -> dict:
 
 # ---- kernels: triton backend vs torch backend -------------------------------------------------------------
 
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| over the largest |want| (at least 1e-12), in float64; inf for a non-finite value."""
-    got, want = got.detach().double(), want.detach().double()
-    if not bool(torch.isfinite(got).all()):
-        return float("inf")
-    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12)
-
-
 def _backend_run(cell: Cell, backend: str, dtype: torch.dtype, inputs: "list[torch.Tensor]",
                  mask: torch.Tensor, cotangent: torch.Tensor) -> "tuple[list[torch.Tensor], str]":
     """([output, dq, dk, dv], the backend that ran) of the cell's attention on `backend` in `dtype`."""
@@ -430,10 +422,10 @@ def compare_backends(cell: Cell) -> Outcome:
     metrics: dict = {"backend": ran, "floor": KERNEL_FLOOR[cell.dtype], "slack": KERNEL_SLACK}
     problems = []
     for name, got, base, want in zip(("out", "dq", "dk", "dv"), triton_run, torch_run, reference):
-        err, base_err = _relative_error(got, want), _relative_error(base, want)
+        err, base_err = relative_error(got, want), relative_error(base, want)
         bound = max(KERNEL_FLOOR[cell.dtype], KERNEL_SLACK * base_err)
         metrics.update({f"{name}_err_triton": err, f"{name}_err_torch": base_err,
-                        f"{name}_triton_vs_torch": _relative_error(got, base)})
+                        f"{name}_triton_vs_torch": relative_error(got, base)})
         if not err <= bound:
             problems.append(f"{name}: triton error {err:.3g} > {bound:.3g} (torch backend: {base_err:.3g})")
     if ran != "triton":
@@ -450,28 +442,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-@contextlib.contextmanager
-def repeating_limit(seconds: float) -> Iterator[None]:
-    """Raise CellTimeout after `seconds` and again every second until the block ends (main thread, POSIX):
-    unlike one alarm, a handler that swallows the first (the Triton interpreter turns exceptions inside a
-    kernel into its own) cannot keep the cell running."""
-    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
-
-    def expire(signum, frame) -> None:
-        raise CellTimeout(f"cell exceeded its share of the time budget ({seconds:.1f} s)")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01), 1.0)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _result(cell: Cell, outcome: Outcome, started: str, t0: float) -> Result:
     return Result(cell=cell, status=outcome.status, metrics=jsonable(outcome.metrics), message=outcome.message,
                   provenance=provenance.collect(cell.device), wall_s=round(time.perf_counter() - t0, 4),
@@ -479,13 +449,14 @@ def _result(cell: Cell, outcome: Outcome, started: str, t0: float) -> Result:
 
 
 def run_one(cell: Cell, timeout_s: float) -> Result:
-    """One cell in this process under `repeating_limit(timeout_s)`: check and bench cells through
+    """One cell in this process under a time limit repeated every second (`time_limit(..., repeat_s=1)`):
+    check and bench cells through
     cab.runner.run_cell, kernel cells through compare_backends (the same failure handling)."""
     from cab.runner import run_cell
 
     started, t0 = _now(), time.perf_counter()
     try:
-        with repeating_limit(timeout_s):
+        with time_limit(max(timeout_s, 0.01), repeat_s=1.0):
             if cell.kind != "kernel":
                 return run_cell(cell)
             try:

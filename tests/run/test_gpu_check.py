@@ -14,7 +14,7 @@ import time
 import pytest
 
 from cab import registry
-from cab.failures import CellTimeout
+from cab.failures import CellTimeout, time_limit
 from cab.gpucheck import (
     MAX_FILE_BYTES,
     MAX_FILES,
@@ -23,7 +23,6 @@ from cab.gpucheck import (
     gate_cells,
     load_plan,
     parse_plan,
-    repeating_limit,
 )
 from cab.status import Status
 from cab.store import ResultStore
@@ -161,10 +160,10 @@ def test_small_budget_skips_with_the_reason_and_does_not_overrun(tmp_path):
     assert len([p for p in out.iterdir() if p.is_file()]) <= MAX_FILES
 
 
-def test_repeating_limit_stops_a_cell_that_swallows_its_first_timeout():
+def test_a_repeated_time_limit_stops_a_cell_that_swallows_its_first_timeout():
     start, caught = time.time(), 0
     with pytest.raises(CellTimeout):
-        with repeating_limit(0.2):
+        with time_limit(0.2, repeat_s=1.0):
             while time.time() - start < 10:
                 try:
                     time.sleep(0.05)
