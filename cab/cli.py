@@ -490,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--json", action="store_true")
     p.add_argument("--method", choices=["robust", "cab"], default="robust",
-                   help="robust: crossing of per-length medians with a bootstrap interval; cab: CAB's fits")
+                   help="robust: crossing of per-length medians with a bootstrap interval; cab: CAB's script "
+                        "(quadratic vs line, the time line without the shortest length; docs/reproductions.md)")
     p.add_argument("--baseline", type=_csv, default=["sdpa", "vanilla"],
                    help="comma-separated exact baselines (default sdpa,vanilla)")
     p.add_argument("--metric", type=_csv, default=None, help="time, memory or both (default)")

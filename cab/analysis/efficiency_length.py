@@ -1,11 +1,22 @@
 """The efficiency length: the sequence length from which an efficient attention is cheaper (in time or
 memory) than an exact one.
 
-`method="cab"` is CAB's computation (scripts/efficiency_length/efficiency_length.py in Shark-NLP/CAB):
-a least-squares quadratic a n^2 + b n + c through the exact curve at every length, a least-squares line
-d n + e through the efficient curve (CAB leaves out the shortest length for time: `skip_shortest`), and
-the largest positive real root of their difference. It reproduces CAB's published ABC figures (1,877
-tokens for time, 70 for memory) from CAB's raw curves.
+`method="cab"` is CAB's computation (scripts/efficiency_length/efficiency_length.py in Shark-NLP/CAB),
+step by step, for the `metric` it is given:
+
+- the cost at each length: for time, the mean of the samples between the 25th and 75th percentiles
+  (midpoint interpolation), as CAB's efficiency_test.py averages its 100 timings; for memory, the one
+  reading per length CAB takes (the median when a store pools several);
+- the exact curve: a least-squares quadratic a n^2 + b n + c through every length;
+- the efficient curve: a least-squares line d n + e, for memory through every length, for time through
+  every length but the shortest (CAB fits `seq_lengths[1:]` for time only);
+- the crossing: CAB's root of (a n^2 + b n + c) - (d n + e), (-(b - d) + sqrt((b - d)^2 - 4a(c - e))) / 2a,
+  the root at which the difference rises through zero, i.e. where the efficient line drops below the
+  quadratic as n grows. It is reported when it is real and positive; otherwise the outcome is
+  "no_crossing" (CAB's script then prints NaN or a negative length), with CAB's root in `details`.
+
+Unit scales (CAB fits time x 1000) do not move the crossing. On CAB's raw curves this gives CAB's published
+ABC figures (1,877 tokens for time, 70 for memory); docs/reproductions.md has the comparison.
 
 `method="robust"` (the default) makes no assumption about the curves' shapes: it compares per-length
 medians, finds where the cost ratio efficient / exact falls below 1 for good (interpolating log ratio
@@ -121,20 +132,51 @@ def _robust(x, exact_sets, efficient_sets, confidence: float, n_boot: int, seed:
                             None if first is None else int(x[first]), tuple(int(v) for v in x), details)
 
 
-def _cab(x, exact_sets, efficient_sets, skip_shortest: bool) -> EfficiencyLength:
-    exact_y, efficient_y = medians(exact_sets), medians(efficient_sets)
+CAB_METRICS = ("time", "memory")
+MIN_LENGTHS = {"robust": 2, "cab": 3}  # CAB's quadratic needs three lengths
+
+
+def cab_time_cost(samples: np.ndarray) -> float:
+    """CAB's cost of one length from its timing samples: the mean of the samples between the 25th and the
+    75th percentile (numpy's "midpoint" interpolation), both ends included."""
+    low, high = np.percentile(samples, (25, 75), method="midpoint")
+    kept = samples[(samples >= low) & (samples <= high)]
+    return float(np.mean(kept))
+
+
+def cab_crossing(exact_fit: Sequence[float], efficient_fit: Sequence[float]) -> float:
+    """CAB's root of (a n^2 + b n + c) - (d n + e): (-(b - d) + sqrt((b - d)^2 - 4a(c - e))) / 2a, the
+    root where the difference rises through zero. NaN where CAB's formula has no real value (a negative
+    discriminant, or a = 0)."""
+    (a, b, c), (d, e) = exact_fit, efficient_fit
+    discriminant = (b - d) ** 2 - 4.0 * a * (c - e)
+    if discriminant < 0 or a == 0:
+        return math.nan
+    return (-(b - d) + math.sqrt(discriminant)) / (2.0 * a)
+
+
+def _cab(x, exact_sets, efficient_sets, metric: str) -> EfficiencyLength:
+    if metric == "time":
+        exact_y = np.array([cab_time_cost(s) for s in exact_sets])
+        efficient_y = np.array([cab_time_cost(s) for s in efficient_sets])
+        start = 1  # CAB: LinearRegression().fit(seq_lengths[1:], time[1:])
+    else:
+        exact_y, efficient_y = medians(exact_sets), medians(efficient_sets)
+        start = 0
+    if x.size < MIN_LENGTHS["cab"]:
+        raise ValueError(f"CAB's fit needs at least {MIN_LENGTHS['cab']} lengths (a quadratic through the exact "
+                         f"curve), got {x.size}")
     (a, b, c), r2_exact = least_squares(x, exact_y, 2)
-    start = 1 if skip_shortest else 0
-    if x.size - start < 2:
-        raise ValueError("the linear fit needs at least two lengths after leaving out the shortest")
     (d, e), r2_efficient = least_squares(x[start:], efficient_y[start:], 1)
-    roots = np.roots([a, b - d, c - e])
-    positive = [float(r.real) for r in roots if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real)) and r.real > 0]
-    crossing = max(positive) if positive else None
+    root = cab_crossing((a, b, c), (d, e))
+    crossing = root if math.isfinite(root) and root > 0 else None
     cheaper = efficient_y < exact_y
     first = int(x[int(np.argmax(cheaper))]) if cheaper.any() else None
-    details = {"exact_fit": [float(a), float(b), float(c)], "efficient_fit": [float(d), float(e)],
-               "r2_exact": r2_exact, "r2_efficient": r2_efficient, "skip_shortest": skip_shortest}
+    details = {"metric": metric, "exact_points": exact_y.tolist(), "efficient_points": efficient_y.tolist(),
+               "exact_fit": [float(a), float(b), float(c)], "efficient_fit": [float(d), float(e)],
+               "exact_fit_lengths": [int(v) for v in x], "efficient_fit_lengths": [int(v) for v in x[start:]],
+               "r2_exact": r2_exact, "r2_efficient": r2_efficient,
+               "cab_root": None if math.isnan(root) else float(root)}
     return EfficiencyLength("cab", CROSSES if crossing is not None else NO_CROSSING, crossing,
                             first_cheaper=first, lengths=tuple(int(v) for v in x), details=details)
 
@@ -145,7 +187,7 @@ def efficiency_length(
     efficient_values: Sequence[Value],
     method: str = "robust",
     *,
-    skip_shortest: bool = False,
+    metric: "str | None" = None,
     confidence: float = 0.95,
     n_boot: int = 1000,
     seed: int = 0,
@@ -153,13 +195,16 @@ def efficiency_length(
     """Where the efficient curve drops below the exact one.
 
     Each value is one cost per length (a time in any unit, bytes) or the list of samples taken there
-    (medians are compared; the samples feed the robust method's bootstrap). `skip_shortest` (method "cab"
-    only) leaves the shortest length out of the efficient fit, as CAB does for time."""
+    (medians are compared; the samples feed the robust method's bootstrap). Method "cab" needs `metric`,
+    "time" or "memory": CAB treats the two differently (see the module docstring); the robust method
+    treats both alike and ignores it."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if method == "cab" and metric not in CAB_METRICS:
+        raise ValueError(f"method 'cab' needs metric 'time' or 'memory' (CAB fits them differently), got {metric!r}")
     x, exact_sets, efficient_sets = _checked(lengths, exact_values, efficient_values)
     if method == "cab":
-        return _cab(x, exact_sets, efficient_sets, skip_shortest)
+        return _cab(x, exact_sets, efficient_sets, metric)
     return _robust(x, exact_sets, efficient_sets, confidence, n_boot, seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from cab.analysis.curves import METRICS, Curve, bench_curves
-from cab.analysis.efficiency_length import efficiency_length
+from cab.analysis.efficiency_length import MIN_LENGTHS, efficiency_length
 from cab.analysis.exponent import complexity_exponent
 from cab.analysis.theory import theoretical_exponent
 
@@ -38,7 +38,9 @@ def efficiency_table(
     """One row per (attention, configuration, metric, baseline): the efficiency length over the lengths
     both measured, with its interval and outcome. `baseline_fails_from` is the shortest longer length at
     which the baseline has no measurement while the attention has one (e.g. eager attention out of
-    memory), and `baseline_status` says why. With method "cab", time fits leave out the shortest length."""
+    memory), and `baseline_status` says why. Method "cab" follows CAB's script for each metric (for time the
+    efficient line leaves out the shortest length; see cab.analysis.efficiency_length) and needs three
+    lengths; the robust method needs two."""
     rows = []
     for metric in metrics:
         curves = bench_curves(df, metric)
@@ -56,10 +58,9 @@ def efficiency_table(
                     common = sorted(set(curve.points) & set(base.points))
                     row = {**_config_columns(curve), "metric": metric, "baseline": baseline,
                            "n_lengths": len(common)}
-                    if len(common) >= 2:
+                    if len(common) >= MIN_LENGTHS.get(method, 2):
                         found = efficiency_length(common, base.values(common), curve.values(common), method,
-                                                  skip_shortest=method == "cab" and metric == "time",
-                                                  confidence=confidence, n_boot=n_boot, seed=seed)
+                                                  metric=metric, confidence=confidence, n_boot=n_boot, seed=seed)
                         row.update(outcome=found.outcome, length=found.length, low=found.low, high=found.high,
                                    first_cheaper=found.first_cheaper, min_length=common[0], max_length=common[-1])
                     else:

@@ -1,5 +1,6 @@
-"""Efficiency length: CAB's method reproduces CAB's published figures from CAB's raw curves and the closed
-form on constructed curves; the robust method's crossing, outcomes and bootstrap interval."""
+"""Efficiency length: CAB's method gives the closed form on constructed curves (its reproduction of CAB's
+published figures is tests/analysis/test_cab_reproduction.py); the robust method's crossing, outcomes and
+bootstrap interval."""
 
 import math
 
@@ -9,52 +10,16 @@ import pytest
 from cab.analysis import efficiency_length
 from cab.analysis.efficiency_length import ALWAYS, CROSSES, ENDS_DEARER, NEVER, NO_CROSSING
 
-# CAB's raw curves: Shark-NLP/CAB, scripts/efficiency_length/cost.xlsx (sheets "time" in ms and "memory" in
-# MB; forward, noncausal self, batch 4, width 512, 8 heads). The repository ships vanilla's and ABC's; CAB's
-# README reports ABC's efficiency length as 1,877 (time) and 70 (memory).
-CAB_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
-CAB_TIME = {"vanilla": [0.472, 0.628, 0.721, 0.981, 3.67, 18.437], "abc": [0.648, 0.59, 0.602, 0.91, 1.006, 1.509]}
-CAB_MEMORY = {"vanilla": [81, 265, 952, 3604, 14020, 55300], "abc": [42, 80, 156, 308, 612, 1220]}
-
-
-def _cab_formula(lengths, exact, efficient, skip):
-    """CAB's script written out: normal equations of both fits, then the '+' root of the quadratic formula."""
-    n = np.asarray(lengths, dtype=float)
-    design = np.stack([n ** 2, n, np.ones_like(n)], axis=1)
-    a, b, c = np.linalg.lstsq(design, np.asarray(exact, dtype=float), rcond=None)[0]
-    line = np.stack([n[skip:], np.ones_like(n[skip:])], axis=1)
-    d, e = np.linalg.lstsq(line, np.asarray(efficient, dtype=float)[skip:], rcond=None)[0]
-    return (-(b - d) + math.sqrt((b - d) ** 2 - 4 * a * (c - e))) / (2 * a)
-
-
-def test_cab_method_reproduces_cabs_published_abc_figures():
-    time = efficiency_length(CAB_LENGTHS, CAB_TIME["vanilla"], CAB_TIME["abc"], "cab", skip_shortest=True)
-    memory = efficiency_length(CAB_LENGTHS, CAB_MEMORY["vanilla"], CAB_MEMORY["abc"], "cab")
-    assert (time.outcome, round(time.length)) == (CROSSES, 1877)
-    assert (memory.outcome, round(memory.length)) == (CROSSES, 70)
-    assert time.length == pytest.approx(_cab_formula(CAB_LENGTHS, CAB_TIME["vanilla"], CAB_TIME["abc"], 1), rel=1e-9)
-    assert memory.length == pytest.approx(_cab_formula(CAB_LENGTHS, CAB_MEMORY["vanilla"], CAB_MEMORY["abc"], 0),
-                                          rel=1e-9)
-    assert time.details["r2_exact"] > 0.99 and time.details["skip_shortest"] is True
-
-
-def test_robust_method_on_cabs_curves_sees_abc_cheaper_from_512():
-    """CAB's own measurements have ABC faster than vanilla from 512 tokens on: the quadratic fit, not the
-    data, puts the crossing at 1,877."""
-    found = efficiency_length(CAB_LENGTHS, CAB_TIME["vanilla"], CAB_TIME["abc"])
-    assert found.outcome == CROSSES and found.first_cheaper == 512
-    ratio0, ratio1 = 0.648 / 0.472, 0.59 / 0.628
-    t = math.log(ratio0) / (math.log(ratio0) - math.log(ratio1))
-    assert found.length == pytest.approx(256 * 2 ** t, rel=1e-12)
-    assert found.low is None and found.high is None  # one value per length: nothing to resample
-
 
 def test_cab_method_closed_form_on_constructed_curves():
     lengths = [256, 512, 1024, 2048, 4096]
     exact = [2e-6 * n ** 2 + 1e-4 * n + 0.5 for n in lengths]
     efficient = [2.1e-3 * n + 0.5 for n in lengths]  # 2e-6 n^2 + 1e-4 n = 2.1e-3 n  ->  n = 1000
-    assert efficiency_length(lengths, exact, efficient, "cab").length == pytest.approx(1000.0, rel=1e-9)
-    never = efficiency_length(lengths, [1.0 + 0 * n for n in lengths], [2.0 + 1e-3 * n for n in lengths], "cab")
+    for metric in ("time", "memory"):  # exact lines: leaving the shortest length out changes nothing
+        found = efficiency_length(lengths, exact, efficient, "cab", metric=metric)
+        assert found.outcome == CROSSES and found.length == pytest.approx(1000.0, rel=1e-9)
+    never = efficiency_length(lengths, [1.0 + 1e-6 * n ** 2 for n in lengths], [1e-4 * n for n in lengths], "cab",
+                              metric="memory")  # cheaper everywhere by the fits: no real root
     assert never.outcome == NO_CROSSING and never.length is None
 
 
