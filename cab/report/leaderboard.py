@@ -1,7 +1,10 @@
 """The accuracy side of the leaderboard, from the task results of the store (cab.training.summary): one
 board per pattern (NS, CS, NC, CC) with every (task, metric) as mean +- 95% interval over seeds, ranks that
-tie within noise, the compositional index and the difference to vanilla; the extrapolation curves; the
-quality-versus-speed Pareto plot; the cross-pattern rank correlations; recall versus decode state size.
+tie within noise, the compositional index and the difference to vanilla, and per task whether it measures
+attention at all (exact attention against the negative control, cab.report.informative); the extrapolation
+curves; the quality-versus-speed Pareto plot; the cross-pattern rank correlations; recall versus decode state
+size. Negative controls (family "control") are ranked on the boards but left out of the compositional index,
+whose mu and sigma describe the attentions compared, not an attention that mixes nothing.
 
 Pure data in, dataclasses and pandas frames out (the frames are the CSV / Markdown exports); the
 figures come from cab.report.plots."""
@@ -15,6 +18,7 @@ from typing import Callable
 import pandas as pd
 
 from cab.report.fields import integer, label, mapping, number, slug, status, text
+from cab.report.informative import NOT_INFORMATIVE, Informativeness, control_labels, judge, primary_metric
 from cab.report.plots import Plot, Series, heatmaps, line_panels, scatter
 from cab.report.ranks import pattern_correlations
 from cab.report.support import PATTERNS
@@ -64,6 +68,7 @@ class BoardRow:
     n_tasks: int
     sparsity: "float | None"
     backend: str
+    control: bool = False  # a negative control: ranked, but outside the compositional index
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,15 @@ class Leaderboard:
     chance: tuple  # per column: the chance level (mean over the results that recorded one) or None
     reference: tuple  # lines naming the attentions each (task, metric)'s mu and sigma came from
     has_baseline: bool
+    verdicts: tuple = ()  # one Informativeness per task on the board, in task order
+
+    def verdict(self, task: str) -> "Informativeness | None":
+        """Whether the board's `task` measures attention (None when it was not judged)."""
+        return next((v for v in self.verdicts if v.task == task), None)
+
+    @property
+    def uninformative(self) -> tuple:
+        return tuple(v for v in self.verdicts if v.state == NOT_INFORMATIVE)
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,11 @@ class Accuracy:
     exports: tuple  # (id, title, DataFrame)
     n_task_results: int
     error: str = ""  # why the accuracy sections could not be built (odd rows), shown instead of them
+
+    @property
+    def uninformative(self) -> "list[str]":
+        """'task pattern' of every board whose task does not measure attention (see cab.report.informative)."""
+        return [f"{v.task} {b.pattern}" for b in self.boards for v in b.uninformative]
 
 
 def _finite(value) -> "float | None":
@@ -153,8 +172,21 @@ def _scores(summary: pd.DataFrame, column: MetricColumn, pattern: str) -> "dict[
     return scores
 
 
+def _verdicts(summary: pd.DataFrame, columns: "list[MetricColumn]", pattern: str, names: "dict[str, str]"
+              ) -> "tuple[Informativeness, ...]":
+    """Per task on the board: exact attention against the negative control on the task's primary metric."""
+    verdicts = []
+    for task in sorted({c.task for c in columns}):
+        mine = [c for c in columns if c.task == task]
+        metric = primary_metric(task, [c.metric for c in mine])
+        direction = next(c.direction for c in mine if c.metric == metric)
+        verdicts.append(judge(summary, task, pattern, metric, direction, names))
+    return tuple(verdicts)
+
+
 def _boards(results, long, summary, index, page_of) -> "tuple[list[Leaderboard], list]":
     extras, chance, names = _bench_extras(results), _chance(results), _attention_of_labels(results)
+    controls = control_labels(names)
     boards, exports = [], []
     table = index.table
     for pattern in PATTERNS:
@@ -175,6 +207,7 @@ def _boards(results, long, summary, index, page_of) -> "tuple[list[Leaderboard],
                 label=name, attention=names.get(name, name), scores=tuple(s.get(name, Score()) for s in per_column),
                 index=_finite(idx.loc[name, "index"]) if has else None, delta_index=_finite(delta),
                 n_tasks=int(idx.loc[name, "n_tasks"]) if has else 0, sparsity=sparsity, backend=backend,
+                control=name in controls,
             ))
         rows.sort(key=lambda r: (r.index is None, -(r.index or 0.0), r.label.casefold()))
         ref = index.reference[index.reference["pattern"] == pattern]
@@ -182,9 +215,14 @@ def _boards(results, long, summary, index, page_of) -> "tuple[list[Leaderboard],
                           f"{r['n_attentions']} attentions ({r['attentions']})" for r in ref.to_dict("records"))
         board = Leaderboard(pattern=pattern, id=f"board-{pattern}", columns=tuple(columns), rows=tuple(rows),
                             chance=tuple(chance.get((c.task, pattern, c.metric)) for c in columns),
-                            reference=reference, has_baseline=BASELINE in labels)
+                            reference=reference, has_baseline=BASELINE in labels,
+                            verdicts=_verdicts(summary, columns, pattern, names))
         boards.append(board)
         exports.append((board.id, f"{pattern} leaderboard", board_frame(board)))
+    verdicts = [v.record() for b in boards for v in b.verdicts]
+    if verdicts:
+        exports.append(("board-informativeness", "Whether each task board measures attention (exact attention "
+                                                 "vs the negative control)", pd.DataFrame(verdicts)))
     return boards, exports
 
 
@@ -405,7 +443,8 @@ def accuracy(results: pd.DataFrame, gated: "set[tuple[str, str]]", page_of: "Cal
         extrapolation, ex_exports = _extrapolation(results)
         return Accuracy((), tuple(extrapolation), (), None, (), None, "", tuple(ex_exports), n_tasks)
     summary = summary_table(long)
-    index = task_index(long, baseline=BASELINE)
+    controls = control_labels(_attention_of_labels(results))
+    index = task_index(long[~long["attention"].isin(controls)], baseline=BASELINE)
     boards, exports = _boards(results, long, summary, index, page_of)
     extrapolation, ex_exports = _extrapolation(results)
     pareto = _pareto(boards, _reference_times(results, gated))
