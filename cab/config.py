@@ -207,12 +207,12 @@ class BenchSection(Section):
     """Timing cells: attention x pattern x length x mode x dtype.
 
     Mode `decode` times one incremental decoding step at each length (the context) and exists only for the
-    causal patterns, so it adds no cell for NS or NC. `min_samples` raises the bench runner's floor of
+    causal patterns, so it adds no cell for NS or NC. `min_samples` sets the bench runner's floor of
     timed samples. `trials` > 1 asks the bench runner to time each cell that many times, keeping every
     trial's samples, and lays the section's cells out in an order shuffled by the config's seed, so that no
     implementation always runs first or after the same neighbour. `max_memory_bytes` / `max_flops`: a
     cell whose attention declares a cost above either is recorded as `skipped` with the estimate
-    (cab.analysis.budget). None of these changes a cell's key. `kv_heads` may be a list: each value is a
+    (cab.budget). None of these changes a cell's key. `kv_heads` may be a list: each value is a
     grid axis point (MQA: 1, GQA: a divisor of heads), and attentions that do not support grouped queries
     get cells only where kv_heads == heads."""
 

@@ -20,6 +20,7 @@ config names a section that is not registered yet.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,18 +46,57 @@ Expander = Callable[[Config, Section], Expansion]
 DECODE_MODE = "decode"
 
 
+CHECK_THREADS = 1  # the suite sets one thread itself; the published-shape probes are a few calls each
+
+
 def _check_cells(config: Config, section: CheckSection) -> Expansion:
-    """One conformance cell per attention x pattern; shapes are the check's own, so they stay defaults."""
+    """One conformance cell per attention x pattern, on one CPU thread (so a pool runs one per core); shapes
+    are the check's own, so they stay defaults. With seed 0 (the gate's run) a cell also carries, as option
+    `published`, the shapes the grid's bench cells publish for its configuration, which it probes (see
+    cab.check.cell_kind)."""
     entries, patterns = config.attention_entries(section), config.patterns_of(section)
-    options = {"threads": config.resolved_threads}
+    published = published_by_bench(config, section.dtype) if config.seed == 0 else {}
 
     def cells() -> Iterator[Cell]:
         for entry, pattern in itertools.product(entries, patterns):
+            options: dict = {"threads": CHECK_THREADS}
+            shapes = published.get((entry.name, _hparams_key(entry.hparams), pattern.value))
+            if shapes:
+                options["published"] = shapes
             yield Cell(kind="check", attention=entry.name, pattern=pattern.value, hparams=dict(entry.hparams),
                        dtype=section.dtype, device=config.device, seed=config.seed, label=entry.display_label,
-                       versions=versions_of(entry.name, entry.hparams), options=dict(options))
+                       versions=versions_of(entry.name, entry.hparams), options=options)
 
     return len(entries) * len(patterns), cells()
+
+
+def _hparams_key(hparams: dict) -> str:
+    return json.dumps(hparams, sort_keys=True, default=repr)
+
+
+def published_by_bench(config: Config, dtype: str) -> "dict[tuple[str, str, str], list[dict]]":
+    """{(attention, hparams as JSON, pattern): [shape, ...]}: the distinct shapes the config's bench cells
+    time in `dtype` (whole-sequence modes; decode cells probe a decoding step themselves), each a dict of
+    batch, heads, kv_heads, lq, lk, head_dim with the cell's mode and cost budgets (a shape the budgets
+    skip is not probed)."""
+    section = config.sections().get("bench")
+    if not isinstance(section, BenchSection):
+        return {}
+    found: dict[tuple[str, str, str], list[dict]] = {}
+    for cell in _bench_cells(config, section)[1]:
+        if cell.mode == DECODE_MODE or cell.dtype != dtype:
+            continue
+        shape = {"batch": cell.batch, "heads": cell.heads, "kv_heads": cell.kv_heads, "lq": cell.lq, "lk": cell.lk,
+                 "head_dim": cell.head_dim, "mode": cell.mode,
+                 **{k: cell.options[k] for k in ("max_memory_bytes", "max_flops") if k in cell.options}}
+        shapes = found.setdefault((cell.attention, _hparams_key(cell.hparams), cell.pattern), [])
+        if not any(_same_size(shape, other) for other in shapes):
+            shapes.append(shape)
+    return found
+
+
+def _same_size(a: dict, b: dict) -> bool:
+    return all(a[k] == b[k] for k in ("batch", "heads", "kv_heads", "lq", "lk", "head_dim"))
 
 
 def bench_options(config: Config, section: BenchSection) -> dict:

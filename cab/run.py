@@ -24,7 +24,7 @@ from cab.config import Config, ConfigError, load_config
 from cab.destinations import creation_problem
 from cab.executors import Executor, accepted_options, get_executor
 from cab.grid import expand
-from cab.kinds import describe
+from cab.kinds import CELL_KINDS, describe
 from cab.registry import PluginError
 from cab.status import Status
 from cab.store import SCHEMA_VERSION, ResultStore
@@ -48,6 +48,7 @@ class RunSummary:
     report: "Path | None" = None
     run_id: str = ""
     note: str = ""  # why no leaderboard was rendered, when none was
+    timeline: "Timeline | None" = None
 
     def __str__(self) -> str:
         statuses = ", ".join(f"{n} {s}" for s, n in sorted(self.counts.items(), key=lambda kv: -kv[1])) or "none"
@@ -61,6 +62,8 @@ class RunSummary:
             lines.append(f"leaderboard: {self.report}")
         if self.note:
             lines.append(self.note)
+        if self.timeline is not None and self.run:
+            lines += self.timeline.lines()
         return "\n".join(lines)
 
 
@@ -140,6 +143,37 @@ def _run_config(config: Config) -> dict:
             "config": config.model_dump(mode="json")}
 
 
+@dataclass
+class Timeline:
+    """Where a run's time went: per cell kind, the cells, their summed seconds and the wall time from the
+    first start to the last finish (shorter than the sum when cells ran side by side); the slowest cells;
+    the seconds before the first cell (loading, expanding, starting the executor) and rendering the report."""
+
+    kinds: "dict[str, list[float]]" = field(default_factory=dict)  # kind -> [cells, cell seconds, first, last]
+    cells: "list[tuple[float, str]]" = field(default_factory=list)
+    setup_s: float = 0.0
+    report_s: float = 0.0
+    SLOWEST = 10
+
+    def started(self, cell: Cell, now: float) -> None:
+        self.kinds.setdefault(cell.kind, [0, 0.0, now, now])
+
+    def finished(self, result: Result, now: float) -> None:
+        entry = self.kinds.setdefault(result.cell.kind, [0, 0.0, now, now])
+        entry[0] += 1
+        entry[1] += result.wall_s
+        entry[3] = now
+        self.cells.append((result.wall_s, f"{describe(result.cell)} ({result.status.value})"))
+
+    def lines(self) -> "list[str]":
+        phases = [f"{kind} {int(n)} cells {total:.1f} s over {last - first:.1f} s wall"
+                  for kind, (n, total, first, last) in self.kinds.items()]
+        head = f"time: start-up {self.setup_s:.1f} s; " + "; ".join(phases) + f"; leaderboard {self.report_s:.1f} s"
+        slowest = sorted(self.cells, key=lambda c: -c[0])[:self.SLOWEST]
+        return [head] + ([f"slowest cells: {', '.join(f'{name} {wall:.1f} s' for wall, name in slowest)}"]
+                         if slowest else [])
+
+
 class _Progress:
     """tqdm bar whose postfix names the running cell and the counts of statuses so far."""
 
@@ -188,15 +222,19 @@ def bound_threads(config: Config, cells: "list[Cell]") -> "list[Cell]":
             if isinstance(c.options.get("threads"), int) and c.options["threads"] > cores else c for c in cells]
 
 
-def _executor(config: Config, kind: "str | None", address: "str | None", workers: "int | None") -> Executor:
+def _executor(config: Config, kind: "str | None", address: "str | None", workers: "int | None",
+              cells: "list[Cell] | tuple[Cell, ...]" = ()) -> Executor:
     """The executor of a run: the config's, or `kind`, `address` and `workers` from the command line. A pool
-    runs at most cores / threads workers (each cell's threads on cores of their own); more are refused
-    with a message and the pool runs that many."""
+    runs at most cores / threads workers, threads being the most any cell that shares the machine asks for
+    (conformance cells: one; cells that run alone, such as benchmarks, have every core to themselves), else
+    the config's; more workers are refused with a message and the pool runs that many."""
     kind = kind or config.executor.kind
     options = {**config.executor.options(), **({"address": address} if address else {}),
                **({"workers": workers} if workers else {})}
     if kind == "pool":
-        threads = min(config.resolved_threads, usable_cores())
+        shared = [c.options["threads"] for c in cells
+                  if isinstance(c.options.get("threads"), int) and not CELL_KINDS.get(c.kind).runs_alone]
+        threads = min(max(shared, default=config.resolved_threads), usable_cores())
         most = max(1, usable_cores() // threads)
         asked = options.get("workers")
         if asked is not None and asked > most:
@@ -244,14 +282,21 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
         if store.migrated_from is not None:
             print(f"cab: migrated {db_path} from store schema {store.migrated_from} to {SCHEMA_VERSION} "
                   f"(the file as it was: {store.backup})", file=sys.stderr)
-        runner = _executor(config, executor, address, workers)
+        runner = _executor(config, executor, address, workers, todo)
         run_id = store.start_run(str(config_path), command, len(todo), _run_config(config), executor=runner.name)
-        bar, state = _Progress(len(todo), config.name, progress), "failed"
-        results = runner.run(todo, on_start=bar.started)
+        bar, state, timeline = _Progress(len(todo), config.name, progress), "failed", Timeline()
+        timeline.setup_s = time.perf_counter() - t0
+
+        def started(cell: Cell) -> None:
+            timeline.started(cell, time.perf_counter())
+            bar.started(cell)
+
+        results = runner.run(todo, on_start=started)
         try:
             for result in results:
                 store.put(result, run_id)
                 bar.finished(result)
+                timeline.finished(result, time.perf_counter())
             state = "finished"
         except KeyboardInterrupt:
             state = "interrupted"
@@ -266,16 +311,17 @@ def run_grid(config_path: "str | Path", *, force: bool = False, retry_failed: bo
             results.close()  # stops what the executor still has queued or running
             runner.close()
             store.finish_run(run_id, bar.done, state)
-    report, note = None, ""
+    report, note, rendering = None, "", time.perf_counter()
     if render:
         report, note = render_leaderboard(db_path, Path(report_dir or config.output.report), fidelity_budget_s)
         if note:
             print(f"cab: {note}", file=sys.stderr)
+    timeline.report_s = time.perf_counter() - rendering
     return RunSummary(config=str(config_path), planned=len(cells), skipped=len(cells) - len(todo), run=bar.done,
                       stale=len(stale),
                       counts=dict(bar.counts), wall_s=round(time.perf_counter() - t0, 2), db=db_path, report=report,
-                      run_id=run_id, note=note)
+                      run_id=run_id, note=note, timeline=timeline)
 
 
-__all__ = ["RETRYABLE", "OutputPathError", "RunSummary", "check_output_dir", "render_leaderboard", "run_grid",
-           "select_cells"]
+__all__ = ["RETRYABLE", "OutputPathError", "RunSummary", "Timeline", "check_output_dir", "render_leaderboard",
+           "run_grid", "select_cells"]

@@ -1,12 +1,11 @@
 """Efficiency and fidelity analyses researchers can cite: efficiency lengths (CAB's fit, and a robust
 crossing with a bootstrap interval) against eager and fused exact attention, empirical complexity
 exponents beside the theoretical ones, FLOP counts and the check of declared FLOP formulas, numeric
-deviation per dtype, approximation error, % of a GPU's peak, and cost budgets that skip hopeless cells.
+deviation per dtype, approximation error, % of a GPU's peak.
 
 The efficiency analyses take plain arrays, or the DataFrame of `cab.store.ResultStore.dataframe()`.
 """
 
-from cab.analysis.budget import over_budget
 from cab.analysis.curves import Curve, bench_curves
 from cab.analysis.efficiency_length import EfficiencyLength, efficiency_length
 from cab.analysis.exponent import Exponent, complexity_exponent
@@ -21,6 +20,6 @@ __all__ = [
     "ApproximationError", "Curve", "Deviation", "EfficiencyLength", "Exponent", "approximation_error",
     "bench_curves", "check_declared_flops", "complexity_exponent", "counted_flops", "decode_table", "dense_flops",
     "device_peak", "efficiency_length", "efficiency_table", "exponent_table", "format_decode", "format_efficiency",
-    "format_exponents", "gpu_state", "io_bytes", "mask_flops", "numeric_deviation", "over_budget", "peak_fractions",
+    "format_exponents", "gpu_state", "io_bytes", "mask_flops", "numeric_deviation", "peak_fractions",
     "theoretical_exponent", "throughput_table",
 ]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from cab.analysis.budget import over_budget
 from cab.analysis.hardware import gpu_state
 from cab.bench.flops import dense_flops
 from cab.bench.inputs import make_inputs
 from cab.bench.memory import measure_memory
 from cab.bench.timer import TimingStats, time_callable
 from cab.bench.workload import build_timed, failed_gate, gate_report, needs_grad, prepare_mode
+from cab.budget import over_budget
 from cab.cells import BENCH_MODES, Cell, Outcome
 from cab.devices import device_unavailable
 from cab.failures import is_oom

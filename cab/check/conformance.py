@@ -196,12 +196,10 @@ def run_conformance(attention: str, pattern: "Pattern | str", *, hparams: "dict 
     if available.status is not Status.OK:
         return report([available])
     start = time.perf_counter()
-    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=_rng_devices(device)), single_thread():
         if pattern not in spec.patterns:
             return report([isolated("undeclared_pattern", lambda: check_undeclared(spec, pattern, hparams, seed))])
         subject = Subject(spec, pattern, hparams, device, torch_dtype, seed)
-        subject.threads = threads
         checks = _run_declared(subject)
         return report(checks, coverage(subject, suite_shapes(spec, pattern), time.perf_counter() - start))
 

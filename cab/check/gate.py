@@ -14,6 +14,7 @@ seeded, so a verdict read from the folder is the one this process would compute.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,16 +37,44 @@ def gate(attention: str, pattern: "Pattern | str", hparams: "dict | None", devic
     """The conformance report of this configuration (seed 0), computed once per process or shared run; with
     `shape`, the suite's report combined with the probe of that shape (the probe only when the suite passed;
     `decode`: the probe of one decoding step at context shape.lk)."""
-    key = (attention, json.dumps(versions_of(attention, hparams), sort_keys=True), Pattern.parse(pattern).value,
-           json.dumps(hparams or {}, sort_keys=True, default=repr), device, dtype)
-    suite = _cached(key, lambda: run_conformance(attention, pattern, hparams=hparams, device=device, dtype=dtype,
-                                                 seed=0))
+    suite = _suite(attention, pattern, hparams, device, dtype)
     if shape is None or suite.status is not Status.OK:
         return suite
+    return suite.combined(_probe(attention, pattern, hparams, device, dtype, shape, decode))
+
+
+def gate_published(attention: str, pattern: "Pattern | str", hparams: "dict | None", device: str, dtype: str,
+                   shapes: "list[Shape]") -> ConformanceReport:
+    """The suite's verdict with the probe of each of `shapes` appended, each named `published <shape>` (the
+    probes only when the suite passed). Each probe is cached as gate(shape=...) caches it, so a check cell
+    that runs them leaves them for the cells that publish those shapes: a grid's check cells, which may run
+    side by side, probe what its benchmarks, which run alone, will time."""
+    report = suite = _suite(attention, pattern, hparams, device, dtype)
+    for shape in shapes if suite.status is Status.OK else []:
+        probe = _probe(attention, pattern, hparams, device, dtype, shape, False)
+        named = [CheckOutcome(f"{c.name} {shape.describe()}", c.status, c.error, c.tolerance, c.message, c.kind)
+                 for c in probe.checks]
+        report = report.combined(dataclasses.replace(probe, checks=named))
+    return report
+
+
+def _key(attention: str, pattern: "Pattern | str", hparams: "dict | None", device: str, dtype: str) -> tuple:
+    return (attention, json.dumps(versions_of(attention, hparams), sort_keys=True), Pattern.parse(pattern).value,
+            json.dumps(hparams or {}, sort_keys=True, default=repr), device, dtype)
+
+
+def _suite(attention: str, pattern: "Pattern | str", hparams: "dict | None", device: str, dtype: str,
+           ) -> ConformanceReport:
+    return _cached(_key(attention, pattern, hparams, device, dtype),
+                   lambda: run_conformance(attention, pattern, hparams=hparams, device=device, dtype=dtype, seed=0))
+
+
+def _probe(attention: str, pattern: "Pattern | str", hparams: "dict | None", device: str, dtype: str, shape: Shape,
+           decode: bool) -> ConformanceReport:
     size = (shape.batch, shape.heads, shape.kv_heads, shape.lq, shape.lk, shape.head_dim, decode)
-    probe = _cached(key + size, lambda: run_probe(attention, pattern, shape, hparams=hparams, device=device,
-                                                  dtype=dtype, decode=decode))
-    return suite.combined(probe)
+    return _cached(_key(attention, pattern, hparams, device, dtype) + size,
+                   lambda: run_probe(attention, pattern, shape, hparams=hparams, device=device, dtype=dtype,
+                                     decode=decode))
 
 
 def published_shape(batch: int, heads: int, kv_heads: int, lq: int, lk: int, head_dim: int) -> Shape:

@@ -3,20 +3,20 @@ cheap enough to run at every shape a benchmark or a task publishes, and at the f
 
 At that shape, in that dtype, with the module the cell would build (same hparams, so the same backend):
 - `finite`: the output has the right shape and dtype and is finite;
-- `gradient` (CS, CC): no gradient from a row to a later row, at two sampled rows (one just past 512 when the
-  length allows);
+- `gradient` (CS, CC): no gradient from a row to a later row, at one row (just past 512 when the length
+  allows, else a sampled one);
 - `oracle` (exact attentions): sampled query rows, at the full key length, and the gradients of q, k, v
   through them agree with the float64 oracle within twice plain eager attention's error in the dtype (part
   `oracle_rows`: the rows' outputs only);
-- `causality` (CS, CC): rows up to a few split points (one just past 512 and one before the last row when the
-  length allows) unchanged when the rows after the split are perturbed (q, k, v for CS; q for CC), each row
-  measured against its own scale;
+- `causality` (CS, CC): rows up to two split points (the one before the last row, and one just past 512 when
+  the length allows, else a sampled one) unchanged when the rows after the split are perturbed (q, k, v for
+  CS; q for CC), each row measured against its own scale;
 - `batch`: perturbing every batch element but the first leaves the first one's output unchanged;
 - `padding`: a right-padded element matches the element alone; real rows do not move when left- and
   interior-padded positions hold other garbage.
 
 Variants of the input run stacked along the batch, so the probe costs few calls: one forward and backward
-serves finite, gradient and oracle (one copy per gradient row, one for the oracle rows), one forward without
+serves finite, gradient and oracle (one copy for the gradient row, one for the oracle rows), one forward without
 autograd the causality copies (one per split), one masked forward the padding copies, and the right-padded
 elements run alone once each. Each part is isolated; the outcome names every failing part and the seconds the
 probe took.
@@ -41,8 +41,7 @@ from cab.check.padding import alone_errors, garbage_finding, garbage_pair, left_
 from cab.check.subject import Shape, Subject, dtype_name, sample_splits
 from cab.status import Status
 
-CAUSAL_SPLITS = 3
-GRADIENT_ROWS = 2
+CAUSAL_SPLITS = 2
 ORACLE_ROWS = 6
 ALL_PARTS = frozenset({"finite", "gradient", "oracle", "causality", "batch", "padding", "right_padding"})
 # "oracle_rows" instead of "oracle": the sampled rows' outputs only, from the plain forward (no backward)
@@ -165,6 +164,13 @@ def _padding(subject: Subject, module, shape: Shape, dtype: torch.dtype, salt: s
     return judged("padding", found, structural_tolerance(dtype), dtype_name(dtype))
 
 
+def gradient_row(length: int) -> "list[int]":
+    """The one row whose gradient the probe checks for leaks: just past 512 when the length allows (a second
+    tile, most later rows), else one sampled away from the last row (which has a single later row)."""
+    rows = sample_splits(length, 2, salt=1)
+    return [r for r in rows if r != length - 2][:1] or rows[:1]
+
+
 def probe_shape(subject: Subject, shape: Shape, dtype: "torch.dtype | None" = None, name: str = "",
                 salt: str = "probe", parts: "frozenset[str]" = ALL_PARTS) -> CheckOutcome:
     """The probe's `parts` (default all; see the module docstring) on `shape` in `dtype` (the requested one by
@@ -175,7 +181,7 @@ def probe_shape(subject: Subject, shape: Shape, dtype: "torch.dtype | None" = No
     module = subject.module_for(shape, dtype)
     q, k, v = subject.inputs(shape, dtype, f"{salt}:{shape.label}")
     causal = subject.pattern.causal
-    leak_rows = sample_splits(shape.lq, GRADIENT_ROWS, salt=1) if causal and "gradient" in parts else []
+    leak_rows = gradient_row(shape.lq) if causal and "gradient" in parts else []
     oracle_rows, output_rows = [], []
     if subject.spec.exact and ("oracle" in parts or "oracle_rows" in parts):
         rows = sorted(set(sample_splits(shape.lq + 1, ORACLE_ROWS, salt=2) + [0]))

@@ -101,7 +101,6 @@ class Subject:
         self.backends: dict[str, str] = {}  # dtype name -> the backend the module reported after a call
         self.stochastic = ""  # set by the determinism check when outputs vary between unreseeded calls
         self.not_run: dict[str, str] = {}  # checks (or parts) a check could not run here, and why
-        self.threads = torch.get_num_threads()  # the caller's CPU threads (most checks run on one)
 
     # modules ----------------------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ counts of arbitrary masks against the pattern counts and a hand count; cost budg
 import pytest
 import torch
 
-from cab.analysis import check_declared_flops, dense_flops, mask_flops, over_budget
+from cab.analysis import check_declared_flops, dense_flops, mask_flops
+from cab.budget import over_budget
 from cab.cells import Cell
 from cab.patterns import attention_mask
 from cab.registry import all_specs, create_attention, get_spec, load_plugin

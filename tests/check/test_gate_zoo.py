@@ -65,6 +65,40 @@ def test_a_flaw_past_the_suites_lengths_is_caught_by_the_probe_of_the_published_
     assert outcome.message.startswith("correctness gate failed: published:")
 
 
+def test_a_check_cell_probes_the_published_shapes_and_the_benchmark_reuses_its_probe(monkeypatch):
+    import importlib
+
+    from cab.check import cell_kind, conformance
+
+    gate_module = importlib.import_module("cab.check.gate")
+    monkeypatch.setattr(gate_module, "_REPORTS", {})
+    published = [{"batch": 1, "heads": 2, "kv_heads": 2, "lq": n, "lk": n, "head_dim": 16, "mode": "fwd"}
+                 for n in (2048, 96)]
+    check = Cell(kind="check", attention="zoo_long_path_leak", pattern="CS", options={"published": published})
+    outcome = cell_kind.check_cell(check)
+    assert outcome.status is Status.INCORRECT  # the suite passes; the 2048-token probe does not
+    names = [c["name"] for c in outcome.metrics["checks"]]
+    assert {"published B=1 Hq=2 Hkv=2 Lq=2048 Lk=2048 D=16", "published B=1 Hq=2 Hkv=2 Lq=96 Lk=96 D=16"} <= set(names)
+    failing = [c for c in outcome.metrics["checks"] if c["status"] != "ok"]
+    assert [c["name"] for c in failing] == ["published B=1 Hq=2 Hkv=2 Lq=2048 Lk=2048 D=16"]
+    probes = []
+    monkeypatch.setattr(gate_module, "run_probe", lambda *a, **k: probes.append(a) or conformance.run_probe(*a, **k))
+    bench = Cell(kind="bench", attention="zoo_long_path_leak", pattern="CS", batch=1, heads=2, kv_heads=2, lq=2048,
+                 lk=2048, head_dim=16, mode="fwd", options={"min_run_time_s": 0.01, "memory": False})
+    assert bench_cell(bench).status is Status.INCORRECT and probes == []  # the check cell's probe, not another
+
+
+def test_a_check_cell_does_not_probe_a_size_the_benchmarks_budget_skips():
+    from cab.check import cell_kind
+
+    small = {"batch": 1, "heads": 2, "kv_heads": 2, "lq": 64, "lk": 64, "head_dim": 16, "mode": "fwd",
+             "max_flops": 1e9}
+    check = Cell(kind="check", attention="vanilla", pattern="NS",
+                 options={"published": [small, {**small, "lq": 8192, "lk": 8192}]})
+    names = [c["name"] for c in cell_kind.check_cell(check).metrics["checks"]]
+    assert [n for n in names if n.startswith("published")] == ["published B=1 Hq=2 Hkv=2 Lq=64 Lk=64 D=16"]
+
+
 def test_a_timing_records_what_its_gate_covered():
     cell = Cell(kind="bench", attention="vanilla", pattern="CS", batch=1, heads=2, kv_heads=2, lq=96, lk=96,
                 head_dim=16, mode="fwd", options={"min_run_time_s": 0.01, "memory": False})

@@ -4,6 +4,7 @@ thousands of threads or worker processes on a small machine."""
 import textwrap
 
 from cab.config import load_config
+from cab.grid import expand
 from cab.run import _executor, run_grid, usable_cores
 from cab.store import ResultStore
 
@@ -40,3 +41,14 @@ def test_pool_workers_beyond_the_cores_are_bounded_with_a_message(tmp_path, caps
     assert capsys.readouterr().err == ""
     # cells of every core's threads: one worker at a time (what the config documents: cores / threads)
     assert _executor(load_config(_config(tmp_path, threads=usable_cores(), kind="pool")), None, None, None).workers == 1
+
+
+def test_a_pool_runs_one_conformance_cell_per_core_beside_benchmarks_that_take_every_core(tmp_path):
+    path = _config(tmp_path, threads=usable_cores(), kind="pool")
+    path.write_text(path.read_text() + "check: {}\n")
+    config = load_config(path)
+    cells = expand(config)
+    assert {c.kind for c in cells} == {"check", "bench"}
+    assert _executor(config, None, None, None, cells).workers == usable_cores()  # checks: one thread each
+    benches_only = [c for c in cells if c.kind == "bench"]
+    assert _executor(config, None, None, None, benches_only).workers == 1

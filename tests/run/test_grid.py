@@ -74,7 +74,8 @@ def test_counts_and_fields(tmp_path):
     assert cells == checks + benches  # check section first
     assert {(c.attention, c.pattern) for c in checks} == {
         (a, p) for a in ("vanilla", "memory_efficient", "sdpa") for p in ("NS", "CS", "NC", "CC")}
-    assert all(c.dtype == "float64" and c.seed == 3 and c.mode == "" and c.options == {"threads": 2} for c in checks)
+    # conformance runs on one thread (a pool runs one per core); seed 3 is not the gate's run: nothing to probe
+    assert all(c.dtype == "float64" and c.seed == 3 and c.mode == "" and c.options == {"threads": 1} for c in checks)
     for c in benches:
         assert (c.batch, c.heads, c.kv_heads, c.head_dim, c.seed, c.device) == (2, 4, 2, 8, 3, "cpu")
         assert c.options == {"threads": 2, "min_run_time_s": 0.2, "memory": False}
@@ -150,9 +151,10 @@ def test_check_cells_cover_undeclared_patterns(tmp_path):
 
 
 def test_threads_default_to_every_core(tmp_path):
-    path = _grid(tmp_path, "name: p\nattentions: [sdpa]\npatterns: [NS]\ncheck: {}\n")
-    (cell,) = expand(path)
-    assert cell.options["threads"] == os.cpu_count()
+    path = _grid(tmp_path, "name: p\nattentions: [sdpa]\npatterns: [NS]\ncheck: {}\nbench: {lengths: [64]}\n")
+    check, *benches = expand(path)
+    assert check.options["threads"] == 1 and benches
+    assert all(bench.options["threads"] == os.cpu_count() for bench in benches)
 
 
 def test_kv_heads_list_sweeps_grouped_and_multi_query(tmp_path):
@@ -178,3 +180,20 @@ def test_shipped_gqa_config_expands():
 
     cells = expand("configs/gqa-decode.yaml")
     assert {c.kv_heads for c in cells if c.kind == "bench"} == {8, 2, 1}
+
+
+def test_the_gates_check_cells_carry_the_shapes_the_benchmarks_publish(tmp_path):
+    text = (GRID.replace("seed: 3", "seed: 0").replace("dtype: float64", "dtype: float32")
+            .replace("modes: [fwd, fwdbwd]", "modes: [fwd, fwdbwd, decode]")
+            .replace("  memory: false", "  memory: false\n  max_flops: 1.0e+9"))
+    cells = expand(_grid(tmp_path, text))
+    checks = {(c.attention, c.pattern): c for c in cells if c.kind == "check"}
+    # one entry per distinct size (fwd and fwdbwd share it; decode cells and bfloat16 cells are not probed here)
+    assert checks["vanilla", "NC"].options["published"] == [
+        {"batch": 2, "heads": 4, "kv_heads": 2, "lq": lq, "lk": lk, "head_dim": 8, "mode": "fwd", "max_flops": 1e9}
+        for lq, lk in ((32, 16), (50, 25))]
+    assert [(s["lq"], s["lk"]) for s in checks["sdpa", "CS"].options["published"]] == [(32, 32), (50, 50)]
+    # the keys do not change: options never enter them
+    assert [c.key for c in cells if c.kind == "check"] == [
+        c.key for c in expand(_grid(tmp_path, text.replace("lengths: [32, 50]", "lengths: [40]"), "other.yaml"))
+        if c.kind == "check"]

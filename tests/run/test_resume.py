@@ -171,6 +171,12 @@ def test_force_and_retry_failed(tmp_path):
     config, db = _config(tmp_path, [8, 12], min_run_time_s=0.01), tmp_path / "cab.sqlite"
     first = run_grid(config, db=db, render=False, progress=False)
     assert (first.planned, first.skipped, first.run, first.counts) == (2, 0, 2, {"ok": 2})
+    # where the time went: the bench phase (2 cells, their seconds, its wall time) and the slowest cells
+    (n, total, start, end), = first.timeline.kinds.values()
+    assert n == 2 and 0 < total and end >= start and "bench" in first.timeline.kinds
+    text = str(first)
+    assert "time: start-up " in text and "; bench 2 cells " in text and "leaderboard 0.0 s" in text
+    assert text.count(" fwd (ok) ") == 2 and "slowest cells: " in text
 
     again = run_grid(config, db=db, render=False, progress=False)
     assert (again.skipped, again.run) == (2, 0)
