@@ -25,8 +25,10 @@ from tests.run.test_faults import (
     fault_cell,
 )
 
-# Loaded only inside worker processes. Each forward logs "pid start end" after a nap, so the test can see
-# which process ran a cell and which cells overlapped in time.
+# Loaded only inside worker processes. Each forward logs "tag pid start end met" after a nap, so the test can
+# see which process ran a cell and which cells overlapped in time; with a `partner`, it first waits (up to 60 s)
+# for the partner's forward to have started, so "ran together" is shown by a rendezvous, not by two naps
+# happening to overlap on a busy machine.
 PROBE_PLUGIN = '''\
 import os
 import time
@@ -39,16 +41,24 @@ from cab.attention.engine.scores import masked_softmax_attention
 class Probe(cab.Attention):
     """Exact attention whose forward naps `nap` seconds once per cell and logs its interval to `log`."""
 
-    def __init__(self, pattern, num_heads, head_dim, log: str = "", nap: float = 0.0, tag: str = ""):
+    def __init__(self, pattern, num_heads, head_dim, log: str = "", nap: float = 0.0, tag: str = "",
+                 partner: str = ""):
         super().__init__(pattern, num_heads, head_dim)
-        self.log, self.nap, self.tag, self.logged = log, nap, tag, False
+        self.log, self.nap, self.tag, self.partner, self.logged = log, nap, tag, partner, False
 
     def forward(self, q, k, v, key_padding_mask=None):
         if self.log and not self.logged:
             start = time.time()
+            open(f"{self.log}.{self.tag}", "w").close()
+            met = 0
+            while self.partner and time.time() - start < 60:
+                if os.path.exists(f"{self.log}.{self.partner}"):
+                    met = 1
+                    break
+                time.sleep(0.01)
             time.sleep(self.nap)
             with open(self.log, "a") as f:
-                f.write(f"{self.tag} {os.getpid()} {start} {time.time()}\\n")
+                f.write(f"{self.tag} {os.getpid()} {start} {time.time()} {met}\\n")
             self.logged = True
         return masked_softmax_attention(self, q, k, v, key_padding_mask)
 '''
@@ -59,10 +69,10 @@ def probe(write_plugin):
     return write_plugin("pool-plugins", "probe.py", PROBE_PLUGIN)
 
 
-def _check(log, tag: str, nap: float) -> Cell:
+def _check(log, tag: str, nap: float, partner: str = "") -> Cell:
     """A conformance cell: it may share the machine (it builds and runs the attention several times)."""
-    return Cell(kind="check", attention="pool_probe", pattern="NS", hparams={"log": log, "nap": nap, "tag": tag},
-                options={"threads": 1})
+    hparams = {"log": log, "nap": nap, "tag": tag, **({"partner": partner} if partner else {})}
+    return Cell(kind="check", attention="pool_probe", pattern="NS", hparams=hparams, options={"threads": 1})
 
 
 def _bench(log, tag: str, nap: float) -> Cell:
@@ -74,10 +84,16 @@ def _bench(log, tag: str, nap: float) -> Cell:
 def _intervals(log) -> "dict[str, tuple[int, float, float]]":
     """tag -> (pid, first start, last end) over the log's lines."""
     spans: dict = {}
-    for tag, pid, start, end in (line.split() for line in open(log).read().splitlines()):
+    for tag, pid, start, end, _ in (line.split() for line in open(log).read().splitlines()):
         _, s, e = spans.get(tag, (0, float(start), float(end)))
         spans[tag] = (int(pid), min(s, float(start)), max(e, float(end)))
     return spans
+
+
+def _met(log, tag: str) -> bool:
+    """Whether the first forward of `tag` found its partner's forward started (the rendezvous)."""
+    lines = [line.split() for line in open(log).read().splitlines()]
+    return next(line for line in lines if line[0] == tag)[4] == "1"
 
 
 def test_fault_statuses_match_the_subprocess_executor_and_workers_are_replaced():
@@ -98,7 +114,8 @@ def test_fault_statuses_match_the_subprocess_executor_and_workers_are_replaced()
 
 def test_workers_are_reused_cells_run_in_parallel_and_benchmarks_alone(probe, tmp_path):
     log = str(tmp_path / "intervals.txt")
-    parallel = [_check(log, f"p{i}", 0.2) for i in range(4)]
+    parallel = [_check(log, "p0", 0.2, partner="p1"), _check(log, "p1", 0.2, partner="p0")]
+    parallel += [_check(log, f"p{i}", 0.2) for i in (2, 3)]
     cells = parallel[:2] + [_bench(log, "alone", 0.5)] + parallel[2:]
     executor, processes = PoolExecutor(timeout_s=60, plugins=[probe], workers=2), set()
     with executor:
@@ -112,7 +129,7 @@ def test_workers_are_reused_cells_run_in_parallel_and_benchmarks_alone(probe, tm
     _, start, end = spans.pop("alone")
     for tag, (_, s, e) in spans.items():
         assert e <= start or s >= end, f"{tag} overlapped the benchmark cell"
-    assert spans["p0"][1] < spans["p1"][2] and spans["p1"][1] < spans["p0"][2]  # p0 and p1 ran together
+    assert _met(log, "p0") and _met(log, "p1")  # p0 and p1 ran together: each found the other started
 
 
 def test_run_grid_with_a_pool_stores_what_local_stores(probe, tmp_path):
