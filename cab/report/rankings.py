@@ -23,6 +23,7 @@ SHORT_OUTCOMES = {"cheaper at every measured length": "always", "never cheaper i
                   "dearer at the longest length": "not at the end", "no crossing": "no crossing",
                   "too few common lengths": "too few lengths"}
 TOP = 10  # attentions besides the baselines on the main page (and in the pattern's plots)
+CONTROL = "control"  # the family of negative controls (no_mixing): listed last, unranked (they mix nothing)
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,18 @@ class Ranking:
     rows: tuple
     has_index: bool = False
     other_tables: int = 0  # further efficiency tables of this pattern (on its page)
+    controls: tuple = ()  # negative controls, listed after the ranked rows without a rank
 
     @property
     def n_timed(self) -> int:
         return sum(r.state == "ok" and not r.baseline for r in self.rows)
 
     def top(self, n: int = TOP) -> "tuple[RankRow, ...]":
-        """The first n attentions besides the baselines, plus the baselines, in ranking order."""
+        """The first n attentions besides the baselines and controls, plus the baselines, in ranking order."""
         picked, others = [], 0
         for row in self.rows:
+            if row.family == CONTROL:
+                continue
             if row.baseline:
                 picked.append(row)
             elif others < n:
@@ -187,12 +191,15 @@ def _ranking(table: EfficiencyTable, others: int, support: "dict[str, SupportRow
         key, what = (lambda r: r.vs_vanilla), "time ratio to vanilla"
     else:
         key, what = (lambda r: r.median_ms), "median time"
+    controls = tuple(sorted((r for r in rows if r.family == CONTROL), key=lambda r: r.name.casefold()))
+    rows = [r for r in rows if r.family != CONTROL]
     timed = sorted((r for r in rows if key(r) is not None), key=lambda r: (key(r), r.name.casefold()))
     rest = sorted((r for r in rows if key(r) is None), key=lambda r: r.name.casefold())
-    ranked = tuple(RankRow(**{**r.__dict__, "rank": i}) for i, r in enumerate(timed, 1)) + tuple(rest)
+    ranked = tuple(RankRow(**{**r.__dict__, "rank": i}) for i, r in enumerate(timed, 1)) + tuple(rest) + controls
     return Ranking(pattern=table.pattern, id=f"rank-{table.pattern}", table_id=table.id, title=table.title,
                    shape=table.shape, length=table.columns[col] if table.columns else "", key=what, rows=ranked,
-                   has_index=any(r.index is not None for r in ranked), other_tables=others)
+                   has_index=any(r.index is not None for r in ranked), other_tables=others,
+                   controls=tuple(r.name for r in controls))
 
 
 def rankings(tables: "list[EfficiencyTable]", support: "list[SupportRow]", lengths: "pd.DataFrame | None",

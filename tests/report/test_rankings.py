@@ -15,6 +15,7 @@ from cab.report.aggregate import build_page
 from cab.report.costs import plotted_rows
 from cab.report.load import read_store
 from cab.report.plots import Series, line_panels
+from cab.report.support import registry_declarations
 from cab.status import Status
 from tests.report.test_report import Node, bench, check, parse, ranking_rows, squash, timing, write_store
 
@@ -110,3 +111,25 @@ def test_the_legend_is_inside_the_image():
             re.search(r'x="([\d.]+)"[^>]*>' + name, svg)
         assert label is not None, name
         assert float(label.group(1)) + 0.35 * 7.5 * len(name) <= width + 1, name
+
+
+def test_the_negative_control_is_listed_last_without_a_rank(tmp_path):
+    """no_mixing (family control) mixes nothing, so it is the fastest row; its speed is no attention's: it
+    comes after the ranked rows, unranked, out of the main page's top, and the caption says why."""
+    results = []
+    for name, ms in (("sdpa", 4.0), ("vanilla", 8.0), ("no_mixing", 0.3), ("linear_elu", 1.5)):
+        results.append(check(name, "NS", Status.OK, [{"name": "forward", "status": "ok"}]))
+        for length in (256, 1024):
+            results.append(bench(name, "NS", length, metrics=timing(ms * length / 256, ms * length / 300,
+                                                                     ms * length / 200, mem_mib=ms, gate="ok",
+                                                                     gate_coverage=COVERAGE)))
+    db = write_store(tmp_path / "cab.sqlite", results)
+    results_frame, runs = read_store(db)
+    page = build_page(results_frame, runs, registry_declarations(["sdpa", "vanilla", "no_mixing", "linear_elu"]))
+    (ranking,) = page.rankings
+    assert [(r.attention, r.rank) for r in ranking.rows] == [
+        ("linear_elu", 1), ("sdpa", 2), ("vanilla", 3), ("no_mixing", None)]
+    assert ranking.controls == ("no_mixing",) and "no_mixing" not in {r.attention for r in ranking.top()}
+    index = render_report(db, tmp_path / "site", fidelity_budget_s=0)
+    pattern_page = parse((index.parent / "pattern" / "NS.html").read_text(encoding="utf-8"))
+    assert "Last, unranked: no_mixing, the negative control of the task boards" in squash(pattern_page)
