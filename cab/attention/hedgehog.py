@@ -20,15 +20,27 @@ from cab.registry import register_attention
 class HedgehogAttention(FeatureMapAttention):
     """Hedgehog (paper Sec. 4, Eq. 3-4): normalised linear attention with the trainable feature map
     phi(x) = softmax_dim([W x + b, -(W x + b)]) (2d features), one linear layer per head, initialised to the
-    identity with zero bias, separate maps for queries and keys (as the reference implementations).
+    identity with zero bias, separate maps for queries and keys (as fla and LoLCATs by default).
 
-    [BG] The paper writes phi as the elementwise exponentials [exp(Wx + b), exp(-Wx - b)]; fla's and
-    LoLCATs' Hedgehog normalise them with one softmax over the 2d features (a positive scale per token),
-    which is what is implemented: numerically safe and, for queries, the same output (the scale cancels in
-    the row normalisation); for keys it reweights each key by 1 / sum(exp). Keys' maps are per query head
-    (grouped keys are expanded first). Parameters are learnable (counted by `parameters()`); `seed` draws an
-    optional Gaussian perturbation of the identity of standard deviation `init_noise` (0: the paper's
-    identity init), so the same seed gives the same module.
+    [BG] The paper writes phi as the elementwise exponentials [exp(Wx + b), exp(-Wx - b)]; cab normalises
+    them with one softmax over the 2d features (a positive scale per token): numerically safe and, for
+    queries, the same output (the scale cancels in the row normalisation); for keys it reweights each key
+    by 1 / sum(exp). Keys' maps are per query head (grouped keys are expanded first). Parameters are
+    learnable (counted by `parameters()`); `seed` draws an optional Gaussian perturbation of the identity of
+    standard deviation `init_noise` (0: the paper's identity init), so the same seed gives the same module.
+
+    The two public implementations (read at fla bc3b101, LoLCATs 375df84) differ from this and each other:
+    - fla (fla-org/flash-linear-attention, `fla/modules/feature_map.py`, `HedgehogFeatureMap`): one
+      nn.Linear(d, d) with bias shared by all heads (cab: one per head), identity init and zero bias as
+      here, and softmax([2y, -2y]) over the 2d features with y = Wx + b, a factor 2 that cab does not
+      have: fla's map with (W, b) is cab's with (2W, 2b), so at the identity init it is cab's map at 2x.
+    - LoLCATs (HazyResearch/lolcats, `src/model/feature_map.py`, `SoftmaxDim` after `FeatureMapMLP`): per
+      head x W with W (d, f) (f = 64 in its configs, 2f features), no bias in its configs (its optional
+      bias is one scalar per head), Kaiming-uniform init (the identity only with `zero_init`), and
+      [softmax_f(xW), softmax_f(-xW)] clamped at 1e-12: each half is normalised on its own, so a token's
+      features are not one positive multiple of the paper's exponentials (the halves get different
+      scales) and the output differs from cab's for queries too. Its query and key maps start equal
+      (the key map is a deep copy of the query map); cab's are drawn separately when `init_noise` > 0.
 
     `distillation_loss(q, k, key_padding_mask)` is the paper's attention distillation objective (Eq. 5):
     the cross-entropy between softmax attention weights softmax(q k^T / sqrt(d)) (the teacher, detached)

@@ -68,6 +68,22 @@ class LongShortAttention(Attention):
     and includes the q/k/v/output projections; here the projection reads the keys, as in the paper's Eq. 3
     (the backbone owns the other projections). CAB's causal version adds Transformer-XL relative position
     terms and a memory cache; they are not part of this mechanism.
+
+    CS timing against CAB's released CausalLS (efficient_attention/modules/transformer_ls.py in CAB's
+    efficient-attention, vendored in benchmarks/third_party/cab; read off the gradient of each output row
+    with respect to each input position):
+    - Window: CAB's get_tiles/get_diagonals give the query at p a sliding window of exactly w keys,
+      [p - w + 1, p]; cab's window is block-aligned, [(floor(p / w) - 1) w, p], between w and 2w - 1 keys.
+      Before position 0 CAB's window holds slots of its memory cache (`h_cache`, all zeros, so after the
+      projections and DualLN their keys and values are the LayerNorm's bias, 0 at init); they stay in the
+      softmax with their position scores. cab's window holds real positions only.
+    - Chunks: CAB masks the compressed chunks with triu(..., diagonal=mem_len / chunk_size), so the query
+      at p sees chunk c only when c < floor(p / chunk_size), the chunks before its own; cab shows chunk c
+      from (c + 1) chunk_size - 1 <= p on, so the last position of a chunk already sees that chunk (itself
+      included), one position earlier than CAB. CAB's rows also always see mem_len / chunk_size (32 with
+      its defaults) compressed slots of the zero cache.
+    E.g. w = 2, chunk_size = 8: CAB's row 13 reads positions 0-7, 12, 13 and row 15 reads 0-7, 14, 15;
+    cab's row 13 reads 0-7, 10-13 and row 15 reads 0-15.
     """
 
     def __init__(self, pattern, num_heads, head_dim, num_landmarks: int = 16, window_size: "int | None" = None,
