@@ -22,7 +22,7 @@ lint: setup
 	$(VENV)/bin/ruff check cab tests tasks scripts benchmarks examples
 
 test: lint
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n auto --dist loadgroup
 
 bench: setup
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-only

@@ -23,6 +23,22 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
+# Under pytest-xdist (`make test` runs `pytest -n auto --dist loadgroup`): the tests that start processes,
+# executors, forkservers, Ray or signals run one after another on one worker (group "processes"), beside the
+# numerical tests on the others; each worker's torch gets its share of the cores.
+PROCESS_TESTS = ("tests/run/", "tests/report/test_fidelity_isolation.py", "tests/report/test_browser.py")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path.startswith(PROCESS_TESTS):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Seed Python's, NumPy's and torch's global generators before every test, so that what a test draws
