@@ -27,9 +27,18 @@ def segment_ids(real: torch.Tensor, segments: int) -> torch.Tensor:
     return torch.where(real, torch.div(rank * segments, count, rounding_mode="floor"), -1)
 
 
-def segment_means(x: torch.Tensor, real: torch.Tensor, segments: int) -> "tuple[torch.Tensor, torch.Tensor]":
+def segment_means(x: torch.Tensor, real: "torch.Tensor | None", segments: int) -> "tuple[torch.Tensor, torch.Tensor]":
     """(means (B, H, segments, D), counts (B, segments)) of x (B, H, L, D) over the segments of its real
-    positions; an empty segment has mean 0 and count 0."""
+    positions (real (B, L) bool; None: every position is real); an empty segment has mean 0 and count 0.
+
+    With every position real and L a multiple of `segments` the segments are equal consecutive blocks: a
+    reshape-mean (CAB's pooling), without the (B, L, segments) one-hot matrix and its product."""
+    b, h, length, d = x.shape
+    if real is None and length % segments == 0:
+        counts = torch.full((b, segments), float(length // segments), dtype=x.dtype, device=x.device)
+        return x.reshape(b, h, segments, length // segments, d).mean(dim=-2), counts
+    if real is None:
+        real = torch.ones(b, length, dtype=torch.bool, device=x.device)
     ids = segment_ids(real, segments)
     onehot = (ids.unsqueeze(-1) == torch.arange(segments, device=x.device)).to(x.dtype)  # (B, L, C)
     counts = onehot.sum(dim=1)
@@ -38,7 +47,7 @@ def segment_means(x: torch.Tensor, real: torch.Tensor, segments: int) -> "tuple[
 
 
 @register_attention(
-    "lara", patterns=("NS", "NC", "CC"), family="linear", exact=False,
+    "lara", patterns=("NS", "NC", "CC"), family="linear", exact=False, version=2,
     citation="Zheng, Wang & Kong, Linear Complexity Randomized Self-attention Mechanism, ICML 2022",
     unsupported={"CS": _CAUSAL},
 )
@@ -65,8 +74,14 @@ class LaraAttention(Attention):
     real positions only (CAB's LARA pooled padded positions into its landmarks and normalisers); in NS
     with Lq == Lk the key padding mask marks the padded queries as well. CC keeps the keys' proposal
     part only (mu_c = kbar_c), since query means pool later queries; CS is unsupported (see the reason).
-    The 1/sqrt(d) scaling of CAB's code on both projections (which departs from the softmax kernel) is
-    not reproduced: xi uses d^-1/4-scaled q and k so that E[xi(q, w) xi(k, w)] = exp(q^T k / sqrt(d)).
+    Scaling: xi uses d^-1/4-scaled q and k (and means), so that E[xi(q, w) xi(k, w)] = exp(q^T k / sqrt(d))
+    for w ~ N(0, I). CAB's code instead multiplies the data by 1/sqrt(d) inside its projections and adds
+    its noise to unscaled means. At w_c = mu_c (CAB's eval mode, cab's seed=None) the two are the same
+    estimator: benchmarks/vs_cab.py finds them equal to round-off in float64 whenever L is a multiple of C.
+    With noise they differ: in cab's scaled coordinates CAB's samples are mu_c + d^-1/4 eps_c, while its
+    importance weights, like cab's, assume the unit-variance proposal N(mu_c, I). When C does not divide the
+    length, CAB makes its first segments floor(L / C) long and the last ones one longer; cab's rule
+    (segment floor(r C / n)) spreads the longer segments evenly, so the means differ.
     """
 
     def __init__(self, pattern, num_heads, head_dim, num_landmarks: int = 16, seed: "int | None" = None):
@@ -86,38 +101,45 @@ class LaraAttention(Attention):
 
     def proposals(
         self, q: torch.Tensor, k: torch.Tensor, key_padding_mask: "torch.Tensor | None"
-    ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
-        """(mu (B, H, C, D), samples w (B, H, C, D), valid (B, 1, 1, C)) from scaled q and k."""
-        real_k = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
-        if key_padding_mask is not None:
-            real_k = ~key_padding_mask.bool()
-        mu, valid = segment_means(k, real_k, self.num_landmarks)
-        valid = valid > 0
+    ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]":
+        """(mu (B, H, C, D), samples w (B, H, C, D), valid (B, 1, 1, C) or None when every proposal is
+        valid), from the unscaled q and k: mu is the sum of their segment means times d^-1/4 (the means of
+        the scaled q and k), w = mu + noise."""
+        real_k = None if key_padding_mask is None else ~key_padding_mask.bool()
+        mu, counts = segment_means(k, real_k, self.num_landmarks)
+        valid = counts > 0
         if self.pattern is not Pattern.CC:
             self_padded = self.pattern is Pattern.NS and q.shape[-2] == k.shape[-2]
-            real_q = real_k if self_padded else torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
-            q_mean, q_count = segment_means(q, real_q, self.num_landmarks)
+            q_mean, q_count = segment_means(q, real_k if self_padded else None, self.num_landmarks)
             mu = mu + q_mean
             valid = valid & (q_count > 0)
+        mu = mu * q.shape[-1] ** -0.25
         samples = mu + self.noise.to(mu.dtype)
-        return mu, samples, valid[:, None, None, :]
+        return mu, samples, None if bool(valid.all()) else valid[:, None, None, :]
 
     def forward(self, q, k, v, key_padding_mask=None):
+        """The docstring's estimator with q and k never scaled at full length: with s = d^-1/4,
+        log xi(s x, w) = (s w).x - s^2 |x|^2 / 2, and in log r_nc the query's own term -s^2 |q_n|^2 / 2 is the
+        same for every c, so the softmax over c drops it. The key-side terms are laid out (C, Lk), so that
+        their softmax and logsumexp over the keys run along contiguous memory (CAB's layout)."""
         out_dtype = q.dtype
         dtype = compute_dtype(q.dtype)
-        scale = q.shape[-1] ** -0.25
-        q = q.to(dtype) * scale
-        k, v = repeat_kv(k, q.shape[1]).to(dtype) * scale, repeat_kv(v, q.shape[1]).to(dtype)
+        s = q.shape[-1] ** -0.25
+        q = q.to(dtype)
+        k, v = repeat_kv(k, q.shape[1]).to(dtype), repeat_kv(v, q.shape[1]).to(dtype)
         mu, w, valid = self.proposals(q, k, key_padding_mask)
         lowest = torch.finfo(dtype).min
-        log_xi_k = k @ w.transpose(-1, -2) - 0.5 * (k * k).sum(-1, keepdim=True)  # (B, H, Lk, C)
+        # log xi(s k_m, w_c), (B, H, C, Lk)
+        log_xi_k = (w * s) @ k.transpose(-1, -2) - (0.5 * s * s) * (k * k).sum(-1).unsqueeze(-2)
         if key_padding_mask is not None:
-            log_xi_k = log_xi_k.masked_fill(key_padding_mask.bool()[:, None, :, None], lowest)
-        f_w = torch.softmax(log_xi_k, dim=-2).transpose(-1, -2) @ v  # (B, H, C, Dv): f(w_c)
-        log_sum_xi_k = torch.logsumexp(log_xi_k, dim=-2).unsqueeze(-2)  # (B, H, 1, C)
-        log_xi_q = q @ w.transpose(-1, -2) - 0.5 * (q * q).sum(-1, keepdim=True)  # (B, H, Lq, C)
-        log_xi_mu = ((w * mu).sum(-1) - 0.5 * (mu * mu).sum(-1)).unsqueeze(-2)  # (B, H, 1, C)
-        log_ratio = q @ mu.transpose(-1, -2) + log_xi_q + log_sum_xi_k - log_xi_mu
+            log_xi_k = log_xi_k.masked_fill(key_padding_mask.bool()[:, None, None, :], lowest)
+        f_w = torch.softmax(log_xi_k, dim=-1) @ v  # (B, H, C, Dv): f(w_c)
+        log_sum_xi_k = torch.logsumexp(log_xi_k, dim=-1)  # (B, H, C)
+        log_xi_mu = (w * mu).sum(-1) - 0.5 * (mu * mu).sum(-1)  # (B, H, C)
+        # log r_nc up to a per-query constant: (s q_n).mu_c + (s q_n).w_c + log sum_m xi(k_m, w_c) - log xi(mu_c, w_c)
+        log_ratio = q @ ((mu + w) * s).transpose(-1, -2) + (log_sum_xi_k - log_xi_mu).unsqueeze(-2)
+        if valid is None:
+            return (torch.softmax(log_ratio, dim=-1) @ f_w).to(out_dtype)
         weights = torch.softmax(log_ratio.masked_fill(~valid, lowest), dim=-1) * valid
         return (weights @ f_w).to(out_dtype)
 

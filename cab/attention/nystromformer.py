@@ -33,6 +33,12 @@ def segments(real: torch.Tensor, num_segments: int) -> "tuple[torch.Tensor, torc
     return ids, sizes[:, :num_segments]
 
 
+def block_means(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, H, m, D) means of the m equal consecutive blocks of x (B, H, L, D), m dividing L (CAB's pooling)."""
+    b, h, length, d = x.shape
+    return x.reshape(b, h, m, length // m, d).mean(dim=-2)
+
+
 def segment_means(x: torch.Tensor, ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """(B, H, m, D) means of x (B, H, L, D) over each segment (id m: left out); an empty segment is 0.
 
@@ -42,7 +48,7 @@ def segment_means(x: torch.Tensor, ids: torch.Tensor, sizes: torch.Tensor) -> to
     b, h, length, d = x.shape
     m = sizes.shape[-1]
     if length % m == 0 and bool((sizes == length // m).all()):
-        return x.reshape(b, h, m, length // m, d).mean(dim=-2)
+        return block_means(x, m)
     member = ids[:, None, :] == torch.arange(m, device=ids.device)[None, :, None]  # (B, m, L)
     weights = member.to(x.dtype) / sizes.clamp_min(1).to(x.dtype)[:, :, None]
     return weights[:, None] @ x
@@ -67,7 +73,7 @@ def iterative_pinv(mat: torch.Tensor, iterations: int) -> torch.Tensor:
 
 
 @register_attention(
-    "nystromformer", patterns=("NS", "NC"), family="low-rank", exact=False, version=2,
+    "nystromformer", patterns=("NS", "NC"), family="low-rank", exact=False, version=3,
     citation="Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating Self-Attention, AAAI 2021",
     unsupported={
         "CS": "segment-mean landmarks pool keys and queries from the whole sequence, so every row would "
@@ -123,15 +129,21 @@ class NystromformerAttention(Attention):
 
     def forward(self, q, k, v, key_padding_mask=None):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        real_k, real_q = self._real_positions(q, k, key_padding_mask)
         scale = softmax_scale(q.shape[-1])
-        ids_k, sizes_k = segments(real_k, self.num_landmarks)
-        ids_q, sizes_q = segments(real_q, self.num_landmarks)
-        nonempty_k, nonempty_q = sizes_k > 0, sizes_q > 0
-        k_land = segment_means(k, ids_k, sizes_k) * scale  # (B, H, m, D), the score scale folded in
-        q_land = segment_means(q, ids_q, sizes_q)
-        # masks only where something can be masked: padding, or fewer positions than landmarks
         unpadded, m = key_padding_mask is None, self.num_landmarks
+        lq, lk = q.shape[-2], k.shape[-2]
+        if unpadded and min(lq, lk) >= m and lq % m == 0 and lk % m == 0:
+            # every position real, m dividing both lengths: the segments are equal blocks, and no segment
+            # ids are needed (their cumsum and scatter were ~12% of the forward at L = 1024 on one thread)
+            k_land, q_land = block_means(k, m) * scale, block_means(q, m)
+        else:
+            real_k, real_q = self._real_positions(q, k, key_padding_mask)
+            ids_k, sizes_k = segments(real_k, m)
+            ids_q, sizes_q = segments(real_q, m)
+            nonempty_k, nonempty_q = sizes_k > 0, sizes_q > 0
+            k_land = segment_means(k, ids_k, sizes_k) * scale  # (B, H, m, D), the score scale folded in
+            q_land = segment_means(q, ids_q, sizes_q)
+        # masks only where something can be masked: padding, or fewer positions than landmarks
         keep_kl = None if unpadded and k.shape[-2] >= m else nonempty_k[:, None, None, :]
         keep_k = None if unpadded else real_k[:, None, None, :]
         kernel1 = masked_softmax(q @ k_land.transpose(-1, -2), keep_kl)
