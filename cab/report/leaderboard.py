@@ -3,8 +3,9 @@ board per pattern (NS, CS, NC, CC) with every (task, metric) as mean +- 95% inte
 tie within noise, the compositional index and the difference to vanilla, and per task whether it measures
 attention at all (exact attention against the negative control, cab.report.informative); the extrapolation
 curves; the quality-versus-speed Pareto plot; the cross-pattern rank correlations; recall versus decode state
-size. Negative controls (family "control") are ranked on the boards but left out of the compositional index,
-whose mu and sigma describe the attentions compared, not an attention that mixes nothing.
+size; recall versus model width (Zoology's MQAR figure, when a store has recall results at several widths).
+Negative controls (family "control") are ranked on the boards but left out of the compositional index, whose
+mu and sigma describe the attentions compared, not an attention that mixes nothing.
 
 Pure data in, dataclasses and pandas frames out (the frames are the CSV / Markdown exports); the
 figures come from cab.report.plots."""
@@ -103,6 +104,7 @@ class Accuracy:
     exports: tuple  # (id, title, DataFrame)
     n_task_results: int
     error: str = ""  # why the accuracy sections could not be built (odd rows), shown instead of them
+    recall_width: tuple = ()  # (pattern, Plot, frame id, note): recall accuracy against model width
 
     @property
     def uninformative(self) -> "list[str]":
@@ -429,6 +431,100 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
     return plot, note, pd.DataFrame(records)
 
 
+RECALL_TASK = "recall"
+
+
+def _recall_point(row: dict) -> "tuple | None":
+    """(pattern, (length, pairs, binding), width, label, accuracy or None) of a recall result, None when it
+    lacks a width or a length. Accuracy is None for a result that is not ok (drawn as a missing point)."""
+    params = mapping(row.get("task_params"))
+    width, length = integer(params.get("d_model")), integer(params.get("length"))
+    if width is None or length is None:
+        return None
+    pairs = params.get("pairs")
+    pairs = tuple(p for p in (integer(v) for v in pairs) if p is not None) if isinstance(pairs, list) else ()
+    value = number(mapping(row.get("metrics")).get("accuracy")) if status(row.get("status")) == "ok" else None
+    return (text(row.get("pattern")), (length, pairs, text(params.get("binding"))), width, label(row), value)
+
+
+def _panel_title(key: tuple, bindings: int) -> str:
+    length, pairs, binding = key
+    title = f"L={length}, {', '.join(map(str, pairs)) or '?'} pairs"
+    return f"{title} ({binding})" if bindings > 1 and binding else title
+
+
+def _recall_width(results: pd.DataFrame) -> "tuple[list, list]":
+    """Recall accuracy against model width (`d_model`), per pattern with recall results at two widths or more:
+    one panel per (sequence length, key-value pairs), one line per attention with 95% intervals over seeds
+    (Zoology's Figure 2: attention solves MQAR at every width, other mixers need width that grows with the
+    sequence length and the number of pairs)."""
+    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
+    points: dict[str, list] = {}
+    for row in tasks.to_dict("records"):
+        if text(row.get("task")) != RECALL_TASK:
+            continue
+        point = _recall_point(row)
+        if point is not None:
+            points.setdefault(point[0], []).append(point[1:])
+    plots, exports = [], []
+    for pattern in PATTERNS:
+        mine = points.get(pattern, [])
+        widths = sorted({w for _, w, _, _ in mine})
+        if len(widths) < 2:
+            continue
+        keys = sorted({k for k, _, _, _ in mine})
+        names = sorted({n for _, _, n, _ in mine}, key=str.casefold)
+        values: dict[tuple, list[float]] = {}
+        failed: dict[tuple, int] = {}
+        for key, width, name, value in mine:
+            cell = (key, width, name)
+            values.setdefault(cell, [])
+            if value is None:
+                failed[cell] = failed.get(cell, 0) + 1
+            else:
+                values[cell].append(value)
+        bindings = len({k[2] for k in keys})
+        panels, records = [], []
+        for key in keys:
+            series = []
+            for name in names:
+                ys, lows, highs = [], [], []
+                for width in widths:
+                    got = values.get((key, width, name), [])
+                    s = summarize(got) if got else None
+                    interval = s is not None and s.n > 1
+                    ys.append(s.mean if s else None)
+                    lows.append(s.ci_low if interval else None)
+                    highs.append(s.ci_high if interval else None)
+                    if (key, width, name) in values:
+                        records.append({"pattern": pattern, "length": key[0], "pairs": ", ".join(map(str, key[1])),
+                                        "binding": key[2] or None, "d_model": width, "attention": name,
+                                        "accuracy_mean": s.mean if s else None,
+                                        "ci95_half": (s.ci_high - s.ci_low) / 2 if interval else None,
+                                        "seeds": s.n if s else 0, "failed": failed.get((key, width, name), 0)})
+                series.append(Series(name, tuple(widths), tuple(ys), tuple(lows), tuple(highs)))
+            panels.append((_panel_title(key, bindings), "model width d_model (log scale)",
+                           "accuracy (fraction, mean over seeds)", series))
+        missing = sorted({f"{name} at L={key[0]}, d_model={width}" for (key, width, name), n in failed.items()
+                          if not values.get((key, width, name))}, key=str.casefold)
+        note = (f"Not drawn (no accuracy: the cells failed, see Failures): {'; '.join(missing)}."
+                if missing else "")
+        plot = line_panels(panels, loglog=False, logx_base=2, ylim=(-0.02, 1.02), xticks=widths,
+                           alt=f"recall accuracy against model width for every attention, {pattern}, one panel per "
+                               f"sequence length",
+                           caption=f"Recall versus width ({pattern}): multi-query associative recall accuracy "
+                                   f"against model width, one panel per (sequence length, key-value pairs), one "
+                                   f"line per attention; mean over seeds with 95% intervals where there are "
+                                   f"several seeds. Zoology (Arora et al. 2023) found attention solves the task "
+                                   f"at every width while other mixers need width that grows with the length "
+                                   f"and the number of pairs. A missing point: the attention was not run there "
+                                   f"or did not finish.")
+        frame_id = f"recall-width-{pattern}"
+        plots.append((pattern, plot, frame_id, note))
+        exports.append((frame_id, f"Recall versus width ({pattern})", pd.DataFrame(records)))
+    return plots, exports
+
+
 def accuracy(results: pd.DataFrame, gated: "set[tuple[str, str]]", page_of: "Callable[[str], str] | None" = None
              ) -> Accuracy:
     """Everything the accuracy sections show, from the store's results frame."""
@@ -441,7 +537,9 @@ def accuracy(results: pd.DataFrame, gated: "set[tuple[str, str]]", page_of: "Cal
     long = long_metrics(results)
     if long.empty:
         extrapolation, ex_exports = _extrapolation(results)
-        return Accuracy((), tuple(extrapolation), (), None, (), None, "", tuple(ex_exports), n_tasks)
+        width, width_exports = _recall_width(results)
+        return Accuracy((), tuple(extrapolation), (), None, (), None, "", tuple(ex_exports + width_exports), n_tasks,
+                        recall_width=tuple(width))
     summary = summary_table(long)
     controls = control_labels(_attention_of_labels(results))
     index = task_index(long[~long["attention"].isin(controls)], baseline=BASELINE)
@@ -450,11 +548,12 @@ def accuracy(results: pd.DataFrame, gated: "set[tuple[str, str]]", page_of: "Cal
     pareto = _pareto(boards, _reference_times(results, gated))
     correlation, corr_rows = _correlation(index.table)
     recall_plot, recall_note, recall_frame = _recall(results, summary)
-    exports += ex_exports
+    width, width_exports = _recall_width(results)
+    exports += ex_exports + width_exports
     if corr_rows:
         exports.append(("rank-correlation", "Rank correlation between patterns", pd.DataFrame(corr_rows)))
     if recall_frame is not None:
         exports.append(("recall-state", "Recall versus state size", recall_frame))
     exports.append(("task-summary", "Task metrics per attention (mean, std, 95% interval, rank)", summary))
     return Accuracy(tuple(boards), tuple(extrapolation), tuple(pareto), correlation, tuple(corr_rows), recall_plot,
-                    recall_note, tuple(exports), n_tasks)
+                    recall_note, tuple(exports), n_tasks, recall_width=tuple(width))

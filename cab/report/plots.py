@@ -112,8 +112,12 @@ def _draw_series(ax, series: "Sequence[Series]", positive: bool) -> int:
 
 
 def line_panels(panels: "Sequence[tuple[str, str, str, Sequence[Series]]]", *, loglog: bool, alt: str,
-                caption: str = "", vline: "float | None" = None, vline_label: str = "", logx_base: int = 10) -> Plot:
-    """Side-by-side line panels (title, x label, y label, series) sharing the legend of the first."""
+                caption: str = "", vline: "float | None" = None, vline_label: str = "", logx_base: int = 10,
+                ylim: "tuple[float, float] | None" = None, xticks: "Sequence[float]" = ()) -> Plot:
+    """Side-by-side line panels (title, x label, y label, series) sharing one legend: every name drawn in any
+    panel, once. A name keeps its style across panels only when every panel lists the same series in the same
+    order (a missing one as a series of None). `ylim` fixes the y range (linear axes); `xticks` labels exactly
+    those x values."""
     with rc_context(STYLE):
         width = 4.0 * len(panels) + 2.0
         fig = Figure(figsize=(width, 3.2))
@@ -130,12 +134,21 @@ def line_panels(panels: "Sequence[tuple[str, str, str, Sequence[Series]]]", *, l
                 _log_axis(ax, "x", logx_base)
             if vline is not None:
                 ax.axvline(vline, color="#555555", linestyle=(0, (4, 2)), linewidth=1.0, label=vline_label or None)
+            if ylim is not None and not loglog:
+                ax.set_ylim(*ylim)
+            if xticks:
+                ax.set_xticks(list(xticks), [_plain_number(x) for x in xticks])
             ax.set_title(title)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             if not n:
                 ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="#777777")
-        handles, labels = axes[0].get_legend_handles_labels()
+        handles, labels = [], []
+        for ax in axes:
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                if name not in labels:
+                    handles.append(handle)
+                    labels.append(name)
         if handles:
             axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
                             ncol=1 if len(handles) <= 16 else 2, borderaxespad=0.0)

@@ -3,9 +3,12 @@ attention x seed. Importing this module registers the section (cab.config import
 
 Each task runs the patterns it exercises (narrowed by the section's and the entry's `patterns`), with
 every selected attention that declares the pattern, for `seeds` seeds (config.seed, config.seed + 1, ...).
-`attention_hparams` gives hyper-parameters by attention name (useful with `attentions: all`, e.g. a
-window scaled to short sequences); an entry's own hparams win. A cell's `task_params` are the task's full
-resolved parameters, so a changed default is a new cell."""
+A task may be listed several times with different parameters (a sweep: e.g. one entry per model width
+`d_model` and sequence length); an entry's `attentions` narrows the section's attentions to those names for
+that entry (e.g. an expensive attention only at the smallest width). `attention_hparams` gives
+hyper-parameters by attention name (useful with `attentions: all`, e.g. a window scaled to short sequences);
+an entry's own hparams win. A cell's `task_params` are the task's full resolved parameters, so a changed
+default is a new cell."""
 
 from __future__ import annotations
 
@@ -24,13 +27,14 @@ from cab.tasks import TaskParams, UnknownTask, get_task, task_names
 
 class TaskEntry(BaseModel):
     """One task of a `tasks` section: a registered task, overrides of its parameters, optionally fewer
-    patterns than the task exercises, and a display label."""
+    patterns than the task exercises or fewer of the section's attentions (by name), and a display label."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
     params: dict[str, Any] = Field(default_factory=dict)
     patterns: "PatternList | None" = None
+    attentions: "list[Name] | None" = Field(None, min_length=1)
     label: str = ""
 
 
@@ -120,6 +124,20 @@ def _attention_entries(config: Any, section: Any) -> list:
                            label=e.label) for e in config.attention_entries(section)]
 
 
+def _narrowed(config: Any, index: int, entry: TaskEntry, entries: list) -> list:
+    """The section's attention entries that a task entry's `attentions` names (all of them without one)."""
+    if entry.attentions is None:
+        return entries
+    names = {e.name for e in entries}
+    for i, name in enumerate(entry.attentions):
+        if name not in names:
+            raise config.error(f"attention {name!r} is not one of the section's attentions "
+                               f"({', '.join(sorted(names))}); an entry can only narrow them",
+                               ("tasks", "tasks", index, "attentions", i))
+    wanted = set(entry.attentions)
+    return [e for e in entries if e.name in wanted]
+
+
 def expand_tasks(config: Any, section: TasksSection) -> "tuple[int, Iterator[Cell]]":
     """(number of cells, the cells) of a `tasks` section, in task, pattern, attention, seed order."""
     entries = _attention_entries(config, section)
@@ -133,7 +151,7 @@ def expand_tasks(config: Any, section: TasksSection) -> "tuple[int, Iterator[Cel
         patterns = [p for p in task.patterns() if p in allowed and p in wanted]
         options = {"threads": config.resolved_threads, "gate": section.gate, "progress": section.progress,
                    "task_label": entry.label or entry.name}
-        for pattern, attention, seed in itertools.product(patterns, entries, seeds):
+        for pattern, attention, seed in itertools.product(patterns, _narrowed(config, index, entry, entries), seeds):
             if pattern not in get_spec(attention.name).patterns:
                 continue
             lq, lk = task.lengths(pattern)

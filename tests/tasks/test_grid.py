@@ -95,6 +95,44 @@ def test_all_tasks_and_pattern_filters(tmp_path):
     assert [(c.task, c.pattern) for c in narrowed] == [("lookup", "CC")]
 
 
+def test_a_sweep_is_a_list_of_entries_and_an_entry_can_narrow_the_attentions(tmp_path):
+    from cab.grid import expand
+
+    cells = expand(write(tmp_path, """\
+        name: width-sweep
+        attentions: [sdpa, no_mixing, {name: local, hparams: {window: 3}}, {name: local, hparams: {window: 5}}]
+        patterns: [CS]
+        tasks:
+          params: {steps: 3, layers: 1, heads: 2}
+          tasks:
+            - {name: recall, label: d16, params: {length: 16, pairs: [2], d_model: 16, lr: 0.01}}
+            - {name: recall, label: d32, params: {length: 16, pairs: [2], d_model: 32, lr: 0.003},
+               attentions: [sdpa, local]}
+        """))
+    layout = [(c.options["task_label"], c.display_name, c.task_params["d_model"], c.task_params["lr"], c.head_dim)
+              for c in cells]
+    assert layout == [("d16", "sdpa", 16, 0.01, 8), ("d16", "no_mixing", 16, 0.01, 8),
+                      ("d16", "local(window=3)", 16, 0.01, 8), ("d16", "local(window=5)", 16, 0.01, 8),
+                      ("d32", "sdpa", 32, 0.003, 16), ("d32", "local(window=3)", 32, 0.003, 16),
+                      ("d32", "local(window=5)", 32, 0.003, 16)]
+    assert len({c.key for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("entry, key, message", [
+    ("{name: recall, attentions: [sdpa, local]}", "tasks.tasks[0].attentions[1]", "not one of the section's"),
+    ("{name: recall, attentions: [sdpa, lokal]}", "tasks.tasks[0].attentions[1]", "not one of the section's"),
+    ("{name: recall, attentions: []}", "tasks.tasks[0].attentions", "non-empty list"),
+])
+def test_entry_attentions_errors_are_located(tmp_path, entry, key, message):
+    from cab.config import ConfigError
+    from cab.grid import expand
+
+    path = write(tmp_path, f"name: bad\nattentions: [sdpa, no_mixing]\ntasks:\n  tasks: [{entry}]\n")
+    with pytest.raises(ConfigError) as info:
+        expand(path)
+    assert info.value.key == key and message in str(info.value)
+
+
 @pytest.mark.parametrize("section, key, message", [
     ("tasks: [lm, recal]", "tasks.tasks[1].name", "did you mean 'recall'"),
     ("tasks: [{name: lm, params: {lenght: 5}}]", "tasks.tasks[0].params.lenght", "no parameter 'lenght'"),
@@ -169,3 +207,25 @@ def test_shipped_task_configs_expand(name, seeds, tasks):
 
         assert {(c.attention, c.pattern) for c in cells} == {
             (s.name, p) for s in all_specs() for p in s.patterns if p in {"NS", "CS", "NC", "CC"}}
+
+
+@pytest.mark.parametrize("name, seeds, widths, lengths, cells", [
+    ("zoology-mqar", 3, {64, 128, 256}, {64: [4], 128: [8], 256: [16]}, 171),
+    ("zoology-mqar-smoke", 1, {64, 128}, {64: [4], 128: [8]}, 17),
+])
+def test_zoology_configs_sweep_width_and_length(name, seeds, widths, lengths, cells):
+    from cab.grid import expand
+
+    grid = expand(ROOT / "configs" / f"{name}.yaml")
+    assert len(grid) == cells and {c.kind for c in grid} == {"task"} and {c.pattern for c in grid} == {"CS"}
+    assert {c.seed for c in grid} == set(range(seeds))
+    assert {c.task_params["d_model"] for c in grid} == widths
+    assert {c.task_params["length"]: c.task_params["pairs"] for c in grid} == lengths
+    assert {c.task_params["binding"] for c in grid} == {"joint"}
+    settings = {(c.task_params["length"], c.task_params["d_model"]) for c in grid}
+    assert settings == {(length, width) for length in lengths for width in widths}
+    for length, width in settings:  # exact attention and the control at every setting, the same recipe
+        here = [c for c in grid if (c.task_params["length"], c.task_params["d_model"]) == (length, width)]
+        assert {"sdpa", "no_mixing"} <= {c.attention for c in here}
+        assert len({(c.task_params["lr"], c.task_params["steps"]) for c in here}) == 1
+    assert {(c.task_params["d_model"]) for c in grid if c.attention == "routing"} == {64}
