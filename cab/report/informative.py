@@ -137,9 +137,10 @@ def primary_metric(task: str, metrics: "list[str]") -> str:
     """The metric a board is judged on: the first the task declares that the board has (the first of
     `metrics` when the task is not known here)."""
     from cab.tasks import UnknownTask, get_task
+    from cab.training.summary import task_name
 
     try:
-        declared = [m.name for m in get_task(task).metrics]
+        declared = [m.name for m in get_task(task_name(task)).metrics]
     except UnknownTask:
         declared = []
     return next((m for m in declared if m in metrics), metrics[0])

@@ -142,13 +142,15 @@ def _bench_extras(results: pd.DataFrame) -> "dict[tuple[str, str], tuple[float |
 
 
 def _chance(results: pd.DataFrame) -> "dict[tuple[str, str, str], float]":
+    from cab.training.summary import task_labels
+
     values: dict[tuple[str, str, str], list[float]] = {}
     tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
-    for row in tasks.to_dict("records"):
+    labels = task_labels(results)
+    for i, row in zip(tasks.index, tasks.to_dict("records")):
         for metric, value in mapping(mapping(row.get("metrics")).get("chance")).items():
             if number(value) is not None:
-                values.setdefault((text(row.get("task")), text(row.get("pattern")), str(metric)), []).append(
-                    float(value))
+                values.setdefault((labels[i], text(row.get("pattern")), str(metric)), []).append(float(value))
     return {k: sum(v) / len(v) for k, v in values.items()}
 
 
@@ -245,18 +247,22 @@ def board_frame(board: Leaderboard) -> pd.DataFrame:
 
 
 def _extrapolation(results: pd.DataFrame) -> "tuple[list, list]":
-    """Metric versus evaluation length for the task results that store a curve ('extrapolation')."""
+    """Metric versus evaluation length for the task results that store a curve ('extrapolation'), one plot per
+    task setting (task_labels) and pattern."""
+    from cab.training.summary import task_labels
+
+    labels = task_labels(results)
     curves: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
     trained: dict[tuple[str, str], Counter] = {}
     metric_name: dict[tuple[str, str], str] = {}
     tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
-    for row in tasks.to_dict("records"):
+    for i, row in zip(tasks.index, tasks.to_dict("records")):
         if status(row.get("status")) != "ok":
             continue
         curve = mapping(row.get("metrics")).get("extrapolation")
         if not isinstance(curve, list):
             continue
-        key = (text(row.get("task")), text(row.get("pattern")))
+        key = (labels[i], text(row.get("pattern")))
         per_label = curves.setdefault(key, {}).setdefault(label(row), {})
         for point in curve:
             point = mapping(point)
@@ -392,15 +398,12 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
     from cab.analysis.tables import decode_table
 
     decode = decode_table(results)
-    recall = summary[(summary["task"] == "recall") & (summary["metric"] == "accuracy")]
+    setting, target = _recall_setting(results)
+    recall = summary[(summary["task"] == setting) & (summary["metric"] == "accuracy")]
     if decode.empty or recall.empty:
         why = "no decode results" if decode.empty else "no recall results"
         return None, ("Recall versus state size needs decode benchmarks and recall task results: "
                       f"this store has {why}."), None
-    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
-    lengths = Counter(integer(mapping(r.get("task_params")).get("length")) for r in tasks.to_dict("records")
-                      if text(r.get("task")) == "recall" and integer(mapping(r.get("task_params")).get("length")))
-    target = lengths.most_common(1)[0][0] if lengths else None
     points, records = [], []
     for r in recall.to_dict("records"):
         mine = decode[(decode["attention"] == r["attention"]) & (decode["pattern"] == r["pattern"])
@@ -423,7 +426,9 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
                    alt="recall accuracy against the bytes of decode state per attention",
                    caption="Multi-query associative recall accuracy against the bytes of KV cache or recurrent state "
                            "held while decoding, at the decode context closest to the recall task's length "
-                           "(the BASED paper's trade-off).")
+                           "(the BASED paper's trade-off)."
+                           + (f" Recall setting: {setting} (the longest sequences, then the widest model, of the "
+                              "store's recall settings)." if setting != RECALL_TASK else ""))
     plotted = {(r["attention"], r["pattern"]) for r in records}
     missing = sorted({f"{a} ({p})" for a, p in zip(recall["attention"], recall["pattern"]) if (a, p) not in plotted},
                      key=str.casefold)
@@ -432,6 +437,25 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
 
 
 RECALL_TASK = "recall"
+
+
+def _recall_setting(results: pd.DataFrame) -> "tuple[str, int | None]":
+    """The recall board (task label, see task_labels) that the state-size view plots, and its length: of a
+    sweep's settings the one with the longest sequences, then the widest model (where recall is hardest and
+    every mixer has its best chance); plain "recall" when the store holds one setting."""
+    from cab.training.summary import task_labels, task_name
+
+    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
+    labels = task_labels(results)
+    settings: dict[str, tuple[int, int]] = {}
+    for i, row in zip(tasks.index, tasks.to_dict("records")):
+        if task_name(labels[i]) == RECALL_TASK:
+            params = mapping(row.get("task_params"))
+            settings[labels[i]] = (integer(params.get("length")) or 0, integer(params.get("d_model")) or 0)
+    if not settings:
+        return RECALL_TASK, None
+    setting = max(settings, key=lambda k: (settings[k], k))
+    return setting, settings[setting][0] or None
 
 
 def _recall_point(row: dict) -> "tuple | None":

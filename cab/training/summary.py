@@ -6,6 +6,8 @@ it apart), so two settings of one mechanism are ranked as two entries."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from cab.stats import CompositionalIndex, compositional_index, rank_with_ties, summarize
@@ -14,15 +16,42 @@ from cab.tasks import UnknownTask, get_task
 LONG_FRAME_COLUMNS = ("task", "pattern", "attention", "seed", "metric", "value", "direction", "index")
 
 
+def task_labels(results: pd.DataFrame) -> "dict[int, str]":
+    """Row index -> the task as the boards name it: the task's name, or, where the store holds that task under
+    several parameter settings (a sweep such as configs/zoology-mqar.yaml), the name with the parameters that
+    differ, e.g. "recall[d_model=128, length=128]", so that two settings are two columns, never seeds of one."""
+    if "task" not in results:
+        return {}
+    tasks = results[results["kind"] == "task"]
+    params = {i: (p if isinstance(p, dict) else {}) for i, p in
+              zip(tasks.index, tasks["task_params"] if "task_params" in tasks else [{}] * len(tasks))}
+    differing: dict[str, list[str]] = {}
+    for name in set(tasks["task"].dropna()):
+        settings = [params[i] for i in tasks.index[tasks["task"] == name]]
+        keys = sorted({k for p in settings for k in p})
+        differing[name] = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in settings}) > 1]
+    labels = {}
+    for i, name in zip(tasks.index, tasks["task"]):
+        keys = differing.get(name) or []
+        labels[i] = f"{name}[{', '.join(f'{k}={params[i].get(k)}' for k in keys)}]" if keys else str(name)
+    return labels
+
+
+def task_name(label: str) -> str:
+    """The registered task of a board's task label (see task_labels)."""
+    return label.split("[", 1)[0]
+
+
 def long_metrics(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (ok task result, declared scalar metric): task, pattern, attention (label), seed, metric,
-    value, direction (+1 higher is better, -1 lower), index (whether it enters the compositional index).
-    Results of tasks this process does not know are left out."""
+    """One row per (ok task result, declared scalar metric): task (its label: task_labels), pattern, attention
+    (label), seed, metric, value, direction (+1 higher is better, -1 lower), index (whether it enters the
+    compositional index). Results of tasks this process does not know are left out."""
     rows = []
     if "task" not in results:
         return pd.DataFrame(columns=LONG_FRAME_COLUMNS)
+    labels = task_labels(results)
     done = results[(results["kind"] == "task") & (results["status"] == "ok")]
-    for _, result in done.iterrows():
+    for i, result in done.iterrows():
         try:
             task = get_task(result["task"])
         except UnknownTask:
@@ -31,7 +60,7 @@ def long_metrics(results: pd.DataFrame) -> pd.DataFrame:
         for metric in task.metrics:
             value = metrics.get(metric.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append((result["task"], result["pattern"], result["label"] or result["attention"],
+                rows.append((labels[i], result["pattern"], result["label"] or result["attention"],
                              int(result["seed"]), metric.name, float(value), metric.direction, metric.index))
     return pd.DataFrame(rows, columns=LONG_FRAME_COLUMNS)
 
@@ -57,4 +86,4 @@ def task_index(long: pd.DataFrame, baseline: "str | None" = "vanilla") -> Compos
     return compositional_index(long[long["index"]], baseline=baseline)
 
 
-__all__ = ["LONG_FRAME_COLUMNS", "long_metrics", "summary_table", "task_index"]
+__all__ = ["LONG_FRAME_COLUMNS", "long_metrics", "summary_table", "task_index", "task_labels", "task_name"]

@@ -109,3 +109,30 @@ def test_no_figure_with_a_single_width(tmp_path):
         assert accuracy(s.dataframe(), set()).recall_width == ()
     html = render_report(db, tmp_path / "site", fidelity_budget_s=0).read_text(encoding="utf-8")
     assert parse(html).by_id("recall-width") is None and "Recall versus width" not in html
+
+
+def test_the_boards_keep_each_setting_of_a_sweep_apart(acc):
+    """The sweep's settings are columns of their own on the board, named by the parameters that differ; never
+    seeds of one 'recall' column (sdpa's CS accuracy at L=128, width 64: its 3 seeds, not 7 results pooled)."""
+    cs = next(b for b in acc.boards if b.pattern == "CS")
+    titles = {c.task for c in cs.columns}
+    assert titles == {f"recall[d_model={w}, length={n}, pairs=[{p}]]" for (n, p), per in ACCURACY.items()
+                      for w in (64, 128)}
+    column = cs.columns.index(next(c for c in cs.columns if c.task == "recall[d_model=64, length=128, pairs=[8]]"))
+    sdpa = next(r for r in cs.rows if r.label == "sdpa").scores[column]
+    assert sdpa.n == 3 and math.isclose(sdpa.mean, 0.99)
+    ns = next(b for b in acc.boards if b.pattern == "NS")  # the NS result's setting is one of the sweep's
+    assert [c.task for c in ns.columns] == ["recall[d_model=64, length=128, pairs=[8]]"]
+
+
+def test_the_state_size_view_plots_the_longest_widest_setting_of_a_sweep(store):
+    """Of the sweep's four recall settings, "Recall versus state size" takes the longest sequences, then the
+    widest model (L=256, width 128), and matches decode states at that length; a single setting keeps its
+    plain name."""
+    from cab.report.leaderboard import _recall_setting
+
+    with ResultStore(store) as s:
+        assert _recall_setting(s.dataframe()) == ("recall[d_model=128, length=256, pairs=[16]]", 256)
+    one = [r for r in sweep() if r.cell.task_params["d_model"] == 64 and r.cell.lq == 128]
+    with ResultStore(write_store(store.parent / "one.sqlite", one)) as s:
+        assert _recall_setting(s.dataframe()) == ("recall", 128)
