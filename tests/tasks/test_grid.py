@@ -209,15 +209,20 @@ def test_shipped_task_configs_expand(name, seeds, tasks):
             (s.name, p) for s in all_specs() for p in s.patterns if p in {"NS", "CS", "NC", "CC"}}
 
 
-@pytest.mark.parametrize("name, seeds, widths, lengths, cells", [
-    ("zoology-mqar", 3, {64, 128, 256}, {64: [4], 128: [8], 256: [16]}, 171),
-    ("zoology-mqar-smoke", 1, {64, 128}, {64: [4], 128: [8]}, 17),
+@pytest.mark.parametrize("name, seeds, widths, lengths, cells, mixers", [
+    ("zoology-mqar", 3, {64, 128, 256}, {64: [4], 128: [8], 256: [16]}, 171, 7),
+    ("zoology-mqar-smoke", 1, {64, 128}, {64: [4], 128: [8]}, 17, 5),
 ])
-def test_zoology_configs_sweep_width_and_length(name, seeds, widths, lengths, cells):
+def test_zoology_configs_sweep_width_and_length(name, seeds, widths, lengths, cells, mixers):
     from cab.grid import expand
 
-    grid = expand(ROOT / "configs" / f"{name}.yaml")
-    assert len(grid) == cells and {c.kind for c in grid} == {"task"} and {c.pattern for c in grid} == {"CS"}
+    everything = expand(ROOT / "configs" / f"{name}.yaml")
+    grid = [c for c in everything if c.kind == "task"]
+    assert len(grid) == cells and {c.pattern for c in everything} == {"CS"}
+    decode = [c for c in everything if c.kind != "task"]  # the state sizes: every mixer at every recall length
+    assert {(c.kind, c.mode) for c in decode} == {("bench", "decode")} and len(decode) == mixers * len(lengths)
+    assert {(c.attention, c.lk) for c in decode} == {(a, n) for a in {c.attention for c in grid} for n in lengths}
+    assert {c.head_dim * c.heads for c in decode} == {max(widths)}
     assert {c.seed for c in grid} == set(range(seeds))
     assert {c.task_params["d_model"] for c in grid} == widths
     assert {c.task_params["length"]: c.task_params["pairs"] for c in grid} == lengths
