@@ -13,6 +13,7 @@ import torch
 
 from cab.attention.base import Attention
 from cab.cells import Cell, Outcome
+from cab.metrics import BenchMetrics
 from cab.status import Status
 
 
@@ -29,11 +30,12 @@ def over_budget(attn: Attention, cell: Cell) -> "Outcome | None":
             message = (f"skipped by memory estimate: {cell.attention} needs about {estimate / 2 ** 30:.1f} GiB "
                        f"for {cell.mode} at Lq={cell.lq}, Lk={cell.lk}, over max_memory_bytes = "
                        f"{max_memory / 2 ** 30:.1f} GiB")
-            return Outcome(Status.SKIPPED, {"mem_estimate_bytes": estimate, "max_memory_bytes": max_memory}, message)
+            metrics = BenchMetrics(mem_estimate_bytes=estimate, max_memory_bytes=max_memory)
+            return Outcome(Status.SKIPPED, metrics.to_dict(), message)
     if max_flops is not None:
         flops = attn.algorithmic_flops(cell.batch, cell.lq, cell.lk, cell.kv_heads)
         if flops is not None and flops > max_flops:
             message = (f"skipped by FLOP estimate: {cell.attention}'s forward takes {flops:.3g} FLOPs at "
                        f"Lq={cell.lq}, Lk={cell.lk}, over max_flops = {max_flops:.3g}")
-            return Outcome(Status.SKIPPED, {"flops_estimate": flops, "max_flops": max_flops}, message)
+            return Outcome(Status.SKIPPED, BenchMetrics(flops_estimate=flops, max_flops=max_flops).to_dict(), message)
     return None

@@ -56,6 +56,7 @@ from cab.cells import Cell, Outcome, Result, jsonable
 from cab.check.compare import relative_error
 from cab.devices import device_unavailable
 from cab.failures import CellTimeout, outcome_of_exception, time_limit
+from cab.metrics import KERNEL_TENSORS, KernelMetrics
 from cab.registry import versions_of
 from cab.status import Status
 from cab.store import ResultStore
@@ -419,20 +420,21 @@ def compare_backends(cell: Cell) -> Outcome:
     triton_run, ran = _backend_run(cell, "triton", dtype, inputs, mask, cotangent)
     torch_run, _ = _backend_run(cell, "torch", dtype, inputs, mask, cotangent)
     reference, _ = _backend_run(cell, "torch", torch.float64, inputs, mask, cotangent)
-    metrics: dict = {"backend": ran, "floor": KERNEL_FLOOR[cell.dtype], "slack": KERNEL_SLACK}
+    errors: dict = {}
     problems = []
-    for name, got, base, want in zip(("out", "dq", "dk", "dv"), triton_run, torch_run, reference):
+    for name, got, base, want in zip(KERNEL_TENSORS, triton_run, torch_run, reference):
         err, base_err = relative_error(got, want), relative_error(base, want)
         bound = max(KERNEL_FLOOR[cell.dtype], KERNEL_SLACK * base_err)
-        metrics.update({f"{name}_err_triton": err, f"{name}_err_torch": base_err,
-                        f"{name}_triton_vs_torch": relative_error(got, base)})
+        errors.update({f"{name}_err_triton": err, f"{name}_err_torch": base_err,
+                       f"{name}_triton_vs_torch": relative_error(got, base)})
         if not err <= bound:
             problems.append(f"{name}: triton error {err:.3g} > {bound:.3g} (torch backend: {base_err:.3g})")
     if ran != "triton":
         problems.append(f"backend that ran is {ran!r}, not 'triton'")
+    metrics = KernelMetrics(backend=ran, floor=KERNEL_FLOOR[cell.dtype], slack=KERNEL_SLACK, **errors).to_dict()
     if problems:
         return Outcome(Status.INCORRECT, metrics=metrics, message="; ".join(problems))
-    worst = max(metrics[f"{n}_err_triton"] for n in ("out", "dq", "dk", "dv"))
+    worst = max(errors[f"{n}_err_triton"] for n in KERNEL_TENSORS)
     return Outcome(Status.OK, metrics=metrics, message=f"triton matches torch (worst relative error {worst:.3g})")
 
 

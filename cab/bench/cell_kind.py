@@ -15,6 +15,7 @@ from cab.cells import BENCH_MODES, Cell, Outcome
 from cab.devices import device_unavailable
 from cab.failures import is_oom
 from cab.kinds import register_cell_kind
+from cab.metrics import BenchMetrics
 from cab.patterns import visible_pairs
 from cab.registry import get_spec
 from cab.status import Status
@@ -36,8 +37,9 @@ def _time_mode(attn: torch.nn.Module, cell: Cell) -> "list[TimingStats]":
 
 
 def _pair_metrics(attn: torch.nn.Module, cell: Cell) -> dict:
-    """computed_pairs (all batch rows and heads), the visible pairs a dense attention computes and the
-    achieved sparsity 1 - computed / visible, for attentions that declare `computed_pairs`; {} otherwise."""
+    """The BenchMetrics fields computed_pairs (all batch rows and heads), visible_pairs_total (what a dense
+    attention computes) and achieved_sparsity 1 - computed / visible, for attentions that declare
+    `computed_pairs`; {} otherwise."""
     if not attn.has_computed_pairs():
         return {}
     q, k, v, _ = make_inputs(cell, requires_grad=False)
@@ -94,7 +96,7 @@ def bench_cell(cell: Cell) -> Outcome:
     except Exception as exc:
         if not is_oom(exc):
             raise
-        return Outcome(Status.OOM, metrics={"oom_phase": "timing"},
+        return Outcome(Status.OOM, metrics=BenchMetrics(oom_phase="timing").to_dict(),
                        message=f"out of memory while timing: {type(exc).__name__}: {str(exc)[:500]}")
     pairs = _pair_metrics(attn, cell)
     backend = str(getattr(attn, "backend", "torch"))
@@ -105,21 +107,20 @@ def bench_cell(cell: Cell) -> Outcome:
     convention = cell.options.get("flops_convention", "exact")
     flops = dense_flops(cell.pattern, cell.batch, cell.heads, cell.lq, cell.lk, cell.head_dim, cell.head_dim,
                         cell.mode, convention=convention)
-    metrics = {
-        **stats.to_metrics(),
-        "gate": "ok" if gated else "off",
-        **({"gate_coverage": verdict.coverage} if gated else {}),
-        "setup_ms": setup_ms,
-        "flops": flops,
-        "flops_convention": convention,
-        "tflops": flops / (stats.median_ms * 1e-3) / 1e12 if stats.median_ms > 0 else None,
-        "visible_pairs": visible_pairs(cell.pattern, cell.lq, cell.lk, convention=convention),  # per (B, H)
-        "trial_medians_ms": [trial.median_ms for trial in trials],
-        "backend": backend,
+    metrics = BenchMetrics(
+        timing=stats.timing(),
+        gate="ok" if gated else "off",
+        gate_coverage=verdict.coverage if gated else None,
+        setup_ms=setup_ms,
+        flops=flops,
+        flops_convention=convention,
+        tflops=flops / (stats.median_ms * 1e-3) / 1e12 if stats.median_ms > 0 else None,
+        visible_pairs=visible_pairs(cell.pattern, cell.lq, cell.lk, convention=convention),  # per (B, H)
+        trial_medians_ms=[trial.median_ms for trial in trials],
+        backend=backend,
         **pairs,
-    }
-    if gpu_before:
-        metrics.update(gpu_before=gpu_before, gpu_after=gpu_state(cell.device))
-    if cell.options.get("memory", True):
-        metrics.update(measure_memory(cell))
-    return Outcome(Status.OK, metrics=metrics)
+        gpu_before=gpu_before or None,
+        gpu_after=gpu_state(cell.device) if gpu_before else None,
+        memory=measure_memory(cell) if cell.options.get("memory", True) else None,
+    )
+    return Outcome(Status.OK, metrics=metrics.to_dict())

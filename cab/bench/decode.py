@@ -23,6 +23,7 @@ from cab.bench.workload import build_timed, failed_gate, gate_report
 from cab.cells import Cell, Outcome
 from cab.devices import device_unavailable
 from cab.failures import is_oom
+from cab.metrics import DecodeMetrics
 from cab.patterns import Pattern
 from cab.registry import get_spec
 from cab.status import Status
@@ -81,7 +82,7 @@ def decode_cell(cell: Cell) -> Outcome:
     attn, setup_ms = built
     gated = cell.options.get("gate", True) is not False
     verdict = gate_report(cell) if gated else None
-    failed = failed_gate(verdict) if gated else None
+    failed = failed_gate(verdict, decode=True) if gated else None
     if failed is not None:
         return failed
     options = cell.options
@@ -95,23 +96,23 @@ def decode_cell(cell: Cell) -> Outcome:
     except Exception as exc:
         if not is_oom(exc):
             raise
-        return Outcome(Status.OOM, metrics={"oom_phase": "decode"},
+        return Outcome(Status.OOM, metrics=DecodeMetrics(oom_phase="decode").to_dict(),
                        message=f"out of memory while decoding: {type(exc).__name__}: {str(exc)[:500]}")
     stats = TimingStats(tuple(t for trial in trials for t in trial.samples_ms), trials[0].timer, trials[0].threads,
                         sum(trial.warmup_calls for trial in trials))
     flops = decode_flops(cell.batch, cell.heads, cell.lk, cell.head_dim, cell.head_dim)
     seconds = stats.median_ms * 1e-3
-    metrics = {
-        **stats.to_metrics(),
-        "gate": "ok" if gated else "off",
-        **({"gate_coverage": verdict.coverage} if gated else {}),
-        "setup_ms": setup_ms,
-        "context": cell.lk,
-        "trial_medians_ms": [trial.median_ms for trial in trials],
-        "state_bytes": attn.decode_state_bytes(state),
-        "backend": str(getattr(attn, "backend", "torch")),
-        "tokens_per_s": cell.batch / seconds if seconds > 0 else None,
-        "flops": flops,
-        "tflops": flops / seconds / 1e12 if seconds > 0 else None,
-    }
-    return Outcome(Status.OK, metrics=metrics)
+    metrics = DecodeMetrics(
+        timing=stats.timing(),
+        gate="ok" if gated else "off",
+        gate_coverage=verdict.coverage if gated else None,
+        setup_ms=setup_ms,
+        context=cell.lk,
+        trial_medians_ms=[trial.median_ms for trial in trials],
+        state_bytes=attn.decode_state_bytes(state),
+        backend=str(getattr(attn, "backend", "torch")),
+        tokens_per_s=cell.batch / seconds if seconds > 0 else None,
+        flops=flops,
+        tflops=flops / seconds / 1e12 if seconds > 0 else None,
+    )
+    return Outcome(Status.OK, metrics=metrics.to_dict())

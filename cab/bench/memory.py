@@ -19,13 +19,14 @@ from cab.bench.memory_probe import measure_in_child
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell
 from cab.failures import is_oom
+from cab.metrics import Memory
 from cab.registry import loaded_plugin_specs
 
 DEFAULT_PROBE_TIMEOUT_S = 600.0
 _CONTEXT: "multiprocessing.context.BaseContext | None" = None
 
 
-def measure_memory(cell: Cell) -> dict:
+def measure_memory(cell: Cell) -> Memory:
     """Memory metrics of one call of the cell's mode: peak_mem_bytes above the pre-call baseline,
     mem_method, mem_status ("ok", "oom", "timeout" or "error", with mem_message when not ok), and for fwd
     saved_for_backward_bytes (output and tensors kept for backward)."""
@@ -43,7 +44,7 @@ def _forkserver() -> multiprocessing.context.BaseContext:
     return _CONTEXT
 
 
-def cpu_memory(cell: Cell, timeout_s: float) -> dict:
+def cpu_memory(cell: Cell, timeout_s: float) -> Memory:
     """Run the memory probe on the cell in a process of its own and return its metrics."""
     ctx = _forkserver()
     request = {"cell": cell.to_dict(), "plugins": loaded_plugin_specs(), "threads": torch.get_num_threads()}
@@ -59,13 +60,13 @@ def cpu_memory(cell: Cell, timeout_s: float) -> dict:
                 metrics = None
             child.join(30)
             if metrics is not None:
-                return metrics
+                return Memory.from_dict(metrics)
         elif child.is_alive():
-            return {"mem_status": "timeout", "mem_message": f"memory probe exceeded {timeout_s:g} s"}
+            return Memory(mem_status="timeout", mem_message=f"memory probe exceeded {timeout_s:g} s")
         child.join(30)
         if child.exitcode == -signal.SIGKILL:
-            return {"mem_status": "oom", "mem_message": "memory probe killed by SIGKILL (the kernel's OOM killer)"}
-        return {"mem_status": "error", "mem_message": f"memory probe exited with {child.exitcode} without a result"}
+            return Memory(mem_status="oom", mem_message="memory probe killed by SIGKILL (the kernel's OOM killer)")
+        return Memory(mem_status="error", mem_message=f"memory probe exited with {child.exitcode} without a result")
     finally:
         receiver.close()
         if child.is_alive():
@@ -73,7 +74,7 @@ def cpu_memory(cell: Cell, timeout_s: float) -> dict:
             child.join(10)
 
 
-def cuda_memory(cell: Cell) -> dict:
+def cuda_memory(cell: Cell) -> Memory:
     """Allocator peak of one call after a warm-up call: max_memory_allocated - memory_allocated before it."""
     device = torch.device(cell.device)
     try:
@@ -89,19 +90,16 @@ def cuda_memory(cell: Cell) -> dict:
         baseline = torch.cuda.memory_allocated(device)
         kept = fn()
         torch.cuda.synchronize(device)
-        metrics = {
-            "mem_status": "ok",
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) - baseline,
-            "mem_baseline_bytes": baseline,
-            "mem_method": "cuda_allocator",
-        }
-        if cell.mode == "fwd":
-            metrics["saved_for_backward_bytes"] = torch.cuda.memory_allocated(device) - baseline
+        memory = Memory(
+            mem_status="ok", peak_mem_bytes=torch.cuda.max_memory_allocated(device) - baseline,
+            mem_baseline_bytes=baseline, mem_method="cuda_allocator",
+            saved_for_backward_bytes=torch.cuda.memory_allocated(device) - baseline if cell.mode == "fwd" else None,
+        )
         del kept
-        return metrics
+        return memory
     except Exception as exc:
         if not is_oom(exc):
             raise
-        return {"mem_status": "oom", "mem_message": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        return Memory(mem_status="oom", mem_message=f"{type(exc).__name__}: {str(exc)[:500]}")
     finally:
         torch.cuda.empty_cache()

@@ -27,6 +27,7 @@ from cab.bench.inputs import make_inputs
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell, jsonable
 from cab.failures import is_oom
+from cab.metrics import Memory
 from cab.registry import discover
 
 WARMUP_LENGTH = 32  # the warm-up call's sequence length: enough to load every kernel, too small to matter
@@ -52,7 +53,7 @@ def reset_high_water_mark() -> bool:
     return True
 
 
-def probe(cell: Cell) -> dict:
+def probe(cell: Cell) -> Memory:
     """Memory metrics of one call of the cell's mode in this (fresh) process."""
     attn = build_attention(cell)
     grad = needs_grad(cell.mode)
@@ -66,18 +67,15 @@ def probe(cell: Cell) -> dict:
     before = read_memory_status()
     kept = fn()
     after = read_memory_status()
-    metrics = {
-        "mem_status": "ok",
-        "peak_mem_bytes": after["VmHWM"] - before["VmRSS"],
-        "mem_baseline_bytes": before["VmRSS"],
-        "mem_method": "vmhwm_clear_refs" if was_reset else "vmhwm_since_start",
-    }
-    if not was_reset:
-        metrics["mem_upper_bound"] = True
-    if cell.mode == "fwd":  # what the forward leaves alive for backward: output and saved tensors
-        metrics["saved_for_backward_bytes"] = after["VmRSS"] - before["VmRSS"]
+    memory = Memory(
+        mem_status="ok", peak_mem_bytes=after["VmHWM"] - before["VmRSS"], mem_baseline_bytes=before["VmRSS"],
+        mem_method="vmhwm_clear_refs" if was_reset else "vmhwm_since_start",
+        mem_upper_bound=None if was_reset else True,
+        # what the forward leaves alive for backward: output and saved tensors
+        saved_for_backward_bytes=after["VmRSS"] - before["VmRSS"] if cell.mode == "fwd" else None,
+    )
     del kept
-    return metrics
+    return memory
 
 
 def _limit_mmap_threshold() -> bool:
@@ -95,14 +93,14 @@ def measure_in_child(request: dict, conn) -> None:
         discover(request.get("plugins") or [])
         if request.get("threads"):
             torch.set_num_threads(int(request["threads"]))
-        metrics = probe(Cell.from_dict(request["cell"]))
+        memory = probe(Cell.from_dict(request["cell"]))
     except Exception as exc:
         if is_oom(exc):
-            metrics = {"mem_status": "oom", "mem_message": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            memory = Memory(mem_status="oom", mem_message=f"{type(exc).__name__}: {str(exc)[:500]}")
         else:
             tail = traceback.format_exc()[-2000:]
-            metrics = {"mem_status": "error", "mem_message": f"{type(exc).__name__}: {exc}\n{tail}"}
-    conn.send(jsonable(metrics))
+            memory = Memory(mem_status="error", mem_message=f"{type(exc).__name__}: {exc}\n{tail}")
+    conn.send(jsonable(memory.to_dict()))
     conn.close()
 
 

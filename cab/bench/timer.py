@@ -12,6 +12,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
+from cab.metrics import Timing
+
 HIGH_CV = 0.05  # a cell whose coefficient of variation is above this is flagged
 _FALLBACK_L2_BYTES = 128 * 1024 * 1024  # when the device does not report its L2 size (flush 2x this)
 
@@ -77,14 +79,14 @@ class TimingStats:
     def high_cv(self) -> bool:
         return self.cv > HIGH_CV
 
-    def to_metrics(self) -> dict:
-        """The metrics a bench result stores (all samples and their summary)."""
-        return {
-            "samples_ms": list(self.samples_ms), "median_ms": self.median_ms, "p20_ms": self.p20_ms,
-            "p80_ms": self.p80_ms, "mean_ms": self.mean_ms, "std_ms": self.std_ms, "min_ms": self.min_ms,
-            "max_ms": self.max_ms, "n": self.n, "cv": self.cv, "high_cv": self.high_cv, "timer": self.timer,
-            "threads": self.threads, "warmup_calls": self.warmup_calls,
-        }
+    def timing(self) -> Timing:
+        """The timing part of a bench or decode result's metrics (all samples and their summary)."""
+        return Timing(
+            samples_ms=list(self.samples_ms), median_ms=self.median_ms, p20_ms=self.p20_ms, p80_ms=self.p80_ms,
+            mean_ms=self.mean_ms, std_ms=self.std_ms, min_ms=self.min_ms, max_ms=self.max_ms, n=self.n,
+            cv=self.cv, high_cv=self.high_cv, timer=self.timer, threads=self.threads,
+            warmup_calls=self.warmup_calls,
+        )
 
 
 class CpuTimer:

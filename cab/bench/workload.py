@@ -11,6 +11,7 @@ import torch
 from cab.attention.base import Attention, UnsupportedPattern
 from cab.bench.inputs import torch_dtype
 from cab.cells import BENCH_MODES, Cell, Outcome
+from cab.metrics import BenchMetrics, DecodeMetrics
 from cab.registry import create_attention
 from cab.status import Status
 
@@ -88,10 +89,11 @@ def gate_report(cell: Cell):
     return gate(cell.attention, cell.pattern, cell.hparams, cell.device, cell.dtype, shape, decode=decode)
 
 
-def failed_gate(report) -> "Outcome | None":
+def failed_gate(report, decode: bool = False) -> "Outcome | None":
     """The cell's outcome when the gate's report failed, None when it passed: no speed is reported for a
-    configuration whose conformance checks fail."""
+    configuration whose conformance checks fail (`decode`: the metrics of a decode cell)."""
     if report.status is Status.OK:
         return None
-    return Outcome(report.status, metrics={"gate": report.status.value, "gate_coverage": report.coverage},
+    schema = DecodeMetrics if decode else BenchMetrics
+    return Outcome(report.status, metrics=schema(gate=report.status.value, gate_coverage=report.coverage).to_dict(),
                    message=f"correctness gate failed: {report.message}")

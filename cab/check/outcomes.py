@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from cab.metrics import CheckMetrics
 from cab.patterns import Pattern
 from cab.status import Status
 
@@ -110,9 +111,9 @@ class ConformanceReport:
         return " ".join(text.split())
 
     def to_metrics(self) -> dict:
-        """JSON-ready: {"verdict": status, "checks": [each check's dict], "coverage": {...}}."""
-        return {"verdict": self.status.value, "checks": [c.to_dict() for c in self.checks],
-                "coverage": self.coverage}
+        """JSON-ready CheckMetrics: {"verdict": status, "checks": [each check's dict], "coverage": {...}}."""
+        return CheckMetrics(verdict=self.status.value, checks=[c.to_dict() for c in self.checks],
+                            coverage=self.coverage).to_dict()
 
     def combined(self, other: "ConformanceReport") -> "ConformanceReport":
         """This report with `other`'s checks appended and coverages merged (the gate adds the probe of a

@@ -22,7 +22,7 @@ class ParameterCount:
     flagged: bool
 
     def metrics(self) -> dict:
-        """The counts as result metrics: params_total, params_attention, params_backbone, param_overhead,
+        """The counts as TaskMetrics fields: params_total, params_attention, params_backbone, param_overhead,
         param_flag."""
         names = {"total": "params_total", "attention": "params_attention", "backbone": "params_backbone",
                  "overhead": "param_overhead", "flagged": "param_flag"}

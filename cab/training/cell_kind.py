@@ -16,6 +16,7 @@ from cab.attention.base import Attention, UnsupportedPattern
 from cab.cells import Cell, Outcome
 from cab.devices import device_unavailable
 from cab.kinds import register_cell_kind
+from cab.metrics import TaskMetrics
 from cab.models import count_parameters
 from cab.patterns import Pattern
 from cab.registry import get_spec
@@ -53,8 +54,8 @@ def _gate(model: nn.Module, hparams: dict, device: str, shapes: "dict | None" = 
             report = gate(name, pattern, hparams if tested else {}, device, TRAIN_DTYPE, shape)
             if report.status is not Status.OK:
                 role = "attention under test" if tested else "base attention"
-                return Outcome(report.status, metrics={"gate": report.status.value, "gate_attention": name,
-                                                       "gate_coverage": report.coverage},
+                metrics = TaskMetrics(gate=report.status.value, gate_attention=name, gate_coverage=report.coverage)
+                return Outcome(report.status, metrics=metrics.to_dict(),
                                message=f"correctness gate failed for the {role} {name} ({pattern.value}): "
                                        f"{report.message}")
     return None
@@ -127,19 +128,20 @@ def run_task(task: "Task | str", attention: str, pattern: "Pattern | str", *, hp
         log = train(task, model, data, generator, torch_device, progress=progress,
                     description=description or f"{task.name} {attention} {pattern.value} seed {seed}")
     except Diverged as exc:
-        return Outcome(Status.ERROR, metrics={"diverged_at_step": exc.step, **counts.metrics()}, message=str(exc))
+        return Outcome(Status.ERROR, metrics=TaskMetrics(diverged_at_step=exc.step, **counts.metrics()).to_dict(),
+                       message=str(exc))
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
-        metrics = task.evaluate(model, data, torch_device)
+        scores = task.evaluate(model, data, torch_device)
     eval_s = time.perf_counter() - start
-    return Outcome(Status.OK, metrics={
-        **metrics, "chance": task.chance(data), **counts.metrics(), "steps": log.steps,
-        "gate": "ok" if gate else "off",
-        "gate_shapes": {f"{name} {pattern.value}": [s.describe() for s in shapes]
-                        for (name, pattern, _), shapes in probed.items()},
-        "final_loss": log.final_loss, "loss_curve": log.loss_curve, "train_s": log.train_s, "eval_s": eval_s,
-    })
+    return Outcome(Status.OK, metrics=TaskMetrics(
+        scores=scores, chance=task.chance(data), **counts.metrics(), steps=log.steps,
+        gate="ok" if gate else "off",
+        gate_shapes={f"{name} {pattern.value}": [s.describe() for s in shapes]
+                     for (name, pattern, _), shapes in probed.items()},
+        final_loss=log.final_loss, loss_curve=log.loss_curve, train_s=log.train_s, eval_s=eval_s,
+    ).to_dict())
 
 
 def _describe(cell: Cell) -> str:

@@ -44,8 +44,9 @@ def test_timing_stats_from_known_samples():
     assert stats.cv == pytest.approx(math.sqrt(82.5 / 9) / 5.5)
     assert stats.high_cv
     assert (stats.min_ms, stats.max_ms) == (1.0, 10.0)
-    metrics = stats.to_metrics()
-    assert metrics["samples_ms"] == list(stats.samples_ms) and metrics["threads"] == 3 and metrics["timer"] == "t"
+    timing = stats.timing()
+    assert timing.samples_ms == list(stats.samples_ms) and timing.threads == 3 and timing.timer == "t"
+    assert list(timing.to_dict())[:3] == ["samples_ms", "median_ms", "p20_ms"]
 
 
 def test_steady_samples_are_not_flagged():

@@ -57,20 +57,20 @@ def test_high_water_mark_reset_works_here():
 
 def test_vanilla_peak_holds_the_score_matrix():
     metrics = measure_memory(cell("vanilla", mode="fwd"))
-    assert metrics["mem_status"] == "ok", metrics
-    assert metrics["mem_method"] in ("vmhwm_clear_refs", "vmhwm_since_start")
-    assert metrics["peak_mem_bytes"] >= 0.9 * SCORES_BYTES
-    assert metrics["peak_mem_bytes"] < 8 * SCORES_BYTES  # scores, mask, softmax: a few copies, not dozens
+    assert metrics.mem_status == "ok", metrics
+    assert metrics.mem_method in ("vmhwm_clear_refs", "vmhwm_since_start")
+    assert metrics.peak_mem_bytes >= 0.9 * SCORES_BYTES
+    assert metrics.peak_mem_bytes < 8 * SCORES_BYTES  # scores, mask, softmax: a few copies, not dozens
     # eager softmax attention keeps the (B, H, L, L) probabilities for backward
-    assert 0.9 * SCORES_BYTES <= metrics["saved_for_backward_bytes"] <= metrics["peak_mem_bytes"]
+    assert 0.9 * SCORES_BYTES <= metrics.saved_for_backward_bytes <= metrics.peak_mem_bytes
 
 
 def test_chunked_and_fused_attention_stay_far_below_the_score_matrix():
     chunked = measure_memory(cell("memory_efficient", hparams={"query_chunk_size": 128, "key_chunk_size": 256}))
     fused = measure_memory(cell("sdpa"))
     for metrics in (chunked, fused):
-        assert metrics["mem_status"] == "ok", metrics
-        assert 0 <= metrics["peak_mem_bytes"] < SCORES_BYTES / 4
+        assert metrics.mem_status == "ok", metrics
+        assert 0 <= metrics.peak_mem_bytes < SCORES_BYTES / 4
 
 
 PLUGIN = textwrap.dedent('''
@@ -137,13 +137,13 @@ def failing_plugin(tmp_path_factory):
 ])
 def test_probe_failures_become_memory_statuses(failing_plugin, attention, status, text):
     metrics = measure_memory(cell(attention, lq=64, lk=64))
-    assert metrics["mem_status"] == status and text in metrics["mem_message"]
-    assert "peak_mem_bytes" not in metrics
+    assert metrics.mem_status == status and text in metrics.mem_message
+    assert metrics.peak_mem_bytes is None
 
 
 def test_probe_timeout(failing_plugin):
     metrics = measure_memory(cell("mem_test_slow", lq=64, lk=64, options={"memory_timeout_s": 1.0}))
-    assert metrics["mem_status"] == "timeout"
+    assert metrics.mem_status == "timeout"
 
 
 @pytest.mark.cuda
@@ -151,8 +151,8 @@ def test_probe_timeout(failing_plugin):
 def test_cuda_allocator_peak_holds_the_score_matrix():
     vanilla = measure_memory(cell("vanilla", device="cuda"))
     fused = measure_memory(cell("sdpa", device="cuda"))
-    assert vanilla["mem_method"] == "cuda_allocator" and vanilla["mem_status"] == "ok"
-    assert vanilla["peak_mem_bytes"] >= SCORES_BYTES
-    assert 0 < fused["peak_mem_bytes"] < SCORES_BYTES / 4
-    saved = measure_memory(cell("vanilla", mode="fwd", device="cuda"))["saved_for_backward_bytes"]
+    assert vanilla.mem_method == "cuda_allocator" and vanilla.mem_status == "ok"
+    assert vanilla.peak_mem_bytes >= SCORES_BYTES
+    assert 0 < fused.peak_mem_bytes < SCORES_BYTES / 4
+    saved = measure_memory(cell("vanilla", mode="fwd", device="cuda")).saved_for_backward_bytes
     assert saved >= SCORES_BYTES
