@@ -331,10 +331,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         format_exponents,
     )
     from cab.store import ResultStore
+    from cab.tables import typed_rows
 
     _load(args.plugin)  # plugin attentions' declared exponents
     with ResultStore(args.db, readonly=True) as store:  # read-only: analyze never writes the store
-        df = store.dataframe()
+        df = typed_rows(store.dataframe())  # every result's metrics read once, for the three analyses
     metrics = tuple(args.metric or ("time", "memory"))
     lengths = efficiency_table(df, baselines=tuple(args.baseline), metrics=metrics, method=args.method,
                                n_boot=args.bootstrap)

@@ -1,7 +1,8 @@
 """Cost curves from the results store: one curve per attention and configuration, one point per length
 holding every sample taken there (rows that differ only by seed or trial pool their samples).
 
-Input is `ResultStore.dataframe()`: bench rows with status ok; time is the `samples_ms` metric, memory
+Input is a typed results table (cab.tables: the report's bench table, or `ResultStore.dataframe()`, read
+once through the metrics schema here): bench rows with status ok; time is the `samples_ms` metric, memory
 the `peak_mem_bytes` metric of rows whose memory pass succeeded.
 """
 
@@ -11,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 
 import pandas as pd
+
+from cab.tables import typed_rows
 
 METRICS = ("time", "memory")
 # what makes two bench rows points of the same curve (besides the attention)
@@ -41,13 +44,13 @@ class Curve:
         return dict(zip(CONFIG_FIELDS + ("kv_ratio",), self.config))
 
 
-def _samples(metrics: dict, metric: str) -> "list[float]":
+def _samples(row: pd.Series, metric: str) -> "list[float]":
     if metric == "time":
-        samples = metrics.get("samples_ms") or []
+        samples = row["samples_ms"] or []
         return [float(s) for s in samples if s is not None]
-    if metrics.get("mem_status", "ok") != "ok" or metrics.get("peak_mem_bytes") is None:
+    if (row["mem_status"] or "ok") != "ok" or row["peak_mem_bytes"] is None:
         return []
-    return [float(metrics["peak_mem_bytes"])]
+    return [float(row["peak_mem_bytes"])]
 
 
 def _label(row: pd.Series) -> str:
@@ -61,23 +64,23 @@ def _config(row: pd.Series) -> tuple:
 
 
 def bench_curves(df: pd.DataFrame, metric: str) -> "list[Curve]":
-    """Every curve of `metric` ("time" or "memory") in a store dataframe, in a stable order."""
+    """Every curve of `metric` ("time" or "memory") in a results table, in a stable order."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if df.empty or "kind" not in df:
         return []
+    df = typed_rows(df)
     rows = df[(df["kind"] == "bench") & (df["mode"] != "decode")]
     curves: dict = {}
     for _, row in rows.iterrows():
         key = (_label(row), json.dumps(row.get("hparams") or {}, sort_keys=True), _config(row))
         curve = curves.setdefault(key, Curve(_label(row), row["attention"], key[2], metric, {}, {}))
         length = int(row["lq"])
-        metrics = row["metrics"] if isinstance(row["metrics"], dict) else {}
-        samples = _samples(metrics, metric) if row["status"] == "ok" else []
+        samples = _samples(row, metric) if row["status"] == "ok" else []
         if samples:
             curve.points.setdefault(length, []).extend(samples)
         elif length not in curve.points:
-            reason = row["status"] if row["status"] != "ok" else f"memory {metrics.get('mem_status', 'missing')}"
+            reason = row["status"] if row["status"] != "ok" else f"memory {row['mem_status'] or 'missing'}"
             curve.failed[length] = reason
     for curve in curves.values():
         for length in curve.points:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from cab.tables import typed_rows
+
 
 @dataclass(frozen=True)
 class DevicePeak:
@@ -76,23 +78,24 @@ def peak_fractions(flops: float, nbytes: float, seconds: float, device_name: str
 
 def throughput_table(df: pd.DataFrame) -> pd.DataFrame:
     """Effective TFLOP/s (dense-equivalent) and % of the device's peak FLOP/s and bandwidth of every ok
-    bench row of a store dataframe (percentages only for devices in KNOWN_DEVICES)."""
+    bench row of a typed results table (cab.tables; percentages only for devices in KNOWN_DEVICES)."""
     rows = []
     if df.empty:
         return pd.DataFrame(rows)
+    df = typed_rows(df)
     for _, row in df[(df["kind"] == "bench") & (df["status"] == "ok") & (df["mode"] != "decode")].iterrows():
-        metrics, provenance = row["metrics"], row.get("provenance") or {}
-        if metrics.get("median_ms") is None or metrics.get("flops") is None:
+        median_ms, flops, provenance = row["median_ms"], row["flops"], row.get("provenance") or {}
+        if median_ms is None or flops is None:
             continue
-        seconds = metrics["median_ms"] * 1e-3
+        seconds = median_ms * 1e-3
         itemsize = torch.empty((), dtype=getattr(torch, row["dtype"])).element_size()
         nbytes = io_bytes(row["batch"], row["heads"], row["kv_heads"], row["lq"], row["lk"], row["head_dim"],
                           row["head_dim"], itemsize, row["mode"])
         rows.append({
             "attention": row.get("label") or row["attention"], "pattern": row["pattern"], "mode": row["mode"],
             "dtype": row["dtype"], "length": row["lq"], "device_name": provenance.get("device_name", ""),
-            "tflops": metrics["flops"] / seconds / 1e12,
-            **peak_fractions(metrics["flops"], nbytes, seconds, provenance.get("device_name", ""), row["dtype"]),
+            "tflops": flops / seconds / 1e12,
+            **peak_fractions(flops, nbytes, seconds, provenance.get("device_name", ""), row["dtype"]),
         })
     return pd.DataFrame(rows)
 

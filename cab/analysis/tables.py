@@ -1,7 +1,8 @@
 """The efficiency analyses of a results store as tables: efficiency lengths of every attention against
 the exact baselines (eager `vanilla` and the fused `sdpa`), fitted complexity exponents beside the
-theoretical ones, and decode latency with the state held per context length. All take
-`ResultStore.dataframe()` and return pandas DataFrames (the report and `cab analyze` print them)."""
+theoretical ones, and decode latency with the state held per context length. All take a typed results
+table (cab.tables; `ResultStore.dataframe()` is read through the metrics schema once) and return pandas
+DataFrames (the report and `cab analyze` print them)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from cab.analysis.curves import METRICS, Curve, bench_curves
 from cab.analysis.efficiency_length import MIN_LENGTHS, efficiency_length
 from cab.analysis.exponent import complexity_exponent
 from cab.analysis.theory import theoretical_exponent
+from cab.tables import typed_rows
 
 DEFAULT_BASELINES = ("sdpa", "vanilla")
 
@@ -113,15 +115,15 @@ def decode_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     if df.empty or "kind" not in df:
         return pd.DataFrame(rows)
+    df = typed_rows(df)
     decoded = df[(df["kind"] == "bench") & (df["mode"] == "decode") & (df["status"] == "ok")]
     for _, row in decoded.iterrows():
-        metrics = row["metrics"]
         rows.append({
             "attention": row.get("label") or row["attention"], "pattern": row["pattern"], "dtype": row["dtype"],
             "device": row["device"], "batch": row["batch"], "heads": row["heads"], "kv_heads": row["kv_heads"],
-            "head_dim": row["head_dim"], "context": metrics.get("context", row["lk"]),
-            "median_ms": metrics.get("median_ms"), "p20_ms": metrics.get("p20_ms"), "p80_ms": metrics.get("p80_ms"),
-            "tokens_per_s": metrics.get("tokens_per_s"), "state_bytes": metrics.get("state_bytes"),
+            "head_dim": row["head_dim"], "context": row["lk"] if row["context"] is None else row["context"],
+            "median_ms": row["median_ms"], "p20_ms": row["p20_ms"], "p80_ms": row["p80_ms"],
+            "tokens_per_s": row["tokens_per_s"], "state_bytes": row["state_bytes"],
         })
     table = pd.DataFrame(rows)
     return table.sort_values(["pattern", "attention", "context"], ignore_index=True) if rows else table

@@ -1,5 +1,6 @@
-"""Builds the page model of the leaderboard from the store's frames: overview, support matrix,
-efficiency tables and the failures list. Pure pandas and dataclasses: rendering lives in html.py."""
+"""Builds the page model of the leaderboard from the store's typed tables (cab.tables, read once): overview,
+support matrix, efficiency tables and the failures list; each section takes the table it needs. Pure pandas
+and dataclasses: rendering lives in html.py."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from cab.report.pages import attention_pages, page_file
 from cab.report.rankings import Ranking, ranking_frame, rankings
 from cab.report.support import PATTERNS, Declaration, SupportRow, failing_checks, support_matrix
 from cab.status import Status
+from cab.tables import Tables
 
 NOT_FAILURES = frozenset({Status.OK.value, Status.UNSUPPORTED.value})
 # provenance keys shown in the overview, with their display names
@@ -166,8 +168,9 @@ def _runs(runs: pd.DataFrame) -> "tuple[Run, ...]":
     )
 
 
-def overview(results: pd.DataFrame, runs: pd.DataFrame, support: "list[SupportRow]") -> Overview:
+def overview(tables: Tables, support: "list[SupportRow]") -> Overview:
     """What was run, where, with which versions, and how it ended."""
+    results, runs = tables.results, tables.runs
     provenance = [mapping(p) for p in results["provenance"]] + _run_provenance(runs)
     devices = _distinct(
         f"{text(p.get('device'))} ({text(p.get('device_name'))})" if text(p.get("device_name")) else p.get("device")
@@ -193,7 +196,7 @@ def _failure(row: Mapping) -> Failure:
         kind=text(row.get("kind")), pattern=text(row.get("pattern")), mode=text(row.get("mode")), shape=shape(row),
         dtype=text(row.get("dtype")), device=text(row.get("device")),
         hparams=compact_json(mapping(row.get("hparams"))), message=text(row.get("message")),
-        checks=tuple(failing_checks(mapping(row.get("metrics")))),
+        checks=tuple(failing_checks(row.get("checks"))),
     )
 
 
@@ -254,21 +257,20 @@ def _frames(page: Page) -> "list[tuple[str, str, pd.DataFrame]]":
     return frames
 
 
-def build_page(results: pd.DataFrame, runs: pd.DataFrame, declarations: "Mapping[str, Declaration]",
-               fidelity_budget_s: float = 0.0) -> Page:
-    """The whole leaderboard model from the results and runs frames. `fidelity_budget_s` > 0 runs the
-    fidelity measurements (cab.report.fidelity) for at most that long."""
+def build_page(tables: Tables, declarations: "Mapping[str, Declaration]", fidelity_budget_s: float = 0.0) -> Page:
+    """The whole leaderboard model from the store's typed tables (cab.report.load.read_tables). `fidelity_budget_s`
+    > 0 runs the fidelity measurements (cab.report.fidelity) for at most that long."""
     from cab import registry
 
-    support = support_matrix(results, declarations)
+    results = tables.results
+    support = support_matrix(tables, declarations)
     gated = {(row.attention, cell.pattern) for row in support for cell in row.cells if cell.n_failing}
-    efficiency = efficiency_tables(results, gated)
+    efficiency = efficiency_tables(tables.bench, gated)
     try:
-        acc = accuracy(results, gated)
+        acc = accuracy(tables, gated)
     except Exception as exc:  # task rows this cab cannot read must not break the rest of the report
-        acc = Accuracy((), (), (), None, (), None, "", (), int((results["kind"] == "task").sum()),
-                       error=f"{type(exc).__name__}: {exc}")
-    cost = costs(results, efficiency, gated)
+        acc = Accuracy((), (), (), None, (), None, "", (), len(tables.task), error=f"{type(exc).__name__}: {exc}")
+    cost = costs(tables.bench, efficiency, gated)
     registered = set(registry.names())
     pairs = [(row.attention, cell.pattern) for row in support for cell in row.cells
              if cell.state == "pass" and row.attention in registered]
@@ -280,7 +282,7 @@ def build_page(results: pd.DataFrame, runs: pd.DataFrame, declarations: "Mapping
         links.setdefault(label(row), page_file(text(row.get("attention"))))
     ranks = rankings(efficiency, support, cost.lengths, acc.boards)
     page = Page(
-        overview=overview(results, runs, support), support=support, efficiency=efficiency,
+        overview=overview(tables, support), support=support, efficiency=efficiency,
         failures=failures(results), accuracy=acc, costs=cost, fidelity=fid, catalog=_catalog(),
         pages=tuple(pages), links=links, rankings=tuple(ranks),
     )

@@ -16,6 +16,7 @@ from cab.report.efficiency import EfficiencyTable
 from cab.report.fields import integer, text
 from cab.report.plots import Plot, Series, line_panels
 from cab.report.rankings import BASELINES, TOP, ranking_column
+from cab.tables import RECORD
 
 N_BOOT = 200  # bootstrap resamples for the report's intervals (cab analyze uses 1000)
 OUTCOMES = {"crosses": "crosses", "always_cheaper": "cheaper at every measured length",
@@ -86,19 +87,19 @@ def table_plot(table: EfficiencyTable) -> "Plot | None":
                 f"Missing points: no result, a failed cell, or speed withheld.")
 
 
-def _usable(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> pd.DataFrame:
-    """Bench rows the analyses can read: ungated, with integral lengths and sizes and dict metrics (a partial
-    or hand-edited store may hold NULLs)."""
-    if results.empty:
-        return results
+def _usable(bench: pd.DataFrame, gated: "set[tuple[str, str]]") -> pd.DataFrame:
+    """Rows of the typed bench table the analyses can read: ungated, with integral lengths and sizes and
+    metrics (a partial or hand-edited store may hold NULLs)."""
+    if bench.empty:
+        return bench
     fields = ("lq", "lk", "batch", "heads", "kv_heads", "head_dim")
     keep = [
-        text(r.get("kind")) == "bench" and (text(r.get("attention")), text(r.get("pattern"))) not in gated
-        and all(integer(r.get(f)) is not None for f in fields) and isinstance(r.get("metrics"), dict)
+        (text(r.get("attention")), text(r.get("pattern"))) not in gated
+        and all(integer(r.get(f)) is not None for f in fields) and r.get(RECORD) is not None
         and all(text(r.get(f)) for f in ("attention", "pattern", "mode", "dtype", "device", "status"))
-        for r in results.to_dict("records")
+        for r in bench.to_dict("records")
     ]
-    usable = results[keep].copy()
+    usable = bench[keep].copy()
     for f in fields:
         usable[f] = usable[f].astype(int)
     return usable
@@ -194,10 +195,10 @@ def decode(results: pd.DataFrame) -> pd.DataFrame:
     return raw[DECODE_COLUMNS]
 
 
-def costs(results: pd.DataFrame, tables: "list[EfficiencyTable]", gated: "set[tuple[str, str]]") -> Costs:
-    """Plots per efficiency table and the analysis tables of the ungated bench results."""
+def costs(bench: pd.DataFrame, tables: "list[EfficiencyTable]", gated: "set[tuple[str, str]]") -> Costs:
+    """Plots per efficiency table and the analysis tables of the ungated rows of the typed bench table."""
     plots = {t.id: p for t in tables if (p := table_plot(t)) is not None}
-    usable = _usable(results, gated)
+    usable = _usable(bench, gated)
     lengths, n1 = _guarded(efficiency_lengths, usable, LENGTH_COLUMNS)
     exps, n2 = _guarded(exponents, usable, EXPONENT_COLUMNS)
     dec, n3 = _guarded(decode, usable, DECODE_COLUMNS)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from cab.cells import BENCH_MODES
 from cab.coverage import coverage_summary
-from cab.report.fields import anchor, compact_json, integer, label, mapping, number, shape, slug, status, text
+from cab.report.fields import anchor, compact_json, integer, label, mapping, shape, slug, status, text
 from cab.report.support import PATTERNS
 from cab.status import Status
 
@@ -101,16 +101,15 @@ def _table_id(key: dict, taken: "set[str]") -> str:
     return table_id
 
 
-def _tflops(metrics: Mapping, median_ms: "float | None") -> "float | None":
-    tflops = number(metrics.get("tflops"))
-    flops = number(metrics.get("flops"))
+def _tflops(row: Mapping, median_ms: "float | None") -> "float | None":
+    tflops, flops = row.get("tflops"), row.get("flops")
     if tflops is None and flops is not None and median_ms:
         tflops = flops / (median_ms * 1e-3) / 1e12
     return tflops
 
 
 def efficiency_cell(row: Mapping, gated: bool) -> EfficiencyCell:
-    """What one bench result shows in its table cell."""
+    """What one bench result (a row of the typed bench table) shows in its table cell."""
     value = status(row.get("status"))
     message = (text(row.get("message")).strip().splitlines() or [""])[0]
     if value != Status.OK.value:
@@ -119,27 +118,22 @@ def efficiency_cell(row: Mapping, gated: bool) -> EfficiencyCell:
     if gated:
         return EfficiencyCell(state="gated", status=value,
                               note="speed withheld: this attention fails its conformance checks for this pattern")
-    metrics = mapping(row.get("metrics"))
-    median = number(metrics.get("median_ms"))
-    peak = number(metrics.get("peak_mem_bytes"))
-    mem_failed = peak is None and text(metrics.get("mem_status")) not in ("", Status.OK.value)
+    median, peak, mem_status = row.get("median_ms"), row.get("peak_mem_bytes"), row.get("mem_status") or ""
+    mem_failed = peak is None and mem_status not in ("", Status.OK.value)
     return EfficiencyCell(
-        state="ok", status=value, median_ms=median, p20_ms=number(metrics.get("p20_ms")),
-        p80_ms=number(metrics.get("p80_ms")), mem_mib=None if peak is None else peak / MIB,
-        mem_status=text(metrics.get("mem_status")) if mem_failed else "",
-        note=text(metrics.get("mem_message")) if mem_failed else "",
-        tflops=_tflops(metrics, median), cv=number(metrics.get("cv")), high_cv=metrics.get("high_cv") is True,
-        gate=_gate_text(metrics),
+        state="ok", status=value, median_ms=median, p20_ms=row.get("p20_ms"), p80_ms=row.get("p80_ms"),
+        mem_mib=None if peak is None else peak / MIB, mem_status=mem_status if mem_failed else "",
+        note=(row.get("mem_message") or "") if mem_failed else "", tflops=_tflops(row, median), cv=row.get("cv"),
+        high_cv=row.get("high_cv") is True, gate=_gate_text(row),
     )
 
 
-def _gate_text(metrics: Mapping) -> str:
+def _gate_text(row: Mapping) -> str:
     """"gate ok: <coverage>", "gate off", or "" for rows stored before the gate recorded its coverage."""
-    gate = text(metrics.get("gate"))
+    gate = row.get("gate")
     if not gate:
         return ""
-    coverage = metrics.get("gate_coverage")
-    summary = coverage_summary(coverage if isinstance(coverage, dict) else None)
+    summary = coverage_summary(row.get("gate_coverage"))
     return f"gate {gate}: {summary}" if summary else f"gate {gate}"
 
 
@@ -188,10 +182,11 @@ def _table(fields: dict, rows: "list[dict]", gated: "set[tuple[str, str]]", tabl
     )
 
 
-def efficiency_tables(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> "list[EfficiencyTable]":
-    """Tables of the bench results; `gated` holds the (attention, pattern) pairs whose checks fail."""
+def efficiency_tables(bench: pd.DataFrame, gated: "set[tuple[str, str]]") -> "list[EfficiencyTable]":
+    """Tables of the bench results (the typed bench table, cab.tables); `gated` holds the (attention,
+    pattern) pairs whose checks fail."""
     groups: dict[tuple, list[dict]] = {}
-    for row in results[results["kind"] == "bench"].to_dict("records"):
+    for row in bench.to_dict("records"):
         key = tuple(text(row.get(f)) if f in ("pattern", "mode", "dtype", "device") else integer(row.get(f))
                     for f in GROUP_FIELDS)
         groups.setdefault(key, []).append(row)

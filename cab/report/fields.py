@@ -1,4 +1,6 @@
-"""Defensive readers of result-row fields: a partial or older store may hold NULLs, NaNs or odd types."""
+"""Defensive readers of the cell fields of result rows (a partial or older store may hold NULLs, NaNs or odd
+types) and of the values nested in them, and display helpers. A result's metrics are read once, through their
+schema (cab.metrics), by cab.tables: no section reads a metrics dict of its own."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def integer(value: Any) -> "int | None":
 
 
 def mapping(value: Any) -> dict:
-    """A dict field (metrics, hparams, provenance), {} when missing or not a dict."""
+    """A dict field (hparams, provenance, task_params), {} when missing or not a dict."""
     return dict(value) if isinstance(value, Mapping) else {}
 
 

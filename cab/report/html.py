@@ -20,7 +20,7 @@ from cab.report.aggregate import Page, build_page
 from cab.report.export import write_exports
 from cab.report.fidelity import DEFAULT_BUDGET_S, SHAPE_TEXT
 from cab.report.fields import is_missing, slug
-from cab.report.load import read_store
+from cab.report.load import read_tables
 from cab.report.pages import PAGES_DIR
 from cab.report.rankings import TOP
 from cab.report.support import PATTERNS, registry_declarations
@@ -191,9 +191,9 @@ def render_report(db_path: "str | Path", out_dir: "str | Path", fidelity_budget_
     tiny shape for at most `fidelity_budget_s` seconds (0 leaves it out). Declared support comes from the
     attentions registered in this process (call cab.registry.discover first to include plugins). Raises
     ReportError for a missing or empty store."""
-    results, runs = read_store(db_path)
-    declarations = registry_declarations(sorted({str(a) for a in results["attention"].dropna()}))
-    page = build_page(results, runs, declarations, fidelity_budget_s=fidelity_budget_s)
+    tables = read_tables(db_path)
+    declarations = registry_declarations(sorted({str(a) for a in tables.results["attention"].dropna()}))
+    page = build_page(tables, declarations, fidelity_budget_s=fidelity_budget_s)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exports = write_exports(out, list(page.exports))

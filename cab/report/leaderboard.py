@@ -7,8 +7,8 @@ size; recall versus model width (Zoology's MQAR figure, when a store has recall 
 Negative controls (family "control") are ranked on the boards but left out of the compositional index, whose
 mu and sigma describe the attentions compared, not an attention that mixes nothing.
 
-Pure data in, dataclasses and pandas frames out (the frames are the CSV / Markdown exports); the
-figures come from cab.report.plots."""
+Typed tables in (cab.tables: the task, bench and decode tables), dataclasses and pandas frames out (the frames
+are the CSV / Markdown exports); the figures come from cab.report.plots."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from cab.report.plots import Plot, Series, heatmaps, line_panels, scatter
 from cab.report.ranks import pattern_correlations
 from cab.report.support import PATTERNS
 from cab.stats import summarize
+from cab.tables import Tables
 
 BASELINE = "vanilla"
 ARROWS = {1: "↑", -1: "↓"}
@@ -123,32 +124,28 @@ def _attention_of_labels(results: pd.DataFrame) -> "dict[str, str]":
     return names
 
 
-def _bench_extras(results: pd.DataFrame) -> "dict[tuple[str, str], tuple[float | None, str]]":
+def _bench_extras(bench: pd.DataFrame) -> "dict[tuple[str, str], tuple[float | None, str]]":
     """(label, pattern) -> (mean achieved sparsity over the ok bench rows that record one, backends)."""
     found: dict[tuple[str, str], tuple[list, list]] = {}
-    bench = results[results["kind"] == "bench"]
     for row in bench.to_dict("records"):
         if status(row.get("status")) != "ok":
             continue
-        metrics = mapping(row.get("metrics"))
         sparsities, backends = found.setdefault((label(row), text(row.get("pattern"))), ([], []))
-        value = number(metrics.get("achieved_sparsity"))
-        if value is not None:
-            sparsities.append(value)
-        if text(metrics.get("backend")):
-            backends.append(text(metrics.get("backend")))
+        if row.get("achieved_sparsity") is not None:
+            sparsities.append(row["achieved_sparsity"])
+        if row.get("backend"):
+            backends.append(row["backend"])
     return {key: (sum(s) / len(s) if s else None, ", ".join(dict.fromkeys(b)))
             for key, (s, b) in found.items()}
 
 
-def _chance(results: pd.DataFrame) -> "dict[tuple[str, str, str], float]":
+def _chance(tasks: pd.DataFrame) -> "dict[tuple[str, str, str], float]":
     from cab.training.summary import task_labels
 
     values: dict[tuple[str, str, str], list[float]] = {}
-    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
-    labels = task_labels(results)
+    labels = task_labels(tasks)
     for i, row in zip(tasks.index, tasks.to_dict("records")):
-        for metric, value in mapping(mapping(row.get("metrics")).get("chance")).items():
+        for metric, value in (row.get("chance") or {}).items():
             if number(value) is not None:
                 values.setdefault((labels[i], text(row.get("pattern")), str(metric)), []).append(float(value))
     return {k: sum(v) / len(v) for k, v in values.items()}
@@ -188,8 +185,8 @@ def _verdicts(summary: pd.DataFrame, columns: "list[MetricColumn]", pattern: str
     return tuple(verdicts)
 
 
-def _boards(results, long, summary, index, page_of) -> "tuple[list[Leaderboard], list]":
-    extras, chance, names = _bench_extras(results), _chance(results), _attention_of_labels(results)
+def _boards(tables: Tables, long, summary, index, page_of) -> "tuple[list[Leaderboard], list]":
+    extras, chance, names = _bench_extras(tables.bench), _chance(tables.task), _attention_of_labels(tables.results)
     controls = control_labels(names)
     boards, exports = [], []
     table = index.table
@@ -246,20 +243,19 @@ def board_frame(board: Leaderboard) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _extrapolation(results: pd.DataFrame) -> "tuple[list, list]":
-    """Metric versus evaluation length for the task results that store a curve ('extrapolation'), one plot per
-    task setting (task_labels) and pattern."""
+def _extrapolation(tasks: pd.DataFrame) -> "tuple[list, list]":
+    """Metric versus evaluation length for the task results that store a curve (the score 'extrapolation'),
+    one plot per task setting (task_labels) and pattern."""
     from cab.training.summary import task_labels
 
-    labels = task_labels(results)
+    labels = task_labels(tasks)
     curves: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
     trained: dict[tuple[str, str], Counter] = {}
     metric_name: dict[tuple[str, str], str] = {}
-    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
     for i, row in zip(tasks.index, tasks.to_dict("records")):
         if status(row.get("status")) != "ok":
             continue
-        curve = mapping(row.get("metrics")).get("extrapolation")
+        curve = row["scores"].get("extrapolation")
         if not isinstance(curve, list):
             continue
         key = (labels[i], text(row.get("pattern")))
@@ -316,15 +312,13 @@ def _extrapolation(results: pd.DataFrame) -> "tuple[list, list]":
     return plots, exports
 
 
-def _reference_times(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> "dict[str, tuple[int, dict]]":
+def _reference_times(bench: pd.DataFrame, gated: "set[tuple[str, str]]") -> "dict[str, tuple[int, dict]]":
     """Per pattern: the forward length timed for the most attentions (longest on a tie) and label -> median ms."""
-    bench = results[(results["kind"] == "bench")]
     out = {}
     for pattern in PATTERNS:
         rows = [r for r in bench.to_dict("records") if text(r.get("pattern")) == pattern
                 and text(r.get("mode")) == "fwd" and status(r.get("status")) == "ok"
-                and (text(r.get("attention")), pattern) not in gated
-                and number(mapping(r.get("metrics")).get("median_ms")) is not None]
+                and (text(r.get("attention")), pattern) not in gated and r.get("median_ms") is not None]
         if not rows:
             continue
         counts = Counter(integer(r.get("lq")) for r in rows)
@@ -332,7 +326,7 @@ def _reference_times(results: pd.DataFrame, gated: "set[tuple[str, str]]") -> "d
         times: dict[str, list[float]] = {}
         for r in rows:
             if integer(r.get("lq")) == length:
-                times.setdefault(label(r), []).append(float(mapping(r.get("metrics"))["median_ms"]))
+                times.setdefault(label(r), []).append(float(r["median_ms"]))
         out[pattern] = (length, {k: sorted(v)[len(v) // 2] for k, v in times.items()})
     return out
 
@@ -394,11 +388,11 @@ def _correlation(index_table: pd.DataFrame) -> "tuple[Plot | None, list]":
     return plot, rows
 
 
-def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None, str, pd.DataFrame | None]":
+def _recall(tables: Tables, summary: pd.DataFrame) -> "tuple[Plot | None, str, pd.DataFrame | None]":
     from cab.analysis.tables import decode_table
 
-    decode = decode_table(results)
-    setting, target = _recall_setting(results)
+    decode = decode_table(tables.decode)
+    setting, target = _recall_setting(tables.task)
     recall = summary[(summary["task"] == setting) & (summary["metric"] == "accuracy")]
     if decode.empty or recall.empty:
         why = "no decode results" if decode.empty else "no recall results"
@@ -439,14 +433,13 @@ def _recall(results: pd.DataFrame, summary: pd.DataFrame) -> "tuple[Plot | None,
 RECALL_TASK = "recall"
 
 
-def _recall_setting(results: pd.DataFrame) -> "tuple[str, int | None]":
+def _recall_setting(tasks: pd.DataFrame) -> "tuple[str, int | None]":
     """The recall board (task label, see task_labels) that the state-size view plots, and its length: of a
     sweep's settings the one with the longest sequences, then the widest model (where recall is hardest and
     every mixer has its best chance); plain "recall" when the store holds one setting."""
     from cab.training.summary import task_labels, task_name
 
-    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
-    labels = task_labels(results)
+    labels = task_labels(tasks)
     settings: dict[str, tuple[int, int]] = {}
     for i, row in zip(tasks.index, tasks.to_dict("records")):
         if task_name(labels[i]) == RECALL_TASK:
@@ -467,7 +460,7 @@ def _recall_point(row: dict) -> "tuple | None":
         return None
     pairs = params.get("pairs")
     pairs = tuple(p for p in (integer(v) for v in pairs) if p is not None) if isinstance(pairs, list) else ()
-    value = number(mapping(row.get("metrics")).get("accuracy")) if status(row.get("status")) == "ok" else None
+    value = number(row["scores"].get("accuracy")) if status(row.get("status")) == "ok" else None
     return (text(row.get("pattern")), (length, pairs, text(params.get("binding"))), width, label(row), value)
 
 
@@ -477,12 +470,11 @@ def _panel_title(key: tuple, bindings: int) -> str:
     return f"{title} ({binding})" if bindings > 1 and binding else title
 
 
-def _recall_width(results: pd.DataFrame) -> "tuple[list, list]":
+def _recall_width(tasks: pd.DataFrame) -> "tuple[list, list]":
     """Recall accuracy against model width (`d_model`), per pattern with recall results at two widths or more:
     one panel per (sequence length, key-value pairs), one line per attention with 95% intervals over seeds
     (Zoology's Figure 2: attention solves MQAR at every width, other mixers need width that grows with the
     sequence length and the number of pairs)."""
-    tasks = results[(results["kind"] == "task")] if "task" in results else results.iloc[0:0]
     points: dict[str, list] = {}
     for row in tasks.to_dict("records"):
         if text(row.get("task")) != RECALL_TASK:
@@ -549,30 +541,30 @@ def _recall_width(results: pd.DataFrame) -> "tuple[list, list]":
     return plots, exports
 
 
-def accuracy(results: pd.DataFrame, gated: "set[tuple[str, str]]", page_of: "Callable[[str], str] | None" = None
+def accuracy(tables: Tables, gated: "set[tuple[str, str]]", page_of: "Callable[[str], str] | None" = None
              ) -> Accuracy:
-    """Everything the accuracy sections show, from the store's results frame."""
+    """Everything the accuracy sections show, from the store's typed tables (task, bench, decode)."""
     from cab.training.summary import long_metrics, summary_table, task_index
 
     empty = Accuracy((), (), (), None, (), None, "", (), 0)
-    if "task" not in results:
+    if "task" not in tables.results:
         return empty
-    n_tasks = int((results["kind"] == "task").sum())
-    long = long_metrics(results)
+    n_tasks = len(tables.task)
+    long = long_metrics(tables.task)
     if long.empty:
-        extrapolation, ex_exports = _extrapolation(results)
-        width, width_exports = _recall_width(results)
+        extrapolation, ex_exports = _extrapolation(tables.task)
+        width, width_exports = _recall_width(tables.task)
         return Accuracy((), tuple(extrapolation), (), None, (), None, "", tuple(ex_exports + width_exports), n_tasks,
                         recall_width=tuple(width))
     summary = summary_table(long)
-    controls = control_labels(_attention_of_labels(results))
+    controls = control_labels(_attention_of_labels(tables.results))
     index = task_index(long[~long["attention"].isin(controls)], baseline=BASELINE)
-    boards, exports = _boards(results, long, summary, index, page_of)
-    extrapolation, ex_exports = _extrapolation(results)
-    pareto = _pareto(boards, _reference_times(results, gated))
+    boards, exports = _boards(tables, long, summary, index, page_of)
+    extrapolation, ex_exports = _extrapolation(tables.task)
+    pareto = _pareto(boards, _reference_times(tables.bench, gated))
     correlation, corr_rows = _correlation(index.table)
-    recall_plot, recall_note, recall_frame = _recall(results, summary)
-    width, width_exports = _recall_width(results)
+    recall_plot, recall_note, recall_frame = _recall(tables, summary)
+    width, width_exports = _recall_width(tables.task)
     exports += ex_exports + width_exports
     if corr_rows:
         exports.append(("rank-correlation", "Rank correlation between patterns", pd.DataFrame(corr_rows)))

@@ -1,4 +1,5 @@
-"""Reads the results store for the report and the export, refusing a missing or empty store clearly."""
+"""Reads the results store for the report (once, into typed tables: cab.tables) and the export (its rows as
+stored), refusing a missing or empty store clearly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from cab.store import ResultStore, StoreError
+from cab.tables import Tables
 
 RUN_HINT = "run `cab run configs/quick.yaml` first"
 
@@ -16,7 +18,8 @@ class ReportError(ValueError):
 
 
 def read_store(db_path: "str | Path") -> "tuple[pd.DataFrame, pd.DataFrame]":
-    """(results, runs) frames of the store at db_path; ReportError when it is missing, unreadable or empty.
+    """(results, runs) frames of the store at db_path, as stored; ReportError when it is missing, unreadable
+    or empty.
 
     A missing path is reported, never created (opening a ResultStore would create an empty one)."""
     path = Path(db_path)
@@ -33,3 +36,9 @@ def read_store(db_path: "str | Path") -> "tuple[pd.DataFrame, pd.DataFrame]":
     if results.empty:
         raise ReportError(f"no results in {path}: {RUN_HINT}")
     return results, runs
+
+
+def read_tables(db_path: "str | Path") -> Tables:
+    """The store at db_path read once into typed tables (each result's metrics through its schema), what the
+    report's sections take their data from; ReportError as read_store."""
+    return Tables.from_frames(*read_store(db_path))

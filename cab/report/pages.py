@@ -12,6 +12,7 @@ import pandas as pd
 
 from cab.report.fields import anchor, compact_json, integer, label, mapping, number, shape, slug, status, text
 from cab.status import Status
+from cab.tables import RECORD
 
 PAGES_DIR = "attention"
 
@@ -55,24 +56,26 @@ class AttentionPage:
 
 
 def _headline(row: dict) -> str:
-    metrics = mapping(row.get("metrics"))
+    """A row of the typed results table in a few words: time, memory, state and sparsity of a benchmark, the
+    checks passed, the first scalar metrics of any other kind."""
     kind = text(row.get("kind"))
     if status(row.get("status")) != Status.OK.value:
         return ""
     if kind == "bench":
         parts = []
-        if number(metrics.get("median_ms")) is not None:
-            parts.append(f"{number(metrics['median_ms']):.4g} ms")
-        if number(metrics.get("peak_mem_bytes")) is not None:
-            parts.append(f"{number(metrics['peak_mem_bytes']) / 2 ** 20:.3g} MiB")
-        if number(metrics.get("state_bytes")) is not None:
-            parts.append(f"state {int(number(metrics['state_bytes']))} B")
-        if number(metrics.get("achieved_sparsity")) is not None:
-            parts.append(f"sparsity {number(metrics['achieved_sparsity']):.3g}")
+        if row.get("median_ms") is not None:
+            parts.append(f"{row['median_ms']:.4g} ms")
+        if row.get("peak_mem_bytes") is not None:
+            parts.append(f"{row['peak_mem_bytes'] / 2 ** 20:.3g} MiB")
+        if row.get("state_bytes") is not None:
+            parts.append(f"state {row['state_bytes']} B")
+        if row.get("achieved_sparsity") is not None:
+            parts.append(f"sparsity {row['achieved_sparsity']:.3g}")
         return ", ".join(parts)
     if kind == "check":
-        checks = metrics.get("checks")
+        checks = row.get("checks")
         return f"{len(checks)} checks passed" if isinstance(checks, list) else ""
+    metrics = row[RECORD].to_dict() if row.get(RECORD) is not None else {}
     scalars = [f"{k}={number(v):.4g}" for k, v in metrics.items()
                if number(v) is not None and k not in ("steps", "train_s", "eval_s", "param_overhead", "final_loss")
                and not k.startswith("params_") and not isinstance(v, bool)]
@@ -93,7 +96,7 @@ def _line(row: dict) -> ResultLine:
 
 def attention_pages(results: pd.DataFrame, support: list, summary: "pd.DataFrame | None",
                     lengths: pd.DataFrame, exponents: pd.DataFrame) -> "list[AttentionPage]":
-    """One page model per attention found in the results."""
+    """One page model per attention found in the typed results table (cab.tables)."""
     from cab import registry
 
     registered = set(registry.names())

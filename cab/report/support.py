@@ -14,8 +14,9 @@ import pandas as pd
 
 from cab import registry
 from cab.patterns import Pattern
-from cab.report.fields import STATUS_ORDER, anchor, mapping, number, status, text
+from cab.report.fields import STATUS_ORDER, anchor, number, status, text
 from cab.status import Status
+from cab.tables import Tables
 
 PATTERNS = tuple(p.value for p in Pattern)
 NEUTRAL = frozenset({Status.OK.value, Status.SKIPPED.value, Status.UNSUPPORTED.value})
@@ -82,9 +83,8 @@ def registry_declarations(names: Iterable[str]) -> "dict[str, Declaration]":
     return declarations
 
 
-def failing_checks(metrics: Mapping) -> "list[str]":
-    """'name: status (error E > tolerance T)' for each failing check listed in a check cell's metrics."""
-    checks = metrics.get("checks")
+def failing_checks(checks: "list | None") -> "list[str]":
+    """'name: status (error E > tolerance T)' for each failing check a check result lists (its `checks`)."""
     if not isinstance(checks, list):
         return []
     found = []
@@ -119,21 +119,20 @@ def _worst(values: "list[str]") -> str:
     return unknown[0] if unknown else Status.worst([Status(v) for v in values]).value
 
 
-def _check_names(metrics: object) -> "set[str]":
-    checks = mapping(metrics).get("checks")
+def _check_names(checks: "list | None") -> "set[str]":
     return {text(c.get("name")) for c in checks if isinstance(c, Mapping)} if isinstance(checks, list) else set()
 
 
 def _declared_by_checks(cells: pd.DataFrame) -> "bool | None":
-    """Declared support read from check cells: an explicit metrics['declared']; else an `undeclared_pattern`
-    check means undeclared; else any cell that ran means declared. A cell that only found the attention
+    """Declared support read from check cells: an explicit `declared`; else an `undeclared_pattern` check
+    means undeclared; else any cell that ran means declared. A cell that only found the attention
     unavailable on its device (check `available`, status unsupported) says nothing either way."""
-    flags = [m.get("declared") for m in map(mapping, cells["metrics"]) if isinstance(m.get("declared"), bool)]
+    flags = [flag for flag in cells["declared"] if isinstance(flag, bool)]
     if flags:
         return any(flags)
     informative = False
-    for value, metrics in zip(cells["status"], cells["metrics"]):
-        names = _check_names(metrics)
+    for value, checks in zip(cells["status"], cells["checks"]):
+        names = _check_names(checks)
         if UNDECLARED_CHECK in names:
             return False
         if status(value) == Status.UNSUPPORTED.value and AVAILABLE_CHECK in names:
@@ -156,11 +155,11 @@ def _cell(pattern: str, declared: "bool | None", reason: str, cells: pd.DataFram
     failing = cells.loc[pd.Series([_is_failing(s) for s in statuses], index=cells.index, dtype=bool)]
     problems = []
     for _, row in failing.iterrows():
-        problems += failing_checks(mapping(row["metrics"])) or [_status_line(row["status"], row["message"])]
+        problems += failing_checks(row["checks"]) or [_status_line(row["status"], row["message"])]
     detail = "; ".join(dict.fromkeys(problems))
     common = dict(
         pattern=pattern, declared=declared, verdict=_worst(statuses) if statuses else "", n_cells=len(statuses),
-        n_checks=sum(max(len(_check_names(m)), 1) for m in cells["metrics"]),
+        n_checks=sum(max(len(_check_names(checks)), 1) for checks in cells["checks"]),
         n_failing=len(failing), links=tuple(anchor(k) for k in failing["key"]),
     )
     if declared is False:
@@ -182,10 +181,11 @@ def _cell(pattern: str, declared: "bool | None", reason: str, cells: pd.DataFram
     return SupportCell(state="skipped", detail=_first_message(cells, Status.SKIPPED.value), **common)
 
 
-def support_matrix(results: pd.DataFrame, declarations: "Mapping[str, Declaration]") -> "list[SupportRow]":
-    """One row per attention found in the results, one cell per pattern (NS, CS, NC, CC)."""
+def support_matrix(tables: Tables, declarations: "Mapping[str, Declaration]") -> "list[SupportRow]":
+    """One row per attention found in the results, one cell per pattern (NS, CS, NC, CC), from the check
+    table."""
+    results, checks = tables.results, tables.check
     names = sorted({text(a) for a in results["attention"]}, key=str.casefold)
-    checks = results[results["kind"] == "check"]
     rows = []
     for name in names:
         mine = checks[checks["attention"].map(text) == name]

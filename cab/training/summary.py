@@ -1,5 +1,6 @@
 """Task results as statistics: per-seed metrics in long form, their summaries with confidence intervals and
-tie-aware ranks, and CAB's compositional index, from the store's dataframe (`ResultStore.dataframe()`).
+tie-aware ranks, and CAB's compositional index, from the typed task table (cab.tables; a store's
+`ResultStore.dataframe()` is read through the metrics schema once).
 
 An attention is identified by its display label (the name, or name(hparams) when hyper-parameters set
 it apart), so two settings of one mechanism are ranked as two entries."""
@@ -11,6 +12,7 @@ import json
 import pandas as pd
 
 from cab.stats import CompositionalIndex, compositional_index, rank_with_ties, summarize
+from cab.tables import RECORD, typed_rows
 from cab.tasks import UnknownTask, get_task
 
 LONG_FRAME_COLUMNS = ("task", "pattern", "attention", "seed", "metric", "value", "direction", "index")
@@ -49,6 +51,7 @@ def long_metrics(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     if "task" not in results:
         return pd.DataFrame(columns=LONG_FRAME_COLUMNS)
+    results = typed_rows(results)
     labels = task_labels(results)
     done = results[(results["kind"] == "task") & (results["status"] == "ok")]
     for i, result in done.iterrows():
@@ -56,9 +59,8 @@ def long_metrics(results: pd.DataFrame) -> pd.DataFrame:
             task = get_task(result["task"])
         except UnknownTask:
             continue
-        metrics = result["metrics"] if isinstance(result["metrics"], dict) else {}
         for metric in task.metrics:
-            value = metrics.get(metric.name)
+            value = result[RECORD].scores.get(metric.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 rows.append((labels[i], result["pattern"], result["label"] or result["attention"],
                              int(result["seed"]), metric.name, float(value), metric.direction, metric.index))

@@ -14,6 +14,7 @@ from cab.report.support import registry_declarations, support_matrix
 from cab.run import run_grid
 from cab.status import Status
 from cab.store import SCHEMA_VERSION, ResultStore
+from cab.tables import Tables
 
 
 @pytest.fixture
@@ -87,12 +88,12 @@ def test_a_new_version_reruns_only_its_own_cells(tmp_path, bump):
     with ResultStore(db) as store:
         versions = sorted((r.cell.attention, r.cell.versions["attention"]) for r in store.results())
         assert versions == [("sdpa", 2), ("sdpa", 2), ("vanilla", 1), ("vanilla", 1)]
-        rows = {row.attention: row for row in support_matrix(store.dataframe(),
+        rows = {row.attention: row for row in support_matrix(Tables.from_frames(store.dataframe()),
                                                              registry_declarations(["sdpa", "vanilla"]))}
     assert rows["sdpa"].version == "v2" and rows["vanilla"].version == "v1"
     bump("vanilla", 3)
     with ResultStore(db) as store:
-        row = support_matrix(store.dataframe(), registry_declarations(["vanilla"]))[-1]
+        row = support_matrix(Tables.from_frames(store.dataframe()), registry_declarations(["vanilla"]))[-1]
     assert row.attention == "vanilla" and row.version == "v1, registered v3"
     assert run_grid(config, db=db, render=False, progress=False).stale == 2
 

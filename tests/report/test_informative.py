@@ -14,6 +14,7 @@ from cab.report import render_report
 from cab.report.informative import INFORMATIVE, NOT_INFORMATIVE, UNKNOWN, judge
 from cab.report.leaderboard import accuracy
 from cab.store import ResultStore
+from cab.tables import Tables
 from cab.training.summary import long_metrics, summary_table
 from tests.report.test_report import parse, squash, table_cells, write_store
 from tests.report.test_report_tasks import task
@@ -59,7 +60,7 @@ def store(tmp_path_factory):
 def boards(store):
     with ResultStore(store, readonly=True) as s:
         frame = s.dataframe()
-    return {b.pattern: b for b in accuracy(frame, set()).boards}
+    return {b.pattern: b for b in accuracy(Tables.from_frames(frame), set()).boards}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from cab.report import render_report
 from cab.report.aggregate import build_page
 from cab.report.costs import plotted_rows
-from cab.report.load import read_store
+from cab.report.load import read_tables
 from cab.report.plots import Series, line_panels
 from cab.report.support import registry_declarations
 from cab.status import Status
@@ -94,8 +94,7 @@ def test_no_section_is_empty_and_the_page_is_small(big):
 
 def test_plots_draw_at_most_twelve_series(big):
     db, _, _ = big
-    results, runs = read_store(db)
-    page = build_page(results, runs, {})
+    page = build_page(read_tables(db), {})
     assert page.efficiency and all(len(plotted_rows(t)) <= 12 for t in page.efficiency)
     assert {"sdpa", "vanilla"} <= {r.name for r in plotted_rows(page.efficiency[0])}
 
@@ -124,8 +123,7 @@ def test_the_negative_control_is_listed_last_without_a_rank(tmp_path):
                                                                      ms * length / 200, mem_mib=ms, gate="ok",
                                                                      gate_coverage=COVERAGE)))
     db = write_store(tmp_path / "cab.sqlite", results)
-    results_frame, runs = read_store(db)
-    page = build_page(results_frame, runs, registry_declarations(["sdpa", "vanilla", "no_mixing", "linear_elu"]))
+    page = build_page(read_tables(db), registry_declarations(["sdpa", "vanilla", "no_mixing", "linear_elu"]))
     (ranking,) = page.rankings
     assert [(r.attention, r.rank) for r in ranking.rows] == [
         ("linear_elu", 1), ("sdpa", 2), ("vanilla", 3), ("no_mixing", None)]

@@ -16,6 +16,7 @@ from cab.report import render_report
 from cab.report.leaderboard import accuracy
 from cab.status import Status
 from cab.store import ResultStore
+from cab.tables import Tables
 from tests.report.test_report import PROVENANCE, parse, write_store
 
 T_975_2 = 4.302652729911275  # Student t quantile, 0.975, 2 degrees of freedom (tables)
@@ -57,7 +58,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def acc(store):
     with ResultStore(store) as s:
-        return accuracy(s.dataframe(), set())
+        return accuracy(Tables.from_frames(s.dataframe()), set())
 
 
 def svg_of(plot) -> str:
@@ -106,7 +107,7 @@ def test_no_figure_with_a_single_width(tmp_path):
     one = [r for r in sweep() if r.cell.task_params["d_model"] == 64]
     db = write_store(tmp_path / "cab.sqlite", one)
     with ResultStore(db) as s:
-        assert accuracy(s.dataframe(), set()).recall_width == ()
+        assert accuracy(Tables.from_frames(s.dataframe()), set()).recall_width == ()
     html = render_report(db, tmp_path / "site", fidelity_budget_s=0).read_text(encoding="utf-8")
     assert parse(html).by_id("recall-width") is None and "Recall versus width" not in html
 

@@ -6,6 +6,7 @@ import sqlite3
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from cab import registry
@@ -18,6 +19,7 @@ from cab.report.html import figure
 from cab.report.support import Declaration, support_matrix
 from cab.status import Status
 from cab.store import ResultStore
+from cab.tables import Tables, typed_rows
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_CITATION = '<img src=x onerror="alert(3)">'
@@ -405,14 +407,14 @@ def test_checks_only_store_renders_without_efficiency_tables(tmp_path):
 
 # aggregation units -------------------------------------------------------------------------------------
 
-def frame(results: "list[Result]", tmp_path: Path):
+def tables(results: "list[Result]", tmp_path: Path) -> Tables:
     with ResultStore(write_store(tmp_path / "cab.sqlite", results, with_run=False)) as store:
-        return store.dataframe(), store.runs_dataframe()
+        return Tables.from_frames(store.dataframe(), store.runs_dataframe())
 
 
 def test_declared_support_from_declarations_beats_check_cells(tmp_path):
     two_checks = [{"name": "forward", "status": "ok"}, {"name": "finite", "status": "ok"}]
-    results, _ = frame([check("x", "NS", Status.OK, two_checks), check("x", "NS", Status.OK, two_checks, seed=1),
+    results = tables([check("x", "NS", Status.OK, two_checks), check("x", "NS", Status.OK, two_checks, seed=1),
                         check("x", "CS", Status.INCORRECT), check("x", "NC", Status.OK)], tmp_path)
     declared = {"x": Declaration(patterns=frozenset({"NS", "CS"}), reasons={"NC": "no cross"})}
     (row,) = support_matrix(results, declared)
@@ -432,7 +434,7 @@ def test_declarations_read_from_the_conformance_checks_names(tmp_path):
                                                     "message": "undeclared pattern accepted"}])
     unavailable = check("z", "NS", Status.UNSUPPORTED, [{"name": "available", "status": "unsupported",
                                                          "message": "needs CUDA"}], message="needs CUDA")
-    results, _ = frame([refused, accepted, unavailable], tmp_path)
+    results = tables([refused, accepted, unavailable], tmp_path)
     (row,) = support_matrix(results, {})
     ns, cs, nc, cc = row.cells
     assert (ns.state, ns.declared, ns.detail) == ("unavailable", None, "needs CUDA")
@@ -448,34 +450,40 @@ def test_declarations_read_from_the_conformance_checks_names(tmp_path):
 def test_explicit_declared_flag_in_check_metrics_is_used(tmp_path):
     unsupported_here = check("y", "NS", Status.UNSUPPORTED, message="needs CUDA")
     unsupported_here.metrics["declared"] = True
-    results, _ = frame([unsupported_here], tmp_path)
+    results = tables([unsupported_here], tmp_path)
     (row,) = support_matrix(results, {})
     assert row.cells[0].state == "unavailable" and row.cells[0].detail == "needs CUDA"
 
 
 def test_rows_sharing_a_label_are_told_apart_by_hparams_and_seed(tmp_path):
-    results, runs = frame([
+    results = tables([
         bench("local", "NS", 64, metrics=timing(1, 1, 1), hparams={"window": 16}),
         bench("local", "NS", 64, metrics=timing(2, 2, 2), hparams={"window": 32}),
         bench("local", "NS", 64, metrics=timing(3, 3, 3), hparams={"window": 32}, seed=1),
     ], tmp_path)
-    (table,) = build_page(results, runs, {}).efficiency
+    (table,) = build_page(results, {}).efficiency
     names = {row.name: row.cells[0].median_ms for row in table.rows}
     assert names == {'local {"window":16} seed=0': 1.0, 'local {"window":32} seed=0': 2.0,
                      'local {"window":32} seed=1': 3.0}
 
 
+def bench_row(metrics) -> dict:
+    """An ok bench result with these stored metrics, as a row of the typed bench table."""
+    stored = pd.DataFrame([{"kind": "bench", "mode": "fwd", "status": "ok", "key": "k", "metrics": metrics}])
+    return typed_rows(stored).to_dict("records")[0]
+
+
 def test_a_failed_memory_pass_is_shown_instead_of_a_memory_figure():
     metrics = {**timing(2.0, 1.0, 3.0), "mem_status": "oom", "mem_message": "memory probe killed by SIGKILL"}
-    cell = efficiency_cell({"status": "ok", "metrics": metrics}, gated=False)
+    cell = efficiency_cell(bench_row(metrics), gated=False)
     assert (cell.median_ms, cell.mem_mib, cell.mem_status, cell.note) == (2.0, None, "oom",
                                                                           "memory probe killed by SIGKILL")
 
 
 def test_an_ok_bench_without_metrics_shows_nothing_measured():
-    cell = efficiency_cell({"status": "ok", "metrics": None, "key": "k"}, gated=False)
+    cell = efficiency_cell(bench_row(None), gated=False)
     assert cell.state == "ok" and cell.median_ms is None and cell.mem_mib is None and cell.tflops is None
-    nan = efficiency_cell({"status": "ok", "metrics": {"median_ms": float("nan"), "tflops": True}}, gated=False)
+    nan = efficiency_cell(bench_row({"median_ms": float("nan"), "tflops": True}), gated=False)
     assert nan.median_ms is None and nan.tflops is None
 
 

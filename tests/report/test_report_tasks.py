@@ -19,6 +19,7 @@ from cab.report.pages import page_file
 from cab.report.ranks import average_ranks, kendall_tau_b, pattern_correlations, spearman
 from cab.status import Status
 from cab.store import ResultStore
+from cab.tables import Tables
 from tests.report.test_report import HOSTILE, PROVENANCE, bench, parse, squash, table_cells, timing, write_store
 
 T_975_2 = 4.302652729911275  # Student t quantile, 0.975, 2 degrees of freedom (tables)
@@ -72,7 +73,7 @@ def frame(tmp_path_factory):
 @pytest.fixture(scope="module")
 def boards(frame):
     results, _ = frame
-    return {b.pattern: b for b in accuracy(results, set()).boards}
+    return {b.pattern: b for b in accuracy(Tables.from_frames(results), set()).boards}
 
 
 @pytest.fixture(scope="module")
