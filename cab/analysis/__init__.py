@@ -3,7 +3,8 @@ crossing with a bootstrap interval) against eager and fused exact attention, emp
 exponents beside the theoretical ones, FLOP counts and the check of declared FLOP formulas, numeric
 deviation per dtype, approximation error, % of a GPU's peak.
 
-The efficiency analyses take plain arrays, or the DataFrame of `cab.store.ResultStore.dataframe()`.
+The efficiency analyses take plain arrays, or a typed results table (`cab.tables`: the report's bench table;
+the DataFrame of `cab.store.ResultStore.dataframe()` is typed once on the way in).
 """
 
 from cab.analysis.curves import Curve, bench_curves
