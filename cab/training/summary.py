@@ -8,6 +8,7 @@ it apart), so two settings of one mechanism are ranked as two entries."""
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 
@@ -37,6 +38,12 @@ def task_labels(results: pd.DataFrame) -> "dict[int, str]":
         keys = differing.get(name) or []
         labels[i] = f"{name}[{', '.join(f'{k}={params[i].get(k)}' for k in keys)}]" if keys else str(name)
     return labels
+
+
+def label_order(label: str) -> "tuple":
+    """Sort key of task labels that orders their numbers as numbers: recall[d_model=64, ...] before
+    recall[d_model=128, ...]."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", label))
 
 
 def task_name(label: str) -> str:
@@ -88,4 +95,5 @@ def task_index(long: pd.DataFrame, baseline: "str | None" = "vanilla") -> Compos
     return compositional_index(long[long["index"]], baseline=baseline)
 
 
-__all__ = ["LONG_FRAME_COLUMNS", "long_metrics", "summary_table", "task_index", "task_labels", "task_name"]
+__all__ = ["LONG_FRAME_COLUMNS", "label_order", "long_metrics", "summary_table", "task_index", "task_labels",
+           "task_name"]

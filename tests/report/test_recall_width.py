@@ -137,3 +137,11 @@ def test_the_state_size_view_plots_the_longest_widest_setting_of_a_sweep(store):
     one = [r for r in sweep() if r.cell.task_params["d_model"] == 64 and r.cell.lq == 128]
     with ResultStore(write_store(store.parent / "one.sqlite", one)) as s:
         assert _recall_setting(s.dataframe()) == ("recall", 128)
+
+
+def test_the_sweep_columns_are_in_numeric_order(acc):
+    """Width 64 before 128 (numbers compared as numbers, not as text), then length."""
+    cs = next(b for b in acc.boards if b.pattern == "CS")
+    assert [c.task for c in cs.columns] == [
+        "recall[d_model=64, length=128, pairs=[8]]", "recall[d_model=64, length=256, pairs=[16]]",
+        "recall[d_model=128, length=128, pairs=[8]]", "recall[d_model=128, length=256, pairs=[16]]"]
