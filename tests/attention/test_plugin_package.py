@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,13 +15,18 @@ PACKAGE = ROOT / "examples" / "plugin_package"
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """Install the example package into a private directory (not the shared venv)."""
+    """Install the example package into a private directory (not the shared venv), built from a private copy:
+    under pytest-xdist each worker runs this fixture, and setuptools' in-tree build folder is not safe to
+    share between two builds at once."""
+    source = tmp_path_factory.mktemp("source") / PACKAGE.name
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("site")
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(PACKAGE)],
-        check=True, capture_output=True, text=True,
+         "--target", str(target), str(source)],
+        capture_output=True, text=True,
     )
+    assert done.returncode == 0, f"pip could not install the example package:\n{done.stdout}\n{done.stderr}"
     return target
 
 
