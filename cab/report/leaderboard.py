@@ -25,7 +25,10 @@ from cab.report.ranks import pattern_correlations
 from cab.report.support import PATTERNS
 from cab.stats import summarize
 from cab.tables import Tables
-from cab.training.summary import label_order, long_metrics, summary_table, task_index, task_labels, task_name
+
+# cab.training.summary is imported inside the functions that need it, never here: it loads the task registry
+# (cab.tasks, pydantic), and a store without task results must render where those are absent (a GPU image,
+# scripts/gpu-check.sh; tests/run/test_gpu_check.py renders one with pydantic made unimportable).
 
 BASELINE = "vanilla"
 ARROWS = {1: "↑", -1: "↓"}
@@ -141,6 +144,8 @@ def _bench_extras(bench: pd.DataFrame) -> "dict[tuple[str, str], tuple[float | N
 
 
 def _chance(tasks: pd.DataFrame) -> "dict[tuple[str, str, str], float]":
+    from cab.training.summary import task_labels
+
     values: dict[tuple[str, str, str], list[float]] = {}
     labels = task_labels(tasks)
     for i, row in zip(tasks.index, tasks.to_dict("records")):
@@ -176,6 +181,8 @@ def _verdicts(summary: pd.DataFrame, columns: "list[MetricColumn]", pattern: str
               ) -> "tuple[Informativeness, ...]":
     """Per task on the board: exact attention against the negative control on the task's primary metric."""
     verdicts = []
+    from cab.training.summary import label_order
+
     for task in sorted({c.task for c in columns}, key=label_order):
         mine = [c for c in columns if c.task == task]
         metric = primary_metric(task, [c.metric for c in mine])
@@ -185,6 +192,8 @@ def _verdicts(summary: pd.DataFrame, columns: "list[MetricColumn]", pattern: str
 
 
 def _boards(tables: Tables, long, summary, index, page_of) -> "tuple[list[Leaderboard], list]":
+    from cab.training.summary import label_order
+
     extras, chance, names = _bench_extras(tables.bench), _chance(tables.task), _attention_of_labels(tables.results)
     controls = control_labels(names)
     boards, exports = [], []
@@ -246,6 +255,8 @@ def board_frame(board: Leaderboard) -> pd.DataFrame:
 def _extrapolation(tasks: pd.DataFrame) -> "tuple[list, list]":
     """Metric versus evaluation length for the task results that store a curve (the score 'extrapolation'),
     one plot per task setting (task_labels) and pattern."""
+    from cab.training.summary import task_labels
+
     labels = task_labels(tasks)
     curves: dict[tuple[str, str], dict[str, dict[int, list[float]]]] = {}
     trained: dict[tuple[str, str], Counter] = {}
@@ -435,6 +446,8 @@ def _recall_setting(tasks: pd.DataFrame) -> "tuple[str, int | None]":
     """The recall board (task label, see task_labels) that the state-size view plots, and its length: of a
     sweep's settings the one with the longest sequences, then the widest model (where recall is hardest and
     every mixer has its best chance); plain "recall" when the store holds one setting."""
+    from cab.training.summary import task_labels, task_name
+
     labels = task_labels(tasks)
     settings: dict[str, tuple[int, int]] = {}
     for i, row in zip(tasks.index, tasks.to_dict("records")):
@@ -540,6 +553,8 @@ def _recall_width(tasks: pd.DataFrame) -> "tuple[list, list]":
 def accuracy(tables: Tables, gated: "set[tuple[str, str]]", page_of: "Callable[[str], str] | None" = None
              ) -> Accuracy:
     """Everything the accuracy sections show, from the store's typed tables (task, bench, decode)."""
+    from cab.training.summary import long_metrics, summary_table, task_index
+
     empty = Accuracy((), (), (), None, (), None, "", (), 0)
     if "task" not in tables.results:
         return empty
