@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from cab.metrics import as_integer, as_number
 from cab.status import Status
 
 STATUS_ORDER = tuple(s.value for s in Status)
@@ -36,20 +37,15 @@ def is_missing(value: Any) -> bool:
 
 
 def number(value: Any) -> "float | None":
-    """A finite float, or None for anything missing, non-numeric, boolean or non-finite."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        return None
-    return result if math.isfinite(result) else None
+    """A finite float, or None for anything missing, non-numeric, boolean or non-finite (cab.metrics.as_number,
+    as a float)."""
+    result = as_number(value)
+    return None if result is None else float(result)
 
 
 def integer(value: Any) -> "int | None":
     """An integral field (pandas turns INTEGER columns with NULLs into floats)."""
-    result = number(value)
-    return None if result is None or result != int(result) else int(result)
+    return as_integer(value)
 
 
 def mapping(value: Any) -> dict:
