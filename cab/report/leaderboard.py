@@ -75,6 +75,8 @@ class BoardRow:
     sparsity: "float | None"
     backend: str
     control: bool = False  # a negative control: ranked, but outside the compositional index
+    time_ms: "float | None" = None  # median forward time at the board's cost shape (Leaderboard.cost_shape)
+    memory_bytes: "int | None" = None  # peak forward memory at that shape
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Leaderboard:
     reference: tuple  # lines naming the attentions each (task, metric)'s mu and sigma came from
     has_baseline: bool
     verdicts: tuple = ()  # one Informativeness per task on the board, in task order
+    cost_shape: str = ""  # the bench shape of the rows' time_ms / memory_bytes ("" = no bench result fits)
 
     def verdict(self, task: str) -> "Informativeness | None":
         """Whether the board's `task` measures attention (None when it was not judged)."""
@@ -191,7 +194,38 @@ def _verdicts(summary: pd.DataFrame, columns: "list[MetricColumn]", pattern: str
     return tuple(verdicts)
 
 
-def _boards(tables: Tables, long, summary, index, page_of) -> "tuple[list[Leaderboard], list]":
+def board_costs(tasks: pd.DataFrame, bench: pd.DataFrame, pattern: str, gated: "set[tuple[str, str]]"
+                ) -> "tuple[str, dict[str, tuple[float | None, int | None]]]":
+    """The cost of each attention at the length of `pattern`'s board: its longest task (the largest key
+    length, then query length) gives (Lq, Lk); forward bench results of the pattern with that Lk, at that Lq
+    when the store has it there, else at Lq = Lk (self-shaped). Returns (shape, label -> (median ms, peak
+    bytes)); gated-out and failed cells give nothing."""
+    shapes = {(integer(r.get("lq")), integer(r.get("lk"))) for r in tasks.to_dict("records")
+              if text(r.get("pattern")) == pattern and status(r.get("status")) == "ok"}
+    shapes.discard((None, None))
+    if not shapes:
+        return "", {}
+    lq, lk = max(shapes, key=lambda s: (s[1] or 0, s[0] or 0))
+    rows = [r for r in bench.to_dict("records") if text(r.get("pattern")) == pattern
+            and text(r.get("mode")) == "fwd" and status(r.get("status")) == "ok"
+            and (text(r.get("attention")), pattern) not in gated and integer(r.get("lk")) == lk]
+    for query in (lq, lk):
+        chosen = [r for r in rows if integer(r.get("lq")) == query]
+        if chosen:
+            break
+    else:
+        return "", {}
+    costs: dict[str, tuple[float | None, int | None]] = {}
+    for r in sorted(chosen, key=lambda r: text(r.get("finished_at"))):  # the latest result of a label wins
+        costs[label(r)] = (number(r.get("median_ms")), integer(r.get("peak_mem_bytes")))
+    first = chosen[0]
+    shape = (f"forward, B={integer(first.get('batch'))} H={integer(first.get('heads'))} "
+             f"Lq={query} Lk={lk} D={integer(first.get('head_dim'))} {text(first.get('dtype'))}")
+    return shape, costs
+
+
+def _boards(tables: Tables, long, summary, index, page_of, gated: "set[tuple[str, str]]"
+            ) -> "tuple[list[Leaderboard], list]":
     from cab.training.summary import label_order
 
     extras, chance, names = _bench_extras(tables.bench), _chance(tables.task), _attention_of_labels(tables.results)
@@ -208,6 +242,7 @@ def _boards(tables: Tables, long, summary, index, page_of) -> "tuple[list[Leader
         per_column = [_scores(summary, c, pattern) for c in columns]
         idx = table[table["pattern"] == pattern].set_index("attention")
         labels = sorted(set(mine["attention"]), key=str.casefold)
+        cost_shape, costs = board_costs(tables.task, tables.bench, pattern, gated)
         rows = []
         for name in labels:
             has = name in idx.index
@@ -217,7 +252,8 @@ def _boards(tables: Tables, long, summary, index, page_of) -> "tuple[list[Leader
                 label=name, attention=names.get(name, name), scores=tuple(s.get(name, Score()) for s in per_column),
                 index=_finite(idx.loc[name, "index"]) if has else None, delta_index=_finite(delta),
                 n_tasks=int(idx.loc[name, "n_tasks"]) if has else 0, sparsity=sparsity, backend=backend,
-                control=name in controls,
+                control=name in controls, time_ms=costs.get(name, (None, None))[0],
+                memory_bytes=costs.get(name, (None, None))[1],
             ))
         rows.sort(key=lambda r: (r.index is None, -(r.index or 0.0), r.label.casefold()))
         ref = index.reference[index.reference["pattern"] == pattern]
@@ -226,7 +262,7 @@ def _boards(tables: Tables, long, summary, index, page_of) -> "tuple[list[Leader
         board = Leaderboard(pattern=pattern, id=f"board-{pattern}", columns=tuple(columns), rows=tuple(rows),
                             chance=tuple(chance.get((c.task, pattern, c.metric)) for c in columns),
                             reference=reference, has_baseline=BASELINE in labels,
-                            verdicts=_verdicts(summary, columns, pattern, names))
+                            verdicts=_verdicts(summary, columns, pattern, names), cost_shape=cost_shape)
         boards.append(board)
         exports.append((board.id, f"{pattern} leaderboard", board_frame(board)))
     verdicts = [v.record() for b in boards for v in b.verdicts]
@@ -248,6 +284,9 @@ def board_frame(board: Leaderboard) -> pd.DataFrame:
             record[f"{column.task}.{column.metric}.rank"] = score.rank
         record.update({"index": row.index, f"index_delta_{BASELINE}": row.delta_index, "index_tasks": row.n_tasks,
                        "achieved_sparsity": row.sparsity, "backend": row.backend or None})
+        if board.cost_shape:
+            record.update({"forward_ms": row.time_ms, "forward_peak_bytes": row.memory_bytes,
+                           "cost_shape": board.cost_shape})
         records.append(record)
     return pd.DataFrame(records)
 
@@ -568,7 +607,7 @@ def accuracy(tables: Tables, gated: "set[tuple[str, str]]", page_of: "Callable[[
     summary = summary_table(long)
     controls = control_labels(_attention_of_labels(tables.results))
     index = task_index(long[~long["attention"].isin(controls)], baseline=BASELINE)
-    boards, exports = _boards(tables, long, summary, index, page_of)
+    boards, exports = _boards(tables, long, summary, index, page_of, gated)
     extrapolation, ex_exports = _extrapolation(tables.task)
     pareto = _pareto(boards, _reference_times(tables.bench, gated))
     correlation, corr_rows = _correlation(index.table)

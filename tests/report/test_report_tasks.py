@@ -14,7 +14,7 @@ from cab.cells import Cell, Result
 from cab.report import render_report
 from cab.report.export import to_csv, to_markdown
 from cab.report.fidelity import fidelity
-from cab.report.leaderboard import accuracy, pareto_front
+from cab.report.leaderboard import accuracy, board_frame, pareto_front
 from cab.report.pages import page_file
 from cab.report.ranks import average_ranks, kendall_tau_b, pattern_correlations, spearman
 from cab.status import Status
@@ -285,3 +285,35 @@ def test_cli_report_on_missing_and_partial_stores(tmp_path, capsys):
     db = write_store(tmp_path / "cab.sqlite", [task("vanilla", "CS", "recall", 0, {"accuracy": 0.5})])
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "site")]) == 0
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+# cost beside accuracy (issue 20, goal 5) ------------------------------------------------------------------
+
+def test_boards_carry_forward_time_and_memory_at_their_longest_task(tmp_path):
+    results = [task("vanilla", "CS", "lm", 0, {"bpc": 3.0}, length=64),
+               task("performer", "CS", "lm", 0, {"bpc": 3.2}, length=64),
+               task("vanilla", "CS", "recall", 0, {"accuracy": 0.9}, length=32),
+               bench("vanilla", "CS", 64, metrics=timing(2.0, 1.9, 2.1, mem_mib=3)),
+               bench("vanilla", "CS", 32, metrics=timing(9.0, 8.9, 9.1, mem_mib=9)),  # the shorter task: not used
+               bench("performer", "CS", 64, Status.ERROR, message="boom"),  # failed: no cost
+               bench("vanilla", "NS", 64, metrics=timing(1.0, 0.9, 1.1))]  # no NS task: no NS board
+    cross = Cell(kind="task", attention="vanilla", pattern="NC", seed=0, mode="train", task="forecast",
+                 task_params={"history": 64}, lq=16, lk=64)
+    results.append(Result(cross, Status.OK, metrics={"mse": 0.2}, provenance=PROVENANCE,
+                          started_at="2025-01-01T00:00:00+00:00", finished_at="2025-01-01T00:01:00+00:00"))
+    results.append(bench("vanilla", "NC", 64, metrics=timing(5.0, 4.9, 5.1, mem_mib=2)))  # Lq = Lk: the fallback
+    db = write_store(tmp_path / "cab.sqlite", results)
+    with ResultStore(db) as store:
+        tables = Tables.from_frames(store.dataframe())
+    boards = {b.pattern: b for b in accuracy(tables, set()).boards}
+    cs = boards["CS"]
+    assert "Lq=64 Lk=64" in cs.cost_shape and cs.cost_shape.startswith("forward")
+    rows = {r.label: r for r in cs.rows}
+    assert (rows["vanilla"].time_ms, rows["vanilla"].memory_bytes) == (2.0, 3 * 2 ** 20)
+    assert (rows["performer"].time_ms, rows["performer"].memory_bytes) == (None, None)
+    assert "Lq=64 Lk=64" in boards["NC"].cost_shape and boards["NC"].rows[0].time_ms == 5.0
+    gated = {b.pattern: b for b in accuracy(tables, {("vanilla", "CS")}).boards}
+    assert gated["CS"].cost_shape == ""  # a configuration whose gate failed reports no speed
+    frame = board_frame(cs)
+    assert [None if math.isnan(v) else v for v in frame["forward_ms"]] == [
+        2.0 if r.label == "vanilla" else None for r in cs.rows]
