@@ -234,3 +234,27 @@ def test_zoology_configs_sweep_width_and_length(name, seeds, widths, lengths, ce
         assert {"sdpa", "no_mixing"} <= {c.attention for c in here}
         assert len({(c.task_params["lr"], c.task_params["steps"]) for c in here}) == 1
     assert {(c.task_params["d_model"]) for c in grid if c.attention == "routing"} == {64}
+
+
+def test_long_panel_config_runs_at_long_lengths_with_costs_beside():
+    """configs/tasks-long-cpu.yaml (issue 20): LM at 1,024 evaluated to 8x, MQAR at 512 with 32 pairs in both
+    self patterns, 15 attentions with exact attention and the control on every task, 3 seeds, and forward
+    benchmarks at the task lengths for the boards' cost columns."""
+    from cab.grid import expand
+
+    everything = expand(ROOT / "configs" / "tasks-long-cpu.yaml")
+    grid = [c for c in everything if c.kind == "task"]
+    assert {c.seed for c in grid} == {0, 1, 2} and len({c.attention for c in grid}) == 15
+    by_task = {}
+    for c in grid:
+        by_task.setdefault((c.task, c.pattern), set()).add(c.attention)
+    assert set(by_task) == {("lm", "CS"), ("recall", "CS"), ("recall", "NS")}
+    for attentions in by_task.values():
+        assert {"sdpa", "no_mixing"} <= attentions
+    lm = {c.lq for c in grid if c.task == "lm"}
+    assert lm == {1024} and {max(c.task_params["extrapolation_factors"]) for c in grid if c.task == "lm"} == {8}
+    recall = [c for c in grid if c.task == "recall"]
+    assert {c.lq for c in recall} == {512} and {tuple(c.task_params["pairs"]) for c in recall} == {(32,)}
+    bench = [c for c in everything if c.kind == "bench"]
+    assert {c.lq for c in bench} == {512, 1024} and {c.mode for c in bench} == {"fwd"}
+    assert {(c.attention, c.pattern) for c in grid} <= {(c.attention, c.pattern) for c in bench}
