@@ -248,12 +248,12 @@ def _boards(tables: Tables, long, summary, index, page_of, gated: "set[tuple[str
             has = name in idx.index
             delta = idx.loc[name].get(f"delta_{BASELINE}") if has and f"delta_{BASELINE}" in idx.columns else None
             sparsity, backend = extras.get((name, pattern), (None, ""))
+            time_ms, memory_bytes = costs.get(name, (None, None))
             rows.append(BoardRow(
                 label=name, attention=names.get(name, name), scores=tuple(s.get(name, Score()) for s in per_column),
                 index=_finite(idx.loc[name, "index"]) if has else None, delta_index=_finite(delta),
                 n_tasks=int(idx.loc[name, "n_tasks"]) if has else 0, sparsity=sparsity, backend=backend,
-                control=name in controls, time_ms=costs.get(name, (None, None))[0],
-                memory_bytes=costs.get(name, (None, None))[1],
+                control=name in controls, time_ms=time_ms, memory_bytes=memory_bytes,
             ))
         rows.sort(key=lambda r: (r.index is None, -(r.index or 0.0), r.label.casefold()))
         ref = index.reference[index.reference["pattern"] == pattern]

@@ -307,6 +307,7 @@ def test_boards_carry_forward_time_and_memory_at_their_longest_task(tmp_path):
         tables = Tables.from_frames(store.dataframe())
     boards = {b.pattern: b for b in accuracy(tables, set()).boards}
     cs = boards["CS"]
+    assert "NS" not in boards  # a bench row alone makes no board
     assert "Lq=64 Lk=64" in cs.cost_shape and cs.cost_shape.startswith("forward")
     rows = {r.label: r for r in cs.rows}
     assert (rows["vanilla"].time_ms, rows["vanilla"].memory_bytes) == (2.0, 3 * 2 ** 20)
