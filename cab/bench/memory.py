@@ -1,15 +1,14 @@
 """Peak memory of one bench cell, in its own pass (never inside the timing loop).
 
-CPU: a fresh process per cell, forked from a forkserver that has already imported torch and cab (see
-`cab.bench.memory_probe`), reads its resident high-water mark, since the allocator's freed-and-reused memory
-makes in-process readings low. CUDA: the caching allocator's peak statistics around one call, in this
-process."""
+CPU: a fresh process per cell, forked from cab's warm forkserver (cab.executors.forkserver: torch,
+torch._dynamo and cab already imported; see `cab.bench.memory_probe`), reads its resident high-water mark,
+since the allocator's freed-and-reused memory makes in-process readings low. CUDA: the caching allocator's
+peak statistics around one call, in this process."""
 
 from __future__ import annotations
 
 import gc
 import multiprocessing
-import multiprocessing.context
 import signal
 
 import torch
@@ -18,12 +17,12 @@ from cab.bench.inputs import make_inputs
 from cab.bench.memory_probe import measure_in_child
 from cab.bench.workload import build_attention, needs_grad, prepare_mode
 from cab.cells import Cell
+from cab.executors import forkserver
 from cab.failures import is_oom
 from cab.metrics import Memory
 from cab.registry import loaded_plugin_specs
 
 DEFAULT_PROBE_TIMEOUT_S = 600.0
-_CONTEXT: "multiprocessing.context.BaseContext | None" = None
 
 
 def measure_memory(cell: Cell) -> Memory:
@@ -35,22 +34,13 @@ def measure_memory(cell: Cell) -> Memory:
     return cpu_memory(cell, timeout_s=float(cell.options.get("memory_timeout_s", DEFAULT_PROBE_TIMEOUT_S)))
 
 
-def _forkserver() -> multiprocessing.context.BaseContext:
-    """The forkserver context; its server process starts on first use and preloads the probe."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["cab.bench.memory_probe"])
-    return _CONTEXT
-
-
 def cpu_memory(cell: Cell, timeout_s: float) -> Memory:
     """Run the memory probe on the cell in a process of its own and return its metrics."""
-    ctx = _forkserver()
     request = {"cell": cell.to_dict(), "plugins": loaded_plugin_specs(), "threads": torch.get_num_threads()}
-    receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=measure_in_child, args=(request, sender), daemon=True)
-    child.start()
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    # the warm server has torch._dynamo loaded too: a probe that imported it itself (torch does on the first
+    # activation checkpoint or compile-disabled call) spent about 1.1 s of every memory pass doing so
+    child = forkserver.start(measure_in_child, (request, sender), name="cab-memory-probe", daemon=True)
     sender.close()
     try:
         if receiver.poll(timeout_s):

@@ -1,15 +1,15 @@
 """Peak resident memory of one bench cell, measured in a fresh process forked for that cell alone.
 
-`cab.bench.memory` keeps a multiprocessing forkserver whose server process has imported torch and cab
-(this module preloads every built-in attention) but never runs a torch operation, so forking it is safe and a
-child starts with an untouched allocator, without paying torch's import for every cell. The child freezes what it
-inherited (gc.freeze) before anything else, so its collections never walk torch's and cab's objects. The child
-(`measure_in_child`) serves every allocation above 64 KiB with mmap (so a freed tensor never hides a later
-peak in resident heap pages), builds the module and inputs, runs the mode once at a tiny shape to load
-libraries, resets the kernel's RSS high-water mark (write "5" to /proc/self/clear_refs), takes the baseline
-VmRSS just before the measured call, runs the mode once and reads VmHWM: peak_mem_bytes = VmHWM - baseline.
-Where the reset is refused, VmHWM counts from the fork, so the figure is an upper bound and says so
-(mem_upper_bound).
+`cab.bench.memory` forks it from cab's forkserver (cab.executors.forkserver), whose server process has imported
+torch, torch._dynamo and cab (this module, among its preloads, imports every built-in attention) but never runs a
+torch operation, so forking it is safe and a child starts with an untouched allocator, without paying torch's
+import for every cell. The child freezes what it inherited (gc.freeze) before anything else, so its collections
+never walk torch's and cab's objects. The child (`measure_in_child`) serves every allocation above 64 KiB with
+mmap (so a freed tensor never hides a later peak in resident heap pages), builds the module and inputs, runs the
+mode once at a tiny shape to load libraries, resets the kernel's RSS high-water mark (write "5" to
+/proc/self/clear_refs), takes the baseline VmRSS just before the measured call, runs the mode once and reads
+VmHWM: peak_mem_bytes = VmHWM - baseline. Where the reset is refused, VmHWM counts from the fork, so the figure is
+an upper bound and says so (mem_upper_bound).
 """
 
 from __future__ import annotations

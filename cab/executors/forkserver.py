@@ -84,9 +84,10 @@ def _server_running() -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
-def start(target: Callable, args: tuple, name: str) -> multiprocessing.process.BaseProcess:
-    """Fork a child from the warm server that runs `target(*args)`; returns the started process."""
-    process = context().Process(target=target, args=args, name=name)
+def start(target: Callable, args: tuple, name: str, daemon: bool = False) -> multiprocessing.process.BaseProcess:
+    """Fork a child from the warm server that runs `target(*args)`; returns the started process (`daemon`:
+    killed when this process exits)."""
+    process = context().Process(target=target, args=args, name=name, daemon=daemon)
     with _without_main_script():
         if not _server_running():  # the server and resource tracker start now: not on the driver's stdout
             with _stdout_to_devnull():

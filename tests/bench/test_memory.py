@@ -76,6 +76,7 @@ def test_chunked_and_fused_attention_stay_far_below_the_score_matrix():
 PLUGIN = textwrap.dedent('''
     import os
     import signal
+    import sys
     import time
 
     import torch
@@ -115,8 +116,15 @@ PLUGIN = textwrap.dedent('''
     class Slow(_Base):
         def fail(self):
             time.sleep(60)
+
+
+    @register_attention("mem_test_needs_dynamo", family="test", exact=True)
+    class NeedsDynamo(_Base):
+        def fail(self):  # torch imports torch._dynamo on first use of checkpointing or compile-disabled ops
+            if "torch._dynamo" not in sys.modules:
+                raise ValueError("the probe process imported torch._dynamo itself")
 ''')
-PLUGIN_NAMES = ("mem_test_memoryerror", "mem_test_killed", "mem_test_broken", "mem_test_slow")
+PLUGIN_NAMES = ("mem_test_memoryerror", "mem_test_killed", "mem_test_broken", "mem_test_slow", "mem_test_needs_dynamo")
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +147,12 @@ def test_probe_failures_become_memory_statuses(failing_plugin, attention, status
     metrics = measure_memory(cell(attention, lq=64, lk=64))
     assert metrics.mem_status == status and text in metrics.mem_message
     assert metrics.peak_mem_bytes is None
+
+
+def test_probe_forks_from_a_server_that_has_torch_dynamo_loaded(failing_plugin):
+    # importing it in each probe cost about 1.1 s of every memory pass of an attention that checkpoints
+    metrics = measure_memory(cell("mem_test_needs_dynamo", lq=64, lk=64))
+    assert metrics.mem_status == "ok", metrics.mem_message
 
 
 def test_probe_timeout(failing_plugin):
