@@ -7,6 +7,7 @@ is one template and one entry here plus what it needs in the page model.
 
 from __future__ import annotations
 
+import functools
 import os
 from importlib import resources
 from pathlib import Path
@@ -120,7 +121,10 @@ def _static(name: str) -> Markup:
     return Markup((resources.files("cab.report") / "templates" / name).read_text(encoding="utf-8"))
 
 
+@functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
+    """The templates' environment, built once per process: it caches each compiled template, which a fresh
+    environment per page compiled again (about 0.1 s a page, 76 attention pages on the quick grid)."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("cab.report", "templates"), autoescape=True,
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
