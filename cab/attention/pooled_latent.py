@@ -83,30 +83,31 @@ class PooledLatentAttention(Attention):
         return out.to(out_dtype)
 
     def reference(self, q, k, v, key_padding_mask=None):
-        """Latent by latent and query by query, with explicit segment means and softmaxes; the groups are
-        re-derived here as slices of the real keys' index list (group m holds the real keys of rank
-        ceil(m N / r) .. ceil((m + 1) N / r) - 1), not taken from `latent_slots`."""
+        """Batch element by element and latent by latent (all heads and queries at once), with explicit segment
+        means and softmaxes; the groups are re-derived here as slices of the real keys' index list (group m
+        holds the real keys of rank ceil(m N / r) .. ceil((m + 1) N / r) - 1), not taken from `latent_slots`."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk = k.shape[-2]
-        out = q.new_zeros(b, h, lq, v.shape[-1])
+        rows = []
         for bi in range(b):
             keys = [j for j in range(lk) if key_padding_mask is None or not bool(key_padding_mask[bi, j])]
             if not keys:
+                rows.append(q.new_zeros(h, lq, v.shape[-1]))
                 continue
             n = len(keys)
             r = min(self.num_latents, n)
             groups = [keys[-(-m * n // r):-(-(m + 1) * n // r)] for m in range(r)]
-            for hi in range(h):
-                latents = []
-                for members in groups:
-                    z = torch.stack([k[bi, hi, j] for j in members]).mean(dim=0)
-                    a = torch.softmax(torch.stack([z @ k[bi, hi, j] / d ** 0.5 for j in keys]), dim=0)
-                    latents.append((z, sum(a[t] * v[bi, hi, j] for t, j in enumerate(keys))))
-                for i in range(lq):
-                    w = torch.softmax(torch.stack([q[bi, hi, i] @ z / d ** 0.5 for z, _ in latents]), dim=0)
-                    out[bi, hi, i] = sum(w[m] * u for m, (_, u) in enumerate(latents))
-        return out
+            real_k, real_v = k[bi][:, keys], v[bi][:, keys]  # (H, N, D): the real keys and values
+            latents, latent_values = [], []
+            for members in groups:
+                z = k[bi][:, members].mean(dim=1)  # (H, D): the group's key mean
+                a = torch.softmax((real_k @ z.unsqueeze(-1)).squeeze(-1) / d ** 0.5, dim=-1)  # (H, N)
+                latents.append(z)
+                latent_values.append((a.unsqueeze(-2) @ real_v).squeeze(-2))
+            z, u = torch.stack(latents, dim=1), torch.stack(latent_values, dim=1)  # (H, r, D), (H, r, Dv)
+            rows.append(torch.softmax(q[bi] @ z.transpose(-1, -2) / d ** 0.5, dim=-1) @ u)  # each query reads r
+        return torch.stack(rows)
 
     def algorithmic_flops(self, batch, lq, lk, kv_heads):
         r = min(self.num_latents, lk)  # the pooling einsum, the compression and the read-out
