@@ -17,9 +17,40 @@ from cab.registry import register_attention
 _SELF = ("monotonic alignment aligns a target sequence to a separate source read left to right; on one "
          "sequence the alignment of a token to its own prefix is not the mechanism")
 
-# target steps whose transition and lookback matrices (B * H * Lk * Lk elements a step) are built at once: large
-# enough that the per-step Python loop is a matrix-vector product only, small enough to stay in cache-sized blocks
+# source positions a chunk of the decayed sums (`_decay_matrices`): O(Lk * _CHUNK + (Lk / _CHUNK)^2) a step
+_CHUNK = 32
+# target steps whose decay matrices (B * H * Lk * _CHUNK elements a step) are built at once: enough that the
+# per-step Python loop is a few matrix-vector products, few enough to stay in cache-sized blocks
 _BLOCK_ELEMENTS = 2 ** 20
+
+
+def _triangular_exp(decays: torch.Tensor) -> torch.Tensor:
+    """(..., m, m): M[k, j] = exp(sum_{k < l <= j} d_l) for j >= k, else 0, of decays d (..., m) <= 0, each
+    row's exponent summed from its own k (the arguments are sums of non-positive terms, never differences)."""
+    upper = torch.ones(decays.shape[-1], decays.shape[-1], dtype=torch.bool, device=decays.device).triu()
+    exponent = decays.unsqueeze(-2).masked_fill(upper.mT, 0.0).cumsum(dim=-1)
+    return exponent.masked_fill_(~upper, float("-inf")).exp_()
+
+
+def _decay_matrices(decays: torch.Tensor, chunk: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """(inner (..., n, C, C), head (..., n, C), outer (..., n, n)) of decays (..., L) <= 0 in n chunks of C:
+    the decays within each chunk (`_triangular_exp`), from the end of the chunk before to each position, and
+    between chunk ends (of the chunks' total decays). See `_decayed_sums`."""
+    count = -(-decays.shape[-1] // chunk)
+    chunks = F.pad(decays, (0, count * chunk - decays.shape[-1])).unflatten(-1, (count, chunk))
+    return _triangular_exp(chunks), chunks.cumsum(dim=-1).exp(), _triangular_exp(chunks.sum(dim=-1))
+
+
+def _decayed_sums(x: torch.Tensor, inner: torch.Tensor, head: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """y_j = sum_{k <= j} x_k exp(sum_{k < l <= j} d_l) along the last dim of x (..., L), with d's
+    `_decay_matrices`: the sum within each chunk, plus what the chunks before carry out of their ends, decayed
+    to j. O(L C + n^2) instead of the L x L matrix of exp(sum_{k < l <= j} d_l); every factor is <= 1."""
+    count, chunk = head.shape[-2:]
+    chunks = F.pad(x, (0, count * chunk - x.shape[-1])).unflatten(-1, (count, chunk))
+    within = (chunks.unsqueeze(-2) @ inner).squeeze(-2)
+    ends = (within[..., -1].unsqueeze(-2) @ outer).squeeze(-2)  # y at each chunk's last position
+    y = within + F.pad(ends[..., :-1], (1, 0)).unsqueeze(-1) * head
+    return y.flatten(-2)[..., :x.shape[-1]]
 
 
 @dataclass(frozen=True)
@@ -72,10 +103,10 @@ class MonotonicAttention(Attention):
     be finite in float32); float32 against float64 at the same inputs, relative error of the output 9e-7
     at 200 and 2e-6 at 1000, of the q and k gradients 3e-6 and 2e-5.
 
-    Cost: O(Lk^2) a target step for the transition matrix and the lookback shares (autograd keeps both, two
-    Lk x Lk matrices a step) — the closed form buys stability and parallelism over the source, not
-    sub-quadratic time. Both depend on the scores only, so they are built for blocks of target steps at once
-    and only the alignment's matrix-vector product with each step's transition loops over the Lq steps.
+    Cost: a loop over the Lq target steps. The transition and the lookback shares are never materialised as
+    Lk x Lk matrices: their products are decayed sums (`_decayed_sums`), O(Lk C + (Lk / C)^2) a step in chunks
+    of C = 32 source positions, built from the scores for blocks of target steps at once, so only the
+    alignment's few matrix-vector products loop over the steps. The recursion keeps it sequential in Lq.
     """
 
     complexity = {"time": 3, "memory": 2}
@@ -96,73 +127,61 @@ class MonotonicAttention(Attention):
         log_q = F.logsigmoid(-energy).masked_fill(~real | last, 0.0)
         return log_p, log_q
 
-    @staticmethod
-    def _triangles(lk: int, device) -> "tuple[torch.Tensor, torch.Tensor]":
-        """(upper, below), (Lk, Lk) bool [row, col]: col >= row, and its complement col < row. Built once
-        per forward, so the masks autograd keeps for every step are views of one tensor."""
-        upper = torch.ones(lk, lk, dtype=torch.bool, device=device).triu()
-        return upper, ~upper
+    def _steps(self, alignment: torch.Tensor, scores: torch.Tensor, real: torch.Tensor, last: torch.Tensor,
+               values: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """(outputs (B, H, Q, Dv), last alignment (B, H, Lk)) of Q consecutive target steps (scores (B, H, Q, Lk))
+        from the alignment before them. The transitions depend on the scores only, so their matrices are built
+        for the Q steps at once; only the recursion alpha_i = p_i * (alpha_{i-1} T_i) runs step by step.
 
-    def _transitions(self, scores: torch.Tensor, real: torch.Tensor, last: torch.Tensor,
-                     triangles: "tuple[torch.Tensor, torch.Tensor]") -> "tuple[torch.Tensor, torch.Tensor]":
-        """(p (B, H, Q, Lk), transition (B, H, Q, Lk, Lk)) of Q target steps' scores (B, H, Q, Lk) at once: they
-        depend on the scores only, so only the product with the previous alignment is left to the step loop.
-
-        transition T[k, j] = exp(sum_{k <= l < j} log(1 - p_l)) for j >= k, else 0: each row's exponent is
-        summed from its own k (the inclusive cumulative sum over l > k of log(1 - p_{l-1})), not taken as the
-        difference S_j - S_k of one cumulative sum, whose rounding error |S| * eps grows with the energies and
-        would leave T wrong by a relative |S| * eps where S_j and S_k are both large."""
-        upper, below = triangles
+        (alpha_{i-1} T_i)_j = sum_{k <= j} alpha_{i-1,k} exp(sum_{k <= l < j} log(1 - p_l)): a decayed sum with
+        decays log(1 - p_{l-1}) <= 0 (`_decayed_sums`), whose exponents are sums of non-positive terms, never
+        the difference S_j - S_k of one cumulative sum (whose rounding error |S| * eps grows with the energies)."""
         log_p, log_q = self._stop_logs(scores + self.energy_bias.to(scores.dtype)[None, :, None, None],
                                        real.unsqueeze(-2), last.unsqueeze(-2))
-        shifted = F.pad(log_q[..., :-1], (1, 0)).unsqueeze(-2)
-        transition = shifted.masked_fill(upper.mT, 0.0).cumsum(dim=-1)  # <= 0: log(1 - p) <= 0
-        return torch.exp(log_p), transition.masked_fill_(below, float("-inf")).exp_()
+        stop, chunk = torch.exp(log_p), min(scores.shape[-1], _CHUNK)
+        inner, head, outer = _decay_matrices(F.pad(log_q[..., :-1], (1, 0)), chunk)
+        alignments = []
+        for i in range(scores.shape[-2]):
+            alignment = stop[:, :, i] * _decayed_sums(alignment, inner[:, :, i], head[:, :, i], outer[:, :, i])
+            alignments.append(alignment)
+        return self._lookback(scores, torch.stack(alignments, dim=2), real, values, chunk), alignment
 
     @staticmethod
     def _lookback(scores: torch.Tensor, alignments: torch.Tensor, real: torch.Tensor, values: torch.Tensor,
-                  below: torch.Tensor) -> torch.Tensor:
+                  chunk: int) -> torch.Tensor:
         """Outputs (B, H, Q, Dv) of Q target steps from their scores and alignments (B, H, Q, Lk): MILk's
         infinite lookback, which needs no recursion once the alignments are known, so it runs for Q steps at once.
 
         beta_j = sum_{k >= j} alpha_k exp(u_j) / sum_{l <= k} exp(u_l). Each stop k's prefix softmax is shifted
         by its own running maximum m_k = max_{l <= k} u_l (a shift by the row maximum instead underflows a prefix
-        whose keys all score far below a later key, and alpha_k / Z_k then overflows or loses alpha_k):
-        share[j, k] = exp(u_j - m_k) <= 1 for j <= k, and the shifted normaliser z_k = sum_{j <= k} share[j, k]
-        >= 1 wherever a real key is in the prefix (else 0, and then alpha_k = 0 too: no key up to k can be
-        stopped at). m is a shift only, held constant."""
+        whose keys all score far below a later key, and alpha_k / Z_k then overflows or loses alpha_k): with
+        share[j, k] = exp(u_j - m_k) = exp(u_j - m_j) exp(sum_{j < l <= k} (m_{l-1} - m_l)) <= 1 for j <= k, the
+        shifted normaliser z_k = sum_{j <= k} share[j, k] (a decayed sum, forward) is >= 1 wherever a real key is
+        in the prefix (else 0, and then alpha_k = 0 too: no key up to k can be stopped at), and beta_j =
+        sum_{k >= j} share[j, k] alpha_k / z_k (a decayed sum, backward). m is a shift only, held constant."""
         u = scores.masked_fill(~real.unsqueeze(-2), float("-inf"))
         running = u.detach().cummax(dim=-1).values
-        running = torch.where(torch.isfinite(running), running, torch.zeros_like(running))
-        share = (u.unsqueeze(-1) - running.unsqueeze(-2)).masked_fill_(below, float("-inf")).exp_()
-        z = share.sum(dim=-2)
+        # before the first real key m is -inf: any finite shift leaves share = 0 there; the first real key's
+        # (0 in a row without one) keeps m non-decreasing, so every decay m_{l-1} - m_l is <= 0
+        finite = torch.isfinite(running)
+        first = running.masked_fill(~finite, float("inf")).amin(dim=-1, keepdim=True)
+        running = torch.where(finite, running, first.masked_fill(~torch.isfinite(first), 0.0))
+        decays = F.pad(running[..., :-1] - running[..., 1:], (1, 0))  # m_{l-1} - m_l <= 0
+        own = torch.exp(u - running)  # exp(u_j - m_j) <= 1
+        z = _decayed_sums(own, *_decay_matrices(decays, chunk))
         ratio = alignments / torch.where(z > 0, z, torch.ones_like(z))
-        beta = (share @ ratio.unsqueeze(-1)).squeeze(-1)
+        backward = _decay_matrices(F.pad(decays.flip(-1)[..., :-1], (1, 0)), chunk)
+        beta = own * _decayed_sums(ratio.flip(-1), *backward).flip(-1)
         return beta @ values
 
-    def _steps(self, alignment: torch.Tensor, scores: torch.Tensor, real: torch.Tensor, last: torch.Tensor,
-               values: torch.Tensor, triangles: "tuple[torch.Tensor, torch.Tensor] | None" = None
-               ) -> "tuple[torch.Tensor, torch.Tensor]":
-        """(outputs (B, H, Q, Dv), last alignment (B, H, Lk)) of Q consecutive target steps (scores (B, H, Q, Lk))
-        from the alignment before them (`triangles`: `_triangles(Lk)`, built here when not given). Only the
-        alignment recursion alpha_i = p_i * (alpha_{i-1} T_i) runs step by step.
+    def _step(self, alignment: torch.Tensor, scores: torch.Tensor, real: torch.Tensor, last: torch.Tensor,
+              values: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """(output (B, H, Dv), alignment (B, H, Lk)) of one target step (scores (B, H, Lk)) from the previous
+        alignment: `_steps` with Q = 1.
 
         Every exponential takes a non-positive argument and every divisor is either at least 1 or stands
         under a zero numerator, so no intermediate overflows at any logit size (see the class docstring)."""
-        triangles = self._triangles(scores.shape[-1], scores.device) if triangles is None else triangles
-        stop, transition = self._transitions(scores, real, last, triangles)
-        alignments = []
-        for i in range(scores.shape[-2]):
-            alignment = stop[:, :, i] * (alignment.unsqueeze(-2) @ transition[:, :, i]).squeeze(-2)
-            alignments.append(alignment)
-        return self._lookback(scores, torch.stack(alignments, dim=2), real, values, triangles[1]), alignment
-
-    def _step(self, alignment: torch.Tensor, scores: torch.Tensor, real: torch.Tensor, last: torch.Tensor,
-              values: torch.Tensor, triangles: "tuple[torch.Tensor, torch.Tensor] | None" = None
-              ) -> "tuple[torch.Tensor, torch.Tensor]":
-        """(output (B, H, Dv), alignment (B, H, Lk)) of one target step (scores (B, H, Lk)) from the previous
-        alignment: `_steps` with Q = 1."""
-        out, alignment = self._steps(alignment, scores.unsqueeze(-2), real, last, values, triangles)
+        out, alignment = self._steps(alignment, scores.unsqueeze(-2), real, last, values)
         return out.squeeze(-2), alignment
 
     @staticmethod
@@ -188,10 +207,10 @@ class MonotonicAttention(Attention):
             return q.new_zeros(b, h, lq, v.shape[-1]).to(out_dtype)
         real, last = self._real_and_last(key_padding_mask, b, lk, q.device)
         scores = self._energies(q, k)
-        alignment, rows, triangles = self._initial(b, h, lk, q), [], self._triangles(lk, q.device)
-        block = max(1, _BLOCK_ELEMENTS // (b * h * lk * lk))
+        alignment, rows = self._initial(b, h, lk, q), []
+        block = max(1, _BLOCK_ELEMENTS // (b * h * lk * min(lk, _CHUNK)))
         for start in range(0, lq, block):
-            out, alignment = self._steps(alignment, scores[:, :, start:start + block], real, last, v, triangles)
+            out, alignment = self._steps(alignment, scores[:, :, start:start + block], real, last, v)
             rows.append(out)
         return torch.cat(rows, dim=2).to(out_dtype)
 
@@ -253,8 +272,8 @@ class MonotonicAttention(Attention):
 
     def peak_memory_estimate(self, batch, lq, lk, kv_heads, mode, dtype):
         itemsize = torch.empty((), dtype=compute_dtype(dtype)).element_size()
-        # autograd keeps two Lk x Lk matrices a step (transition, lookback shares; measured 2.04 on CPU at
-        # Lq=64, Lk=512), a step without autograd peaks at ~2.4 (its exponents are exponentiated in place)
+        # the dense form's bound (two Lk x Lk matrices kept a step, measured 2.04 at Lq=64, Lk=512), kept as the
+        # declared cost: the chunked decayed sums keep about Lk * 32 a step instead
         per_step = 3 * batch * self.num_heads * lk * lk * itemsize
         steps = lq if mode in ("fwd", "fwdbwd", "bwd") else 1
         return int(per_step * steps + 2 * batch * self.num_heads * lq * lk * itemsize)
