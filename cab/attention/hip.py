@@ -9,11 +9,12 @@ import torch
 from cab.attention.base import Attention, repeat_kv
 from cab.attention.engine.prepare import query_positions, real_keys, set_positive, softmax_scale
 from cab.attention.engine.routing import gathered_attention
-from cab.attention.engine.scores import masked_softmax_reference
+from cab.attention.engine.scores import masked_softmax_reference, masked_softmax_rows
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
-_ELEMENTS = 1 << 24  # gathered key elements per chunk of queries
+_ELEMENTS = 1 << 24  # gathered key elements (or scores, dense) per chunk of queries
+_DENSE_RATIO = 4  # dense score rows while Lk <= this times the k b_k kept keys
 
 
 @register_attention(
@@ -42,8 +43,11 @@ class HiPAttention(Attention):
     differentiable; gradients flow through the final sparse softmax.
 
     Cost: O(Lq k log(Lk / (k b_k)) d) for the search plus O(Lq k b_k d) for the attention (the paper's
-    O(T log T)); queries are processed in chunks, nothing Lq x Lk is formed. No FlexAttention path: the
-    mask is content-dependent per call.
+    O(T log T)); queries are processed in chunks and past Lk = 4 k b_k nothing Lq x Lk is formed. Up to
+    that length (the benchmarked ones) a chunk's rows score every key in one matmul instead: the search reads
+    its representative scores there and the softmax runs on them masked to the kept keys (the same keys and
+    weights; a matmul over <= 4 k b_k keys costs less than gathering k b_k keys and values per row).
+    No FlexAttention path: the mask is content-dependent per call.
     """
 
     # L k log L d
@@ -67,62 +71,108 @@ class HiPAttention(Attention):
             counts = real.sum(-1, keepdim=True).expand(b, lq)
         return order, counts
 
-    def _search(self, q, k, order, counts):
-        """Kept segments [start, end) in key ranks, (B, H, n, k) each, for queries q (B, H, n, D)."""
+    def _search(self, q, k, order, counts, scores=None):
+        """Kept segments [start, end) in key ranks, (B, H, n, k) each, for queries q (B, H, n, D). A half is
+        scored by its representative key: read from `scores` (B, H, n, Lk), the rows' scaled scores against
+        every key, when given, else gathered and multiplied here."""
         b, h, n, d = q.shape
         lk = k.shape[-2]
         kk, bk = self.topk, self.block_size
-        s = torch.arange(kk, device=q.device)
-        total = counts[:, None, :, None].expand(b, h, n, 1)
-        start = (s * total) // kk
-        end = ((s + 1) * total) // kk
+        # the k first segments depend on the row's count alone: computed once for every head
+        bounds = (torch.arange(kk + 1, device=q.device) * counts[:, None, :, None]) // kk
+        start, end = bounds[..., :-1].expand(b, h, n, kk), bounds[..., 1:].expand(b, h, n, kk)
         kf = k.reshape(b * h * lk, d)
         base = (torch.arange(b * h, device=q.device) * lk).reshape(b, h, 1, 1)
         scale = softmax_scale(d)
-        while bool(((end - start) > bk).any()):
-            mid = torch.where(end - start > bk, (start + end) // 2, end)
+        while True:
+            split = (end - start) > bk
+            if not bool(split.any()):
+                break
+            mid = torch.where(split, (start + end) >> 1, end)
             c_start = torch.cat([start, mid], dim=-1)
             c_end = torch.cat([mid, end], dim=-1)
             rep = order.gather(1, c_start.clamp(max=lk - 1).reshape(b, -1)).reshape(c_start.shape)
-            keys = kf.index_select(0, (rep + base).reshape(-1)).reshape(b, h, n, 2 * kk, d)
-            score = (keys @ (q * scale)[..., None])[..., 0]
+            if scores is None:
+                keys = kf.index_select(0, (rep + base).reshape(-1)).reshape(b, h, n, 2 * kk, d)
+                score = (keys @ (q * scale)[..., None])[..., 0]
+            else:
+                score = scores.gather(-1, rep)
             score = score.masked_fill(c_end <= c_start, float("-inf"))
             best = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kk]
             start, end = c_start.gather(-1, best), c_end.gather(-1, best)
         return start, end
 
-    def _select(self, q, k, order, counts, rows):
-        """(idx (B, H, n, k b_k) key positions, valid) for the query rows `rows`."""
-        b, h = q.shape[:2]
-        lk = k.shape[-2]
-        start, end = self._search(q[:, :, rows], k, order, counts[:, rows])
-        ranks = (start[..., None] + torch.arange(self.block_size, device=q.device)).flatten(-2)
+    def _segments(self, q, k, order, counts, rows):
+        """(start, end, scores): the kept segments of the query rows `rows` (see _search), and in dense mode
+        (see _dense) the rows' scaled scores against every key (B, H, n, Lk) it read them from, else None."""
+        scores = None
+        if self._dense(k.shape[-2]):
+            scores = (q[:, :, rows] * softmax_scale(q.shape[-1])) @ k.transpose(-1, -2)
+        with torch.no_grad():
+            start, end = self._search(q[:, :, rows].detach(), k.detach(), order, counts[:, rows],
+                                      None if scores is None else scores.detach())
+        return start, end, scores
+
+    def _select(self, start, end, order, lk):
+        """(idx (B, H, n, k b_k) key positions, valid) of the kept segments [start, end) in key ranks."""
+        b = start.shape[0]
+        ranks = (start[..., None] + torch.arange(self.block_size, device=start.device)).flatten(-2)
         valid = ranks < end.repeat_interleave(self.block_size, dim=-1)
         idx = order.gather(1, ranks.clamp(max=lk - 1).reshape(b, -1)).reshape(ranks.shape)
         return idx, valid
 
-    def _chunks(self, q):
-        width = 2 * self.topk * q.shape[-1]
+    @staticmethod
+    def _mask(start, end, order, lk):
+        """(B, H, n, Lk) bool key-position mask of the kept segments [start, end) in key ranks: +1 at each
+        start, -1 at each end, and a running sum (segments are disjoint), read at each key's rank (order None:
+        no padding, ranks are positions)."""
+        b, h, n, _ = start.shape
+        edges = torch.zeros(b, h, n, lk + 1, dtype=torch.int32, device=start.device)
+        edges.scatter_add_(-1, start, torch.ones_like(start, dtype=torch.int32))
+        edges.scatter_add_(-1, end, torch.full_like(end, -1, dtype=torch.int32))
+        inside = edges[..., :lk].cumsum(-1, dtype=torch.int32) > 0
+        if order is None:
+            return inside
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(lk, device=order.device).expand_as(order))
+        return inside.gather(-1, rank[:, None, None, :].expand(b, h, n, lk))
+
+    def _dense(self, lk):
+        """Whether rows attend through a masked score row over all Lk keys instead of gathering their k b_k
+        keys: a matmul over Lk keys is cheaper than gathering a copy of k b_k keys and values per row."""
+        return lk <= _DENSE_RATIO * self.topk * self.block_size
+
+    def _chunks(self, q, lk):
+        """Slices of query rows whose search gathers (or whose dense rows hold about 4 tensors of scores) at most
+        _ELEMENTS elements."""
+        width = 4 * lk if self._dense(lk) else 2 * self.topk * q.shape[-1]
         step = max(1, _ELEMENTS // max(1, q.shape[0] * q.shape[1] * width))
         return [slice(r0, min(r0 + step, q.shape[-2])) for r0 in range(0, q.shape[-2], step)]
 
     def forward(self, q, k, v, key_padding_mask=None):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        order, counts = self._layout(q.shape[0], q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        lk = k.shape[-2]
+        order, counts = self._layout(q.shape[0], q.shape[-2], lk, key_padding_mask, q.device)
         outs = []
-        for rows in self._chunks(q):
-            with torch.no_grad():
-                idx, valid = self._select(q.detach(), k.detach(), order, counts, rows)
+        for rows in self._chunks(q, lk):
+            start, end, scores = self._segments(q, k, order, counts, rows)
+            if scores is not None:  # dense: the softmax runs on the same scores, masked to the kept keys
+                mask = self._mask(start, end, None if key_padding_mask is None else order, lk)
+                outs.append(masked_softmax_rows(scores, mask, v)[0])
+                continue
+            idx, valid = self._select(start, end, order, lk)
             outs.append(gathered_attention(q[:, :, rows, None], k, v, idx, valid[:, :, :, None],
                                            softmax_scale(q.shape[-1]))[:, :, :, 0])
         return torch.cat(outs, dim=2)
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
-        """Token pairs of the final sparse softmax (the 2k representative scores per level are not counted)."""
+        """Token pairs of the final sparse softmax (the 2k representative scores per level are not counted):
+        the kept segments' lengths."""
         k = repeat_kv(k, q.shape[1])
-        order, counts = self._layout(q.shape[0], q.shape[-2], k.shape[-2], key_padding_mask, q.device)
+        lk = k.shape[-2]
+        order, counts = self._layout(q.shape[0], q.shape[-2], lk, key_padding_mask, q.device)
         with torch.no_grad():
-            return sum(int(self._select(q, k, order, counts, rows)[1].sum()) for rows in self._chunks(q))
+            return sum(int((end - start).sum()) for start, end, _ in
+                       (self._segments(q, k, order, counts, rows) for rows in self._chunks(q, lk)))
 
     def reference(self, q, k, v, key_padding_mask=None):
         """The tree search row by row on explicit lists of the row's visible real keys (segments as Python
