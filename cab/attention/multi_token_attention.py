@@ -15,6 +15,34 @@ from cab.attention.engine.scores import block_visibility, visible_keys
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
+_KEY_TILE = 32  # output keys per tile of the float64 convolution's banded matrix
+
+
+def _depthwise_conv(scores: torch.Tensor, kernel: torch.Tensor, top: int, left: int) -> torch.Tensor:
+    """The per-head convolution of scores (B, H, R', K) zero-padded by `top` rows above and `left` / c_k - 1 -
+    left keys around, with kernel (H, 1, c_q, c_k): (B, H, R' + top - c_q + 1, K), as F.conv2d(padded, kernel,
+    groups=H). Float64 (oneDNN has no float64 kernel; torch's fallback runs an im2col per sample and group,
+    ~10x slower) as one matmul per head: tiles of `_KEY_TILE` output keys, each reading its c_q rows x
+    (tile + c_k - 1) inputs, times the kernel's banded (Toeplitz) matrix. Other dtypes: oneDNN on the padded
+    scores laid out channels-last (padded and transposed in one copy), about 3x faster for a depthwise conv."""
+    pad = (left, kernel.shape[-1] - 1 - left, top, 0)
+    if scores.dtype != torch.float64:
+        padded = F.pad(scores.permute(0, 2, 3, 1), (0, 0, *pad)).permute(0, 3, 1, 2)  # channels-last strides
+        return F.conv2d(padded, kernel, groups=scores.shape[1]).contiguous()
+    x = F.pad(scores, pad)
+    b, h, rows, cols = x.shape
+    cq, ck = kernel.shape[-2:]
+    r, k = rows - cq + 1, cols - ck + 1
+    tile = min(_KEY_TILE, k)
+    tiles = -(-k // tile)
+    width = tile + ck - 1
+    windows = F.pad(x, (0, tiles * tile - k)).unfold(-2, cq, 1).unfold(-2, width, tile)  # (B, H, R, T, cq, width)
+    shift = torch.arange(width, device=x.device)[:, None] - torch.arange(tile, device=x.device)[None, :]
+    band = kernel[:, 0][:, :, shift.clamp(0, ck - 1)]  # (H, cq, width, tile): kernel[h, a, m - j] on the band
+    band = torch.where((shift >= 0) & (shift < ck), band, torch.zeros_like(band))
+    out = windows.reshape(b, h, r * tiles, cq * width) @ band.reshape(h, cq * width, tile)
+    return out.reshape(b, h, r, tiles * tile)[..., :k]
+
 
 @register_attention(
     "multi_token_attention", patterns=("NS", "CS", "NC", "CC"), family="softmax-variant", exact=False,
@@ -94,10 +122,8 @@ class MultiTokenAttention(Attention):
         """q_ext: the block's rows with their halo rows above; scored (B|1, 1, halo + R, K): the scores kept
         before the conv (Mask_0); visible (B|1, 1, R, K): the keys each of the block's R rows attends."""
         scores = (q_ext @ k.transpose(-1, -2)) * softmax_scale(q_ext.shape[-1])
-        scores = torch.where(scored, scores, torch.zeros_like(scores))
-        left = self.key_kernel // 2
-        padded = F.pad(scores, (left, self.key_kernel - 1 - left, top, 0))
-        conv = F.conv2d(padded, self.kernel.to(scores.dtype), groups=self.num_heads)  # (B, H, R, K)
+        scores = scores.masked_fill(~scored, 0.0)
+        conv = _depthwise_conv(scores, self.kernel.to(scores.dtype), top, self.key_kernel // 2)  # (B, H, R, K)
         opened = visible | ~visible.any(dim=-1, keepdim=True)
         weights = torch.softmax(conv.masked_fill(~opened, float("-inf")), dim=-1)
         return self._mix(weights) @ v

@@ -166,9 +166,9 @@ class SEAAttention(Attention):
 
     def reference(self, q, k, v, key_padding_mask=None):
         """The estimate as an explicit dense sum of feature products per (row, block) in float64 without any
-        shift, an explicit sort per row, then a dense softmax per row over the kept keys. The FAVOR+ features
-        phi(x) = exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x d^(-1/4), are formed here head by head (not by
-        `_log_features`)."""
+        shift (all heads of a row at once), an explicit sort per row and head, then a dense softmax per row
+        over the kept keys. The FAVOR+ features phi(x) = exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x d^(-1/4),
+        are formed here head by head (not by `_log_features`)."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         b, h, lq, d = q.shape
         lk, bs = k.shape[-2], self.block_size
@@ -186,17 +186,17 @@ class SEAAttention(Attention):
         nb = -(-lk // bs)
         allowed = torch.zeros(b, h, lq, lk, dtype=torch.bool)
         for bi in range(b):
-            for hi in range(h):
-                for i in range(lq):
-                    p = i + lk - lq
-                    if self.pattern is Pattern.CS and p < 0:
-                        continue
-                    cand = []
-                    for c in range(nb):
-                        keys = [j for j in range(c * bs, min((c + 1) * bs, lk)) if real_k[bi, j]
-                                and (self.pattern is not Pattern.CS or j <= p)]
-                        if keys:
-                            cand.append((float(phi_q[bi, hi, i] @ phi_k[bi, hi, keys].sum(0)), c, keys))
-                    for _, _, keys in sorted(cand, key=lambda t: (-t[0], t[1]))[: self.topk]:
+            for i in range(lq):
+                p = i + lk - lq
+                if self.pattern is Pattern.CS and p < 0:
+                    continue
+                cand = []  # (estimate of every head, block, its visible keys) per block with a visible key
+                for c in range(nb):
+                    keys = [j for j in range(c * bs, min((c + 1) * bs, lk)) if real_k[bi, j]
+                            and (self.pattern is not Pattern.CS or j <= p)]
+                    if keys:
+                        cand.append(((phi_q[bi, :, i] * phi_k[bi, :, keys].sum(1)).sum(-1).tolist(), c, keys))
+                for hi in range(h):
+                    for _, _, keys in sorted(cand, key=lambda t: (-t[0][hi], t[1]))[: self.topk]:
                         allowed[bi, hi, i, keys] = True
         return masked_softmax_reference(q, k, v, allowed.to(q.device), softmax_scale(d))
