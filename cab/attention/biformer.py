@@ -17,6 +17,7 @@ from cab.attention.engine.routing import (
     topk_valid,
 )
 from cab.attention.engine.scores import masked_softmax_reference
+from cab.attention.landmark import block_pairs, grouped_softmax, key_blocks, own_block_scores
 from cab.patterns import Pattern
 from cab.registry import register_attention
 
@@ -51,10 +52,12 @@ class BiFormerAttention(Attention):
     Routing (the top-k) is not differentiable; gradients flow through the pooled-free token attention only
     (as in the paper, whose routing index is a hard top-k).
 
-    Efficient path: queries grouped by region (NS, NC) or one per group (CS, CC), each group gathers the
-    tokens of its topk regions (B, H, G, topk R, D) in chunks and runs one softmax: O(Lq topk R d) plus the
-    routing O(Lq Lk d / R) (NS, NC: O((L/R)^2 d)); no Lq x Lk tensor. No FlexAttention path: the mask is
-    content-dependent per call, so a compiled block mask would be rebuilt every forward.
+    Efficient path: NS, NC: queries grouped by region, each group gathers the tokens of its topk regions
+    (B, H, G, topk R, D) in chunks and runs one softmax. CS, CC: the queries routed to a region are gathered
+    and scored against its keys in one matmul per region (the own region of CS: one per region of queries),
+    and each query's softmax is merged from its regions' log-sum-exps (cab.attention.landmark.block_pairs).
+    O(Lq topk R d) plus the routing O(Lq Lk d / R) (NS, NC: O((L/R)^2 d)); no Lq x Lk tensor. No FlexAttention
+    path: the mask is content-dependent per call, so a compiled block mask would be rebuilt every forward.
     """
 
     # the routing scores are (L/R)^2 (NS, NC) or L^2/R (CS, CC) for a fixed region size
@@ -74,7 +77,6 @@ class BiFormerAttention(Attention):
         lk, r = k.shape[-2], self.region_size
         real_k = real_keys(key_padding_mask, b, lk, q.device)
         k_reg, k_count = pool_blocks(k, real_k, r)  # (B, H, nk, D)
-        nk = k_reg.shape[2]
         has_keys = (k_count > 0)[:, None]  # (B, 1, nk)
         if self.pattern in (Pattern.NS, Pattern.NC):
             real_q = real_queries(self.pattern, real_k, lq)
@@ -85,21 +87,10 @@ class BiFormerAttention(Attention):
             valid = ok.repeat_interleave(r, dim=-1)[:, :, :, None, :] & (idx < lk)[:, :, :, None, :]
             valid = valid & real_k.gather(1, idx.clamp(max=lk - 1).reshape(b, -1)).reshape(idx.shape)[:, :, :, None]
             return r, idx, valid
-        affinity = q @ k_reg.transpose(-1, -2)  # (B, H, Lq, nk): each query routes on its own
-        if self.pattern is Pattern.CC:
-            regions, ok = topk_valid(affinity, has_keys[:, :, None, :].expand_as(affinity), self.topk)
-        else:
-            pos = query_positions(lq, lk, q.device)
-            own = torch.div(pos, r, rounding_mode="floor")  # region of each query (negative: before all keys)
-            past = torch.arange(nk, device=q.device)[None, :] < own[:, None]  # (Lq, nk)
-            allowed = has_keys[:, :, None, :] & past[None, None]
-            if self.topk > 1:
-                regions, ok = topk_valid(affinity, allowed.expand_as(affinity), self.topk - 1)
-            else:
-                regions = torch.zeros(b, h, lq, 0, dtype=torch.long, device=q.device)
-                ok = torch.zeros(b, h, lq, 0, dtype=torch.bool, device=q.device)
-            current = own.clamp(min=0).expand(b, h, lq)[..., None]
-            regions = torch.cat([regions, current], dim=-1)
+        regions, ok = self._query_routes(q, k_reg, has_keys, lk)
+        if self.pattern is Pattern.CS:
+            own = torch.div(query_positions(lq, lk, q.device), r, rounding_mode="floor")
+            regions = torch.cat([regions, own.clamp(min=0).expand(b, h, lq)[..., None]], dim=-1)
             ok = torch.cat([ok, (own >= 0).expand(b, h, lq)[..., None]], dim=-1)
         idx = block_tokens(regions, r)
         valid = ok.repeat_interleave(r, dim=-1) & (idx < lk)
@@ -108,13 +99,44 @@ class BiFormerAttention(Attention):
             valid = valid & (idx <= query_positions(lq, lk, q.device)[:, None])
         return 1, idx, valid[:, :, :, None, :]
 
+    def _query_routes(self, q, k_reg, has_keys, lk):
+        """CC: the top-k key regions of each query; CS: the top (k - 1) complete past regions (the own region
+        is added by the caller). (regions, valid), each (B, H, Lq, k')."""
+        b, h, lq, _ = q.shape
+        if self.pattern is Pattern.CS and self.topk == 1:
+            empty = torch.zeros(b, h, lq, 0, dtype=torch.long, device=q.device)
+            return empty, empty.bool()
+        affinity = q @ k_reg.transpose(-1, -2)  # (B, H, Lq, nk): each query routes on its own
+        if self.pattern is Pattern.CC:
+            return topk_valid(affinity, has_keys[:, :, None, :].expand_as(affinity), self.topk)
+        own = torch.div(query_positions(lq, lk, q.device), self.region_size, rounding_mode="floor")
+        past = torch.arange(k_reg.shape[2], device=q.device)[None, :] < own[:, None]  # (Lq, nk); none when own < 0
+        return topk_valid(affinity, (has_keys[:, :, None, :] & past[None, None]).expand_as(affinity), self.topk - 1)
+
     def forward(self, q, k, v, key_padding_mask=None):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
         lq = q.shape[-2]
+        if self.pattern in (Pattern.CS, Pattern.CC):
+            return self._per_query(q, k, v, key_padding_mask)
         with torch.no_grad():
             group, idx, valid = self._route(q, k, key_padding_mask)
         out = gathered_attention(group_queries(q, group), k, v, idx, valid, softmax_scale(q.shape[-1]))
         return out.flatten(2, 3)[:, :, :lq]
+
+    def _per_query(self, q, k, v, key_padding_mask):
+        """CS, CC: one softmax per query over its own region's visible tokens (CS) and its routed regions'
+        tokens, merged from per-region log-sum-exps so that the queries routed to a region share one matmul
+        with its keys instead of gathering a copy of them per query."""
+        lk, r = k.shape[-2], self.region_size
+        real_k = real_keys(key_padding_mask, q.shape[0], lk, q.device)
+        with torch.no_grad():
+            k_reg, k_count = pool_blocks(k.detach(), real_k, r)
+            regions, ok = self._query_routes(q.detach(), k_reg, (k_count > 0)[:, None], lk)
+        kb, vb, tok_ok = key_blocks(k, r), key_blocks(v, r), key_blocks(real_k, r)
+        qs = q * softmax_scale(q.shape[-1])
+        lse, values = block_pairs(qs, kb, vb, tok_ok, regions, ok, with_lse=True)
+        own = own_block_scores(qs, kb, tok_ok, lk, causal=True) if self.pattern is Pattern.CS else None
+        return grouped_softmax(own, vb, lse, values, lk)
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
         """Token pairs scored (the valid gathered ones; the routing affinities are not counted)."""
@@ -165,8 +187,7 @@ class BiFormerAttention(Attention):
                         own = p // r
                         cand = [(float(qd[bi, hi, i] @ keys[g]), g) for g in range(own) if keys[g] is not None]
                         chosen = best(cand, self.topk - 1) + [own]
-                    for g in chosen:
-                        for j in range(g * r, min((g + 1) * r, lk)):
-                            if real_k[bi, j] and (self.pattern is not Pattern.CS or j <= i + offset):
-                                allowed[bi, hi, i, j] = True
+                    for g in chosen:  # the region's real keys (CS: up to the query's position)
+                        end = min((g + 1) * r, lk, i + offset + 1 if self.pattern is Pattern.CS else lk)
+                        allowed[bi, hi, i, g * r: end] = real_k[bi, g * r: end]
         return masked_softmax_reference(q, k, v, allowed.to(q.device), softmax_scale(q.shape[-1]))

@@ -43,8 +43,9 @@ class LandmarkAttention(Attention):
     grouped softmax, including the landmark scores of the retrieved blocks (the landmark is a mean of keys).
 
     Cost: landmark scores O(Lq (Lk / l) d) (the paper's retrieval also scores every landmark) plus the
-    gathered attention O(Lq (k + 1) l d), in query chunks; no Lq x Lk tensor. No FlexAttention path: the
-    grouped softmax is not a mask.
+    attention O(Lq (k + 1) l d): the own block as a blocked matmul, a retrieved block as one matmul of its keys
+    with the queries that retrieved it (block_pairs), in query chunks; no Lq x Lk tensor. No FlexAttention
+    path: the grouped softmax is not a mask.
     """
 
     # every landmark is scored: L^2/l; memory is chunked
@@ -78,60 +79,26 @@ class LandmarkAttention(Attention):
         blocks, ok = topk_valid(scores, allowed, self.topk)
         return own, blocks, ok
 
-    def _attend(self, q, k, v, real, marks, own, blocks, ok, rows, lk):
-        """Grouped softmax of the rows `rows` given their own block and retrieved blocks."""
-        b, h, n = blocks.shape[:3]
-        d, dv, bs = q.shape[-1], v.shape[-1], self.block_size
-        scale = softmax_scale(d)
-        qr = q[:, :, rows] * scale
-        kf, vf = k.reshape(-1, d), v.reshape(-1, dv)
-        base = (torch.arange(b * h, device=q.device) * lk).reshape(b, h, 1, 1)
-        idx = block_tokens(blocks, bs)  # (B, H, n, k' bs)
-        tok_ok = (idx < lk) & real.gather(1, idx.clamp(max=lk - 1).reshape(b, -1)).reshape(idx.shape)
-        tok_ok = tok_ok & ok.repeat_interleave(bs, dim=-1)
-        flat = (idx.clamp(max=lk - 1) + base).reshape(-1)
-        kg = kf.index_select(0, flat).reshape(b, h, n, -1, d)
-        vg = vf.index_select(0, flat).reshape(b, h, n, -1, dv)
-        kk = blocks.shape[-1]
-        s = (kg @ qr[..., None])[..., 0].masked_fill(~tok_ok, float("-inf")).reshape(b, h, n, kk, bs)
-        inner = torch.softmax(s.masked_fill(~ok[..., None], 0.0), dim=-1)  # invalid blocks: any finite weights
-        o_blocks = (inner[..., None, :] @ vg.reshape(b, h, n, kk, bs, dv))[..., 0, :]  # (B, H, n, k', Dv)
-        mark = marks.reshape(-1, d).index_select(0, (blocks + base // lk * marks.shape[2]).reshape(-1))
-        s_mark = (mark.reshape(b, h, n, kk, d) @ qr[..., None])[..., 0].masked_fill(~ok, float("-inf"))
-        logits, values = [s_mark], [o_blocks]
-        if own is not None:
-            own_idx = own.clamp(min=0)[:, None] * bs + torch.arange(bs, device=q.device)  # (n, bs)
-            own_ok = (own >= 0)[:, None] & (own_idx < lk)
-            if self.causal:
-                own_ok = own_ok & (own_idx <= query_positions(q.shape[-2], lk, q.device)[rows, None])
-            own_ok = own_ok[None] & real[:, own_idx.clamp(max=lk - 1)]  # (B, n, bs)
-            of = (own_idx.clamp(max=lk - 1)[None, None] + base).reshape(-1)
-            ko = kf.index_select(0, of).reshape(b, h, n, bs, d)
-            vo = vf.index_select(0, of).reshape(b, h, n, bs, dv)
-            logits.insert(0, (ko @ qr[..., None])[..., 0].masked_fill(~own_ok[:, None], float("-inf")))
-            values.insert(0, vo)
-        z = torch.cat(logits, dim=-1)
-        mx = z.amax(-1, keepdim=True)
-        empty = torch.isinf(mx)
-        w = torch.exp(z - torch.where(empty, torch.zeros_like(mx), mx))
-        w = w / torch.where(empty, torch.ones_like(mx), w.sum(-1, keepdim=True))
-        return (w[..., None, :] @ torch.cat(values, dim=-2))[..., 0, :]
-
     def _chunks(self, q, nb):
-        width = (self.topk + 1) * self.block_size * q.shape[-1] + nb
+        width = nb + self.topk * (self.block_size + 2 * q.shape[-1])  # scores, pair scores, queries, values
         step = max(1, _ELEMENTS // max(1, q.shape[0] * q.shape[1] * width))
         return [slice(r0, min(r0 + step, q.shape[-2])) for r0 in range(0, q.shape[-2], step)]
 
     def forward(self, q, k, v, key_padding_mask=None):
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        lq, lk = q.shape[-2], k.shape[-2]
+        lq, lk, bs = q.shape[-2], k.shape[-2], self.block_size
         real, marks, has_keys = self._landmarks(k, key_padding_mask)
-        outs = []
+        kb, vb, tok_ok = key_blocks(k, bs), key_blocks(v, bs), key_blocks(real, bs)
+        qs = q * softmax_scale(q.shape[-1])
+        logits, values = [], []
         for rows in self._chunks(q, marks.shape[2]):
             with torch.no_grad():
-                own, blocks, ok = self._retrieve(q.detach(), marks.detach(), has_keys, rows, lq, lk)
-            outs.append(self._attend(q, k, v, real, marks, own, blocks, ok, rows, lk))
-        return torch.cat(outs, dim=2)
+                _, blocks, ok = self._retrieve(q.detach(), marks.detach(), has_keys, rows, lq, lk)
+            s_mark = (qs[:, :, rows] @ marks.transpose(-1, -2)).gather(-1, blocks)
+            logits.append(s_mark.masked_fill(~ok, float("-inf")))
+            values.append(block_pairs(qs[:, :, rows], kb, vb, tok_ok, blocks, ok, with_lse=False)[1])
+        own = None if self.cross else own_block_scores(qs, kb, tok_ok, lk, self.causal)
+        return grouped_softmax(own, vb, torch.cat(logits, dim=2), torch.cat(values, dim=2), lk)
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
         """Token pairs scored (own block and retrieved blocks; the Lk / l landmark scores are not counted)."""
@@ -163,30 +130,134 @@ class LandmarkAttention(Attention):
         lk, bs, scale = k.shape[-2], self.block_size, softmax_scale(d)
         real = real_keys(key_padding_mask, b, lk, q.device).cpu()
         nb = -(-lk // bs)
-        out = torch.zeros(b, h, lq, v.shape[-1], dtype=v.dtype, device=v.device)
+        rows = []  # rows and per-head slices, not in-place writes and indexing of the whole q, k, v: their backward
+        # would allocate a gradient of the whole tensor per row
         for bi in range(b):
             members = [[j for j in range(c * bs, min((c + 1) * bs, lk)) if real[bi, j]] for c in range(nb)]
             for hi in range(h):
-                marks = {c: k[bi, hi, m].mean(0) for c, m in enumerate(members) if m}
-                for i in range(lq):
+                kh, vh = k[bi, hi], v[bi, hi]
+                keys = {c: kh[m] for c, m in enumerate(members) if m}
+                vals = {c: vh[m] for c, m in enumerate(members) if m}
+                marks = {c: keys[c].mean(0) for c in keys}
+                for i, qi in enumerate(q[bi, hi].unbind(0)):
+                    rows.append(torch.zeros_like(vh[0]))
                     p = i + lk - lq
                     own = None if self.cross else p // bs
                     if own is not None and p < 0:
                         continue
                     cand = [c for c in marks if own is None or (c < own if self.causal else c != own)]
-                    ranked = sorted(cand, key=lambda c: (-float(q[bi, hi, i].detach() @ marks[c].detach()), c))
+                    ranked = sorted(cand, key=lambda c: (-float(qi.detach() @ marks[c].detach()), c))
                     chosen = ranked[: self.topk]
                     logits, values = [], []
                     if own is not None and own < nb:
                         mine = [j for j in members[own] if not self.causal or j <= p]
                         if mine:
-                            logits.append((k[bi, hi, mine] @ q[bi, hi, i]) * scale)
-                            values.append(v[bi, hi, mine])
+                            logits.append((kh[mine] @ qi) * scale)
+                            values.append(vh[mine])
                     for c in chosen:
-                        inner = torch.softmax((k[bi, hi, members[c]] @ q[bi, hi, i]) * scale, 0)
-                        logits.append(((q[bi, hi, i] @ marks[c]) * scale)[None])
-                        values.append((inner @ v[bi, hi, members[c]])[None])
+                        inner = torch.softmax((keys[c] @ qi) * scale, 0)
+                        logits.append(((qi @ marks[c]) * scale)[None])
+                        values.append((inner @ vals[c])[None])
                     if logits:
                         w = torch.softmax(torch.cat(logits), 0)
-                        out[bi, hi, i] = w @ torch.cat(values)
-        return out
+                        rows[-1] = w @ torch.cat(values)
+        return torch.stack(rows).reshape(b, h, lq, v.shape[-1])
+
+
+def key_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (B, L) or (B, H, L, ...) cut into blocks along L: (B, [H,] ceil(L / block), block, ...), zeros (False)
+    appended."""
+    axis = 1 if x.dim() == 2 else 2
+    length = x.shape[axis]
+    nb = -(-length // block)
+    pad = [0, 0] * (x.dim() - axis - 1) + [0, nb * block - length]
+    return torch.nn.functional.pad(x, pad).unflatten(axis, (nb, block))
+
+
+def block_pairs(qs: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, tok_ok: torch.Tensor, blocks: torch.Tensor,
+                ok: torch.Tensor, with_lse: bool) -> "tuple[torch.Tensor | None, torch.Tensor]":
+    """For every valid (query, selected block) pair: the softmax-weighted value of the block's real tokens for
+    the query and (with_lse) the log-sum-exp of those scores. The queries that selected a block are gathered and
+    run as one matmul per block (batched over heads, padded to the most queries of a head), so no block's keys
+    are copied per query. qs (B, H, n, D) scaled queries; kb (B, H, nb, bs, D), vb (B, H, nb, bs, Dv) and tok_ok
+    (B, nb, bs) from key_blocks; blocks, ok (B, H, n, k), a selected block holding at least one real token.
+    Returns lse (B, H, n, k), -inf at invalid pairs (None without with_lse), and values (B, H, n, k, Dv), 0 at
+    invalid pairs."""
+    b, h, n, kk = blocks.shape
+    nb, bs, d, dv = kb.shape[2], kb.shape[3], qs.shape[-1], vb.shape[-1]
+    heads, dev = b * h, qs.device
+    with torch.no_grad():
+        pair = ok.reshape(-1).nonzero()[:, 0]  # flat (b, h, row, slot) index of each valid pair
+        head = torch.div(pair, n * kk, rounding_mode="floor")
+        segment = blocks.reshape(-1)[pair] * heads + head  # pairs grouped by block, then head
+        order = torch.argsort(segment, stable=True)
+        pair, segment = pair[order], segment[order]
+        counts = torch.bincount(segment, minlength=nb * heads)
+        widths = counts.reshape(nb, heads).amax(1)  # padded queries per head for each block
+        offsets = torch.cumsum(widths * heads, 0) - widths * heads
+        rank = torch.arange(pair.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[segment]
+        block = torch.div(segment, heads, rounding_mode="floor")
+        slot = offsets[block] + (segment - block * heads) * widths[block] + rank  # row in the padded layout
+        total = int((widths * heads).sum())
+        # padded rows read a zero query row; invalid pairs read a last, empty output row
+        source = torch.full((total,), heads * n, dtype=torch.long, device=dev)
+        source[slot] = torch.div(pair, kk, rounding_mode="floor")
+        target = torch.full((heads * n * kk,), total, dtype=torch.long, device=dev)
+        target[pair] = slot
+        tok = tok_ok[:, None].expand(b, h, nb, bs).flatten(0, 1)
+        hidden = ~(tok | ~tok.any(-1, keepdim=True))  # padding rows of a block without real tokens stay finite
+    widths = widths.tolist()
+    # split / unbind rather than slices: their backward assembles one gradient instead of one per block
+    q_pads = torch.cat([qs.reshape(-1, d), qs.new_zeros(1, d)]).index_select(0, source).split(
+        [w * heads for w in widths])
+    lses, outs = [], []
+    for c, (qc, kc, vc) in enumerate(zip(q_pads, kb.flatten(0, 1).unbind(1), vb.flatten(0, 1).unbind(1))):
+        if widths[c]:
+            s = qc.reshape(heads, widths[c], d) @ kc.transpose(-1, -2)
+            s = s.masked_fill(hidden[:, c, None], float("-inf"))
+            if with_lse:
+                lses.append(torch.logsumexp(s, -1).reshape(-1))
+            outs.append((torch.softmax(s, -1) @ vc).reshape(-1, dv))
+    out = torch.cat(outs + [qs.new_zeros(1, dv)]).index_select(0, target).reshape(b, h, n, kk, dv)
+    if not with_lse:
+        return None, out
+    lse = torch.cat(lses + [qs.new_full((1,), float("-inf"))]).index_select(0, target)
+    return lse.reshape(b, h, n, kk), out
+
+
+def own_block_scores(qs: torch.Tensor, kb: torch.Tensor, tok_ok: torch.Tensor, lk: int, causal: bool) -> torch.Tensor:
+    """Scores (B, H, Lq, bs) of each scaled query against the tokens of its own block (query i at key position
+    p = i + Lk - Lq), -inf at padded tokens, past Lk, after p (causal) and for p < 0: a blocked matmul of
+    each block's queries with its keys."""
+    b, h, lq, _ = qs.shape
+    nb, bs = kb.shape[2], kb.shape[3]
+    before = max(lq - lk, 0)  # rows before every key
+    qpos = key_blocks(torch.nn.functional.pad(qs[:, :, before:], (0, 0, max(lk - lq, 0), 0)), bs)
+    s = (qpos @ kb.transpose(-1, -2)).flatten(2, 3)[:, :, max(lk - lq, 0): lk]  # (B, H, Lq - before, bs)
+    ok = tok_ok[:, :, None, :].expand(b, nb, bs, bs)
+    if causal:
+        ok = ok & torch.ones(bs, bs, dtype=torch.bool, device=qs.device).tril()
+    ok = ok.flatten(1, 2)[:, max(lk - lq, 0): lk]
+    s = s.masked_fill(~ok[:, None], float("-inf"))
+    return torch.nn.functional.pad(s, (0, 0, before, 0), value=float("-inf"))
+
+
+def grouped_softmax(own: "torch.Tensor | None", vb: torch.Tensor, logits: torch.Tensor, values: torch.Tensor,
+                    lk: int) -> torch.Tensor:
+    """One softmax per row over its own block's token scores `own` (B, H, Lq, bs) (or none) and the `logits`
+    (B, H, Lq, k) of entries standing for the `values` (B, H, Lq, k, Dv); rows with no finite score give 0.
+    The own tokens' values come from vb (B, H, nb, bs, Dv) by a blocked matmul."""
+    z = logits if own is None else torch.cat([own, logits], dim=-1)
+    mx = z.amax(-1, keepdim=True)
+    empty = torch.isinf(mx)
+    w = torch.exp(z - torch.where(empty, torch.zeros_like(mx), mx))
+    w = w / torch.where(empty, torch.ones_like(mx), w.sum(-1, keepdim=True))
+    if own is None:
+        return (w[..., None] * values).sum(-2)
+    bs = own.shape[-1]
+    out = (w[..., bs:, None] * values).sum(-2)  # a product and sum: a batched (1, k) @ (k, Dv) matmul is slower
+    lq = w.shape[-2]
+    before = max(lq - lk, 0)
+    wpos = key_blocks(torch.nn.functional.pad(w[:, :, before:, :bs], (0, 0, max(lk - lq, 0), 0)), bs)
+    mine = (wpos @ vb).flatten(2, 3)[:, :, max(lk - lq, 0): lk]
+    return out + torch.nn.functional.pad(mine, (0, 0, before, 0))
