@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from cab.attention.base import Attention, repeat_kv
+from cab.attention.engine.block_pairs import block_pairs, grouped_softmax, key_blocks, own_block_scores
 from cab.attention.engine.prepare import query_positions, real_keys, real_queries, set_positive, softmax_scale
 from cab.attention.engine.routing import (
     block_tokens,
@@ -17,7 +18,6 @@ from cab.attention.engine.routing import (
     topk_valid,
 )
 from cab.attention.engine.scores import masked_softmax_reference
-from cab.attention.landmark import block_pairs, grouped_softmax, key_blocks, own_block_scores
 from cab.patterns import Pattern
 from cab.registry import register_attention
 

@@ -12,6 +12,7 @@ from here (and from `cab.attention.base`), never from one another.
 - `kv_cache`: the KV cache of incremental decoding and the attention base that decodes over it.
 - `blocksparse`: block layouts and the gathered block-sparse softmax (torch and FlexAttention).
 - `routing`: content-based key selection (pooling, top-k, hashing) and the gathered softmax over a selection.
+- `block_pairs`: softmax over selected key blocks, one matmul per block with the queries that chose it.
 - `head_windows`: per-head sliding-window or full attention, routed per row.
 - `rotary`: rotations of channel pairs (rotary position embeddings).
 
