@@ -165,11 +165,15 @@ class HiPAttention(Attention):
         return torch.cat(outs, dim=2)
 
     def computed_pairs(self, q, k, v, key_padding_mask=None):
-        """Token pairs of the final sparse softmax (the 2k representative scores per level are not counted):
-        the kept segments' lengths."""
+        """Token pairs scored: up to Lk = 4 k b_k (the dense path) every row scores every key it sees, as a dense
+        attention does (each row's visible real keys); past it, the final sparse softmax's pairs, the kept
+        segments' lengths (the 2k representative scores per level are not counted). So achieved sparsity reports
+        what this implementation computes, not the algorithm's budget."""
         k = repeat_kv(k, q.shape[1])
         lk = k.shape[-2]
         order, counts = self._layout(q.shape[0], q.shape[-2], lk, key_padding_mask, q.device)
+        if self._dense(lk):
+            return int(counts.sum()) * q.shape[1]
         with torch.no_grad():
             return sum(int((end - start).sum()) for start, end, _ in
                        (self._segments(q, k, order, counts, rows) for rows in self._chunks(q, lk)))

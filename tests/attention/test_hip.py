@@ -17,10 +17,13 @@ def test_forward_matches_reference_with_gradients(pattern, lq, lk):
 
 def test_kept_keys_fill_the_budget():
     """Past the budget every row keeps exactly k segments of b_k keys when the segment lengths allow it
-    (64 real keys, k = 4, b_k = 4: four halvings of 16-key segments down to 4 keys)."""
+    (128 real keys, past the dense path's 4 k b_k = 64; k = 4, b_k = 4: halvings of 32-key segments down to 4
+    keys); up to 4 k b_k keys every row scores every key, and computed_pairs says so."""
     attn = create_attention("hip", "NS", 2, 8, topk=4, block_size=4)
+    q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 128, 128, 8))
+    assert attn.computed_pairs(q, k, v) == 2 * 128 * 16
     q, k, v = (t.detach() for t in random_qkv(1, 2, 2, 64, 64, 8))
-    assert attn.computed_pairs(q, k, v) == 2 * 64 * 16
+    assert attn.computed_pairs(q, k, v) == 2 * 64 * 64
 
 
 def test_causal_rows_ignore_the_future():
