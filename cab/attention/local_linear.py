@@ -19,32 +19,17 @@ def _outer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x[..., :, None] * y[..., None, :]).flatten(-2)
 
 
-def moment_features(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per key the flattened outer product [k, v] (x) [k, 1], (..., n, (d + dv) * (d + 1)): one matmul with the
-    weights p gives all four weighted moments at once (see `split_moments`)."""
-    return _outer(torch.cat([k, v], dim=-1), torch.cat([k, torch.ones_like(k[..., :1])], dim=-1))
-
-
-def split_moments(moments: torch.Tensor, d: int) -> "tuple[torch.Tensor, ...]":
-    """p @ moment_features (..., (d + dv) * (d + 1)) -> (mean_k (..., d), mean_v (..., dv), second_kk
-    (..., d, d), second_vk (..., dv, d)). Splits, not slices: their backward assembles the gradient by
-    concatenation instead of one zero-filled full-size tensor per slice."""
-    rows_k, rows_v = moments.unflatten(-1, (-1, d + 1)).split([d, moments.shape[-1] // (d + 1) - d], dim=-2)
-    second_kk, mean_k = rows_k.split([d, 1], dim=-1)
-    second_vk, mean_v = rows_v.split([d, 1], dim=-1)
-    return mean_k.squeeze(-1), mean_v.squeeze(-1), second_kk, second_vk
-
-
 def local_linear_finish(q, weight, mean_k, mean_v, second_kk, second_vk, ridge: float) -> torch.Tensor:
     """The intercept of the ridge-regularised local linear fit from the weighted moments of one query's
     visible keys (weights normalised to sum 1; weight is that sum, 0 for a query with no visible key):
     out = v_bar + Cov_vk (Cov_kk + ridge I)^-1 (q - k_bar). q (..., d), means (..., d)/(..., dv), second
-    moments (..., d, d)/(..., dv, d). Cov_vk x is formed as second_vk x - v_bar (k_bar . x) (no dv x d
-    covariance is materialised)."""
-    system = torch.addcmul(second_kk, mean_k[..., :, None], mean_k[..., None, :], value=-1)  # Cov_kk
-    system.diagonal(dim1=-2, dim2=-1).add_(ridge)
+    moments flattened (..., d*d)/(..., dv*d)."""
+    d, dv = q.shape[-1], mean_v.shape[-1]
+    cov_kk = second_kk.unflatten(-1, (d, d)) - mean_k[..., :, None] * mean_k[..., None, :]
+    cov_vk = second_vk.unflatten(-1, (dv, d)) - mean_v[..., :, None] * mean_k[..., None, :]
+    system = cov_kk + ridge * torch.eye(d, dtype=q.dtype, device=q.device)
     x = torch.linalg.solve(system, (q - mean_k).unsqueeze(-1))  # (..., d, 1)
-    out = (second_vk @ x).squeeze(-1) + mean_v * (1 - (mean_k * x.squeeze(-1)).sum(-1, keepdim=True))
+    out = mean_v + (cov_vk @ x).squeeze(-1)
     return torch.where(weight > 0, out, torch.zeros_like(out))
 
 
@@ -126,32 +111,22 @@ class LocalLinearAttention(KVCacheAttention):
         lq, lk = q.shape[-2], k.shape[-2]
         keep = None if key_padding_mask is None else ~key_padding_mask.bool().to(q.device)
         use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        # the per-key moment features of each key chunk, formed once for every query chunk that visits it
-        features: "dict[int, torch.Tensor]" = {}
         outputs = []
         for qs in range(0, lq, self.query_chunk_size):
             qe = min(lq, qs + self.query_chunk_size)
             ranges = self._key_ranges(qs, qe, lq, lk, causal)
-            if not ranges:  # a causal chunk before the first key: no row sees a key
-                outputs.append(q.new_zeros(*q.shape[:2], qe - qs, v.shape[-1]))
-                continue
             masks = [self._chunk_mask(qs, qe, ks, ke, lq, lk, keep, causal, q.device) for ks, ke in ranges]
-            for ks, ke in ranges:
-                if ks not in features:
-                    features[ks] = moment_features(k[:, :, ks:ke], v[:, :, ks:ke])
-            chunk = lambda qc, k, *zs, ranges=ranges, masks=masks: self._query_chunk(qc, k, zs, ranges, masks)  # noqa: E731
-            args = (q[:, :, qs:qe], k, *(features[ks] for ks, _ in ranges))
+            chunk = lambda qc, k, v, ranges=ranges, masks=masks: self._query_chunk(qc, k, v, ranges, masks)  # noqa: E731
             if use_ckpt:  # recompute the chunk in backward: its probabilities and moments are not kept
-                outputs.append(checkpoint(chunk, *args, use_reentrant=False))
+                outputs.append(checkpoint(chunk, q[:, :, qs:qe], k, v, use_reentrant=False))
             else:
-                outputs.append(chunk(*args))
+                outputs.append(chunk(q[:, :, qs:qe], k, v))
         out = torch.cat(outputs, dim=-2) if len(outputs) > 1 else outputs[0]
         return out.to(out_dtype)
 
-    def _query_chunk(self, qc, k, features, ranges, masks):
+    def _query_chunk(self, qc, k, v, ranges, masks):
         """The outputs of one query chunk: pass 1 the row log-sum-exp over its visible keys, pass 2 the
-        normalised first and second moments (one matmul per key chunk with its moment features), then the
-        regression's intercept."""
+        normalised first and second moments, then the regression's intercept."""
         dtype, scale = qc.dtype, softmax_scale(qc.shape[-1])
         lse = torch.full((*qc.shape[:-1], 1), float("-inf"), dtype=dtype, device=qc.device)
         for (ks, ke), mask in zip(ranges, masks):
@@ -161,16 +136,24 @@ class LocalLinearAttention(KVCacheAttention):
             lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=-1, keepdim=True))
         weight = torch.isfinite(lse).to(dtype)  # 1 where the row sees a key
         safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        moments = None
-        for (ks, ke), mask, z in zip(ranges, masks, features):
-            scores = (qc @ k[:, :, ks:ke].transpose(-1, -2)) * scale
+        d, dv = qc.shape[-1], v.shape[-1]
+        mean_k = qc.new_zeros(*qc.shape[:-1], d)
+        mean_v = qc.new_zeros(*qc.shape[:-1], dv)
+        second_kk = qc.new_zeros(*qc.shape[:-1], d * d)
+        second_vk = qc.new_zeros(*qc.shape[:-1], dv * d)
+        for (ks, ke), mask in zip(ranges, masks):
+            kc, vc = k[:, :, ks:ke], v[:, :, ks:ke]
+            scores = (qc @ kc.transpose(-1, -2)) * scale
             if mask is not None:  # before the exp: an invisible score (a padded key's garbage, a future key
                 # under CS) may exceed the row's log-sum-exp by more than the exp range, and exp(inf) masked
                 # afterwards still sends 0 * inf = NaN back; exp(-inf) = 0 has a zero derivative
                 scores = scores.masked_fill(~mask, float("-inf"))
-            part = torch.exp(scores - safe_lse) @ z
-            moments = part if moments is None else moments + part
-        return local_linear_finish(qc, weight, *split_moments(moments, qc.shape[-1]), self.ridge)
+            p = torch.exp(scores - safe_lse)
+            mean_k = mean_k + p @ kc
+            mean_v = mean_v + p @ vc
+            second_kk = second_kk + p @ _outer(kc, kc)
+            second_vk = second_vk + p @ _outer(vc, kc)
+        return local_linear_finish(qc, weight, mean_k, mean_v, second_kk, second_vk, self.ridge)
 
     def reference(self, q, k, v, key_padding_mask=None):
         """Each query row's weighted least-squares problem itself, all rows at once: design
