@@ -125,8 +125,8 @@ class KernelizedRPEAttention(Attention):
         kernel = self._offset_weights(offsets, dtype)  # (H, lq + lk - 1)
         v1 = with_ones(v)
         group = max(1, 512 // v1.shape[-1])  # features per FFT pass: bounds the (B, H, L, channels) buffers
-        # channels-first (B, H, channels, L) buffers: the FFTs then run along contiguous rows, about twice as
-        # fast as along the strided sequence axis of a (B, H, L, channels) tensor
+        # channels-first (B, H, channels, L) buffers, so the FFTs run along contiguous rows rather than the
+        # strided sequence axis (measured 1.0-1.1x on the whole forward: the float64 FFTs themselves dominate)
         phi_kt, v1t, phi_qt = phi_k.transpose(-1, -2), v1.transpose(-1, -2), phi_q.transpose(-1, -2)
         both = None
         for start in range(0, self.num_features, group):
