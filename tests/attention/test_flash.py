@@ -6,6 +6,7 @@ CPU backward, and conformance."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from cab import create_attention
 from cab.attention import flash as flex_module
@@ -140,7 +141,15 @@ def test_flex_compiled_float32_matches_eager_and_caches_block_masks():
         out = attn(q.requires_grad_(), k, v, pad)
     torch.testing.assert_close(out, _eager(q, k, v, "CS", pad), rtol=1e-5, atol=1e-5)
     assert attn.block_mask(2, 40, 40, pad, q.device) is attn.block_mask(2, 40, 40, pad.clone(), q.device)
-    assert create_attention("flex", "NS", 4, 16).block_mask(2, 40, 40, None, q.device) is None
+    # the pattern is data to the compiled kernel: the other patterns' first calls at this shape compile nothing
+    for pattern in ("NS", "NC", "CC"):
+        with torch.no_grad():
+            other = create_attention("flex", pattern, 4, 16)
+            before = dict(counters["inductor"])
+            other(q, k, v, pad)
+            compiled = {c: n - before.get(c, 0) for c, n in counters["inductor"].items() if n != before.get(c, 0)}
+        assert not compiled.get("fxgraph_cache_miss") and not compiled.get("cpp_templated_kernel_counter"), \
+            (pattern, compiled)
 
 
 @needs_cpu_flex

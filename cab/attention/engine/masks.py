@@ -48,14 +48,19 @@ def query_offset(pattern: Pattern, lq: int, lk: int) -> int:
     return lk - lq if pattern is Pattern.CS else 0
 
 
-def causal_mask(lq: int, lk: int) -> MaskFn:
-    """Causal self attention aligned bottom-right: row i sees keys j <= i + Lk - Lq."""
-    offset = lk - lq
+def diagonal_mask(offset: "int | torch.Tensor") -> MaskFn:
+    """Keys up to a diagonal: row i sees keys j <= i + offset. torch.compile bakes an int offset into the
+    kernel it compiles and takes a tensor offset as a kernel input, so one kernel serves every offset."""
 
     def mask(b, h, i, j):
         return j <= i + offset
 
     return mask
+
+
+def causal_mask(lq: int, lk: int) -> MaskFn:
+    """Causal self attention aligned bottom-right: row i sees keys j <= i + Lk - Lq."""
+    return diagonal_mask(lk - lq)
 
 
 def at_positions(mask_fn: MaskFn, offset: int) -> MaskFn:
