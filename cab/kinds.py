@@ -27,24 +27,28 @@ def _default_description(cell: Cell) -> str:
 
 @dataclass(frozen=True)
 class CellKind:
-    """One kind of cell: `run(cell) -> Outcome`, `describe(cell) -> str` (a short name for progress), and
-    `runs_alone` for kinds whose measurements need the machine to themselves (the pool runs them alone)."""
+    """One kind of cell: `run(cell) -> Outcome`, `describe(cell) -> str` (a short name for progress),
+    `runs_alone` for kinds whose measurements need the machine to themselves (the pool runs them alone), and
+    `lane(cell) -> str | None`: cells in the same lane run one at a time, on the same worker where it is free
+    (see cab.executors.pool)."""
 
     name: str
     run: Callable[[Cell], Outcome]
     describe: Callable[[Cell], str] = _default_description
     runs_alone: bool = False
+    lane: "Callable[[Cell], str | None] | None" = None
 
 
 CELL_KINDS: "Registry[CellKind]" = Registry("cell kind", modules=KIND_MODULES, entry_points="cab.cell_kinds")
 
 
-def register_cell_kind(name: str, describe: "Callable[[Cell], str] | None" = None, runs_alone: bool = False
+def register_cell_kind(name: str, describe: "Callable[[Cell], str] | None" = None, runs_alone: bool = False,
+                       lane: "Callable[[Cell], str | None] | None" = None,
                        ) -> "Callable[[Callable[[Cell], Outcome]], Callable[[Cell], Outcome]]":
     """Decorator registering the function that runs cells of kind `name`."""
 
     def decorate(run: Callable[[Cell], Outcome]) -> Callable[[Cell], Outcome]:
-        kind = CellKind(name, run, describe or _default_description, runs_alone)
+        kind = CellKind(name, run, describe or _default_description, runs_alone, lane)
         CELL_KINDS.add(name, kind, f"{run.__module__}.{run.__qualname__}")
         return run
 

@@ -284,6 +284,18 @@ def get_spec(name: str) -> AttentionSpec:
     return _ATTENTIONS.get(name)
 
 
+def compile_lane(attention: str, hparams: "dict | None" = None) -> "str | None":
+    """"compile:<attention>" when the attention built with `hparams` compiles a kernel per input shape
+    (`Attention.compiles_kernels`), else None; an unknown name gets None (its cell reports it). The pool
+    executor runs the cells of one such lane one at a time on one worker, so each reuses the kernels the
+    previous one compiled instead of two workers compiling the same kernels at once."""
+    try:
+        spec = get_spec(attention)
+    except UnknownAttention:
+        return None
+    return f"compile:{attention}" if spec.cls.compiles_kernels(hparams or {}) else None
+
+
 def versions_of(attention: str, hparams: "dict | None" = None, **others: int) -> "dict[str, int]":
     """A cell's `versions`: the attention's registered version, the version of every attention a
     hyper-parameter names (delta's `base`, given or by default) under `hparam:<name>`, and `others` (a
@@ -322,7 +334,7 @@ def create_attention(
 
 __all__ = [
     "AttentionSpec", "DuplicateAttention", "PluginError", "UnknownAttention", "UnknownHyperparameter",
-    "UnsupportedPattern", "all_specs", "check_hparams", "create_attention", "discover", "get_spec",
+    "UnsupportedPattern", "all_specs", "check_hparams", "compile_lane", "create_attention", "discover", "get_spec",
     "load_entry_points", "load_plugin", "loaded_plugin_specs", "names", "register_attention",
     "unregister_attention", "versions_of",
 ]

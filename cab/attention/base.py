@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -108,6 +108,14 @@ class Attention(nn.Module):
     def unavailable_reason(cls, device: "torch.device | str") -> "str | None":
         """Why this attention cannot run on `device` (a missing package or device), or None when it can."""
         return None
+
+    @classmethod
+    def compiles_kernels(cls, hparams: "Mapping[str, object]") -> bool:
+        """Whether an instance built with `hparams` compiles a kernel per input shape, known without building
+        it: `compiles_per_shape`, or the FlexAttention path of an attention with a `backend` option
+        (`backend="flex"`). The pool executor runs such cells one at a time on one worker, so each reuses the
+        kernels the previous one compiled."""
+        return cls.compiles_per_shape or hparams.get("backend") == "flex"
 
     # optional cost declarations: FLOPs and peak memory of one forward call ---------------------------
 

@@ -9,10 +9,10 @@ from cab.cells import Cell, Outcome
 from cab.check.conformance import run_conformance
 from cab.check.gate import gate_published, published_shape
 from cab.kinds import register_cell_kind
-from cab.registry import create_attention
+from cab.registry import compile_lane, create_attention
 
 
-@register_cell_kind("check")
+@register_cell_kind("check", lane=lambda cell: compile_lane(cell.attention, cell.hparams))
 def check_cell(cell: Cell) -> Outcome:
     """Run the conformance suite on the cell's attention, pattern, hparams, device, dtype and seed.
 

@@ -14,6 +14,11 @@ Cells of a kind registered with `runs_alone` (benchmarks: timings) each run alon
 worker idle, so that no concurrent cell competes for cores or memory bandwidth while it is measured. A
 cell that does not set `threads` gets the usable cores shared out among the workers, or all of them when
 it runs alone.
+
+Cells in one lane (their kind's `lane`, e.g. the conformance cells of an attention that compiles a kernel per
+shape: cab.registry.compile_lane) run one at a time, each on the worker that ran the lane's last cell when
+that worker is free: the four patterns of FlexAttention then compile their kernels once, in one process,
+instead of on two workers at once. While a lane is busy its next cell waits and later cells go ahead.
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ def runs_alone(cell: Cell) -> bool:
     return CELL_KINDS.get(cell.kind).runs_alone
 
 
+def lane(cell: Cell) -> "str | None":
+    """The lane its kind gives `cell` (cells of one lane run one at a time), or None."""
+    kind = CELL_KINDS.get(cell.kind)
+    return kind.lane(cell) if kind.lane is not None else None
+
+
 @dataclass
 class _Worker:
     """One worker process, its end of the pipe, its output files and the cell it is running (if any)."""
@@ -71,6 +82,7 @@ class _Worker:
     stdout: Path
     stderr: Path
     cell: "Cell | None" = None
+    lane: "str | None" = None
     started_at: str = ""
     t0: float = 0.0
     watch: _Watch = field(default_factory=_Watch)
@@ -96,14 +108,15 @@ class PoolExecutor(Executor):
         self.limits = Limits(timeout_s=timeout_s, grace_s=grace_s, memory_limit_bytes=memory_limit_bytes,
                              max_output_bytes=max_output_bytes)
         self._pool: "list[_Worker]" = []
+        self._lane_workers: "dict[str, _Worker]" = {}  # lane -> the worker that ran its last cell
         self._tmp: "tempfile.TemporaryDirectory | None" = None
         self._started = 0
 
     def run(self, cells: Iterable[Cell], on_start: "CellCallback | None" = None) -> Iterator[Result]:
-        todo, held = iter(cells), None
+        todo, waiting = iter(cells), []
         try:
             while True:
-                held = self._assign(held, todo, on_start)
+                self._assign(waiting, todo, on_start)
                 busy = [w for w in self._pool if w.cell is not None]
                 if not busy:
                     return
@@ -111,26 +124,35 @@ class PoolExecutor(Executor):
         finally:  # finished, interrupted or abandoned: no worker outlives the run
             self._stop_all()
 
-    def _assign(self, held: "Cell | None", todo: Iterator[Cell], on_start: "CellCallback | None") -> "Cell | None":
-        """Give cells to idle workers while the rules allow; returns the cell that has to wait, if any."""
+    def _assign(self, waiting: "list[Cell]", todo: Iterator[Cell], on_start: "CellCallback | None") -> None:
+        """Give cells to idle workers while the rules allow, the cells in `waiting` first, in order; the
+        cells that cannot start yet stay in `waiting`. A cell that runs alone waits for an idle pool and holds
+        back every cell after it; a cell whose lane is busy waits for it while later cells go ahead."""
+        position = 0
         while True:
-            cell = held if held is not None else next(todo, None)
-            held = None
-            if cell is None:
-                return None
+            if position == len(waiting):
+                cell = next(todo, None)
+                if cell is None:
+                    return
+                waiting.append(cell)
+            cell = waiting[position]
             busy = [w for w in self._pool if w.cell is not None]
             if busy and (runs_alone(cell) or any(runs_alone(w.cell) for w in busy)):
-                return cell
-            worker = self._idle_worker()
+                return
+            cell_lane = lane(cell)
+            if cell_lane is not None and any(w.lane == cell_lane for w in busy):
+                position += 1
+                continue
+            worker = self._idle_worker(cell_lane)
             if worker is None:
-                return cell
+                return
             try:
-                self._submit(worker, cell)
+                self._submit(worker, cell, cell_lane)
             except OSError:  # the idle worker died since the last look: the cell goes to another
                 worker.cell = None
                 self._discard(worker)
-                held = cell
                 continue
+            waiting.pop(position)
             if on_start is not None:
                 on_start(cell)
 
@@ -140,13 +162,18 @@ class PoolExecutor(Executor):
         cores = default_workers()
         return cores if runs_alone(cell) else max(1, cores // self.workers)
 
-    def _idle_worker(self) -> "_Worker | None":
-        """An idle live worker, a new one if the pool has room, else None; idle workers found dead (killed
-        from outside between cells) leave the pool."""
+    def _idle_worker(self, cell_lane: "str | None" = None) -> "_Worker | None":
+        """An idle live worker (the one that ran `cell_lane`'s last cell, when it is idle), a new one if the
+        pool has room, else None; idle workers found dead (killed from outside between cells) leave the pool."""
         for worker in [w for w in self._pool if w.cell is None]:
-            if worker.process.exitcode is None:
-                return worker
-            self._discard(worker)
+            if worker.process.exitcode is not None:
+                self._discard(worker)
+        idle = [w for w in self._pool if w.cell is None]
+        preferred = self._lane_workers.get(cell_lane) if cell_lane is not None else None
+        if any(w is preferred for w in idle):
+            return preferred
+        if idle:
+            return idle[0]
         return self._start_worker() if len(self._pool) < self.workers else None
 
     def _discard(self, worker: _Worker) -> None:
@@ -170,10 +197,13 @@ class PoolExecutor(Executor):
         self._pool.append(worker)
         return worker
 
-    def _submit(self, worker: _Worker, cell: Cell) -> None:
+    def _submit(self, worker: _Worker, cell: Cell, cell_lane: "str | None" = None) -> None:
         for path in worker.outputs:  # the worker is idle and appends: its files now hold this cell's output
             path.write_bytes(b"")
         worker.cell, worker.started_at, worker.t0, worker.watch = cell, _now(), time.monotonic(), _Watch()
+        worker.lane = cell_lane
+        if cell_lane is not None:
+            self._lane_workers[cell_lane] = worker
         worker.conn.send({"cell": cell.to_dict(), "timeout_s": self.limits.timeout_s,
                           "default_threads": self.default_threads(cell)})
 
@@ -196,7 +226,7 @@ class PoolExecutor(Executor):
         except (EOFError, OSError):
             return None  # the worker died: its exit code says how
         result = Result.from_dict(payload)
-        result.cell, worker.cell = worker.cell, None  # the exact cell submitted (same key)
+        result.cell, worker.cell, worker.lane = worker.cell, None, None  # the exact cell submitted (same key)
         return result
 
     def _check_limits(self, worker: _Worker) -> None:

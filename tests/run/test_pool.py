@@ -11,7 +11,8 @@ import pytest
 
 from cab.cells import Cell
 from cab.executors import get_executor
-from cab.executors.pool import PoolExecutor, default_workers
+from cab.executors import pool as pool_module
+from cab.executors.pool import PoolExecutor, default_workers, lane
 from cab.run import _command, run_grid
 from cab.status import Status
 from cab.store import ResultStore
@@ -130,6 +131,33 @@ def test_workers_are_reused_cells_run_in_parallel_and_benchmarks_alone(probe, tm
     for tag, (_, s, e) in spans.items():
         assert e <= start or s >= end, f"{tag} overlapped the benchmark cell"
     assert _met(log, "p0") and _met(log, "p1")  # p0 and p1 ran together: each found the other started
+
+
+def test_cells_of_a_lane_run_one_at_a_time_on_one_worker_while_other_cells_go_ahead(probe, tmp_path, monkeypatch):
+    """Cells of one lane never overlap and run on the same worker; the cell queued after the lane's first
+    two runs on the other worker meanwhile. (The lane is given here; which cells get one is tested below.)"""
+    monkeypatch.setattr(pool_module, "lane", lambda cell: "compile:probe" if cell.hparams["tag"][0] == "c" else None)
+    log = str(tmp_path / "intervals.txt")
+    cells = [_check(log, "c0", 0.2, partner="p"), _check(log, "c1", 0.2), _check(log, "p", 0.2, partner="c0"),
+             _check(log, "c2", 0.2)]
+    with PoolExecutor(timeout_s=60, plugins=[probe], workers=2) as executor:
+        results = list(executor.run(cells))
+    assert [r.status for r in results] == [Status.OK] * 4, [r.message for r in results]
+    spans = _intervals(log)
+    assert _met(log, "c0") and _met(log, "p")  # p ran while the lane's first cell ran (a rendezvous)
+    assert spans["c0"][2] < spans["c1"][1] and spans["c1"][2] < spans["c2"][1]  # one at a time, in order
+    assert spans["c0"][0] == spans["c1"][0] == spans["c2"][0] != spans["p"][0]  # on one worker
+
+
+def test_conformance_cells_of_attentions_that_compile_per_shape_share_a_lane():
+    def check(attention, **hparams):
+        return lane(Cell(kind="check", attention=attention, pattern="NS", hparams=hparams))
+
+    assert check("flex") == "compile:flex"
+    assert check("sliding_window", backend="flex") == "compile:sliding_window"
+    assert check("sliding_window") is None and check("vanilla") is None
+    assert check("no_such_attention") is None  # its cell reports the unknown name
+    assert lane(Cell(kind="bench", attention="flex", pattern="NS")) is None  # benchmarks run alone anyway
 
 
 def test_run_grid_with_a_pool_stores_what_local_stores(probe, tmp_path):
