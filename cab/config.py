@@ -208,7 +208,8 @@ class BenchSection(Section):
 
     Mode `decode` times one incremental decoding step at each length (the context) and exists only for the
     causal patterns, so it adds no cell for NS or NC. `min_samples` sets the bench runner's floor of
-    timed samples. `trials` > 1 asks the bench runner to time each cell that many times, keeping every
+    timed samples; `warmup_s` and `min_warmup_calls` its warm-up (default 0.1 s and at least one call).
+    `trials` > 1 asks the bench runner to time each cell that many times, keeping every
     trial's samples, and lays the section's cells out in an order shuffled by the config's seed, so that no
     implementation always runs first or after the same neighbour. `max_memory_bytes` / `max_flops`: a
     cell whose attention declares a cost above either is recorded as `skipped` with the estimate
@@ -226,6 +227,8 @@ class BenchSection(Section):
     dtypes: DTypeList = Field(default_factory=lambda: ["float32"])
     min_run_time_s: PositiveFloat = 0.5
     min_samples: "PositiveInt | None" = None
+    warmup_s: "PositiveFloat | None" = None
+    min_warmup_calls: "PositiveInt | None" = None
     trials: PositiveInt = 1
     memory: bool = True
     max_memory_bytes: "Bytes | None" = None

@@ -103,7 +103,8 @@ def bench_options(config: Config, section: BenchSection) -> dict:
     """Options every bench cell of the section carries (they steer the runner; none enters the key)."""
     options = {"threads": config.resolved_threads, "min_run_time_s": section.min_run_time_s,
                "memory": section.memory}
-    optional = {"min_samples": section.min_samples, "trials": section.trials if section.trials > 1 else None,
+    optional = {"min_samples": section.min_samples, "warmup_s": section.warmup_s,
+                "min_warmup_calls": section.min_warmup_calls, "trials": section.trials if section.trials > 1 else None,
                 "max_memory_bytes": section.max_memory_bytes, "max_flops": section.max_flops}
     options.update({name: value for name, value in optional.items() if value is not None})
     return options

@@ -91,7 +91,8 @@ def decode_cell(cell: Cell) -> Outcome:
         trials = [time_callable(step, device=cell.device, min_run_time_s=float(options.get("min_run_time_s", 0.5)),
                                 warmup_s=float(options.get("warmup_s", 0.1)),
                                 min_samples=int(options.get("min_samples", 10)),
-                                max_samples=int(options.get("max_samples", 1000)))
+                                max_samples=int(options.get("max_samples", 1000)),
+                                min_warmup_calls=int(options.get("min_warmup_calls", 1)))
                   for _ in range(int(options.get("trials", 1)))]
     except Exception as exc:
         if not is_oom(exc):

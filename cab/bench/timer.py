@@ -171,14 +171,16 @@ def sample_count(estimate_s: float, min_run_time_s: float, min_samples: int, max
 
 
 def warm_up(
-    fn: Callable[[], object], timer: Timer, warmup_s: float, before_sample: Optional[Callable[[], None]]
+    fn: Callable[[], object], timer: Timer, warmup_s: float, before_sample: Optional[Callable[[], None]],
+    min_calls: int = 1,
 ) -> "tuple[int, float]":
-    """Call fn at least once and until warmup_s of calls have passed; return (calls, per-call estimate in s).
+    """Call fn at least `min_calls` times (at least once) and until warmup_s of calls have passed; return
+    (calls, per-call estimate in s).
 
     The estimate is the median of the warm-up calls after the first (the first pays for lazy loading,
     compilation and autotuning), or the first call alone when it was the only one."""
     durations: list[float] = []
-    while not durations or sum(durations) < warmup_s:
+    while len(durations) < max(1, min_calls) or sum(durations) < warmup_s:
         if before_sample is not None:
             before_sample()
         durations.append(timer.once(fn))
@@ -195,14 +197,16 @@ def time_callable(
     min_samples: int = 10,
     max_samples: int = 1000,
     before_sample: Optional[Callable[[], None]] = None,
+    min_warmup_calls: int = 1,
 ) -> TimingStats:
-    """Warm fn up, pick the sample count from the time budget, and time every sample on `device`.
+    """Warm fn up (at least `min_warmup_calls` calls and `warmup_s` seconds), pick the sample count from the
+    time budget, and time every sample on `device`.
 
     `before_sample` (e.g. resetting gradients) runs before every call, outside the timed region."""
     if not 1 <= min_samples <= max_samples:
         raise ValueError(f"need 1 <= min_samples <= max_samples, got {min_samples} and {max_samples}")
     timer = timer_for(device)
-    calls, estimate_s = warm_up(fn, timer, warmup_s, before_sample)
+    calls, estimate_s = warm_up(fn, timer, warmup_s, before_sample, min_warmup_calls)
     n = sample_count(estimate_s, min_run_time_s, min_samples, max_samples)
     samples = timer.samples(fn, n, before_sample)
     return TimingStats(

@@ -16,6 +16,8 @@ from cab.bench import timer as timer_module
 from cab.bench.timer import sample_count
 from cab.bench.workload import TIMED_MODES, prepare_mode
 from cab.cells import Cell, Result
+from cab.config import ConfigError
+from cab.grid import expand
 from cab.registry import unregister_attention
 from cab.runner import run_cell
 
@@ -116,6 +118,35 @@ def test_time_callable_respects_min_and_max_samples(monkeypatch):
     assert time_callable(fast, device="cpu", min_run_time_s=0.5, warmup_s=0.0, max_samples=40).n == 40
     with pytest.raises(ValueError):
         time_callable(fast, device="cpu", min_samples=5, max_samples=4)
+
+
+def test_warm_up_makes_at_least_min_warmup_calls_and_takes_the_time_budget(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timer_module, "clock", clock)
+
+    def slow():
+        clock.now += 1.0
+
+    # one call exceeds the 25 ms budget, but the floor is three calls
+    assert time_callable(slow, device="cpu", warmup_s=0.025, min_warmup_calls=3, min_samples=2).warmup_calls == 3
+
+    def fast():
+        clock.now += 1 / 64
+
+    # 3 calls are too few for 0.25 s: the budget decides (16 calls of 1/64 s)
+    assert time_callable(fast, device="cpu", warmup_s=0.25, min_warmup_calls=3, min_samples=2).warmup_calls == 16
+
+
+def test_bench_section_passes_its_warm_up_to_the_cells(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: w\nattentions: [vanilla]\npatterns: [NS]\nbench:\n  lengths: [16]\n  modes: [fwd]\n"
+                    "  warmup_s: 0.025\n  min_warmup_calls: 3\n")
+    (cell,) = expand(path)
+    assert cell.options["warmup_s"] == 0.025 and cell.options["min_warmup_calls"] == 3
+    path.write_text("name: w\nattentions: [vanilla]\npatterns: [NS]\nbench:\n  lengths: [16]\n  modes: [fwd]\n"
+                    "  warmup_s: 0\n")
+    with pytest.raises(ConfigError, match="warmup_s"):
+        expand(path)
 
 
 def test_time_callable_real_cpu_function():
