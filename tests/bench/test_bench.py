@@ -103,36 +103,31 @@ def test_time_callable_on_a_fake_clock(monkeypatch):
         next(durations)  # every scripted call was made, none more
 
 
-def test_time_callable_respects_min_and_max_samples(monkeypatch):
+def _fake_calls(monkeypatch, *seconds: float):
+    """Functions whose every call moves a fake timer clock forward by the given seconds, one per value."""
     clock = FakeClock()
     monkeypatch.setattr(timer_module, "clock", clock)
 
-    def slow():
-        clock.now += 1.0
+    def taking(duration):
+        def call():
+            clock.now += duration
+        return call
 
+    return [taking(duration) for duration in seconds]
+
+
+def test_time_callable_respects_min_and_max_samples(monkeypatch):
+    slow, fast = _fake_calls(monkeypatch, 1.0, 1e-6)
     assert time_callable(slow, device="cpu", min_run_time_s=0.5, warmup_s=0.0, min_samples=7).n == 7
-
-    def fast():
-        clock.now += 1e-6
-
     assert time_callable(fast, device="cpu", min_run_time_s=0.5, warmup_s=0.0, max_samples=40).n == 40
     with pytest.raises(ValueError):
         time_callable(fast, device="cpu", min_samples=5, max_samples=4)
 
 
 def test_warm_up_makes_at_least_min_warmup_calls_and_takes_the_time_budget(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(timer_module, "clock", clock)
-
-    def slow():
-        clock.now += 1.0
-
+    slow, fast = _fake_calls(monkeypatch, 1.0, 1 / 64)
     # one call exceeds the 25 ms budget, but the floor is three calls
     assert time_callable(slow, device="cpu", warmup_s=0.025, min_warmup_calls=3, min_samples=2).warmup_calls == 3
-
-    def fast():
-        clock.now += 1 / 64
-
     # 3 calls are too few for 0.25 s: the budget decides (16 calls of 1/64 s)
     assert time_callable(fast, device="cpu", warmup_s=0.25, min_warmup_calls=3, min_samples=2).warmup_calls == 16
 
