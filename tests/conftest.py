@@ -23,20 +23,41 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-# Under pytest-xdist (`make test` runs `pytest -n auto --dist loadgroup`): the tests that start processes,
-# executors, forkservers, Ray or signals run one after another on one worker (group "processes"), beside the
-# numerical tests on the others; each worker's torch gets its share of the cores.
+# Under pytest-xdist (`make test` runs `pytest -n auto --dist loadgroup`), tests are spread one by one except:
+# - a module whose tests share what one process builds (a module-scoped fixture, torch.compile's in-process
+#   kernels) runs on one worker, so that it is built once rather than once per worker (SHARED_STATE);
+# - the tests that start processes, executors, forkservers, Ray or signals run file by file: a file's tests
+#   one after another on one worker (their module fixtures, such as a Ray instance, are built once), while
+#   other files' go to the other workers (PROCESS_TESTS).
+# The groups are drawn by the scheduler below from the node ids: xdist's own `xdist_group` marks rename node
+# ids, which pytest 9 no longer lets them do (the marks are silently ignored). Each worker's torch gets its
+# share of the cores.
 PROCESS_TESTS = ("tests/run/", "tests/report/test_fidelity_isolation.py", "tests/report/test_browser.py")
+SHARED_STATE = ("tests/attention/test_flash.py", "tests/attention/test_plugin_package.py",
+                "tests/kernels/test_interpret.py", "tests/report/test_rankings.py")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
 if _WORKERS > 1:
     torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        if path.startswith(PROCESS_TESTS):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file for the grouped files above, else the test alone."""
+    path = nodeid.split("::")[0]
+    return path if path.startswith(PROCESS_TESTS) or path in SHARED_STATE else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        """xdist's scope scheduling (the largest units first) with the units of `xdist_scope`."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return FileGroups(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -130,37 +130,6 @@ def test_chunked_backward_matches_autograd(pattern, lq, lk):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.slow  # the first compilation on a machine with a cold inductor cache takes tens of seconds
-@needs_cpu_flex
-def test_flex_compiled_float32_matches_eager_and_caches_block_masks():
-    """The fused kernel (torch.compile on CPU): causal self with padding and grouped-query heads."""
-    attn = create_attention("flex", "CS", 4, 16)
-    q, k, v = (t.detach().float() for t in _inputs(2, 4, 2, 40, 40, 16))
-    pad = _padding(2, 40)
-    with torch.no_grad():  # inputs that require grad, gradient off: no backward is wanted
-        out = attn(q.requires_grad_(), k, v, pad)
-    torch.testing.assert_close(out, _eager(q, k, v, "CS", pad), rtol=1e-5, atol=1e-5)
-    assert attn.block_mask(2, 40, 40, pad, q.device) is attn.block_mask(2, 40, 40, pad.clone(), q.device)
-    # the pattern is data to the compiled kernel: the other patterns' first calls at this shape compile nothing
-    for pattern in ("NS", "NC", "CC"):
-        with torch.no_grad():
-            other = create_attention("flex", pattern, 4, 16)
-            before = dict(counters["inductor"])
-            other(q, k, v, pad)
-            compiled = {c: n - before.get(c, 0) for c, n in counters["inductor"].items() if n != before.get(c, 0)}
-        assert not compiled.get("fxgraph_cache_miss") and not compiled.get("cpp_templated_kernel_counter"), \
-            (pattern, compiled)
-
-
-@needs_cpu_flex
-@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
-def test_flex_conformance(pattern):
-    """In float64 (FlexAttention's unfused path): every check, no compilation in the test run; the compiled
-    float32 kernel is checked above (and passes the float32 suite, which compiles a dozen graphs)."""
-    report = run_conformance("flex", pattern, dtype="float64")
-    assert report.status is Status.OK, report.message
-
-
 # the compiled kernel against the oracle on padded batches ---------------------------------------------------
 
 # one shape for every compiled case below, so the graphs compiled for one test serve the next: Lq != Lk,
@@ -204,6 +173,40 @@ def _assert_matches_oracle(out, q, k, v, pattern, pad):
     seen = attention_mask(pattern, q.shape[-2], k.shape[-2], pad).any(-1).expand(out.shape[:-1])
     assert (out[~seen] == 0).all()
     return seen
+
+
+@pytest.mark.slow  # the first compilation on a machine with a cold inductor cache takes tens of seconds
+@needs_cpu_flex
+def test_flex_compiled_float32_matches_eager_and_caches_block_masks():
+    """The fused kernel (torch.compile on CPU): causal self with padding and grouped-query heads, at the shape
+    every compiled case below shares (so the kernels compiled here serve them: the module runs on one xdist
+    worker, tests/conftest.py)."""
+    attn = create_attention("flex", "CS", FLEX_HQ, FLEX_D)
+    q, k, v = _flex_inputs(torch.float32)
+    pad = _padding_layouts(FLEX_LK)
+    with torch.no_grad():  # inputs that require grad, gradient off: no backward is wanted
+        out = attn(q.requires_grad_(), k, v, pad)
+    torch.testing.assert_close(out, _eager(q, k, v, "CS", pad), rtol=1e-5, atol=1e-5)
+    assert attn.block_mask(FLEX_B, FLEX_LQ, FLEX_LK, pad, q.device) is \
+        attn.block_mask(FLEX_B, FLEX_LQ, FLEX_LK, pad.clone(), q.device)
+    # the pattern is data to the compiled kernel: the other patterns' first calls at this shape compile nothing
+    for pattern in ("NS", "NC", "CC"):
+        with torch.no_grad():
+            other = create_attention("flex", pattern, FLEX_HQ, FLEX_D)
+            before = dict(counters["inductor"])
+            other(q, k, v, pad)
+            compiled = {c: n - before.get(c, 0) for c, n in counters["inductor"].items() if n != before.get(c, 0)}
+        assert not compiled.get("fxgraph_cache_miss") and not compiled.get("cpp_templated_kernel_counter"), \
+            (pattern, compiled)
+
+
+@needs_cpu_flex
+@pytest.mark.parametrize("pattern", ["NS", "CS", "NC", "CC"])
+def test_flex_conformance(pattern):
+    """In float64 (FlexAttention's unfused path): every check, no compilation in the test run; the compiled
+    float32 kernel is checked above (and passes the float32 suite, which compiles a dozen graphs)."""
+    report = run_conformance("flex", pattern, dtype="float64")
+    assert report.status is Status.OK, report.message
 
 
 @pytest.mark.slow  # a few compilations (seconds each); the graphs are reused across the parametrisations
