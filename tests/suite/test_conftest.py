@@ -76,3 +76,19 @@ def test_under_ci_only_missing_hardware_may_skip(suite, monkeypatch):
     result.stdout.fnmatch_lines(["*SKIPPED*this CPU has no 256-bit vector ISA*"])
     result.stdout.fnmatch_lines(["*skipped under CI=true: the fancy package is not installed*"])
     result.stdout.fnmatch_lines(["*skipped under CI=true: could not import 'no_such_module_in_this_venv'*"])
+
+
+def test_xdist_units_are_whole_files_for_process_and_shared_state_tests_and_single_tests_otherwise(pytester):
+    """The units the suite's xdist scheduler hands out: a process test's file, a shared-state module's file,
+    any other test alone; `--dist loadgroup` gets that scheduler, other modes xdist's own."""
+    from tests.conftest import pytest_xdist_make_scheduler, xdist_scope
+
+    assert xdist_scope("tests/run/test_resume.py::test_sigkill[pool]") == "tests/run/test_resume.py"
+    assert xdist_scope("tests/report/test_browser.py::test_page") == "tests/report/test_browser.py"
+    assert xdist_scope("tests/attention/test_flash.py::test_flex[NS]") == "tests/attention/test_flash.py"
+    assert xdist_scope("tests/attention/test_exact.py::test_z[a]") == "tests/attention/test_exact.py::test_z[a]"
+    config = pytester.parseconfig("-p", "xdist", "--tx", "2*popen", "--dist", "loadgroup")
+    scheduler = pytest_xdist_make_scheduler(config, log=None)
+    assert scheduler._split_scope("tests/kernels/test_interpret.py::test_w[x]") == "tests/kernels/test_interpret.py"
+    other = pytester.parseconfig("-p", "xdist", "--tx", "2*popen", "--dist", "load")
+    assert pytest_xdist_make_scheduler(other, log=None) is None
