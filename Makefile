@@ -21,10 +21,8 @@ tasks: setup
 lint: setup
 	$(VENV)/bin/ruff check cab tests tasks scripts benchmarks examples
 
-# PYTHONDONTWRITEBYTECODE unset for the suite: pytest caches its assertion-rewritten test modules as bytecode,
-# and without that cache every xdist worker rewrites all of them (collection: 20 s a worker instead of 7)
 test: lint
-	PYTHONDONTWRITEBYTECODE= $(VENV)/bin/python -m pytest -n auto --dist loadgroup
+	$(VENV)/bin/python -m pytest -n auto --dist loadgroup
 
 bench: setup
 	$(VENV)/bin/python -m pytest benchmarks --benchmark-only
