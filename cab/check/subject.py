@@ -200,8 +200,8 @@ class Subject:
         """Standard normal values from a generator seeded by (seed, salt): the same on every device. Drawn in
         float32 (torch draws float64 normals five times slower; the checks need values, not their precision)."""
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{salt}".encode()))
-        values = torch.randn(size, generator=generator, dtype=torch.float32)
-        return (values * scale if scale != 1.0 else values).to(device=self.device, dtype=dtype)
+        values = torch.randn(size, generator=generator, dtype=torch.float32) * scale
+        return values.to(device=self.device, dtype=dtype)
 
     def inputs(self, shape: Shape, dtype: torch.dtype, salt: str, requires_grad: bool = False,
                ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
