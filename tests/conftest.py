@@ -46,6 +46,7 @@ def xdist_scope(nodeid: str) -> str:
     return path if path.startswith(PROCESS_TESTS) or path in SHARED_STATE else nodeid
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: `pytest -p no:xdist` runs the suite in one process
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadgroup":
         return None

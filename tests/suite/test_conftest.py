@@ -92,3 +92,9 @@ def test_xdist_units_are_whole_files_for_process_and_shared_state_tests_and_sing
     assert scheduler._split_scope("tests/kernels/test_interpret.py::test_w[x]") == "tests/kernels/test_interpret.py"
     other = pytester.parseconfig("-p", "xdist", "--tx", "2*popen", "--dist", "load")
     assert pytest_xdist_make_scheduler(other, log=None) is None
+
+
+def test_the_suite_runs_without_xdist(suite, monkeypatch):
+    """The scheduler hook is optional: `pytest -p no:xdist` (one process, e.g. to profile) loads the conftest."""
+    monkeypatch.delenv("CI", raising=False)
+    suite.runpytest("-p", "no:xdist", "-p", "no:cacheprovider", "-k", "draws").assert_outcomes(passed=3)
