@@ -265,6 +265,13 @@ def block_mask_tensors(block_mask: "BlockMask") -> "list[torch.Tensor]":
     return [t for t in (getattr(block_mask, n, None) for n in names) if isinstance(t, torch.Tensor)]
 
 
+def _grad_mode_for(*tensors: torch.Tensor):
+    """No grad unless an input requires it: a compiled graph is specialised on the grad mode, so a forward on
+    inputs without grad (every CPU call, see flex_call) would otherwise compile twice, with grad enabled and
+    under no_grad, for the same kernel."""
+    return contextlib.nullcontext() if any(t.requires_grad for t in tensors) else torch.no_grad()
+
+
 def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: "BlockMask | None") -> torch.Tensor:
     """One FlexAttention forward: the compiled fused kernel, or FlexAttention's own unfused path for
     float64 (its compiled kernels take float32/16 only). Inputs must not require grad on CPU. On CPU,
@@ -286,7 +293,7 @@ def flex_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: "Bl
                     q, k = (F.pad(t, (0, qk_dim - t.shape[-1])) for t in (q, k))
             if q.device.type == "cpu" and block_mask is not None and block_mask.kv_num_blocks.shape[0] > 1:
                 static_batch(q, k, v, *block_mask_tensors(block_mask))
-            with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+            with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT), _grad_mode_for(q, k, v):
                 try:
                     return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
                 except Exception as exc:

@@ -189,6 +189,10 @@ def test_flex_compiled_float32_matches_eager_and_caches_block_masks():
     torch.testing.assert_close(out, _eager(q, k, v, "CS", pad), rtol=1e-5, atol=1e-5)
     assert attn.block_mask(FLEX_B, FLEX_LQ, FLEX_LK, pad, q.device) is \
         attn.block_mask(FLEX_B, FLEX_LQ, FLEX_LK, pad.clone(), q.device)
+    # the grad mode is not part of the kernel: the same call with gradients enabled traces no second graph
+    graphs = counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(attn(q.detach(), k, v, pad), out, rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] == graphs
     # the pattern is data to the compiled kernel: the other patterns' first calls at this shape compile nothing
     for pattern in ("NS", "NC", "CC"):
         with torch.no_grad():
