@@ -4,7 +4,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.cab-setup
 
-.PHONY: setup run tasks lint test bench clean
+.PHONY: setup bytecode run tasks lint test bench clean
 
 $(STAMP): pyproject.toml scripts/setup.sh requirements/reference-impls.txt
 	bash scripts/setup.sh
@@ -12,16 +12,23 @@ $(STAMP): pyproject.toml scripts/setup.sh requirements/reference-impls.txt
 
 setup: $(STAMP)
 
-run: setup
+# cab's and the tasks' bytecode, written explicitly: where PYTHONDONTWRITEBYTECODE is set (as on the CI
+# machine) no process writes it, so every process that imports cab (a run's driver, its forkserver, each
+# `cab` command a test starts) would compile those modules again (0.3 s of CPU each; tests/run's
+# processes took 6-13% less CPU with it). compileall rewrites only what changed.
+bytecode: setup
+	$(VENV)/bin/python -m compileall -q cab tasks
+
+run: bytecode
 	$(VENV)/bin/cab run configs/quick.yaml
 
-tasks: setup
+tasks: bytecode
 	$(VENV)/bin/cab run configs/tasks-quick.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check cab tests tasks scripts benchmarks examples
 
-test: lint
+test: lint bytecode
 	$(VENV)/bin/python -m pytest -n auto --dist loadgroup
 
 bench: setup
