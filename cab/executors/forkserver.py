@@ -25,8 +25,8 @@ import sys
 import types
 from typing import Callable, Iterator
 
-WARM_MODULES = ("cab.executors.serverguard", "torch", "torch._dynamo", "cab.runner", "cab.check", "cab.bench",
-                "cab.bench.memory_probe", "cab.worker")
+WARM_MODULES = ("cab.executors.serverguard", "cab.executors.tqdm_lock", "torch", "torch._dynamo", "cab.runner",
+                "cab.check", "cab.bench", "cab.bench.memory_probe", "cab.worker")
 
 
 _started: "set[int]" = set()  # pids of servers started with WARM_MODULES

@@ -15,7 +15,7 @@ import signal
 import sys
 
 
-def _in_forkserver() -> bool:
+def in_forkserver() -> bool:
     """True while this module is imported by multiprocessing.forkserver.main (the server's preload)."""
     frame = sys._getframe(1)
     while frame is not None:
@@ -45,5 +45,5 @@ def kill_children_sessions(server_pid: int) -> None:
                 pass
 
 
-if _in_forkserver():
+if in_forkserver():
     atexit.register(kill_children_sessions, os.getpid())

@@ -157,3 +157,29 @@ def test_unknown_executor_suggests():
     with pytest.raises(ValueError, match="did you mean 'subprocess'"):
         get_executor("subproces")
     assert set(EXECUTORS) >= {"local", "subprocess", "ray"}
+
+
+def _tqdm_lock_kind(conn) -> None:
+    """In a forkserver child: build a (disabled) bar as inductor does while compiling; report tqdm's lock."""
+    from tqdm import tqdm
+    from tqdm.std import TqdmDefaultWriteLock
+
+    tqdm(total=1, disable=True).close()
+    conn.send((type(tqdm.get_lock()).__name__, getattr(TqdmDefaultWriteLock, "mp_lock", None) is None))
+    conn.close()
+
+
+def test_forkserver_children_make_no_multiprocessing_lock_for_tqdm():
+    """A cell process ends with os._exit or a kill: a semaphore it registered with multiprocessing's resource
+    tracker would be reported leaked when the driver exits (seen after FlexAttention's check cell)."""
+    import multiprocessing
+
+    from cab.executors import forkserver
+
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    child = forkserver.start(_tqdm_lock_kind, (sender,), name="cab-test-tqdm-lock")
+    sender.close()
+    assert receiver.poll(60)
+    lock, no_mp_lock = receiver.recv()
+    child.join(30)
+    assert no_mp_lock and lock != "TqdmDefaultWriteLock", lock
