@@ -78,12 +78,13 @@ def _alive(pids: "set[int]") -> "set[int]":
     return {pid for pid in pids if (stat := _stat(pid)) is not None and stat[0] != "Z"}
 
 
-def _start_and_wait_for_the_cell(config: Path, db: Path) -> "tuple[subprocess.Popen, set[int], set[int]]":
+def _start_and_wait_for_the_cell(config: Path, db: Path, env: "dict | None" = None,
+                                 ) -> "tuple[subprocess.Popen, set[int], set[int]]":
     """Start `cab run` in a session of its own and wait until the hanging cell runs; returns the driver, its
     descendants and the sessions they are in (the driver's and each detached cell's)."""
     proc = subprocess.Popen([sys.executable, "-c", CLI, "run", str(config), "--db", str(db), "--no-report",
                              "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
@@ -133,9 +134,9 @@ def _cleanup(pids: "set[int]") -> None:
 
 @pytest.mark.parametrize("executor, attention", [("subprocess", "faulty_hang_blocked"), ("pool", "faulty_hang_blocked"),
                                                  ("subprocess", "spawn_and_hang")])
-def test_a_killed_driver_leaves_no_process_and_closes_its_output(tmp_path, executor, attention):
+def test_a_killed_driver_leaves_no_process_and_closes_its_output(tmp_path, executor, attention, killed_driver_env):
     config = _config(tmp_path, executor, attention)
-    proc, started, sessions = _start_and_wait_for_the_cell(config, tmp_path / "cab.sqlite")
+    proc, started, sessions = _start_and_wait_for_the_cell(config, tmp_path / "cab.sqlite", killed_driver_env)
     try:
         # at least the forkserver, the resource tracker and the cell (and the process the cell started)
         assert len(started) >= 3 + (attention == "spawn_and_hang"), [_cmdline(p) for p in started]

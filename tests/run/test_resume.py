@@ -47,8 +47,8 @@ def _config(tmp_path, lengths, min_run_time_s=0.05, name="resume.yaml", executor
     return path
 
 
-def _start(config, db):
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(config), str(db)], cwd=ROOT,
+def _start(config, db, env=None):
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(config), str(db)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -112,11 +112,11 @@ def _gone(pids: "list[int]", within_s: float = 10.0) -> bool:
 
 
 @pytest.mark.parametrize("executor", ["local", "subprocess", "pool"])
-def test_sigkill_mid_run_then_rerun_resumes(tmp_path, executor):
+def test_sigkill_mid_run_then_rerun_resumes(tmp_path, executor, killed_driver_env):
     config = _config(tmp_path, range(16, 16 + 8 * 8, 8), executor=executor)
     db = tmp_path / "cab.sqlite"
     keys = {c.key for c in expand(config)}
-    proc = _start(config, db)
+    proc = _start(config, db, killed_driver_env)
     descendants: list = []
     before, _ = _signal_after(proc, db, 3, signal.SIGKILL, descendants)
     assert proc.returncode == -signal.SIGKILL
