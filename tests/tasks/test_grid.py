@@ -255,6 +255,8 @@ def test_long_panel_config_runs_at_long_lengths_with_costs_beside():
     assert lm == {1024} and {max(c.task_params["extrapolation_factors"]) for c in grid if c.task == "lm"} == {8}
     recall = [c for c in grid if c.task == "recall"]
     assert {c.lq for c in recall} == {512} and {tuple(c.task_params["pairs"]) for c in recall} == {(32,)}
+    assert {c.task_params["steps"] for c in recall if c.pattern == "NS"} == {1200}  # NS needs more (the header)
+    assert "window_global_random" not in {c.attention for c in recall}  # 79-94% of the pairs at 512: not sparse
     bench = [c for c in everything if c.kind == "bench"]
     assert {c.lq for c in bench} == {512, 1024} and {c.mode for c in bench} == {"fwd"}
     assert {(c.attention, c.pattern) for c in grid} <= {(c.attention, c.pattern) for c in bench}
